@@ -1,0 +1,155 @@
+// route_tokens: router logits h = x·Wrᵀ + br, stable softmax, top-k selection (ties to the
+// lower expert index), gate weights (renormalised when asked), the non-finite input flag,
+// and per-block partial sums for the router statistics.
+//
+// Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens, one invocation
+// per token; workgroups laid out in 2-D (x + y·num_workgroups.x) so that any T fits.
+// Bindings: 0 params, 1 x [T, D], 2 router [N·D weights, then N biases],
+// 3 probs [T, N] (logits, then probabilities), 4 routes [T, k], 5 gates [T, k],
+// 6 route_prob_max [T], 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²),
+// 8 flags [1] (atomicMin of the first token whose x or logits are not finite).
+
+struct RouteParams {
+    num_tokens: u32,
+    d_model: u32,
+    num_experts: u32,
+    top_k: u32,
+    normalize_top_k: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+const BLOCK_TOKENS: u32 = 128u;
+
+@group(0) @binding(0) var<uniform> params: RouteParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> router: array<f32>;
+@group(0) @binding(3) var<storage, read_write> probs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> routes: array<u32>;
+@group(0) @binding(5) var<storage, read_write> gates: array<f32>;
+@group(0) @binding(6) var<storage, read_write> route_prob_max: array<f32>;
+@group(0) @binding(7) var<storage, read_write> block_router_sums: array<f32>;
+@group(0) @binding(8) var<storage, read_write> flags: array<atomic<u32>>;
+
+var<workgroup> block_lse_sq: array<f32, BLOCK_TOKENS>;
+
+// Checks the bit pattern rather than comparing floats, which a compiler may assume finite.
+fn is_finite_bits(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+// Logits, softmax, top-k and gates of one token; returns logsumexp².
+fn route_one_token(token: u32) -> f32 {
+    let d_model = params.d_model;
+    let num_experts = params.num_experts;
+    let x_base = token * d_model;
+    let p_base = token * num_experts;
+
+    var finite = true;
+    for (var d = 0u; d < d_model; d++) {
+        finite = finite && is_finite_bits(x[x_base + d]);
+    }
+
+    // h[t, e] = x[t]·Wr[e] + br[e], kept in `probs` until the softmax overwrites it.
+    var max_logit = -3.4028235e38;
+    for (var e = 0u; e < num_experts; e++) {
+        let w_base = e * d_model;
+        var logit = 0.0;
+        for (var d = 0u; d < d_model; d++) {
+            logit += x[x_base + d] * router[w_base + d];
+        }
+        logit += router[num_experts * d_model + e];
+        probs[p_base + e] = logit;
+        max_logit = max(max_logit, logit);
+    }
+    // Stable softmax: exp(h - max) never overflows.
+    var sum = 0.0;
+    for (var e = 0u; e < num_experts; e++) {
+        let ex = exp(probs[p_base + e] - max_logit);
+        probs[p_base + e] = ex;
+        sum += ex;
+    }
+    let lse = max_logit + log(sum);
+    finite = finite && is_finite_bits(lse);
+    if (!finite) {
+        atomicMin(&flags[0], token);
+    }
+    for (var e = 0u; e < num_experts; e++) {
+        probs[p_base + e] = probs[p_base + e] / sum;
+    }
+
+    // Top-k: the j-th choice is the best expert strictly after the (j-1)-th in the order
+    // (probability descending, index ascending); the scan keeps the first of equals.
+    let top_k = params.top_k;
+    var prev_p = 2.0;
+    var prev_e = -1;
+    var gate_sum = 0.0;
+    for (var j = 0u; j < top_k; j++) {
+        var best_e = 0u;
+        var best_p = -1.0;
+        for (var e = 0u; e < num_experts; e++) {
+            let p = probs[p_base + e];
+            let after_prev = p < prev_p || (p == prev_p && i32(e) > prev_e);
+            if (after_prev && p > best_p) {
+                best_p = p;
+                best_e = e;
+            }
+        }
+        routes[token * top_k + j] = best_e;
+        gates[token * top_k + j] = best_p;
+        gate_sum += best_p;
+        prev_p = best_p;
+        prev_e = i32(best_e);
+        if (j == 0u) {
+            route_prob_max[token] = best_p;
+        }
+    }
+    if (params.normalize_top_k != 0u) {
+        for (var j = 0u; j < top_k; j++) {
+            gates[token * top_k + j] = gates[token * top_k + j] / gate_sum;
+        }
+    }
+    return lse * lse;
+}
+
+@compute @workgroup_size(128)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let block = workgroup_id.x + workgroup_id.y * num_workgroups.x;
+    let block_start = block * BLOCK_TOKENS;
+    if (block_start >= params.num_tokens) {
+        return;
+    }
+    let block_end = min(block_start + BLOCK_TOKENS, params.num_tokens);
+    let token = block_start + lane;
+
+    var lse_sq = 0.0;
+    if (token < block_end) {
+        lse_sq = route_one_token(token);
+    }
+    block_lse_sq[lane] = lse_sq;
+    storageBarrier();
+    workgroupBarrier();
+
+    // Partial sums in token order (fixed, hence deterministic): one invocation per expert.
+    let num_experts = params.num_experts;
+    let sums_base = block * (num_experts + 1u);
+    for (var e = lane; e < num_experts; e += BLOCK_TOKENS) {
+        var sum = 0.0;
+        for (var t = block_start; t < block_end; t++) {
+            sum += probs[t * num_experts + e];
+        }
+        block_router_sums[sums_base + e] = sum;
+    }
+    if (lane == 0u) {
+        var sum = 0.0;
+        for (var i = 0u; i < block_end - block_start; i++) {
+            sum += block_lse_sq[i];
+        }
+        block_router_sums[sums_base + num_experts] = sum;
+    }
+}

@@ -1,0 +1,231 @@
+//! `MoeConfig`: every key of the layer's JSON config, its defaults, and its validation.
+//!
+//! The JSON form is the one of the `forward` tool (see README): all keys optional,
+//! unknown keys rejected. Parsing goes key by key so that every error names its key.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MoeError, Result};
+
+/// The expert FFN's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Relu,
+    /// Exact GELU, `0.5·x·(1 + erf(x/√2))` (PyTorch's default `nn.GELU()`).
+    Gelu,
+    /// Tanh-approximated GELU (`nn.GELU(approximate="tanh")`, T5's `gelu_new`).
+    GeluTanh,
+    /// `x·sigmoid(x)` (Mixtral's SwiGLU gate).
+    Silu,
+}
+
+impl Activation {
+    /// The code the expert kernels use for it (see `shaders/expert_up.wgsl`).
+    pub(crate) fn shader_code(self) -> u32 {
+        match self {
+            Activation::Relu => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+            Activation::Silu => 3,
+        }
+    }
+}
+
+/// What a token gets when every one of its assignments was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// `y = x` (times `route_prob_max` when `scale_by_prob`), as labml_nn and
+    /// Hugging Face transformers ≤ 4.51 do.
+    PassThrough,
+    /// `y = 0`: the residual connection carries the token (transformers ≥ 4.52).
+    Zero,
+}
+
+/// Which tensor names a weight file uses (see README, "Weight files").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Naming {
+    /// Detect from the tensor names.
+    Auto,
+    Native,
+    Labml,
+    HfSwitch,
+    /// Mixtral, either the per-expert layout of transformers 4.x or the stacked one of 5.x.
+    HfMixtral,
+}
+
+/// The layer's hyper-parameters, as in the config JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MoeConfig {
+    /// Number of experts; if given, it must agree with the weights.
+    pub n_experts: Option<usize>,
+    /// Experts per token (1 for Switch).
+    pub top_k: usize,
+    /// Capacity per expert and group, relative to a perfectly balanced load.
+    pub capacity_factor: f64,
+    /// A fixed capacity per expert and group; overrides `capacity_factor`.
+    pub expert_capacity: Option<usize>,
+    /// Tokens per capacity group; `None` means all tokens form one group.
+    pub group_size: Option<usize>,
+    /// Whether experts drop assignments beyond their capacity.
+    pub drop_tokens: bool,
+    pub drop_policy: DropPolicy,
+    /// Multiply expert outputs by their gate weight.
+    pub scale_by_prob: bool,
+    pub activation: Activation,
+    /// Gated FFN: `act(x·W1ᵀ + b1) ⊙ (x·W3ᵀ + b3)`.
+    pub gated: bool,
+    /// Divide the top-k gate weights by their sum (Mixtral).
+    pub normalize_top_k: bool,
+    pub naming: Naming,
+}
+
+impl Default for MoeConfig {
+    fn default() -> Self {
+        MoeConfig {
+            n_experts: None,
+            top_k: 1,
+            capacity_factor: 1.25,
+            expert_capacity: None,
+            group_size: None,
+            drop_tokens: true,
+            drop_policy: DropPolicy::PassThrough,
+            scale_by_prob: true,
+            activation: Activation::Relu,
+            gated: false,
+            normalize_top_k: false,
+            naming: Naming::Auto,
+        }
+    }
+}
+
+/// Deserializes one key's value, naming the key on failure.
+fn parse_value<T: serde::de::DeserializeOwned>(key: &str, value: serde_json::Value) -> Result<T> {
+    serde_json::from_value(value).map_err(|e| MoeError::config(key, e.to_string()))
+}
+
+impl MoeConfig {
+    /// Parses the config JSON: an object whose keys are all optional; unknown keys are an error.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| MoeError::config("<json>", format!("not valid JSON: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(MoeError::config("<json>", "the config must be a JSON object"));
+        };
+        let mut config = MoeConfig::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "n_experts" => config.n_experts = parse_value(&key, value)?,
+                "top_k" => config.top_k = parse_value(&key, value)?,
+                "capacity_factor" => config.capacity_factor = parse_value(&key, value)?,
+                "expert_capacity" => config.expert_capacity = parse_value(&key, value)?,
+                "group_size" => config.group_size = parse_value(&key, value)?,
+                "drop_tokens" => config.drop_tokens = parse_value(&key, value)?,
+                "drop_policy" => config.drop_policy = parse_value(&key, value)?,
+                "scale_by_prob" => config.scale_by_prob = parse_value(&key, value)?,
+                "activation" => config.activation = parse_value(&key, value)?,
+                "gated" => config.gated = parse_value(&key, value)?,
+                "normalize_top_k" => config.normalize_top_k = parse_value(&key, value)?,
+                "naming" => config.naming = parse_value(&key, value)?,
+                _ => return Err(MoeError::config(&key, "unknown key")),
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a config file.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| MoeError::file(path, e))?;
+        Self::from_json_str(&text).map_err(|e| match e {
+            MoeError::Config { key, message } => MoeError::Config {
+                key,
+                message: format!("{message} (in {})", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// Checks what can be checked without the weights and the input.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_experts == Some(0) {
+            return Err(MoeError::config("n_experts", "must be at least 1"));
+        }
+        if self.top_k == 0 {
+            return Err(MoeError::config("top_k", "must be at least 1"));
+        }
+        if let Some(n) = self.n_experts {
+            if self.top_k > n {
+                return Err(MoeError::config(
+                    "top_k",
+                    format!("{} is more than n_experts = {n}", self.top_k),
+                ));
+            }
+        }
+        if self.drop_tokens
+            && self.expert_capacity.is_none()
+            && !(self.capacity_factor.is_finite() && self.capacity_factor > 0.0)
+        {
+            return Err(MoeError::config(
+                "capacity_factor",
+                format!(
+                    "must be a finite number > 0 when dropping tokens, got {}",
+                    self.capacity_factor
+                ),
+            ));
+        }
+        if self.group_size == Some(0) {
+            return Err(MoeError::config("group_size", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Checks the config against the number of experts of the weights.
+    pub fn validate_for_experts(&self, num_experts: usize) -> Result<()> {
+        self.validate()?;
+        if let Some(n) = self.n_experts {
+            if n != num_experts {
+                return Err(MoeError::config(
+                    "n_experts",
+                    format!("{n} disagrees with the weights, which hold {num_experts} experts"),
+                ));
+            }
+        }
+        if self.top_k > num_experts {
+            return Err(MoeError::config(
+                "top_k",
+                format!("{} is more than the {num_experts} experts", self.top_k),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The capacity group size for `num_tokens` tokens, checking that it divides them.
+    pub fn group_size_for(&self, num_tokens: usize) -> Result<usize> {
+        match self.group_size {
+            None => Ok(num_tokens),
+            Some(g) if g > 0 && num_tokens % g == 0 => Ok(g),
+            Some(g) => Err(MoeError::config(
+                "group_size",
+                format!("{g} does not divide the {num_tokens} tokens of the input"),
+            )),
+        }
+    }
+
+    /// Assignments each expert may keep per group of `group_size` tokens, or `None`
+    /// when nothing is dropped. `floor(capacity_factor · k · G / N)`, evaluated in f64.
+    pub fn capacity(&self, group_size: usize, num_experts: usize) -> Option<usize> {
+        if !self.drop_tokens {
+            return None;
+        }
+        Some(self.expert_capacity.unwrap_or_else(|| {
+            (self.capacity_factor * self.top_k as f64 * group_size as f64 / num_experts as f64)
+                .floor() as usize
+        }))
+    }
+}

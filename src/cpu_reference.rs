@@ -1,0 +1,421 @@
+//! The CPU reference: the layer's specification in code (README, "What the layer computes").
+//!
+//! Every step is a small function named like the GPU kernel that does the same work
+//! (`route_tokens` ↔ `shaders/route_tokens.wgsl`, ...), written as plain loops that read
+//! like the math. Clarity comes first; the only concession to speed is that each expert
+//! runs on all of its kept tokens at once (labml's `experts[i](x[indexes_list[i]])`), so a
+//! weight row is read once per expert rather than once per token, and dot products keep
+//! eight partial sums so that the compiler can vectorize them.
+
+use crate::config::{Activation, DropPolicy, MoeConfig};
+use crate::error::{MoeError, Result};
+use crate::output::{num_tokens_of, MoeOutput};
+use crate::weights::{LayerShape, MoeWeights};
+
+/// Router results for every token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    /// `[T, N]`: softmax of the router logits.
+    pub probs: Vec<f32>,
+    /// `[T]`: `logsumexp_e h[t, e]`.
+    pub logsumexp: Vec<f32>,
+    /// `[T, k]`: chosen experts, best first.
+    pub routes: Vec<u32>,
+    /// `[T, k]`: gate weights (renormalised when asked).
+    pub gates: Vec<f32>,
+    /// `[T]`: the top-1 probability.
+    pub route_prob_max: Vec<f32>,
+}
+
+/// `Σ a[i]·b[i]` with eight partial sums (vectorizable), added pairwise at the end.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks_a = a.chunks_exact(8);
+    let mut chunks_b = b.chunks_exact(8);
+    for (ca, cb) in (&mut chunks_a).zip(&mut chunks_b) {
+        for lane in 0..8 {
+            lanes[lane] += ca[lane] * cb[lane];
+        }
+    }
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let quads = [
+        lanes[0] + lanes[4],
+        lanes[1] + lanes[5],
+        lanes[2] + lanes[6],
+        lanes[3] + lanes[7],
+    ];
+    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
+}
+
+/// The experts of one token's probability row in order of preference: highest
+/// probability first, ties to the lower expert index.
+pub fn select_top_k(probs: &[f32], top_k: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..probs.len() as u32).collect();
+    // A stable sort by descending probability keeps lower indices first among equals.
+    order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]));
+    order.truncate(top_k);
+    order
+}
+
+/// Router matmul, stable softmax, top-k selection and gate weights for every token.
+pub fn route_tokens(
+    x: &[f32],
+    weights: &MoeWeights,
+    top_k: usize,
+    normalize_top_k: bool,
+) -> Routing {
+    let LayerShape {
+        num_experts,
+        d_model,
+        ..
+    } = weights.shape;
+    let num_tokens = x.len() / d_model;
+    let mut routing = Routing {
+        probs: vec![0.0; num_tokens * num_experts],
+        logsumexp: vec![0.0; num_tokens],
+        routes: Vec::with_capacity(num_tokens * top_k),
+        gates: Vec::with_capacity(num_tokens * top_k),
+        route_prob_max: vec![0.0; num_tokens],
+    };
+    for (token, x_row) in x.chunks_exact(d_model).enumerate() {
+        // h[t, e] = x[t]·Wr[e] + br[e]
+        let logits: Vec<f32> = (0..num_experts)
+            .map(|e| {
+                let bias = weights.router_bias.as_ref().map_or(0.0, |b| b[e]);
+                dot(x_row, MoeWeights::expert_slice(&weights.router_weight, e, d_model)) + bias
+            })
+            .collect();
+        // p = softmax(h), with the max subtracted so that exp never overflows.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = logits.iter().map(|h| (h - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        let probs = &mut routing.probs[token * num_experts..(token + 1) * num_experts];
+        for (p, e) in probs.iter_mut().zip(&exps) {
+            *p = e / sum;
+        }
+        routing.logsumexp[token] = max + sum.ln();
+        let chosen = select_top_k(probs, top_k);
+        let gates: Vec<f32> = chosen.iter().map(|&e| probs[e as usize]).collect();
+        let gate_sum: f32 = gates.iter().sum();
+        routing.route_prob_max[token] = gates[0];
+        routing.routes.extend(&chosen);
+        routing
+            .gates
+            .extend(gates.iter().map(|g| if normalize_top_k { g / gate_sum } else { *g }));
+    }
+    routing
+}
+
+/// `[groups, N]`: assignments routed to each expert in each group, before dropping.
+pub fn count_experts(
+    routes: &[u32],
+    num_experts: usize,
+    top_k: usize,
+    group_size: usize,
+) -> Vec<u32> {
+    let num_groups = routes.len() / top_k / group_size;
+    let mut group_counts = vec![0u32; num_groups * num_experts];
+    for (token, chosen) in routes.chunks_exact(top_k).enumerate() {
+        let group = token / group_size;
+        for &expert in chosen {
+            group_counts[group * num_experts + expert as usize] += 1;
+        }
+    }
+    group_counts
+}
+
+/// What each expert keeps under capacity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertLoads {
+    /// `[N]`: assignments routed to each expert (all groups).
+    pub counts: Vec<u32>,
+    /// `[N]`: assignments kept by each expert (all groups).
+    pub kept: Vec<u32>,
+    /// `[groups, N]`: assignments kept by each expert in each group.
+    pub group_kept: Vec<u32>,
+}
+
+/// Caps each group's per-expert count at the capacity (`None`: no dropping) and sums.
+pub fn scan_expert_offsets(group_counts: &[u32], num_experts: usize, capacity: Option<usize>) -> ExpertLoads {
+    let cap = |count: u32| capacity.map_or(count, |c| count.min(c.min(u32::MAX as usize) as u32));
+    let group_kept: Vec<u32> = group_counts.iter().map(|&c| cap(c)).collect();
+    let mut counts = vec![0u32; num_experts];
+    let mut kept = vec![0u32; num_experts];
+    for (group_count, group_kept) in group_counts
+        .chunks_exact(num_experts)
+        .zip(group_kept.chunks_exact(num_experts))
+    {
+        for expert in 0..num_experts {
+            counts[expert] += group_count[expert];
+            kept[expert] += group_kept[expert];
+        }
+    }
+    ExpertLoads {
+        counts,
+        kept,
+        group_kept,
+    }
+}
+
+/// For every assignment `(t, j)` (index `t·k + j`), its position in its expert's list of
+/// kept assignments, or `None` if dropped. Priority: within each group, all choice-0
+/// assignments in token order, then all choice-1 ones, and so on; an assignment finding
+/// its expert already holding `capacity` assignments of its group is dropped. An expert's
+/// list holds its group-0 assignments first, then group 1's, each group in priority order.
+pub fn scatter_assignments(
+    routes: &[u32],
+    loads: &ExpertLoads,
+    num_experts: usize,
+    top_k: usize,
+    group_size: usize,
+    capacity: Option<usize>,
+) -> Vec<Option<u32>> {
+    let num_tokens = routes.len() / top_k;
+    let mut position = vec![None; routes.len()];
+    // Kept assignments of the earlier groups, per expert.
+    let mut earlier_groups_kept = vec![0u32; num_experts];
+    for (group, group_start) in (0..num_tokens).step_by(group_size).enumerate() {
+        let mut rank = vec![0usize; num_experts];
+        for choice in 0..top_k {
+            for token in group_start..group_start + group_size {
+                let assignment = token * top_k + choice;
+                let expert = routes[assignment] as usize;
+                if capacity.is_none_or(|c| rank[expert] < c) {
+                    position[assignment] = Some(earlier_groups_kept[expert] + rank[expert] as u32);
+                }
+                rank[expert] += 1;
+            }
+        }
+        for expert in 0..num_experts {
+            earlier_groups_kept[expert] += loads.group_kept[group * num_experts + expert];
+        }
+    }
+    position
+}
+
+/// The activation `act(a)`, evaluated in f64 for a reference-grade result.
+pub fn activate(activation: Activation, a: f32) -> f32 {
+    let a = a as f64;
+    let h = match activation {
+        Activation::Relu => a.max(0.0),
+        Activation::Gelu => 0.5 * a * (1.0 + libm::erf(a / std::f64::consts::SQRT_2)),
+        Activation::GeluTanh => {
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a * a * a);
+            0.5 * a * (1.0 + inner.tanh())
+        }
+        Activation::Silu => a / (1.0 + (-a).exp()),
+    };
+    h as f32
+}
+
+/// `H = act(X·W1[e]ᵀ + b1[e])`, or `act(X·W1[e]ᵀ + b1[e]) ⊙ (X·W3[e]ᵀ + b3[e])` when
+/// gated, for the rows `x_rows` (each `[D]`) of one expert; returns `[rows, F]`.
+pub fn expert_up(
+    x_rows: &[&[f32]],
+    weights: &MoeWeights,
+    expert: usize,
+    activation: Activation,
+) -> Vec<f32> {
+    let LayerShape { d_model, d_ff, .. } = weights.shape;
+    let matrix = d_ff * d_model;
+    let w1 = MoeWeights::expert_slice(&weights.w1, expert, matrix);
+    let w3 = weights.w3.as_ref().map(|w| MoeWeights::expert_slice(w, expert, matrix));
+    let mut h = vec![0.0; x_rows.len() * d_ff];
+    for f in 0..d_ff {
+        let w1_row = &w1[f * d_model..(f + 1) * d_model];
+        let b1 = weights.b1.as_ref().map_or(0.0, |b| b[expert * d_ff + f]);
+        let b3 = weights.b3.as_ref().map_or(0.0, |b| b[expert * d_ff + f]);
+        for (row, x_row) in x_rows.iter().enumerate() {
+            let mut value = activate(activation, dot(x_row, w1_row) + b1);
+            if let Some(w3) = w3 {
+                value *= dot(x_row, &w3[f * d_model..(f + 1) * d_model]) + b3;
+            }
+            h[row * d_ff + f] = value;
+        }
+    }
+    h
+}
+
+/// `O = H·W2[e]ᵀ + b2[e]` for the rows of `h` (`[rows, F]`); returns `[rows, D]`.
+pub fn expert_down(h: &[f32], weights: &MoeWeights, expert: usize) -> Vec<f32> {
+    let LayerShape { d_model, d_ff, .. } = weights.shape;
+    let w2 = MoeWeights::expert_slice(&weights.w2, expert, d_model * d_ff);
+    let rows = h.len() / d_ff;
+    let mut out = vec![0.0; rows * d_model];
+    for d in 0..d_model {
+        let w2_row = &w2[d * d_ff..(d + 1) * d_ff];
+        let b2 = weights.b2.as_ref().map_or(0.0, |b| b[expert * d_model + d]);
+        for (row, h_row) in h.chunks_exact(d_ff).enumerate() {
+            out[row * d_model + d] = dot(h_row, w2_row) + b2;
+        }
+    }
+    out
+}
+
+/// `y[t] = Σ_{kept j} s[t,j]·E_{route[t,j]}(x[t])` in choice order; a token with no kept
+/// assignment passes through (`x[t]`, times `route_prob_max[t]` when scaling) or is zero.
+/// `expert_outputs[e]` holds expert `e`'s outputs in the order of its kept list.
+#[allow(clippy::too_many_arguments)]
+pub fn combine_outputs(
+    x: &[f32],
+    routing: &Routing,
+    positions: &[Option<u32>],
+    expert_outputs: &[Vec<f32>],
+    top_k: usize,
+    d_model: usize,
+    config: &MoeConfig,
+) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    for (token, y_row) in y.chunks_exact_mut(d_model).enumerate() {
+        let mut any_kept = false;
+        for choice in 0..top_k {
+            let assignment = token * top_k + choice;
+            let Some(position) = positions[assignment] else { continue };
+            any_kept = true;
+            let expert = routing.routes[assignment] as usize;
+            let scale = if config.scale_by_prob { routing.gates[assignment] } else { 1.0 };
+            let start = position as usize * d_model;
+            let out_row = &expert_outputs[expert][start..start + d_model];
+            for (y, o) in y_row.iter_mut().zip(out_row) {
+                *y += scale * o;
+            }
+        }
+        if !any_kept && config.drop_policy == DropPolicy::PassThrough {
+            let scale = if config.scale_by_prob { routing.route_prob_max[token] } else { 1.0 };
+            let x_row = &x[token * d_model..(token + 1) * d_model];
+            for (y, x) in y_row.iter_mut().zip(x_row) {
+                *y = scale * x;
+            }
+        }
+    }
+    y
+}
+
+/// Router statistics: `route_prob_sum [N]`, the Switch aux loss and the z-loss.
+/// Sums run in f64, so the reference is more accurate than any f32 ordering.
+pub fn reduce_router_stats(routing: &Routing, counts: &[u32], num_tokens: usize) -> (Vec<f32>, f32, f32) {
+    let num_experts = counts.len();
+    let mut route_prob_sum = vec![0.0f64; num_experts];
+    for probs in routing.probs.chunks_exact(num_experts) {
+        for (sum, p) in route_prob_sum.iter_mut().zip(probs) {
+            *sum += *p as f64;
+        }
+    }
+    let t = num_tokens as f64;
+    let aux_loss = num_experts as f64
+        * counts
+            .iter()
+            .zip(&route_prob_sum)
+            .map(|(&c, &p)| (c as f64 / t) * (p / t))
+            .sum::<f64>();
+    let z_loss = routing
+        .logsumexp
+        .iter()
+        .map(|&l| (l as f64) * (l as f64))
+        .sum::<f64>()
+        / t;
+    (
+        route_prob_sum.iter().map(|&s| s as f32).collect(),
+        aux_loss as f32,
+        z_loss as f32,
+    )
+}
+
+/// The first token (flattened index) holding a NaN or an infinity, if any.
+pub fn first_non_finite_token(x: &[f32], d_model: usize) -> Option<usize> {
+    x.chunks_exact(d_model)
+        .position(|row| row.iter().any(|v| !v.is_finite()))
+}
+
+/// The whole layer on the CPU: `x` of `shape` (`[T, D]` or `[S, B, D]`) to `MoeOutput`.
+pub fn forward(
+    config: &MoeConfig,
+    weights: &MoeWeights,
+    x: &[f32],
+    shape: &[usize],
+) -> Result<MoeOutput> {
+    let LayerShape {
+        num_experts,
+        d_model,
+        ..
+    } = weights.shape;
+    config.validate_for_experts(num_experts)?;
+    check_gating(config, weights)?;
+    let num_tokens = num_tokens_of(shape, x.len(), d_model)?;
+    let group_size = config.group_size_for(num_tokens)?;
+    if let Some(token) = first_non_finite_token(x, d_model) {
+        return Err(MoeError::NonFiniteInput { token });
+    }
+    let top_k = config.top_k;
+    let capacity = config.capacity(group_size, num_experts);
+
+    let routing = route_tokens(x, weights, top_k, config.normalize_top_k);
+    if let Some(token) = routing.logsumexp.iter().position(|l| !l.is_finite()) {
+        return Err(MoeError::NonFiniteInput { token });
+    }
+    let group_counts = count_experts(&routing.routes, num_experts, top_k, group_size);
+    let loads = scan_expert_offsets(&group_counts, num_experts, capacity);
+    let positions = scatter_assignments(&routing.routes, &loads, num_experts, top_k, group_size, capacity);
+
+    // Each expert's kept tokens, in the order of its kept list.
+    let mut expert_tokens: Vec<Vec<&[f32]>> = loads
+        .kept
+        .iter()
+        .map(|&n| vec![&x[..0]; n as usize])
+        .collect();
+    for (assignment, position) in positions.iter().enumerate() {
+        if let Some(position) = position {
+            let token = assignment / top_k;
+            let expert = routing.routes[assignment] as usize;
+            expert_tokens[expert][*position as usize] = &x[token * d_model..(token + 1) * d_model];
+        }
+    }
+    let expert_outputs: Vec<Vec<f32>> = expert_tokens
+        .iter()
+        .enumerate()
+        .map(|(expert, rows)| {
+            let h = expert_up(rows, weights, expert, config.activation);
+            expert_down(&h, weights, expert)
+        })
+        .collect();
+
+    let y = combine_outputs(x, &routing, &positions, &expert_outputs, top_k, d_model, config);
+    let (route_prob_sum, aux_loss, z_loss) = reduce_router_stats(&routing, &loads.counts, num_tokens);
+    let n_dropped = positions.iter().filter(|p| p.is_none()).count() as u32;
+    Ok(MoeOutput {
+        shape: shape.to_vec(),
+        num_experts,
+        top_k,
+        y,
+        routes: routing.routes,
+        gates: routing.gates,
+        route_prob_max: routing.route_prob_max,
+        counts: loads.counts,
+        kept: loads.kept,
+        route_prob_sum,
+        n_dropped,
+        aux_loss,
+        z_loss,
+    })
+}
+
+/// `gated` and the presence of `w3` must agree: ignoring a `w3`, or gating without one,
+/// would be a silent wrong answer.
+pub fn check_gating(config: &MoeConfig, weights: &MoeWeights) -> Result<()> {
+    match (config.gated, weights.w3.is_some()) {
+        (true, false) => Err(MoeError::config(
+            "gated",
+            "true, but the weights have no w3 (gate/value) tensor",
+        )),
+        (false, true) => Err(MoeError::config(
+            "gated",
+            "false, but the weights hold a w3 (gate/value) tensor; set \"gated\": true",
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,95 @@
+//! The crate's one error type.
+//!
+//! Variants fall in two families, told apart by [`MoeError::is_device_error`]:
+//! "the device cannot" (no adapter, a limit or feature it lacks, a lost device,
+//! out of memory) and "the caller asked wrong" (a bad config key, a bad tensor,
+//! a bad input shape, non-finite input). Every message names the key, tensor,
+//! file or token at fault, so a command-line tool can print it as one line.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum MoeError {
+    /// A configuration key has a value outside its domain, or is unknown.
+    #[error("config key `{key}`: {message}")]
+    Config { key: String, message: String },
+
+    /// A weight tensor is missing, has the wrong shape or dtype, or holds a non-finite value.
+    #[error("tensor `{name}`: {message}")]
+    Tensor { name: String, message: String },
+
+    /// The tensor names of a weight file match no naming, or several at once.
+    #[error("weight naming: {message}")]
+    Naming { message: String },
+
+    /// The input `x` has a shape the layer cannot take.
+    #[error("input `x`: {message}")]
+    InputShape { message: String },
+
+    /// The input `x` holds NaN or infinity, or its router logits overflow; `token` is the
+    /// first bad token (flattened index).
+    #[error("input `x`: token {token} is not finite (or its router logits overflow)")]
+    NonFiniteInput { token: usize },
+
+    /// A file could not be read or written.
+    #[error("file `{path}`: {message}")]
+    File { path: PathBuf, message: String },
+
+    /// No GPU adapter matched the request.
+    #[error("no GPU adapter: {message}")]
+    NoAdapter { message: String },
+
+    /// The device's limits are too small for this layer or batch.
+    #[error("device limit `{limit}`: need {needed}, the device allows {allowed}")]
+    DeviceLimit {
+        limit: &'static str,
+        needed: u64,
+        allowed: u64,
+    },
+
+    /// The device lacks a feature the layer needs.
+    #[error("device feature missing: {feature}")]
+    DeviceFeature { feature: String },
+
+    /// The device failed: lost, out of memory, or an internal validation error.
+    #[error("device error: {message}")]
+    Device { message: String },
+}
+
+impl MoeError {
+    /// True for "the device cannot" errors, false for "the caller asked wrong" ones.
+    pub fn is_device_error(&self) -> bool {
+        matches!(
+            self,
+            MoeError::NoAdapter { .. }
+                | MoeError::DeviceLimit { .. }
+                | MoeError::DeviceFeature { .. }
+                | MoeError::Device { .. }
+        )
+    }
+
+    pub(crate) fn config(key: &str, message: impl Into<String>) -> Self {
+        MoeError::Config {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn tensor(name: &str, message: impl Into<String>) -> Self {
+        MoeError::Tensor {
+            name: name.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn file(path: impl Into<PathBuf>, message: impl ToString) -> Self {
+        MoeError::File {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Result with [`MoeError`].
+pub type Result<T, E = MoeError> = std::result::Result<T, E>;

@@ -1,0 +1,340 @@
+//! GPU buffers: the layer's weights (split into shards that each fit one binding) and the
+//! scratch buffers of a forward, sized for the largest batch seen and then reused.
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{MoeError, Result};
+use crate::gpu::params::ExpertParams;
+use crate::gpu::plan::{div_ceil, ForwardPlan};
+use crate::weights::{LayerShape, MoeWeights};
+
+/// A storage buffer of at least `bytes` (never empty: wgpu cannot bind an empty buffer).
+pub fn storage_buffer(
+    device: &wgpu::Device,
+    label: &str,
+    bytes: u64,
+    extra_usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(4).next_multiple_of(4),
+        usage: wgpu::BufferUsages::STORAGE | extra_usage,
+        mapped_at_creation: false,
+    })
+}
+
+/// A storage buffer holding `values` (a single 0 if `values` is empty).
+pub fn storage_buffer_init<T: bytemuck::Pod + Default>(
+    device: &wgpu::Device,
+    label: &str,
+    values: &[T],
+    extra_usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    let fallback = [T::default()];
+    let values = if values.is_empty() { &fallback[..] } else { values };
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytemuck::cast_slice(values),
+        usage: wgpu::BufferUsages::STORAGE | extra_usage,
+    })
+}
+
+/// A uniform buffer for a `Params` struct, written before each use.
+pub fn uniform_buffer<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, value: &T) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytemuck::bytes_of(value),
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    })
+}
+
+/// The weights of a contiguous range of experts, each tensor in its own buffer.
+#[derive(Debug)]
+pub struct WeightShard {
+    pub first_expert: usize,
+    pub num_experts: usize,
+    pub w1: wgpu::Buffer,
+    /// W3 for gated FFNs, a 4-byte dummy otherwise.
+    pub w3: wgpu::Buffer,
+    /// b1 `[experts, F]`, then b3 `[experts, F]` when gated (zeros for absent biases).
+    pub up_bias: wgpu::Buffer,
+    pub w2: wgpu::Buffer,
+    pub down_bias: wgpu::Buffer,
+    pub params: wgpu::Buffer,
+}
+
+/// All weights on the device.
+#[derive(Debug)]
+pub struct GpuWeights {
+    /// Router weight `[N, D]` followed by its bias `[N]`.
+    pub router: wgpu::Buffer,
+    pub shards: Vec<WeightShard>,
+    /// First expert of every shard, then N.
+    pub shard_first_expert: wgpu::Buffer,
+}
+
+impl GpuWeights {
+    /// Uploads `weights`, splitting the expert tensors into shards of whole experts so that
+    /// no binding exceeds `max_binding_bytes`.
+    pub fn upload(device: &wgpu::Device, weights: &MoeWeights, max_binding_bytes: u64) -> Result<Self> {
+        let LayerShape {
+            num_experts,
+            d_model,
+            d_ff,
+        } = weights.shape;
+        let matrix = d_model * d_ff;
+        let matrix_bytes = (matrix * 4) as u64;
+        let experts_per_shard = (max_binding_bytes / matrix_bytes) as usize;
+        if experts_per_shard == 0 {
+            return Err(MoeError::DeviceLimit {
+                limit: "max_storage_buffer_binding_size (one expert matrix D·F·4 bytes)",
+                needed: matrix_bytes,
+                allowed: max_binding_bytes,
+            });
+        }
+        let router_bytes = ((num_experts * d_model + num_experts) * 4) as u64;
+        if router_bytes > max_binding_bytes {
+            return Err(MoeError::DeviceLimit {
+                limit: "max_storage_buffer_binding_size (router weight)",
+                needed: router_bytes,
+                allowed: max_binding_bytes,
+            });
+        }
+        let mut router = weights.router_weight.clone();
+        match &weights.router_bias {
+            Some(bias) => router.extend_from_slice(bias),
+            None => router.extend(std::iter::repeat_n(0.0, num_experts)),
+        }
+        let router = storage_buffer_init(device, "router", &router, wgpu::BufferUsages::empty());
+
+        let num_shards = div_ceil(num_experts, experts_per_shard);
+        let mut shards = Vec::with_capacity(num_shards);
+        let mut shard_first_expert = Vec::with_capacity(num_shards + 1);
+        for shard in 0..num_shards {
+            let first = shard * experts_per_shard;
+            let end = (first + experts_per_shard).min(num_experts);
+            let count = end - first;
+            let range = |per_expert: usize| first * per_expert..end * per_expert;
+            let bias_or_zeros = |bias: &Option<Vec<f32>>, per_expert: usize| match bias {
+                Some(b) => b[range(per_expert)].to_vec(),
+                None => vec![0.0; count * per_expert],
+            };
+            let mut up_bias = bias_or_zeros(&weights.b1, d_ff);
+            if weights.w3.is_some() {
+                up_bias.extend(bias_or_zeros(&weights.b3, d_ff));
+            }
+            let no_usage = wgpu::BufferUsages::empty();
+            let w3 = match &weights.w3 {
+                Some(w3) => storage_buffer_init(device, "w3", &w3[range(matrix)], no_usage),
+                None => storage_buffer_init::<f32>(device, "w3 (unused)", &[], no_usage),
+            };
+            let params = ExpertParams {
+                d_model: d_model as u32,
+                d_ff: d_ff as u32,
+                num_experts: num_experts as u32,
+                shard_first_expert: first as u32,
+                shard_num_experts: count as u32,
+                _pad: [0; 3],
+            };
+            shards.push(WeightShard {
+                first_expert: first,
+                num_experts: count,
+                w1: storage_buffer_init(device, "w1", &weights.w1[range(matrix)], no_usage),
+                w3,
+                up_bias: storage_buffer_init(device, "up_bias", &up_bias, no_usage),
+                w2: storage_buffer_init(device, "w2", &weights.w2[range(matrix)], no_usage),
+                down_bias: storage_buffer_init(
+                    device,
+                    "down_bias",
+                    &bias_or_zeros(&weights.b2, d_model),
+                    no_usage,
+                ),
+                params: uniform_buffer(device, "expert params", &params),
+            });
+            shard_first_expert.push(first as u32);
+        }
+        shard_first_expert.push(num_experts as u32);
+        Ok(GpuWeights {
+            router,
+            shards,
+            shard_first_expert: storage_buffer_init(
+                device,
+                "shard_first_expert",
+                &shard_first_expert,
+                wgpu::BufferUsages::empty(),
+            ),
+        })
+    }
+}
+
+/// Lengths (in 4-byte elements) of every scratch buffer; a forward fits the scratch when
+/// each of its lengths is at most the allocated one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScratchSizes {
+    pub x: usize,
+    pub probs: usize,
+    pub assignments: usize,
+    pub tokens: usize,
+    pub block_router_sums: usize,
+    pub block_counts: usize,
+    pub group_kept_prefix: usize,
+    pub expert_table: usize,
+    pub slots: usize,
+    pub hidden: usize,
+    pub expert_out: usize,
+    pub readback: usize,
+}
+
+impl ScratchSizes {
+    pub fn for_plan(plan: &ForwardPlan) -> Self {
+        let LayerShape {
+            num_experts,
+            d_model,
+            d_ff,
+        } = plan.shape;
+        let t = plan.num_tokens;
+        ScratchSizes {
+            x: t * d_model,
+            probs: t * num_experts,
+            assignments: plan.num_assignments(),
+            tokens: t,
+            block_router_sums: plan.num_route_blocks * (num_experts + 1),
+            block_counts: plan.num_assign_blocks * plan.top_k * num_experts,
+            group_kept_prefix: plan.num_groups * num_experts,
+            expert_table: plan.expert_table_len(),
+            slots: plan.max_slots(),
+            hidden: plan.max_slots() * d_ff,
+            expert_out: plan.max_slots() * d_model,
+            readback: readback_len(plan),
+        }
+    }
+
+    /// The element-wise maximum.
+    pub fn max(self, other: Self) -> Self {
+        ScratchSizes {
+            x: self.x.max(other.x),
+            probs: self.probs.max(other.probs),
+            assignments: self.assignments.max(other.assignments),
+            tokens: self.tokens.max(other.tokens),
+            block_router_sums: self.block_router_sums.max(other.block_router_sums),
+            block_counts: self.block_counts.max(other.block_counts),
+            group_kept_prefix: self.group_kept_prefix.max(other.group_kept_prefix),
+            expert_table: self.expert_table.max(other.expert_table),
+            slots: self.slots.max(other.slots),
+            hidden: self.hidden.max(other.hidden),
+            expert_out: self.expert_out.max(other.expert_out),
+            readback: self.readback.max(other.readback),
+        }
+    }
+
+    /// The largest storage buffer, in bytes (the readback buffer is not a binding).
+    pub fn largest_binding_bytes(&self) -> u64 {
+        let largest = [
+            self.x,
+            self.probs,
+            self.assignments,
+            self.block_router_sums,
+            self.block_counts,
+            self.expert_table,
+            self.hidden,
+            self.expert_out,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        largest as u64 * 4
+    }
+
+    /// Total bytes of the scratch buffers (for memory reports).
+    pub fn total_bytes(&self) -> u64 {
+        let elements = 2 * self.x // x, y
+            + self.probs
+            + 3 * self.assignments // routes, gates, assignment_slot
+            + self.tokens
+            + self.block_router_sums
+            + 2 * self.block_counts
+            + self.group_kept_prefix
+            + self.expert_table
+            + self.slots
+            + self.hidden
+            + self.expert_out
+            + self.readback;
+        elements as u64 * 4
+    }
+}
+
+/// Elements read back after a forward: y, routes, gates, route_prob_max, the expert table's
+/// head (counts, kept, tile_start, n_dropped), router_stats, flags.
+pub fn readback_len(plan: &ForwardPlan) -> usize {
+    let n = plan.shape.num_experts;
+    plan.num_tokens * plan.shape.d_model
+        + 2 * plan.num_assignments()
+        + plan.num_tokens
+        + (3 * n + 2)
+        + (n + 2)
+        + 1
+}
+
+/// The scratch buffers of a forward.
+#[derive(Debug)]
+pub struct Scratch {
+    pub sizes: ScratchSizes,
+    pub x: wgpu::Buffer,
+    pub probs: wgpu::Buffer,
+    pub routes: wgpu::Buffer,
+    pub gates: wgpu::Buffer,
+    pub route_prob_max: wgpu::Buffer,
+    pub block_router_sums: wgpu::Buffer,
+    pub flags: wgpu::Buffer,
+    pub block_counts: wgpu::Buffer,
+    pub block_offsets: wgpu::Buffer,
+    pub group_kept_prefix: wgpu::Buffer,
+    pub expert_table: wgpu::Buffer,
+    pub dispatch_args: wgpu::Buffer,
+    pub slot_token: wgpu::Buffer,
+    pub assignment_slot: wgpu::Buffer,
+    pub hidden: wgpu::Buffer,
+    pub expert_out: wgpu::Buffer,
+    pub y: wgpu::Buffer,
+    pub router_stats: wgpu::Buffer,
+    pub readback: wgpu::Buffer,
+}
+
+impl Scratch {
+    pub fn new(device: &wgpu::Device, sizes: ScratchSizes, num_experts: usize, num_shards: usize) -> Self {
+        let copy_dst = wgpu::BufferUsages::COPY_DST;
+        let copy_src = wgpu::BufferUsages::COPY_SRC;
+        let none = wgpu::BufferUsages::empty();
+        let buffer = |label: &str, elements: usize, usage| storage_buffer(device, label, elements as u64 * 4, usage);
+        Scratch {
+            sizes,
+            x: buffer("x", sizes.x, copy_dst),
+            probs: buffer("probs", sizes.probs, none),
+            routes: buffer("routes", sizes.assignments, copy_src),
+            gates: buffer("gates", sizes.assignments, copy_src),
+            route_prob_max: buffer("route_prob_max", sizes.tokens, copy_src),
+            block_router_sums: buffer("block_router_sums", sizes.block_router_sums, none),
+            flags: buffer("flags", 1, copy_dst | copy_src),
+            block_counts: buffer("block_counts", sizes.block_counts, none),
+            block_offsets: buffer("block_offsets", sizes.block_counts, none),
+            group_kept_prefix: buffer("group_kept_prefix", sizes.group_kept_prefix, none),
+            expert_table: buffer("expert_table", sizes.expert_table, copy_src),
+            dispatch_args: buffer("dispatch_args", 6 * num_shards, wgpu::BufferUsages::INDIRECT),
+            slot_token: buffer("slot_token", sizes.slots, copy_src),
+            assignment_slot: buffer("assignment_slot", sizes.assignments, copy_src),
+            hidden: buffer("hidden", sizes.hidden, copy_src),
+            expert_out: buffer("expert_out", sizes.expert_out, copy_src),
+            y: buffer("y", sizes.x, copy_src),
+            router_stats: buffer("router_stats", num_experts + 2, copy_src),
+            readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: (sizes.readback.max(1) * 4) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | copy_dst,
+                mapped_at_creation: false,
+            }),
+        }
+    }
+
+    /// How many wgpu buffers a scratch holds (for soak tests counting allocations).
+    pub const BUFFER_COUNT: usize = 19;
+}

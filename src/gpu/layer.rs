@@ -1,0 +1,561 @@
+//! `MoeLayer`: the GPU forward pass. Weights are uploaded and pipelines built once; a
+//! forward writes `x` and the small `Params`, encodes a fixed sequence of dispatches
+//! (their number depends on the weight shards, never on the number of experts), submits
+//! once and reads back once.
+
+use std::sync::Mutex;
+
+use crate::config::{DropPolicy, MoeConfig};
+use crate::cpu_reference::check_gating;
+use crate::error::{MoeError, Result};
+use crate::gpu::buffers::{uniform_buffer, GpuWeights, Scratch, ScratchSizes};
+use crate::gpu::context::GpuContext;
+use crate::gpu::kernels::Kernels;
+use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
+use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
+use crate::gpu::shaders::{COL_TILE, MAX_EXPERTS, ROW_TILE};
+use crate::output::{num_tokens_of, MoeOutput};
+use crate::weights::{LayerShape, MoeWeights};
+
+/// Knobs for building a layer; the defaults suit every use.
+#[derive(Clone, Debug, Default)]
+pub struct LayerOptions {
+    /// Caps the bytes of one storage binding below the device's limit, which splits the
+    /// expert weights over more shards (used by tests of the split path).
+    pub max_binding_bytes: Option<u64>,
+}
+
+/// Intermediate buffers of one forward, read back for tests and debugging.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardTrace {
+    /// `[T, k]`: the slot of every assignment, or `u32::MAX` if dropped.
+    pub assignment_slot: Vec<u32>,
+    /// `[slots]`: the token of every slot (padding slots hold stale values).
+    pub slot_token: Vec<u32>,
+    /// `[N + 1]`: first row tile of each expert's segment; slots are `tile·ROW_TILE + i`.
+    pub tile_start: Vec<u32>,
+    /// `[slots, F]`: expert hidden activations (valid rows only).
+    pub hidden: Vec<f32>,
+    /// `[slots, D]`: expert outputs (valid rows only).
+    pub expert_out: Vec<f32>,
+}
+
+/// Scratch buffers with the bind groups that reference them.
+struct Workspace {
+    scratch: Scratch,
+    route_tokens: wgpu::BindGroup,
+    count_experts: wgpu::BindGroup,
+    scan_expert_offsets: wgpu::BindGroup,
+    reduce_router_stats: wgpu::BindGroup,
+    scatter_assignments: wgpu::BindGroup,
+    expert_up: Vec<wgpu::BindGroup>,
+    expert_down: Vec<wgpu::BindGroup>,
+    combine_outputs: wgpu::BindGroup,
+}
+
+/// Uniform buffers, one per `Params` struct written per forward.
+struct Uniforms {
+    route: wgpu::Buffer,
+    assign: wgpu::Buffer,
+    combine: wgpu::Buffer,
+    stats: wgpu::Buffer,
+}
+
+/// A Mixture-of-Experts layer on the GPU.
+pub struct MoeLayer {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    config: MoeConfig,
+    shape: LayerShape,
+    limits: wgpu::Limits,
+    max_binding_bytes: u64,
+    kernels: Kernels,
+    weights: GpuWeights,
+    uniforms: Uniforms,
+    /// Concurrent forwards take turns on one workspace.
+    workspace: Mutex<Option<Workspace>>,
+}
+
+impl MoeLayer {
+    /// Uploads `weights` and builds every pipeline on `context`'s device.
+    pub fn new(context: &GpuContext, config: MoeConfig, weights: &MoeWeights) -> Result<Self> {
+        Self::with_options(context, config, weights, LayerOptions::default())
+    }
+
+    pub fn with_options(
+        context: &GpuContext,
+        config: MoeConfig,
+        weights: &MoeWeights,
+        options: LayerOptions,
+    ) -> Result<Self> {
+        Self::from_device(&context.device, &context.queue, config, weights, options)
+    }
+
+    /// Builds the layer on a caller's device and queue.
+    pub fn from_device(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        config: MoeConfig,
+        weights: &MoeWeights,
+        options: LayerOptions,
+    ) -> Result<Self> {
+        weights.check()?;
+        let shape = weights.shape;
+        config.validate_for_experts(shape.num_experts)?;
+        check_gating(&config, weights)?;
+        if shape.num_experts > MAX_EXPERTS as usize {
+            return Err(MoeError::config(
+                "n_experts",
+                format!("{} experts; the GPU layer supports at most {MAX_EXPERTS}", shape.num_experts),
+            ));
+        }
+        let limits = device.limits();
+        let device_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let max_binding_bytes = options
+            .max_binding_bytes
+            .map_or(device_binding, |cap| cap.min(device_binding));
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernels = Kernels::new(device, &config);
+        let weights_on_device = GpuWeights::upload(device, weights, max_binding_bytes)?;
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(MoeError::Device {
+                message: format!("building the layer: {error}"),
+            });
+        }
+        let uniforms = Uniforms {
+            route: uniform_buffer(device, "route params", &RouteParams::default()),
+            assign: uniform_buffer(device, "assign params", &AssignParams::default()),
+            combine: uniform_buffer(device, "combine params", &CombineParams::default()),
+            stats: uniform_buffer(device, "stats params", &StatsParams::default()),
+        };
+        Ok(MoeLayer {
+            device: device.clone(),
+            queue: queue.clone(),
+            config,
+            shape,
+            limits,
+            max_binding_bytes,
+            kernels,
+            weights: weights_on_device,
+            uniforms,
+            workspace: Mutex::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    pub fn shape(&self) -> LayerShape {
+        self.shape
+    }
+
+    /// Weight shards (1 unless an expert tensor exceeds one storage binding).
+    pub fn num_weight_shards(&self) -> usize {
+        self.weights.shards.len()
+    }
+
+    /// Compute dispatches per forward: route, count, scan, stats, scatter, combine, and one
+    /// up- and one down-projection per weight shard. It does not depend on the number of
+    /// experts.
+    pub fn dispatches_per_forward(&self) -> usize {
+        6 + 2 * self.weights.shards.len()
+    }
+
+    /// Bytes of the scratch buffers currently allocated (0 before the first forward).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.workspace
+            .lock()
+            .ok()
+            .and_then(|w| w.as_ref().map(|w| w.scratch.sizes.total_bytes()))
+            .unwrap_or(0)
+    }
+
+    /// Runs the layer on `x` of `shape` (`[T, D]` or `[S, B, D]`).
+    pub fn forward(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
+        self.run(x, shape, false).map(|(output, _)| output)
+    }
+
+    /// Like [`MoeLayer::forward`], also reading back the intermediate buffers.
+    pub fn forward_with_trace(&self, x: &[f32], shape: &[usize]) -> Result<(MoeOutput, ForwardTrace)> {
+        let (output, trace) = self.run(x, shape, true)?;
+        let trace = trace.ok_or_else(|| MoeError::Device {
+            message: "trace requested but not read back".to_string(),
+        })?;
+        Ok((output, trace))
+    }
+
+    fn plan(&self, x: &[f32], shape: &[usize]) -> Result<ForwardPlan> {
+        let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
+        let plan = ForwardPlan::new(&self.config, self.shape, num_tokens)?;
+        let sizes = ScratchSizes::for_plan(&plan);
+        if sizes.largest_binding_bytes() > self.max_binding_bytes {
+            return Err(MoeError::DeviceLimit {
+                limit: "max_storage_buffer_binding_size (activations of this batch)",
+                needed: sizes.largest_binding_bytes(),
+                allowed: self.max_binding_bytes,
+            });
+        }
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        if plan.max_tiles > max_dim as usize {
+            return Err(MoeError::DeviceLimit {
+                limit: "max_compute_workgroups_per_dimension (expert row tiles)",
+                needed: plan.max_tiles as u64,
+                allowed: max_dim as u64,
+            });
+        }
+        Ok(plan)
+    }
+
+    fn run(&self, x: &[f32], shape: &[usize], with_trace: bool) -> Result<(MoeOutput, Option<ForwardTrace>)> {
+        let plan = self.plan(x, shape)?;
+        let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
+            message: "a previous forward panicked while holding the workspace".to_string(),
+        })?;
+        let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let needed = ScratchSizes::for_plan(&plan);
+        let workspace = match guard.take() {
+            Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
+            previous => {
+                let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
+                self.build_workspace(sizes)
+            }
+        };
+        let workspace = guard.insert(workspace);
+        self.write_inputs(&workspace.scratch, &plan, x);
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moe forward") });
+        self.encode(&mut encoder, workspace, &plan)?;
+        let scratch = &workspace.scratch;
+        let n = plan.shape.num_experts;
+        let t = plan.num_tokens;
+        let outputs: [(&wgpu::Buffer, usize); 7] = [
+            (&scratch.y, t * plan.shape.d_model),
+            (&scratch.routes, plan.num_assignments()),
+            (&scratch.gates, plan.num_assignments()),
+            (&scratch.route_prob_max, t),
+            (&scratch.expert_table, 3 * n + 2),
+            (&scratch.router_stats, n + 2),
+            (&scratch.flags, 1),
+        ];
+        let words = self.submit_and_read(encoder, &scratch.readback, &outputs)?;
+        let trace = if with_trace { Some(self.read_trace(scratch, &plan)?) } else { None };
+        let validation = pollster::block_on(validation_scope.pop());
+        let oom = pollster::block_on(oom_scope.pop());
+        if let Some(error) = validation.or(oom) {
+            return Err(MoeError::Device {
+                message: format!("forward failed: {error}"),
+            });
+        }
+
+        let [y, routes, gates, route_prob_max, table, stats, flags] = split_words(&words, &outputs);
+        if flags[0] != u32::MAX {
+            return Err(MoeError::NonFiniteInput {
+                token: flags[0] as usize,
+            });
+        }
+        let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
+        let output = MoeOutput {
+            shape: shape.to_vec(),
+            num_experts: n,
+            top_k: plan.top_k,
+            y: floats(y),
+            routes: routes.to_vec(),
+            gates: floats(gates),
+            route_prob_max: floats(route_prob_max),
+            counts: table[..n].to_vec(),
+            kept: table[n..2 * n].to_vec(),
+            route_prob_sum: floats(&stats[..n]),
+            n_dropped: table[3 * n + 1],
+            aux_loss: f32::from_bits(stats[n]),
+            z_loss: f32::from_bits(stats[n + 1]),
+        };
+        Ok((output, trace))
+    }
+
+    fn build_workspace(&self, sizes: ScratchSizes) -> Workspace {
+        let device = &self.device;
+        let scratch = Scratch::new(device, sizes, self.shape.num_experts, self.weights.shards.len());
+        let k = &self.kernels;
+        let s = &scratch;
+        let u = &self.uniforms;
+        Workspace {
+            route_tokens: k.route_tokens.bind(
+                device,
+                &[
+                    &u.route,
+                    &s.x,
+                    &self.weights.router,
+                    &s.probs,
+                    &s.routes,
+                    &s.gates,
+                    &s.route_prob_max,
+                    &s.block_router_sums,
+                    &s.flags,
+                ],
+            ),
+            count_experts: k.count_experts.bind(device, &[&u.assign, &s.routes, &s.block_counts]),
+            scan_expert_offsets: k.scan_expert_offsets.bind(
+                device,
+                &[
+                    &u.assign,
+                    &s.block_counts,
+                    &s.block_offsets,
+                    &s.group_kept_prefix,
+                    &s.expert_table,
+                    &s.dispatch_args,
+                    &self.weights.shard_first_expert,
+                ],
+            ),
+            reduce_router_stats: k.reduce_router_stats.bind(
+                device,
+                &[&u.stats, &s.block_router_sums, &s.expert_table, &s.router_stats],
+            ),
+            scatter_assignments: k.scatter_assignments.bind(
+                device,
+                &[
+                    &u.assign,
+                    &s.routes,
+                    &s.block_offsets,
+                    &s.group_kept_prefix,
+                    &s.expert_table,
+                    &s.slot_token,
+                    &s.assignment_slot,
+                ],
+            ),
+            expert_up: self
+                .weights
+                .shards
+                .iter()
+                .map(|shard| {
+                    k.expert_up.bind(
+                        device,
+                        &[
+                            &shard.params,
+                            &s.x,
+                            &s.slot_token,
+                            &s.expert_table,
+                            &shard.w1,
+                            &shard.w3,
+                            &shard.up_bias,
+                            &s.hidden,
+                        ],
+                    )
+                })
+                .collect(),
+            expert_down: self
+                .weights
+                .shards
+                .iter()
+                .map(|shard| {
+                    k.expert_down.bind(
+                        device,
+                        &[
+                            &shard.params,
+                            &s.hidden,
+                            &s.expert_table,
+                            &shard.w2,
+                            &shard.down_bias,
+                            &s.expert_out,
+                        ],
+                    )
+                })
+                .collect(),
+            combine_outputs: k.combine_outputs.bind(
+                device,
+                &[
+                    &u.combine,
+                    &s.x,
+                    &s.assignment_slot,
+                    &s.gates,
+                    &s.route_prob_max,
+                    &s.expert_out,
+                    &s.y,
+                ],
+            ),
+            scratch,
+        }
+    }
+
+    fn write_inputs(&self, scratch: &Scratch, plan: &ForwardPlan, x: &[f32]) {
+        let LayerShape {
+            num_experts,
+            d_model,
+            d_ff,
+        } = plan.shape;
+        let queue = &self.queue;
+        queue.write_buffer(&scratch.x, 0, bytemuck::cast_slice(x));
+        queue.write_buffer(&scratch.flags, 0, bytemuck::bytes_of(&u32::MAX));
+        let route = RouteParams {
+            num_tokens: plan.num_tokens as u32,
+            d_model: d_model as u32,
+            num_experts: num_experts as u32,
+            top_k: plan.top_k as u32,
+            normalize_top_k: self.config.normalize_top_k as u32,
+            _pad: [0; 3],
+        };
+        let assign = AssignParams {
+            num_tokens: plan.num_tokens as u32,
+            num_experts: num_experts as u32,
+            top_k: plan.top_k as u32,
+            group_size: plan.group_size as u32,
+            chunks_per_group: plan.chunks_per_group as u32,
+            num_blocks: plan.num_assign_blocks as u32,
+            capacity: plan.capacity_u32(),
+            row_tile: ROW_TILE,
+            num_shards: self.weights.shards.len() as u32,
+            up_tiles_x: div_ceil(d_ff, COL_TILE as usize) as u32,
+            down_tiles_x: div_ceil(d_model, COL_TILE as usize) as u32,
+            _pad: 0,
+        };
+        let combine = CombineParams {
+            num_tokens: plan.num_tokens as u32,
+            d_model: d_model as u32,
+            top_k: plan.top_k as u32,
+            scale_by_prob: self.config.scale_by_prob as u32,
+            pass_through: (self.config.drop_policy == DropPolicy::PassThrough) as u32,
+            _pad: [0; 3],
+        };
+        let stats = StatsParams {
+            num_tokens: plan.num_tokens as u32,
+            num_experts: num_experts as u32,
+            num_blocks: plan.num_route_blocks as u32,
+            _pad: 0,
+        };
+        queue.write_buffer(&self.uniforms.route, 0, bytemuck::bytes_of(&route));
+        queue.write_buffer(&self.uniforms.assign, 0, bytemuck::bytes_of(&assign));
+        queue.write_buffer(&self.uniforms.combine, 0, bytemuck::bytes_of(&combine));
+        queue.write_buffer(&self.uniforms.stats, 0, bytemuck::bytes_of(&stats));
+    }
+
+    fn encode(&self, encoder: &mut wgpu::CommandEncoder, workspace: &Workspace, plan: &ForwardPlan) -> Result<()> {
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let route_grid = grid_2d(plan.num_route_blocks, max_dim)?;
+        let assign_grid = grid_2d(plan.num_assign_blocks, max_dim)?;
+        let combine_grid = grid_2d(plan.combine_workgroups(), max_dim)?;
+        let k = &self.kernels;
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("moe forward"),
+            timestamp_writes: None,
+        });
+        let mut dispatch = |kernel: &crate::gpu::kernels::Kernel, bind_group: &wgpu::BindGroup, grid: (u32, u32)| {
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(grid.0, grid.1, 1);
+        };
+        dispatch(&k.route_tokens, &workspace.route_tokens, route_grid);
+        dispatch(&k.count_experts, &workspace.count_experts, assign_grid);
+        dispatch(&k.scan_expert_offsets, &workspace.scan_expert_offsets, (1, 1));
+        dispatch(&k.reduce_router_stats, &workspace.reduce_router_stats, (1, 1));
+        dispatch(&k.scatter_assignments, &workspace.scatter_assignments, assign_grid);
+        drop(dispatch);
+        // Row tiles per shard are known only on the device: the scan wrote the arguments.
+        let args = &workspace.scratch.dispatch_args;
+        for (shard, bind_group) in workspace.expert_up.iter().enumerate() {
+            pass.set_pipeline(&k.expert_up.pipeline);
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups_indirect(args, (shard * 24) as u64);
+        }
+        for (shard, bind_group) in workspace.expert_down.iter().enumerate() {
+            pass.set_pipeline(&k.expert_down.pipeline);
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups_indirect(args, (shard * 24 + 12) as u64);
+        }
+        pass.set_pipeline(&k.combine_outputs.pipeline);
+        pass.set_bind_group(0, &workspace.combine_outputs, &[]);
+        pass.dispatch_workgroups(combine_grid.0, combine_grid.1, 1);
+        Ok(())
+    }
+
+    /// Copies `sources` (buffer, 4-byte words from its start) one after the other into
+    /// `staging`, submits, waits and returns the words.
+    fn submit_and_read(
+        &self,
+        mut encoder: wgpu::CommandEncoder,
+        staging: &wgpu::Buffer,
+        sources: &[(&wgpu::Buffer, usize)],
+    ) -> Result<Vec<u32>> {
+        let mut offset = 0u64;
+        for (buffer, words) in sources {
+            let bytes = (*words * 4) as u64;
+            if bytes > 0 {
+                encoder.copy_buffer_to_buffer(buffer, 0, staging, offset, bytes);
+            }
+            offset += bytes;
+        }
+        self.queue.submit([encoder.finish()]);
+        let total = offset;
+        let slice = staging.slice(..total.max(4));
+        let (sender, receiver) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            let _ = sender.send(result);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| MoeError::Device {
+                message: format!("waiting for the forward: {e}"),
+            })?;
+        receiver
+            .recv()
+            .map_err(|_| MoeError::Device {
+                message: "the read-back never completed".to_string(),
+            })?
+            .map_err(|e| MoeError::Device {
+                message: format!("mapping the read-back buffer: {e}"),
+            })?;
+        let words = {
+            let view = slice.get_mapped_range().map_err(|e| MoeError::Device {
+                message: format!("reading the read-back buffer: {e}"),
+            })?;
+            bytemuck::pod_collect_to_vec::<u8, u32>(&view[..total as usize])
+        };
+        staging.unmap();
+        Ok(words)
+    }
+
+    fn read_trace(&self, scratch: &Scratch, plan: &ForwardPlan) -> Result<ForwardTrace> {
+        let n = plan.shape.num_experts;
+        let slots = plan.max_slots();
+        let sources: [(&wgpu::Buffer, usize); 5] = [
+            (&scratch.assignment_slot, plan.num_assignments()),
+            (&scratch.slot_token, slots),
+            (&scratch.expert_table, 3 * n + 1),
+            (&scratch.hidden, slots * plan.shape.d_ff),
+            (&scratch.expert_out, slots * plan.shape.d_model),
+        ];
+        let total: usize = sources.iter().map(|(_, w)| w).sum();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("trace readback"),
+            size: (total.max(1) * 4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("trace") });
+        let words = self.submit_and_read(encoder, &staging, &sources)?;
+        let [assignment_slot, slot_token, table, hidden, expert_out] = split_words(&words, &sources);
+        let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
+        Ok(ForwardTrace {
+            assignment_slot: assignment_slot.to_vec(),
+            slot_token: slot_token.to_vec(),
+            tile_start: table[2 * n..3 * n + 1].to_vec(),
+            hidden: floats(hidden),
+            expert_out: floats(expert_out),
+        })
+    }
+}
+
+/// Splits `words` into consecutive pieces of the sources' lengths.
+fn split_words<'a, const K: usize>(words: &'a [u32], sources: &[(&wgpu::Buffer, usize); K]) -> [&'a [u32]; K] {
+    let mut rest = words;
+    std::array::from_fn(|i| {
+        let (head, tail) = rest.split_at(sources[i].1);
+        rest = tail;
+        head
+    })
+}

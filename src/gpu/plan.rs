@@ -1,0 +1,111 @@
+//! `ForwardPlan`: every size a forward of `T` tokens derives from the config and the
+//! layer shape (blocks, groups, capacity, slot and tile bounds, buffer lengths). Pure
+//! arithmetic, computed on the host before anything is encoded.
+
+use crate::config::MoeConfig;
+use crate::error::{MoeError, Result};
+use crate::gpu::shaders::{BLOCK_TOKENS, COMBINE_WORKGROUP, ROW_TILE};
+use crate::weights::LayerShape;
+
+/// The sizes of one forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardPlan {
+    pub num_tokens: usize,
+    pub top_k: usize,
+    pub shape: LayerShape,
+    pub group_size: usize,
+    pub num_groups: usize,
+    /// Blocks of BLOCK_TOKENS per group (count_experts, scatter_assignments).
+    pub chunks_per_group: usize,
+    pub num_assign_blocks: usize,
+    /// Blocks of BLOCK_TOKENS over all tokens (route_tokens).
+    pub num_route_blocks: usize,
+    /// Assignments kept per group and expert; `None` when nothing is dropped.
+    pub capacity: Option<usize>,
+    /// An upper bound of the row tiles of all experts' padded segments.
+    pub max_tiles: usize,
+}
+
+/// `ceil(a / b)`.
+pub fn div_ceil(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+impl ForwardPlan {
+    pub fn new(config: &MoeConfig, shape: LayerShape, num_tokens: usize) -> Result<Self> {
+        let group_size = config.group_size_for(num_tokens)?;
+        let num_groups = num_tokens / group_size;
+        let chunks_per_group = div_ceil(group_size, BLOCK_TOKENS as usize);
+        let capacity = config.capacity(group_size, shape.num_experts);
+        let assignments = num_tokens
+            .checked_mul(config.top_k)
+            .filter(|&a| a < u32::MAX as usize)
+            .ok_or(MoeError::DeviceLimit {
+                limit: "assignments per forward (T·k, u32 indices)",
+                needed: (num_tokens as u64).saturating_mul(config.top_k as u64),
+                allowed: u32::MAX as u64 - 1,
+            })?;
+        // Kept assignments cannot exceed T·k, nor capacity per group and expert.
+        let kept_bound = match capacity {
+            Some(c) => assignments.min(num_groups.saturating_mul(shape.num_experts).saturating_mul(c)),
+            None => assignments,
+        };
+        // Each expert's segment is padded to whole row tiles: at most one extra per expert.
+        let max_tiles = div_ceil(kept_bound, ROW_TILE as usize) + shape.num_experts.min(kept_bound);
+        Ok(ForwardPlan {
+            num_tokens,
+            top_k: config.top_k,
+            shape,
+            group_size,
+            num_groups,
+            chunks_per_group,
+            num_assign_blocks: num_groups * chunks_per_group,
+            num_route_blocks: div_ceil(num_tokens, BLOCK_TOKENS as usize),
+            capacity,
+            max_tiles,
+        })
+    }
+
+    pub fn num_assignments(&self) -> usize {
+        self.num_tokens * self.top_k
+    }
+
+    /// Rows of the `hidden` and `expert_out` buffers: whole row tiles.
+    pub fn max_slots(&self) -> usize {
+        self.max_tiles * ROW_TILE as usize
+    }
+
+    /// Capacity as the kernels take it (`u32::MAX`: no dropping).
+    pub fn capacity_u32(&self) -> u32 {
+        self.capacity.map_or(u32::MAX, |c| c.min(u32::MAX as usize) as u32)
+    }
+
+    /// Length of the expert table: counts, kept, tile_start, n_dropped, tile_expert.
+    pub fn expert_table_len(&self) -> usize {
+        3 * self.shape.num_experts + 2 + self.max_tiles
+    }
+
+    /// Workgroups of combine_outputs.
+    pub fn combine_workgroups(&self) -> usize {
+        div_ceil(self.num_tokens * self.shape.d_model, COMBINE_WORKGROUP as usize)
+    }
+}
+
+/// Lays `workgroups` out as (x, y) with x at most `max_per_dimension`; kernels rebuild the
+/// linear index as `x + y·num_workgroups.x` and skip the surplus of the last row.
+pub fn grid_2d(workgroups: usize, max_per_dimension: u32) -> Result<(u32, u32)> {
+    let max = max_per_dimension.max(1) as usize;
+    if workgroups == 0 {
+        return Ok((0, 1));
+    }
+    let x = workgroups.min(max);
+    let y = div_ceil(workgroups, x);
+    if y > max {
+        return Err(MoeError::DeviceLimit {
+            limit: "max_compute_workgroups_per_dimension (squared)",
+            needed: workgroups as u64,
+            allowed: (max * max) as u64,
+        });
+    }
+    Ok((x as u32, y as u32))
+}

@@ -1,0 +1,54 @@
+//! Every WGSL source of the crate, in one `include_str!` registry, with the Rust mirrors
+//! of the constants the shaders and the host must agree on.
+
+/// A kernel's name (its file stem under `shaders/`) and WGSL source.
+#[derive(Clone, Copy, Debug)]
+pub struct ShaderSource {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+macro_rules! shader {
+    ($ident:ident, $name:literal) => {
+        pub const $ident: ShaderSource = ShaderSource {
+            name: $name,
+            source: include_str!(concat!("../../shaders/", $name, ".wgsl")),
+        };
+    };
+}
+
+shader!(ROUTE_TOKENS, "route_tokens");
+shader!(COUNT_EXPERTS, "count_experts");
+shader!(SCAN_EXPERT_OFFSETS, "scan_expert_offsets");
+shader!(SCATTER_ASSIGNMENTS, "scatter_assignments");
+shader!(EXPERT_UP, "expert_up");
+shader!(EXPERT_DOWN, "expert_down");
+shader!(COMBINE_OUTPUTS, "combine_outputs");
+shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
+
+/// All kernels, in the order a forward dispatches them.
+pub const ALL: [ShaderSource; 8] = [
+    ROUTE_TOKENS,
+    COUNT_EXPERTS,
+    SCAN_EXPERT_OFFSETS,
+    REDUCE_ROUTER_STATS,
+    SCATTER_ASSIGNMENTS,
+    EXPERT_UP,
+    EXPERT_DOWN,
+    COMBINE_OUTPUTS,
+];
+
+/// Tokens per block in route_tokens, count_experts and scatter_assignments.
+pub const BLOCK_TOKENS: u32 = 128;
+/// Rows of one expert matmul tile; expert segments are padded to a multiple of it.
+pub const ROW_TILE: u32 = 32;
+/// Columns of one expert matmul tile.
+pub const COL_TILE: u32 = 32;
+/// The histogram size of count_experts (workgroup memory), hence the most experts.
+pub const MAX_EXPERTS: u32 = 2048;
+/// assignment_slot's mark for a dropped assignment.
+pub const DROPPED: u32 = u32::MAX;
+/// Invocations of the single workgroup of scan_expert_offsets and reduce_router_stats.
+pub const REDUCE_WORKGROUP: u32 = 256;
+/// Invocations per workgroup of combine_outputs.
+pub const COMBINE_WORKGROUP: u32 = 256;

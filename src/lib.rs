@@ -1,0 +1,22 @@
+//! switch-moe: a Mixture-of-Experts layer (the Switch Transformer's routed FFN, and top-k
+//! MoE) as WGSL compute shaders on wgpu, with a CPU reference that is its specification.
+//!
+//! The GPU forward runs a constant number of dispatches whatever the number of experts:
+//! routing, counting, a scan, a scatter, ONE grouped matmul over all experts for each of
+//! the two expert projections, and the combine. See README.md for the architecture.
+
+pub mod config;
+pub mod cpu_reference;
+pub mod error;
+pub mod output;
+pub mod rng;
+pub mod tensor_io;
+pub mod weights;
+
+pub use config::{Activation, DropPolicy, MoeConfig, Naming};
+pub use error::{MoeError, Result};
+pub use output::MoeOutput;
+pub use weights::{LayerShape, MoeWeights};
+pub mod gpu;
+
+pub use gpu::{GpuContext, LayerOptions, MoeLayer};

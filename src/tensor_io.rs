@@ -1,0 +1,104 @@
+//! safetensors reading and writing shared by the weight loader, the input loader and the
+//! output writer, plus the write-then-rename that keeps a failed run from leaving a file.
+
+use std::collections::BTreeMap;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{MoeError, Result};
+
+/// A tensor read from a file: f32 values, row-major, and its shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct F32Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Parses the safetensors header; `origin` names the file in errors.
+pub fn parse_safetensors<'a>(bytes: &'a [u8], origin: &str) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| MoeError::file(origin, format!("not a valid safetensors file: {e}")))
+}
+
+/// Reads one tensor as f32, checking its dtype and that every value is finite.
+pub fn read_f32(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
+    if view.dtype() != Dtype::F32 {
+        return Err(MoeError::tensor(
+            name,
+            format!("dtype {:?}, expected F32", view.dtype()),
+        ));
+    }
+    let data: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if let Some(index) = data.iter().position(|v| !v.is_finite()) {
+        return Err(MoeError::tensor(
+            name,
+            format!("non-finite value {} at flat index {index}", data[index]),
+        ));
+    }
+    Ok(F32Tensor {
+        shape: view.shape().to_vec(),
+        data,
+    })
+}
+
+/// A tensor to write: its dtype, shape and little-endian bytes.
+pub struct OwnedTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl OwnedTensor {
+    pub fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        OwnedTensor {
+            dtype: Dtype::F32,
+            shape,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    pub fn i64(shape: Vec<usize>, values: impl IntoIterator<Item = i64>) -> Self {
+        OwnedTensor {
+            dtype: Dtype::I64,
+            shape,
+            bytes: values.into_iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Serializes named tensors into safetensors bytes.
+pub fn serialize_tensors(tensors: &BTreeMap<String, OwnedTensor>) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(name, t)| {
+            TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                .map(|view| (name.as_str(), view))
+                .map_err(|e| MoeError::tensor(name, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::tensor::serialize(views, None)
+        .map_err(|e| MoeError::tensor("<all>", format!("cannot serialize: {e}")))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename,
+/// so that a failure never leaves a partial or stale-looking output behind.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn write_file_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| MoeError::file(path, "the output path names no file"))?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(file_name);
+    temp_name.push(format!(".{}.tmp", std::process::id()));
+    let temp_path = path.with_file_name(temp_name);
+    let result = std::fs::write(&temp_path, bytes).and_then(|()| std::fs::rename(&temp_path, path));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&temp_path);
+        return Err(MoeError::file(path, e));
+    }
+    Ok(())
+}

@@ -1,0 +1,596 @@
+//! `MoeWeights`: the layer's f32 tensors in the native layout, loaded from the namings
+//! people's checkpoints use (native, labml_nn, Hugging Face Switch and Mixtral), or
+//! initialised from a seed.
+//!
+//! Native layout (`nn.Linear`'s `[out, in]` per expert, experts stacked first):
+//! router `[N, D]` (+ bias `[N]`), `w1 [N, F, D]` (+ `b1 [N, F]`), `w2 [N, D, F]`
+//! (+ `b2 [N, D]`), and for gated FFNs `w3 [N, F, D]` (+ `b3 [N, F]`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use safetensors::tensor::SafeTensors;
+
+use crate::config::Naming;
+use crate::error::{MoeError, Result};
+use crate::rng::SeededRng;
+use crate::tensor_io::{parse_safetensors, read_f32, serialize_tensors, F32Tensor, OwnedTensor};
+
+/// The sizes that define a layer's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    pub num_experts: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+}
+
+/// All weights of one MoE layer, f32, native layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeWeights {
+    pub shape: LayerShape,
+    pub router_weight: Vec<f32>,
+    pub router_bias: Option<Vec<f32>>,
+    pub w1: Vec<f32>,
+    pub b1: Option<Vec<f32>>,
+    pub w2: Vec<f32>,
+    pub b2: Option<Vec<f32>>,
+    pub w3: Option<Vec<f32>>,
+    pub b3: Option<Vec<f32>>,
+}
+
+/// The naming (and for Mixtral, the layout) a weight file was found to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Layout {
+    Native,
+    Labml,
+    HfSwitch,
+    /// transformers 4.x and published checkpoints: `experts.{i}.w1|w2|w3.weight`.
+    HfMixtralPerExpert,
+    /// transformers 5.x: `experts.gate_up_proj`, `experts.down_proj`.
+    HfMixtralStacked,
+    /// `gate.weight`: Mixtral's router, shared by both Mixtral layouts.
+    HfMixtralRouter,
+}
+
+impl Layout {
+    fn naming(self) -> Naming {
+        match self {
+            Layout::Native => Naming::Native,
+            Layout::Labml => Naming::Labml,
+            Layout::HfSwitch => Naming::HfSwitch,
+            Layout::HfMixtralPerExpert | Layout::HfMixtralStacked | Layout::HfMixtralRouter => {
+                Naming::HfMixtral
+            }
+        }
+    }
+}
+
+/// Splits `experts.{i}.{rest}` (or `experts.expert_{i}.{rest}` with `marker = "expert_"`).
+fn expert_key<'k>(key: &'k str, marker: &str) -> Option<(usize, &'k str)> {
+    let tail = key.strip_prefix("experts.")?.strip_prefix(marker)?;
+    let (index, rest) = tail.split_once('.')?;
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((index.parse().ok()?, rest))
+}
+
+/// Which layout a (prefix-stripped) tensor name belongs to, if any.
+fn layout_of(key: &str) -> Option<Layout> {
+    const NATIVE: [&str; 8] = [
+        "router.weight",
+        "router.bias",
+        "experts.w1",
+        "experts.b1",
+        "experts.w2",
+        "experts.b2",
+        "experts.w3",
+        "experts.b3",
+    ];
+    if NATIVE.contains(&key) {
+        return Some(Layout::Native);
+    }
+    match key {
+        "switch.weight" | "switch.bias" => return Some(Layout::Labml),
+        "router.classifier.weight" | "router.classifier.bias" => return Some(Layout::HfSwitch),
+        "gate.weight" => return Some(Layout::HfMixtralRouter),
+        "experts.gate_up_proj" | "experts.down_proj" => return Some(Layout::HfMixtralStacked),
+        _ => {}
+    }
+    if let Some((_, rest)) = expert_key(key, "expert_") {
+        if matches!(rest, "wi.weight" | "wi.bias" | "wo.weight" | "wo.bias") {
+            return Some(Layout::HfSwitch);
+        }
+    }
+    if let Some((_, rest)) = expert_key(key, "") {
+        let labml = [
+            "layer1.weight",
+            "layer1.bias",
+            "layer2.weight",
+            "layer2.bias",
+            "linear_v.weight",
+            "linear_v.bias",
+        ];
+        if labml.contains(&rest) {
+            return Some(Layout::Labml);
+        }
+        if matches!(rest, "w1.weight" | "w2.weight" | "w3.weight") {
+            return Some(Layout::HfMixtralPerExpert);
+        }
+    }
+    None
+}
+
+fn shape_error(name: &str, actual: &[usize], expected: &[usize], meaning: &str) -> MoeError {
+    MoeError::tensor(
+        name,
+        format!("shape {actual:?}, expected {meaning} = {expected:?}"),
+    )
+}
+
+/// Reads the tensors of one layer from a safetensors file, remembering which it used.
+struct TensorSource<'a> {
+    file: &'a SafeTensors<'a>,
+    prefix: &'a str,
+    used: BTreeSet<String>,
+}
+
+impl TensorSource<'_> {
+    fn full_name(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// The tensor `key` (prefix added) if present, with its shape checked.
+    fn optional(&mut self, key: &str, expected: &[usize], meaning: &str) -> Result<Option<Vec<f32>>> {
+        let name = self.full_name(key);
+        let Ok(view) = self.file.tensor(&name) else {
+            return Ok(None);
+        };
+        let F32Tensor { shape, data } = read_f32(&view, &name)?;
+        if shape != expected {
+            return Err(shape_error(&name, &shape, expected, meaning));
+        }
+        self.used.insert(name);
+        Ok(Some(data))
+    }
+
+    fn required(&mut self, key: &str, expected: &[usize], meaning: &str) -> Result<Vec<f32>> {
+        self.optional(key, expected, meaning)?
+            .ok_or_else(|| MoeError::tensor(&self.full_name(key), "missing"))
+    }
+
+    /// The shape of `key` without reading it, or a "missing" error.
+    fn shape_of(&self, key: &str) -> Result<Vec<usize>> {
+        let name = self.full_name(key);
+        self.file
+            .tensor(&name)
+            .map(|view| view.shape().to_vec())
+            .map_err(|_| MoeError::tensor(&name, "missing"))
+    }
+
+    /// One tensor per expert, `key(i)` for i in 0..N, stacked in expert order: all present,
+    /// or all absent (`None`); a partial set is an error naming the first missing one.
+    fn per_expert(
+        &mut self,
+        num_experts: usize,
+        key: impl Fn(usize) -> String,
+        expected: &[usize],
+        meaning: &str,
+    ) -> Result<Option<Vec<f32>>> {
+        let mut stacked = Vec::new();
+        let mut missing = None;
+        for expert in 0..num_experts {
+            match self.optional(&key(expert), expected, meaning)? {
+                Some(data) => stacked.extend(data),
+                None => {
+                    missing.get_or_insert(expert);
+                }
+            }
+        }
+        match missing {
+            None => Ok(Some(stacked)),
+            Some(_) if stacked.is_empty() => Ok(None),
+            Some(expert) => Err(MoeError::tensor(
+                &self.full_name(&key(expert)),
+                "missing (other experts have it)",
+            )),
+        }
+    }
+}
+
+/// The shape `[a, b]` of a rank-2 tensor, or an error naming it.
+fn rank2(name: &str, shape: &[usize], meaning: &str) -> Result<(usize, usize)> {
+    match shape {
+        [a, b] => Ok((*a, *b)),
+        _ => Err(MoeError::tensor(
+            name,
+            format!("shape {shape:?}, expected rank 2 ({meaning})"),
+        )),
+    }
+}
+
+/// The shape `[a, b, c]` of a rank-3 tensor, or an error naming it.
+fn rank3(name: &str, shape: &[usize], meaning: &str) -> Result<(usize, usize, usize)> {
+    match shape {
+        [a, b, c] => Ok((*a, *b, *c)),
+        _ => Err(MoeError::tensor(
+            name,
+            format!("shape {shape:?}, expected rank 3 ({meaning})"),
+        )),
+    }
+}
+
+impl MoeWeights {
+    /// Seeded weights drawn like `nn.Linear`'s default init: uniform in ±1/√fan_in.
+    pub fn random(shape: LayerShape, gated: bool, with_biases: bool, seed: u64) -> Self {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        } = shape;
+        let mut rng = SeededRng::new(seed);
+        let bound_d = 1.0 / (d as f32).sqrt();
+        let bound_f = 1.0 / (f as f32).sqrt();
+        // One stream, drawn in a fixed order, so a seed names one layer.
+        let router_weight = rng.uniform_vec(n * d, bound_d);
+        let router_bias = with_biases.then(|| rng.uniform_vec(n, bound_d));
+        let w1 = rng.uniform_vec(n * f * d, bound_d);
+        let b1 = with_biases.then(|| rng.uniform_vec(n * f, bound_d));
+        let w2 = rng.uniform_vec(n * d * f, bound_f);
+        let b2 = with_biases.then(|| rng.uniform_vec(n * d, bound_f));
+        let w3 = gated.then(|| rng.uniform_vec(n * f * d, bound_d));
+        let b3 = (gated && with_biases).then(|| rng.uniform_vec(n * f, bound_d));
+        MoeWeights {
+            shape,
+            router_weight,
+            router_bias,
+            w1,
+            b1,
+            w2,
+            b2,
+            w3,
+            b3,
+        }
+    }
+
+    /// Checks that every tensor has the length its shape implies and holds only finite
+    /// values; errors use the native tensor names.
+    pub fn check(&self) -> Result<()> {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        } = self.shape;
+        if n == 0 || d == 0 || f == 0 {
+            return Err(MoeError::tensor(
+                "router.weight",
+                format!("empty layer shape {:?}", self.shape),
+            ));
+        }
+        let tensors: [(&str, Option<&Vec<f32>>, usize); 8] = [
+            ("router.weight", Some(&self.router_weight), n * d),
+            ("router.bias", self.router_bias.as_ref(), n),
+            ("experts.w1", Some(&self.w1), n * f * d),
+            ("experts.b1", self.b1.as_ref(), n * f),
+            ("experts.w2", Some(&self.w2), n * d * f),
+            ("experts.b2", self.b2.as_ref(), n * d),
+            ("experts.w3", self.w3.as_ref(), n * f * d),
+            ("experts.b3", self.b3.as_ref(), n * f),
+        ];
+        for (name, data, len) in tensors {
+            let Some(data) = data else { continue };
+            if data.len() != len {
+                return Err(MoeError::tensor(
+                    name,
+                    format!("{} values, expected {len} for {:?}", data.len(), self.shape),
+                ));
+            }
+            if let Some(index) = data.iter().position(|v| !v.is_finite()) {
+                return Err(MoeError::tensor(
+                    name,
+                    format!("non-finite value {} at flat index {index}", data[index]),
+                ));
+            }
+        }
+        if self.b3.is_some() && self.w3.is_none() {
+            return Err(MoeError::tensor("experts.b3", "present without experts.w3"));
+        }
+        Ok(())
+    }
+
+    /// Loads a safetensors file; see [`MoeWeights::from_safetensors_bytes`].
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_safetensors(
+        path: impl AsRef<std::path::Path>,
+        naming: Naming,
+        prefix: Option<&str>,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| MoeError::file(path, e))?;
+        Self::from_safetensors_bytes(&bytes, naming, prefix, &path.display().to_string())
+    }
+
+    /// Loads weights from safetensors bytes in any supported naming (`Naming::Auto`
+    /// detects it). With a `prefix`, only tensors whose names start with it are read
+    /// (a whole model's state dict); without one, every tensor must belong to the layer.
+    /// `origin` names the bytes in errors.
+    pub fn from_safetensors_bytes(
+        bytes: &[u8],
+        naming: Naming,
+        prefix: Option<&str>,
+        origin: &str,
+    ) -> Result<Self> {
+        let file = parse_safetensors(bytes, origin)?;
+        let prefix = prefix.unwrap_or("");
+        let mut layouts: BTreeMap<Layout, String> = BTreeMap::new();
+        let mut names = file.names();
+        names.sort();
+        let mut considered = 0;
+        for name in names {
+            let Some(key) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            considered += 1;
+            let layout = layout_of(key).ok_or_else(|| {
+                MoeError::tensor(
+                    name,
+                    "not a tensor of any known MoE naming (native, labml, hf_switch, hf_mixtral); \
+                     for a whole model's state dict, give the layer's prefix",
+                )
+            })?;
+            layouts.entry(layout).or_insert_with(|| name.to_string());
+        }
+        if considered == 0 {
+            return Err(MoeError::Naming {
+                message: if prefix.is_empty() {
+                    format!("`{origin}` holds no tensors")
+                } else {
+                    format!("no tensor in `{origin}` starts with the prefix `{prefix}`")
+                },
+            });
+        }
+        let layout = Self::single_layout(&layouts)?;
+        if naming != Naming::Auto && naming != layout.naming() {
+            return Err(MoeError::Naming {
+                message: format!(
+                    "the config asks for {naming:?} but the tensors use {:?} (e.g. `{}`)",
+                    layout.naming(),
+                    layouts.values().next().map(String::as_str).unwrap_or("")
+                ),
+            });
+        }
+        let mut source = TensorSource {
+            file: &file,
+            prefix,
+            used: BTreeSet::new(),
+        };
+        let weights = match layout {
+            Layout::Native => Self::read_native(&mut source)?,
+            Layout::Labml => Self::read_per_expert(&mut source, &LABML_KEYS)?,
+            Layout::HfSwitch => Self::read_per_expert(&mut source, &HF_SWITCH_KEYS)?,
+            Layout::HfMixtralPerExpert | Layout::HfMixtralRouter => {
+                Self::read_per_expert(&mut source, &HF_MIXTRAL_KEYS)?
+            }
+            Layout::HfMixtralStacked => Self::read_mixtral_stacked(&mut source)?,
+        };
+        // Everything of the layer must have been used: an extra expert or tensor is an error.
+        for name in file.names() {
+            if name.starts_with(prefix) && !source.used.contains(name) {
+                return Err(MoeError::tensor(
+                    name,
+                    format!(
+                        "unexpected for a {:?} layer with {} experts",
+                        layout.naming(),
+                        weights.shape.num_experts
+                    ),
+                ));
+            }
+        }
+        weights.check()?;
+        Ok(weights)
+    }
+
+    /// The one layout the names agree on, or an error naming two names that disagree.
+    fn single_layout(layouts: &BTreeMap<Layout, String>) -> Result<Layout> {
+        let mut found: Vec<(Layout, &String)> = layouts.iter().map(|(l, n)| (*l, n)).collect();
+        // Mixtral's router name is shared by both Mixtral layouts.
+        if found.len() > 1 {
+            found.retain(|(l, _)| *l != Layout::HfMixtralRouter);
+        }
+        match found.as_slice() {
+            [(layout, _)] => Ok(*layout),
+            [(a, name_a), (b, name_b), ..] => Err(MoeError::Naming {
+                message: format!("mixed namings: `{name_a}` is {a:?} but `{name_b}` is {b:?}"),
+            }),
+            [] => Err(MoeError::Naming {
+                message: "no tensors".to_string(),
+            }),
+        }
+    }
+
+    fn read_native(source: &mut TensorSource<'_>) -> Result<Self> {
+        let router_shape = source.shape_of("router.weight")?;
+        let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
+        let w1_shape = source.shape_of("experts.w1")?;
+        let (_, f, _) = rank3(&source.full_name("experts.w1"), &w1_shape, "[N, F, D]")?;
+        let shape = LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        };
+        Ok(MoeWeights {
+            shape,
+            router_weight: source.required("router.weight", &[n, d], "[N, D]")?,
+            router_bias: source.optional("router.bias", &[n], "[N]")?,
+            w1: source.required("experts.w1", &[n, f, d], "[N, F, D]")?,
+            b1: source.optional("experts.b1", &[n, f], "[N, F]")?,
+            w2: source.required("experts.w2", &[n, d, f], "[N, D, F]")?,
+            b2: source.optional("experts.b2", &[n, d], "[N, D]")?,
+            w3: source.optional("experts.w3", &[n, f, d], "[N, F, D]")?,
+            b3: source.optional("experts.b3", &[n, f], "[N, F]")?,
+        })
+    }
+
+    fn read_per_expert(source: &mut TensorSource<'_>, keys: &PerExpertKeys) -> Result<Self> {
+        let router_shape = source.shape_of(keys.router_weight)?;
+        let (n, d) = rank2(&source.full_name(keys.router_weight), &router_shape, "[N, D]")?;
+        let first_w1 = keys.expert(0, keys.w1);
+        let w1_shape = source.shape_of(&first_w1)?;
+        let (f, _) = rank2(&source.full_name(&first_w1), &w1_shape, "[F, D]")?;
+        let shape = LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        };
+        let required = |source: &mut TensorSource<'_>, part: &str, dims: &[usize], meaning| {
+            source
+                .per_expert(n, |i| keys.expert(i, part), dims, meaning)?
+                .ok_or_else(|| MoeError::tensor(&source.full_name(&keys.expert(0, part)), "missing"))
+        };
+        let w1 = required(source, keys.w1, &[f, d], "[F, D]")?;
+        let w2 = required(source, keys.w2, &[d, f], "[D, F]")?;
+        let optional = |source: &mut TensorSource<'_>, part: Option<&str>, dims: &[usize], meaning| {
+            match part {
+                Some(part) => source.per_expert(n, |i| keys.expert(i, part), dims, meaning),
+                None => Ok(None),
+            }
+        };
+        Ok(MoeWeights {
+            shape,
+            router_weight: source.required(keys.router_weight, &[n, d], "[N, D]")?,
+            router_bias: match keys.router_bias {
+                Some(key) => source.optional(key, &[n], "[N]")?,
+                None => None,
+            },
+            w1,
+            b1: optional(source, keys.b1, &[f], "[F]")?,
+            w2,
+            b2: optional(source, keys.b2, &[d], "[D]")?,
+            w3: optional(source, keys.w3, &[f, d], "[F, D]")?,
+            b3: optional(source, keys.b3, &[f], "[F]")?,
+        })
+    }
+
+    fn read_mixtral_stacked(source: &mut TensorSource<'_>) -> Result<Self> {
+        let router_shape = source.shape_of("gate.weight")?;
+        let (n, d) = rank2(&source.full_name("gate.weight"), &router_shape, "[N, D]")?;
+        let gate_up_shape = source.shape_of("experts.gate_up_proj")?;
+        let name = source.full_name("experts.gate_up_proj");
+        let (_, two_f, _) = rank3(&name, &gate_up_shape, "[N, 2F, D]")?;
+        if two_f % 2 != 0 {
+            return Err(MoeError::tensor(
+                &name,
+                format!("shape {gate_up_shape:?}: the middle dimension 2F must be even"),
+            ));
+        }
+        let f = two_f / 2;
+        let gate_up = source.required("experts.gate_up_proj", &[n, two_f, d], "[N, 2F, D]")?;
+        // Rows :F of each expert are the activated gate (w1), rows F: the up projection (w3).
+        let mut w1 = Vec::with_capacity(n * f * d);
+        let mut w3 = Vec::with_capacity(n * f * d);
+        for expert in gate_up.chunks_exact(two_f * d) {
+            let (gate, up) = expert.split_at(f * d);
+            w1.extend_from_slice(gate);
+            w3.extend_from_slice(up);
+        }
+        Ok(MoeWeights {
+            shape: LayerShape {
+                num_experts: n,
+                d_model: d,
+                d_ff: f,
+            },
+            router_weight: source.required("gate.weight", &[n, d], "[N, D]")?,
+            router_bias: None,
+            w1,
+            b1: None,
+            w2: source.required("experts.down_proj", &[n, d, f], "[N, D, F]")?,
+            b2: None,
+            w3: Some(w3),
+            b3: None,
+        })
+    }
+
+    /// The weights as safetensors bytes in the native naming.
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        } = self.shape;
+        let mut tensors = BTreeMap::new();
+        let mut put = |name: &str, shape: Vec<usize>, data: Option<&Vec<f32>>| {
+            if let Some(data) = data {
+                tensors.insert(name.to_string(), OwnedTensor::f32(shape, data));
+            }
+        };
+        put("router.weight", vec![n, d], Some(&self.router_weight));
+        put("router.bias", vec![n], self.router_bias.as_ref());
+        put("experts.w1", vec![n, f, d], Some(&self.w1));
+        put("experts.b1", vec![n, f], self.b1.as_ref());
+        put("experts.w2", vec![n, d, f], Some(&self.w2));
+        put("experts.b2", vec![n, d], self.b2.as_ref());
+        put("experts.w3", vec![n, f, d], self.w3.as_ref());
+        put("experts.b3", vec![n, f], self.b3.as_ref());
+        serialize_tensors(&tensors)
+    }
+
+    /// Expert `e`'s slice of a stacked per-expert tensor of `per_expert` values each.
+    pub fn expert_slice(tensor: &[f32], expert: usize, per_expert: usize) -> &[f32] {
+        &tensor[expert * per_expert..(expert + 1) * per_expert]
+    }
+}
+
+/// Tensor names of a naming that stores one tensor per expert.
+struct PerExpertKeys {
+    router_weight: &'static str,
+    router_bias: Option<&'static str>,
+    /// `experts.{i}.` or `experts.expert_{i}.` before the part name.
+    expert_marker: &'static str,
+    w1: &'static str,
+    b1: Option<&'static str>,
+    w2: &'static str,
+    b2: Option<&'static str>,
+    w3: Option<&'static str>,
+    b3: Option<&'static str>,
+}
+
+impl PerExpertKeys {
+    fn expert(&self, index: usize, part: &str) -> String {
+        format!("experts.{}{index}.{part}", self.expert_marker)
+    }
+}
+
+const LABML_KEYS: PerExpertKeys = PerExpertKeys {
+    router_weight: "switch.weight",
+    router_bias: Some("switch.bias"),
+    expert_marker: "",
+    w1: "layer1.weight",
+    b1: Some("layer1.bias"),
+    w2: "layer2.weight",
+    b2: Some("layer2.bias"),
+    w3: Some("linear_v.weight"),
+    b3: Some("linear_v.bias"),
+};
+
+const HF_SWITCH_KEYS: PerExpertKeys = PerExpertKeys {
+    router_weight: "router.classifier.weight",
+    router_bias: Some("router.classifier.bias"),
+    expert_marker: "expert_",
+    w1: "wi.weight",
+    b1: Some("wi.bias"),
+    w2: "wo.weight",
+    b2: Some("wo.bias"),
+    w3: None,
+    b3: None,
+};
+
+const HF_MIXTRAL_KEYS: PerExpertKeys = PerExpertKeys {
+    router_weight: "gate.weight",
+    router_bias: None,
+    expert_marker: "",
+    w1: "w1.weight",
+    b1: None,
+    w2: "w2.weight",
+    b2: None,
+    w3: Some("w3.weight"),
+    b3: None,
+};
