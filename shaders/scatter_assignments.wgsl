@@ -52,17 +52,17 @@ fn main(
     let group = block / params.chunks_per_group;
     let chunk = block % params.chunks_per_group;
     let token = group * params.group_size + chunk * BLOCK_TOKENS + lane;
-    let active = token < (group + 1u) * params.group_size;
+    let in_group = token < (group + 1u) * params.group_size;
     let tile_start_at = 2u * num_experts;
 
     for (var choice = 0u; choice < top_k; choice++) {
         var expert = DROPPED;
-        if (active) {
+        if (in_group) {
             expert = routes[token * top_k + choice];
         }
         block_routes[lane] = expert;
         workgroupBarrier();
-        if (active) {
+        if (in_group) {
             var rank = block_offsets[(block * top_k + choice) * num_experts + expert];
             for (var i = 0u; i < lane; i++) {
                 rank += select(0u, 1u, block_routes[i] == expert);

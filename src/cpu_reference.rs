@@ -198,6 +198,22 @@ pub fn scatter_assignments(
     position
 }
 
+/// Counting, capacity and priority for `routes` (`[T, k]`): each expert's loads and every
+/// assignment's position in its expert's kept list (`None`: dropped).
+pub fn assign_positions(
+    config: &MoeConfig,
+    routes: &[u32],
+    num_experts: usize,
+    group_size: usize,
+) -> (ExpertLoads, Vec<Option<u32>>) {
+    let top_k = config.top_k;
+    let capacity = config.capacity(group_size, num_experts);
+    let group_counts = count_experts(routes, num_experts, top_k, group_size);
+    let loads = scan_expert_offsets(&group_counts, num_experts, capacity);
+    let positions = scatter_assignments(routes, &loads, num_experts, top_k, group_size, capacity);
+    (loads, positions)
+}
+
 /// The activation `act(a)`, evaluated in f64 for a reference-grade result.
 pub fn activate(activation: Activation, a: f32) -> f32 {
     let a = a as f64;
@@ -352,15 +368,12 @@ pub fn forward(
         return Err(MoeError::NonFiniteInput { token });
     }
     let top_k = config.top_k;
-    let capacity = config.capacity(group_size, num_experts);
 
     let routing = route_tokens(x, weights, top_k, config.normalize_top_k);
     if let Some(token) = routing.logsumexp.iter().position(|l| !l.is_finite()) {
         return Err(MoeError::NonFiniteInput { token });
     }
-    let group_counts = count_experts(&routing.routes, num_experts, top_k, group_size);
-    let loads = scan_expert_offsets(&group_counts, num_experts, capacity);
-    let positions = scatter_assignments(&routing.routes, &loads, num_experts, top_k, group_size, capacity);
+    let (loads, positions) = assign_positions(config, &routing.routes, num_experts, group_size);
 
     // Each expert's kept tokens, in the order of its kept list.
     let mut expert_tokens: Vec<Vec<&[f32]>> = loads

@@ -20,9 +20,9 @@ use crate::weights::{LayerShape, MoeWeights};
 /// Knobs for building a layer; the defaults suit every use.
 #[derive(Clone, Debug, Default)]
 pub struct LayerOptions {
-    /// Caps the bytes of one storage binding below the device's limit, which splits the
-    /// expert weights over more shards (used by tests of the split path).
-    pub max_binding_bytes: Option<u64>,
+    /// Caps the bytes of one expert-weight binding below the device's limit, which splits
+    /// the expert weights over more shards (used by tests of the split path).
+    pub max_weight_binding_bytes: Option<u64>,
 }
 
 /// Intermediate buffers of one forward, read back for tests and debugging.
@@ -113,12 +113,13 @@ impl MoeLayer {
         let device_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
-        let max_binding_bytes = options
-            .max_binding_bytes
+        let max_binding_bytes = device_binding;
+        let max_weight_binding_bytes = options
+            .max_weight_binding_bytes
             .map_or(device_binding, |cap| cap.min(device_binding));
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(device, &config);
-        let weights_on_device = GpuWeights::upload(device, weights, max_binding_bytes)?;
+        let weights_on_device = GpuWeights::upload(device, weights, max_weight_binding_bytes)?;
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(MoeError::Device {
                 message: format!("building the layer: {error}"),

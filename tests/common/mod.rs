@@ -1,0 +1,198 @@
+//! Shared test helpers: the GPU context (a missing adapter FAILS the test), seeded layers
+//! and inputs, and the comparison of a GPU output with the CPU reference under tolerances
+//! derived from f32 accumulation error.
+#![allow(dead_code)]
+
+use switch_moe::config::Activation;
+use switch_moe::cpu_reference::{self, dot};
+use switch_moe::rng::SeededRng;
+use switch_moe::{GpuContext, LayerShape, MoeConfig, MoeOutput, MoeWeights};
+
+/// Unit roundoff of f32.
+pub const U: f64 = f32::EPSILON as f64 / 2.0;
+/// The largest slope of our activations (GELU's is 1.129, SiLU's 1.0998).
+pub const ACTIVATION_LIPSCHITZ: f64 = 1.13;
+/// Relative error allowed on GPU softmax outputs: WGSL lets `exp` err by a few ulp
+/// (more for large arguments), and the division and the N-term sum add a few more.
+pub const GATE_RELATIVE: f64 = 64.0 * U;
+
+/// The test device. With no adapter this panics, and the test fails, saying how to get one.
+pub fn gpu() -> GpuContext {
+    match GpuContext::new() {
+        Ok(context) => context,
+        Err(e) => panic!("GPU tests need an adapter: {e}"),
+    }
+}
+
+pub fn shape(num_experts: usize, d_model: usize, d_ff: usize) -> LayerShape {
+    LayerShape {
+        num_experts,
+        d_model,
+        d_ff,
+    }
+}
+
+/// Seeded tokens, standard normal.
+pub fn tokens(num_tokens: usize, d_model: usize, seed: u64) -> Vec<f32> {
+    SeededRng::new(seed ^ 0x5EED_0F_70C3).normal_vec(num_tokens * d_model)
+}
+
+/// A config with `n_experts` unset and the given top-k; other keys at their defaults.
+pub fn config(top_k: usize) -> MoeConfig {
+    MoeConfig {
+        top_k,
+        ..MoeConfig::default()
+    }
+}
+
+/// Asserts `|a - b| ≤ tol[i]` everywhere, naming the first bad index.
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tolerance: impl Fn(usize) -> f64) {
+    assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
+    for (i, (&a, &b)) in actual.iter().zip(expected).enumerate() {
+        let tol = tolerance(i);
+        let diff = (a as f64 - b as f64).abs();
+        assert!(
+            diff <= tol,
+            "{what}[{i}]: GPU {a} vs CPU {b}, |diff| {diff:e} > tolerance {tol:e}"
+        );
+    }
+}
+
+/// The weights with every value replaced by its absolute value.
+pub fn absolute(weights: &MoeWeights) -> MoeWeights {
+    let abs = |v: &Vec<f32>| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+    MoeWeights {
+        shape: weights.shape,
+        router_weight: abs(&weights.router_weight),
+        router_bias: weights.router_bias.as_ref().map(abs),
+        w1: abs(&weights.w1),
+        b1: weights.b1.as_ref().map(abs),
+        w2: abs(&weights.w2),
+        b2: weights.b2.as_ref().map(abs),
+        w3: weights.w3.as_ref().map(abs),
+        b3: weights.b3.as_ref().map(abs),
+    }
+}
+
+/// Per element of y, the bound `Σ_j |s_j|·(|W2|·act_abs(|W1|·|x| + |b1|) ⊙ ... + |b2|)`:
+/// the same FFN on absolute values (every activation satisfies |act(a)| ≤ |a|). Rounding
+/// errors of any summation order are at most (length · u) times this magnitude.
+pub fn magnitude_of_y(
+    config: &MoeConfig,
+    weights: &MoeWeights,
+    x: &[f32],
+    reference: &MoeOutput,
+) -> Vec<f64> {
+    let d_model = weights.shape.d_model;
+    let abs_weights = absolute(weights);
+    let mut magnitude = vec![0.0f64; x.len()];
+    let k = config.top_k;
+    let kept_any = kept_choices(config, weights.shape.num_experts, reference);
+    for (token, row) in x.chunks_exact(d_model).enumerate() {
+        let abs_row: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+        for choice in 0..k {
+            if !kept_any[token * k + choice] {
+                continue;
+            }
+            let expert = reference.routes[token * k + choice] as usize;
+            let h = cpu_reference::expert_up(&[&abs_row], &abs_weights, expert, Activation::Relu);
+            let out = cpu_reference::expert_down(&h, &abs_weights, expert);
+            let scale = if config.scale_by_prob { reference.gates[token * k + choice] as f64 } else { 1.0 };
+            for (m, o) in magnitude[token * d_model..(token + 1) * d_model].iter_mut().zip(&out) {
+                *m += scale * *o as f64;
+            }
+        }
+    }
+    magnitude
+}
+
+/// Which assignments the reference keeps (recomputed with its own functions).
+pub fn kept_choices(config: &MoeConfig, num_experts: usize, reference: &MoeOutput) -> Vec<bool> {
+    let group_size = config.group_size_for(reference.num_tokens()).unwrap();
+    let (_, positions) = cpu_reference::assign_positions(config, &reference.routes, num_experts, group_size);
+    positions.iter().map(|p| p.is_some()).collect()
+}
+
+/// The CPU reference, which must succeed.
+pub fn cpu_forward(config: &MoeConfig, weights: &MoeWeights, x: &[f32], shape: &[usize]) -> MoeOutput {
+    cpu_reference::forward(config, weights, x, shape).expect("CPU reference failed")
+}
+
+/// Compares a GPU output with the CPU reference: integers exactly, floats within bounds
+/// derived from the accumulation lengths (D for the router and up-projection, F for the
+/// down-projection) and the softmax's relative error.
+pub fn assert_matches_reference(
+    config: &MoeConfig,
+    weights: &MoeWeights,
+    x: &[f32],
+    gpu: &MoeOutput,
+    cpu: &MoeOutput,
+) {
+    let LayerShape {
+        num_experts,
+        d_model,
+        d_ff,
+    } = weights.shape;
+    let num_tokens = cpu.num_tokens();
+    // Routes first: a mismatch is only excusable at a genuine near-tie, which the seeded
+    // tests avoid; report the probability gap to tell the two apart.
+    for (i, (&g, &c)) in gpu.routes.iter().zip(&cpu.routes).enumerate() {
+        assert_eq!(
+            g, c,
+            "routes[{i}] (token {}, choice {}): GPU {g} vs CPU {c}; gates GPU {:?} CPU {:?}",
+            i / config.top_k,
+            i % config.top_k,
+            &gpu.gates[i / config.top_k * config.top_k..][..config.top_k],
+            &cpu.gates[i / config.top_k * config.top_k..][..config.top_k],
+        );
+    }
+    assert_eq!(gpu.counts, cpu.counts, "counts");
+    assert_eq!(gpu.kept, cpu.kept, "kept");
+    assert_eq!(gpu.n_dropped, cpu.n_dropped, "n_dropped");
+    assert_eq!(gpu.shape, cpu.shape, "shape");
+
+    let router_magnitude = router_logit_magnitude(weights, x);
+    // Logit error 2·γ_D·|h|abs moves p by that much relatively; plus exp/softmax error.
+    let prob_relative = 2.0 * (d_model as f64 + 2.0) * U * router_magnitude + GATE_RELATIVE;
+    let prob_tolerance = |value: f32| prob_relative * value as f64 + num_experts as f64 * U;
+    assert_close("gates", &gpu.gates, &cpu.gates, |i| prob_tolerance(cpu.gates[i]));
+    assert_close("route_prob_max", &gpu.route_prob_max, &cpu.route_prob_max, |i| {
+        prob_tolerance(cpu.route_prob_max[i])
+    });
+    let sum_length = num_tokens as f64;
+    assert_close("route_prob_sum", &gpu.route_prob_sum, &cpu.route_prob_sum, |i| {
+        (prob_relative + sum_length * U) * cpu.route_prob_sum[i] as f64 + sum_length * num_experts as f64 * U
+    });
+    assert_close("aux_loss", &[gpu.aux_loss], &[cpu.aux_loss], |_| {
+        (prob_relative + (sum_length + num_experts as f64) * U) * cpu.aux_loss as f64 + 1e-30
+    });
+    // z = mean lse²: Δz ≤ 2|lse|·Δlse with Δlse ≤ 2γ_D·|h|abs + (exp/log error)·|lse|.
+    let lse_bound = (cpu.z_loss as f64).sqrt();
+    let z_tolerance = 2.0 * lse_bound * (2.0 * (d_model as f64 + 2.0) * U * router_magnitude + GATE_RELATIVE * (lse_bound + 1.0))
+        + sum_length * U * cpu.z_loss as f64;
+    assert_close("z_loss", &[gpu.z_loss], &[cpu.z_loss], |_| z_tolerance);
+
+    let magnitude = magnitude_of_y(config, weights, x, cpu);
+    let gated = if config.gated { 2.0 } else { 1.0 };
+    let ffn_relative = (2.0 * ACTIVATION_LIPSCHITZ * gated * (d_model as f64 + 2.0) + 2.0 * (d_ff as f64 + 2.0) + 16.0) * U
+        // the GPU's erf (A&S 7.1.26) errs by 1.5e-7 absolute, i.e. ≤ 1e-7·|a| in GELU
+        + if config.activation == Activation::Gelu { 1e-7 } else { 0.0 };
+    assert_close("y", &gpu.y, &cpu.y, |i| {
+        ffn_relative * magnitude[i] + prob_relative * (cpu.y[i] as f64).abs() + 1e-30
+    });
+}
+
+/// `max_t (Σ_d |x_td|·max_e |Wr_ed| + |br_e|)`: the scale of router logit rounding errors.
+pub fn router_logit_magnitude(weights: &MoeWeights, x: &[f32]) -> f64 {
+    let d_model = weights.shape.d_model;
+    let abs_router: Vec<f32> = weights.router_weight.iter().map(|v| v.abs()).collect();
+    let mut largest = 0.0f64;
+    for row in x.chunks_exact(d_model) {
+        let abs_row: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+        for (e, w) in abs_router.chunks_exact(d_model).enumerate() {
+            let bias = weights.router_bias.as_ref().map_or(0.0, |b| b[e].abs());
+            largest = largest.max((dot(&abs_row, w) + bias) as f64);
+        }
+    }
+    largest
+}
