@@ -1,0 +1,181 @@
+//! Every shader, with no GPU: it parses and validates with naga under the capabilities the
+//! layer asks the device for (none beyond core WebGPU), translates to SPIR-V, MSL, HLSL and
+//! GLSL (compute), and agrees with the host on its `Params` size, constants and workgroup size.
+
+use std::collections::BTreeMap;
+
+use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
+use switch_moe::gpu::params::{AssignParams, CombineParams, ExpertParams, RouteParams, StatsParams};
+use switch_moe::gpu::shaders::{self, ShaderSource};
+
+fn parse_and_validate(shader: ShaderSource) -> (naga::Module, ModuleInfo) {
+    let module = naga::front::wgsl::parse_str(shader.source)
+        .unwrap_or_else(|e| panic!("{}: {}", shader.name, e.emit_to_string(shader.source)));
+    // The layer requests no shader features: validate with none.
+    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}: {}", shader.name, e.emit_to_string(shader.source)));
+    (module, info)
+}
+
+/// The value of a module-scope `const` that is a plain literal.
+fn constant(module: &naga::Module, name: &str) -> Option<u64> {
+    let (_, c) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some(name))?;
+    match module.global_expressions[c.init] {
+        naga::Expression::Literal(naga::Literal::U32(v)) => Some(v as u64),
+        naga::Expression::Literal(naga::Literal::I32(v)) => Some(v as u64),
+        naga::Expression::Literal(naga::Literal::AbstractInt(v)) => Some(v as u64),
+        ref other => panic!("const {name} is not a literal: {other:?}"),
+    }
+}
+
+/// Byte size of the type of the global variable `params`.
+fn params_size(module: &naga::Module) -> u32 {
+    let (_, var) = module
+        .global_variables
+        .iter()
+        .find(|(_, v)| v.name.as_deref() == Some("params"))
+        .expect("no `params` global");
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).unwrap();
+    layouter[var.ty].size
+}
+
+#[test]
+fn every_shader_parses_and_validates() {
+    for shader in shaders::ALL {
+        let (module, _) = parse_and_validate(shader);
+        assert_eq!(module.entry_points.len(), 1, "{}: one kernel per file", shader.name);
+        assert_eq!(module.entry_points[0].name, "main", "{}", shader.name);
+    }
+}
+
+#[test]
+fn params_structs_match_their_rust_mirrors() {
+    let expected: BTreeMap<&str, usize> = [
+        ("route_tokens", size_of::<RouteParams>()),
+        ("count_experts", size_of::<AssignParams>()),
+        ("scan_expert_offsets", size_of::<AssignParams>()),
+        ("scatter_assignments", size_of::<AssignParams>()),
+        ("expert_up", size_of::<ExpertParams>()),
+        ("expert_down", size_of::<ExpertParams>()),
+        ("combine_outputs", size_of::<CombineParams>()),
+        ("reduce_router_stats", size_of::<StatsParams>()),
+    ]
+    .into();
+    for shader in shaders::ALL {
+        let (module, _) = parse_and_validate(shader);
+        let rust = expected[shader.name];
+        assert_eq!(params_size(&module) as usize, rust, "{}: WGSL Params vs Rust", shader.name);
+        assert_eq!(rust % 16, 0, "{}: Params padded to 16 bytes", shader.name);
+    }
+}
+
+#[test]
+fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
+    let host: BTreeMap<&str, u64> = [
+        ("BLOCK_TOKENS", shaders::BLOCK_TOKENS as u64),
+        ("ROW_TILE", shaders::ROW_TILE as u64),
+        ("COL_TILE", shaders::COL_TILE as u64),
+        ("MAX_EXPERTS", shaders::MAX_EXPERTS as u64),
+        ("DROPPED", shaders::DROPPED as u64),
+    ]
+    .into();
+    let workgroup: BTreeMap<&str, u32> = [
+        ("route_tokens", shaders::BLOCK_TOKENS),
+        ("count_experts", shaders::BLOCK_TOKENS),
+        ("scatter_assignments", shaders::BLOCK_TOKENS),
+        ("scan_expert_offsets", shaders::REDUCE_WORKGROUP),
+        ("reduce_router_stats", shaders::REDUCE_WORKGROUP),
+        ("combine_outputs", shaders::COMBINE_WORKGROUP),
+        ("expert_up", (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4)),
+        ("expert_down", (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4)),
+    ]
+    .into();
+    let mut seen = 0;
+    for shader in shaders::ALL {
+        let (module, _) = parse_and_validate(shader);
+        for (name, value) in &host {
+            if let Some(wgsl) = constant(&module, name) {
+                assert_eq!(wgsl, *value, "{}: const {name}", shader.name);
+                seen += 1;
+            }
+        }
+        let size = module.entry_points[0].workgroup_size;
+        assert_eq!(size[0] * size[1] * size[2], workgroup[shader.name], "{}: workgroup size", shader.name);
+    }
+    assert!(seen >= 10, "expected the shared constants in the shaders, found {seen}");
+}
+
+/// Every specialization the layer builds: expert_up for each activation, gated or not.
+fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
+    if shader.name != "expert_up" {
+        return vec![Default::default()];
+    }
+    let mut all = Vec::new();
+    for activation in 0..4 {
+        for gated in [0.0, 1.0] {
+            let mut constants = naga::back::PipelineConstants::default();
+            constants.insert("ACTIVATION".to_string(), activation as f64);
+            constants.insert("GATED".to_string(), gated);
+            all.push(constants);
+        }
+    }
+    all
+}
+
+#[test]
+fn every_shader_translates_to_spirv_msl_hlsl_and_glsl() {
+    for shader in shaders::ALL {
+        let (module, info) = parse_and_validate(shader);
+        for constants in specializations(shader) {
+            let entry = Some((naga::ShaderStage::Compute, "main"));
+            let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, entry, &constants)
+                .unwrap_or_else(|e| panic!("{}: overrides: {e}", shader.name));
+            let what = format!("{} {:?}", shader.name, constants);
+
+            naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
+
+            let msl_pipeline = naga::back::msl::PipelineOptions {
+                entry_point: Some((naga::ShaderStage::Compute, "main".to_string())),
+                ..Default::default()
+            };
+            naga::back::msl::write_string(&module, &info, &naga::back::msl::Options::default(), &msl_pipeline)
+                .unwrap_or_else(|e| panic!("{what}: MSL: {e}"));
+
+            let hlsl_options = naga::back::hlsl::Options::default();
+            let hlsl_pipeline = naga::back::hlsl::PipelineOptions {
+                entry_point: Some((naga::ShaderStage::Compute, "main".to_string())),
+            };
+            let mut hlsl = String::new();
+            naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_options, &hlsl_pipeline)
+                .write(&module, &info, None)
+                .unwrap_or_else(|e| panic!("{what}: HLSL: {e}"));
+
+            let glsl_options = naga::back::glsl::Options {
+                version: naga::back::glsl::Version::Embedded {
+                    version: 310,
+                    is_webgl: false,
+                },
+                ..Default::default()
+            };
+            let glsl_pipeline = naga::back::glsl::PipelineOptions {
+                shader_stage: naga::ShaderStage::Compute,
+                entry_point: "main".to_string(),
+                multiview: None,
+            };
+            let mut glsl = String::new();
+            naga::back::glsl::Writer::new(
+                &mut glsl,
+                &module,
+                &info,
+                &glsl_options,
+                &glsl_pipeline,
+                naga::proc::BoundsCheckPolicies::default(),
+            )
+            .and_then(|mut writer| writer.write())
+            .unwrap_or_else(|e| panic!("{what}: GLSL: {e}"));
+        }
+    }
+}
