@@ -46,6 +46,7 @@ pub fn read_f32(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
 }
 
 /// A tensor to write: its dtype, shape and little-endian bytes.
+#[derive(Clone, Debug)]
 pub struct OwnedTensor {
     dtype: Dtype,
     shape: Vec<usize>,
