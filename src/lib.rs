@@ -8,6 +8,8 @@
 pub mod config;
 pub mod cpu_reference;
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod forward_files;
 pub mod output;
 pub mod rng;
 pub mod tensor_io;

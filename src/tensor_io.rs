@@ -22,6 +22,19 @@ pub fn parse_safetensors<'a>(bytes: &'a [u8], origin: &str) -> Result<SafeTensor
 
 /// Reads one tensor as f32, checking its dtype and that every value is finite.
 pub fn read_f32(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
+    let tensor = read_f32_values(view, name)?;
+    if let Some(index) = tensor.data.iter().position(|v| !v.is_finite()) {
+        return Err(MoeError::tensor(
+            name,
+            format!("non-finite value {} at flat index {index}", tensor.data[index]),
+        ));
+    }
+    Ok(tensor)
+}
+
+/// Reads one tensor as f32, checking only its dtype (the layer reports non-finite inputs
+/// itself, naming the token).
+pub fn read_f32_values(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
     if view.dtype() != Dtype::F32 {
         return Err(MoeError::tensor(
             name,
@@ -33,12 +46,6 @@ pub fn read_f32(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    if let Some(index) = data.iter().position(|v| !v.is_finite()) {
-        return Err(MoeError::tensor(
-            name,
-            format!("non-finite value {} at flat index {index}", data[index]),
-        ));
-    }
     Ok(F32Tensor {
         shape: view.shape().to_vec(),
         data,
