@@ -23,7 +23,11 @@ fn parse_args(args: &[String]) -> Result<ForwardRequest, String> {
     let mut device = Device::Gpu;
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
-        let mut value = || rest.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
+        let mut value = || {
+            rest.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
         match flag.as_str() {
             "--weights" => weights = Some(PathBuf::from(value()?)),
             "--input" => input = Some(PathBuf::from(value()?)),
@@ -41,7 +45,8 @@ fn parse_args(args: &[String]) -> Result<ForwardRequest, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let need = |value: Option<PathBuf>, flag: &str| value.ok_or_else(|| format!("{flag} is required"));
+    let need =
+        |value: Option<PathBuf>, flag: &str| value.ok_or_else(|| format!("{flag} is required"));
     Ok(ForwardRequest {
         weights: need(weights, "--weights")?,
         input: need(input, "--input")?,

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use switch_moe::rng::SeededRng;
-use switch_moe::{cpu_reference, GpuContext, LayerShape, MoeConfig, MoeLayer, MoeOutput, MoeWeights, Naming};
+use switch_moe::{
+    cpu_reference, GpuContext, LayerShape, MoeConfig, MoeLayer, MoeOutput, MoeWeights, Naming,
+};
 
 struct Args {
     shape: LayerShape,
@@ -33,7 +35,11 @@ fn parse_args() -> Result<Args, String> {
     let mut rest = std::env::args().skip(1);
     while let Some(flag) = rest.next() {
         let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = || value.parse::<usize>().map_err(|e| format!("{flag} {value}: {e}"));
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
         match flag.as_str() {
             "--experts" => args.shape.num_experts = number()?,
             "--tokens" => args.tokens = number()?,
@@ -52,9 +58,24 @@ fn parse_args() -> Result<Args, String> {
 
 /// Max |gpu - cpu| over y and its normwise relative size, with route disagreements.
 fn compare(gpu: &MoeOutput, cpu: &MoeOutput) -> (f32, f32, usize) {
-    let max_abs = gpu.y.iter().zip(&cpu.y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    let scale = cpu.y.iter().map(|v| v.abs()).fold(0.0, f32::max).max(f32::MIN_POSITIVE);
-    let route_mismatches = gpu.routes.iter().zip(&cpu.routes).filter(|(a, b)| a != b).count();
+    let max_abs = gpu
+        .y
+        .iter()
+        .zip(&cpu.y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    let scale = cpu
+        .y
+        .iter()
+        .map(|v| v.abs())
+        .fold(0.0, f32::max)
+        .max(f32::MIN_POSITIVE);
+    let route_mismatches = gpu
+        .routes
+        .iter()
+        .zip(&cpu.routes)
+        .filter(|(a, b)| a != b)
+        .count();
     (max_abs, max_abs / scale, route_mismatches)
 }
 
@@ -132,9 +153,16 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         gpu.n_dropped,
         100.0 * gpu.n_dropped as f64 / assignments as f64
     );
-    println!("aux_loss: {:.6} (CPU {:.6})   z_loss: {:.6} (CPU {:.6})", gpu.aux_loss, cpu.aux_loss, gpu.z_loss, cpu.z_loss);
+    println!(
+        "aux_loss: {:.6} (CPU {:.6})   z_loss: {:.6} (CPU {:.6})",
+        gpu.aux_loss, cpu.aux_loss, gpu.z_loss, cpu.z_loss
+    );
 
-    let flops = 2.0 * assignments as f64 * d_model as f64 * d_ff as f64 * if config.gated { 3.0 } else { 2.0 };
+    let flops = 2.0
+        * assignments as f64
+        * d_model as f64
+        * d_ff as f64
+        * if config.gated { 3.0 } else { 2.0 };
     println!(
         "time per forward: GPU {:.2} ms (median of 3, {:.1} GFLOP/s in the experts), CPU reference {:.2} ms",
         gpu_seconds * 1e3,
@@ -142,13 +170,18 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         cpu_seconds * 1e3
     );
     println!("dispatches per forward: {}", layer.dispatches_per_forward());
-    println!("GPU scratch memory: {:.1} MiB", layer.scratch_bytes() as f64 / (1 << 20) as f64);
+    println!(
+        "GPU scratch memory: {:.1} MiB",
+        layer.scratch_bytes() as f64 / (1 << 20) as f64
+    );
 
     let (max_abs, max_rel, route_mismatches) = compare(&gpu, &cpu);
     // Worst-case f32 accumulation error is about (2·D·1.13·(1 or 2) + 2·F)·2⁻²⁴ relative to
     // the magnitudes involved; allow that, times 4 for magnitudes above max |y|.
     let gated = if config.gated { 2.0 } else { 1.0 };
-    let tolerance = 4.0 * (2.26 * gated * d_model as f64 + 2.0 * d_ff as f64 + 16.0) * f32::EPSILON as f64 / 2.0;
+    let tolerance =
+        4.0 * (2.26 * gated * d_model as f64 + 2.0 * d_ff as f64 + 16.0) * f32::EPSILON as f64
+            / 2.0;
     let ok = route_mismatches == 0
         && gpu.counts == cpu.counts
         && gpu.kept == cpu.kept

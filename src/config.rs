@@ -113,7 +113,10 @@ impl MoeConfig {
         let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| MoeError::config("<json>", format!("not valid JSON: {e}")))?;
         let serde_json::Value::Object(map) = value else {
-            return Err(MoeError::config("<json>", "the config must be a JSON object"));
+            return Err(MoeError::config(
+                "<json>",
+                "the config must be a JSON object",
+            ));
         };
         let mut config = MoeConfig::default();
         for (key, value) in map {
@@ -209,7 +212,7 @@ impl MoeConfig {
     pub fn group_size_for(&self, num_tokens: usize) -> Result<usize> {
         match self.group_size {
             None => Ok(num_tokens),
-            Some(g) if g > 0 && num_tokens % g == 0 => Ok(g),
+            Some(g) if g > 0 && num_tokens.is_multiple_of(g) => Ok(g),
             Some(g) => Err(MoeError::config(
                 "group_size",
                 format!("{g} does not divide the {num_tokens} tokens of the input"),

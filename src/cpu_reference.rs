@@ -87,7 +87,10 @@ pub fn route_tokens(
         let logits: Vec<f32> = (0..num_experts)
             .map(|e| {
                 let bias = weights.router_bias.as_ref().map_or(0.0, |b| b[e]);
-                dot(x_row, MoeWeights::expert_slice(&weights.router_weight, e, d_model)) + bias
+                dot(
+                    x_row,
+                    MoeWeights::expert_slice(&weights.router_weight, e, d_model),
+                ) + bias
             })
             .collect();
         // p = softmax(h), with the max subtracted so that exp never overflows.
@@ -104,9 +107,11 @@ pub fn route_tokens(
         let gate_sum: f32 = gates.iter().sum();
         routing.route_prob_max[token] = gates[0];
         routing.routes.extend(&chosen);
-        routing
-            .gates
-            .extend(gates.iter().map(|g| if normalize_top_k { g / gate_sum } else { *g }));
+        routing.gates.extend(
+            gates
+                .iter()
+                .map(|g| if normalize_top_k { g / gate_sum } else { *g }),
+        );
     }
     routing
 }
@@ -141,7 +146,11 @@ pub struct ExpertLoads {
 }
 
 /// Caps each group's per-expert count at the capacity (`None`: no dropping) and sums.
-pub fn scan_expert_offsets(group_counts: &[u32], num_experts: usize, capacity: Option<usize>) -> ExpertLoads {
+pub fn scan_expert_offsets(
+    group_counts: &[u32],
+    num_experts: usize,
+    capacity: Option<usize>,
+) -> ExpertLoads {
     let cap = |count: u32| capacity.map_or(count, |c| count.min(c.min(u32::MAX as usize) as u32));
     let group_kept: Vec<u32> = group_counts.iter().map(|&c| cap(c)).collect();
     let mut counts = vec![0u32; num_experts];
@@ -191,8 +200,9 @@ pub fn scatter_assignments(
                 rank[expert] += 1;
             }
         }
-        for expert in 0..num_experts {
-            earlier_groups_kept[expert] += loads.group_kept[group * num_experts + expert];
+        let kept_here = &loads.group_kept[group * num_experts..(group + 1) * num_experts];
+        for (earlier, kept) in earlier_groups_kept.iter_mut().zip(kept_here) {
+            *earlier += kept;
         }
     }
     position
@@ -240,7 +250,10 @@ pub fn expert_up(
     let LayerShape { d_model, d_ff, .. } = weights.shape;
     let matrix = d_ff * d_model;
     let w1 = MoeWeights::expert_slice(&weights.w1, expert, matrix);
-    let w3 = weights.w3.as_ref().map(|w| MoeWeights::expert_slice(w, expert, matrix));
+    let w3 = weights
+        .w3
+        .as_ref()
+        .map(|w| MoeWeights::expert_slice(w, expert, matrix));
     let mut h = vec![0.0; x_rows.len() * d_ff];
     for f in 0..d_ff {
         let w1_row = &w1[f * d_model..(f + 1) * d_model];
@@ -291,10 +304,16 @@ pub fn combine_outputs(
         let mut any_kept = false;
         for choice in 0..top_k {
             let assignment = token * top_k + choice;
-            let Some(position) = positions[assignment] else { continue };
+            let Some(position) = positions[assignment] else {
+                continue;
+            };
             any_kept = true;
             let expert = routing.routes[assignment] as usize;
-            let scale = if config.scale_by_prob { routing.gates[assignment] } else { 1.0 };
+            let scale = if config.scale_by_prob {
+                routing.gates[assignment]
+            } else {
+                1.0
+            };
             let start = position as usize * d_model;
             let out_row = &expert_outputs[expert][start..start + d_model];
             for (y, o) in y_row.iter_mut().zip(out_row) {
@@ -302,7 +321,11 @@ pub fn combine_outputs(
             }
         }
         if !any_kept && config.drop_policy == DropPolicy::PassThrough {
-            let scale = if config.scale_by_prob { routing.route_prob_max[token] } else { 1.0 };
+            let scale = if config.scale_by_prob {
+                routing.route_prob_max[token]
+            } else {
+                1.0
+            };
             let x_row = &x[token * d_model..(token + 1) * d_model];
             for (y, x) in y_row.iter_mut().zip(x_row) {
                 *y = scale * x;
@@ -314,7 +337,11 @@ pub fn combine_outputs(
 
 /// Router statistics: `route_prob_sum [N]`, the Switch aux loss and the z-loss.
 /// Sums run in f64, so the reference is more accurate than any f32 ordering.
-pub fn reduce_router_stats(routing: &Routing, counts: &[u32], num_tokens: usize) -> (Vec<f32>, f32, f32) {
+pub fn reduce_router_stats(
+    routing: &Routing,
+    counts: &[u32],
+    num_tokens: usize,
+) -> (Vec<f32>, f32, f32) {
     let num_experts = counts.len();
     let mut route_prob_sum = vec![0.0f64; num_experts];
     for probs in routing.probs.chunks_exact(num_experts) {
@@ -397,8 +424,17 @@ pub fn forward(
         })
         .collect();
 
-    let y = combine_outputs(x, &routing, &positions, &expert_outputs, top_k, d_model, config);
-    let (route_prob_sum, aux_loss, z_loss) = reduce_router_stats(&routing, &loads.counts, num_tokens);
+    let y = combine_outputs(
+        x,
+        &routing,
+        &positions,
+        &expert_outputs,
+        top_k,
+        d_model,
+        config,
+    );
+    let (route_prob_sum, aux_loss, z_loss) =
+        reduce_router_stats(&routing, &loads.counts, num_tokens);
     let n_dropped = positions.iter().filter(|p| p.is_none()).count() as u32;
     Ok(MoeOutput {
         shape: shape.to_vec(),

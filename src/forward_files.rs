@@ -45,7 +45,8 @@ pub fn read_input(path: &Path) -> Result<F32Tensor> {
 /// Runs the request and writes its output file; on any error nothing is written.
 pub fn run_forward_files(request: &ForwardRequest) -> Result<MoeOutput> {
     let config = MoeConfig::from_json_file(&request.config)?;
-    let weights = MoeWeights::from_safetensors(&request.weights, config.naming, request.prefix.as_deref())?;
+    let weights =
+        MoeWeights::from_safetensors(&request.weights, config.naming, request.prefix.as_deref())?;
     let input = read_input(&request.input)?;
     let output = match request.device {
         Device::Cpu => cpu_reference::forward(&config, &weights, &input.data, &input.shape)?,

@@ -48,13 +48,19 @@ impl MoeOutput {
         let ints = |v: &[u32]| v.iter().map(|&c| c as i64).collect::<Vec<_>>();
         let mut tensors = BTreeMap::new();
         tensors.insert("y".into(), OwnedTensor::f32(self.shape.clone(), &self.y));
-        tensors.insert("routes".into(), OwnedTensor::i64(vec![t, k], ints(&self.routes)));
+        tensors.insert(
+            "routes".into(),
+            OwnedTensor::i64(vec![t, k], ints(&self.routes)),
+        );
         tensors.insert("gates".into(), OwnedTensor::f32(vec![t, k], &self.gates));
         tensors.insert(
             "route_prob_max".into(),
             OwnedTensor::f32(vec![t], &self.route_prob_max),
         );
-        tensors.insert("counts".into(), OwnedTensor::i64(vec![n], ints(&self.counts)));
+        tensors.insert(
+            "counts".into(),
+            OwnedTensor::i64(vec![n], ints(&self.counts)),
+        );
         tensors.insert("kept".into(), OwnedTensor::i64(vec![n], ints(&self.kept)));
         tensors.insert(
             "route_prob_sum".into(),
@@ -64,7 +70,10 @@ impl MoeOutput {
             "n_dropped".into(),
             OwnedTensor::i64(vec![], [self.n_dropped as i64]),
         );
-        tensors.insert("aux_loss".into(), OwnedTensor::f32(vec![], &[self.aux_loss]));
+        tensors.insert(
+            "aux_loss".into(),
+            OwnedTensor::f32(vec![], &[self.aux_loss]),
+        );
         tensors.insert("z_loss".into(), OwnedTensor::f32(vec![], &[self.z_loss]));
         serialize_tensors(&tensors)
     }

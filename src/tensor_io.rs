@@ -26,7 +26,10 @@ pub fn read_f32(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
     if let Some(index) = tensor.data.iter().position(|v| !v.is_finite()) {
         return Err(MoeError::tensor(
             name,
-            format!("non-finite value {} at flat index {index}", tensor.data[index]),
+            format!(
+                "non-finite value {} at flat index {index}",
+                tensor.data[index]
+            ),
         ));
     }
     Ok(tensor)

@@ -140,7 +140,12 @@ impl TensorSource<'_> {
     }
 
     /// The tensor `key` (prefix added) if present, with its shape checked.
-    fn optional(&mut self, key: &str, expected: &[usize], meaning: &str) -> Result<Option<Vec<f32>>> {
+    fn optional(
+        &mut self,
+        key: &str,
+        expected: &[usize],
+        meaning: &str,
+    ) -> Result<Option<Vec<f32>>> {
         let name = self.full_name(key);
         let Ok(view) = self.file.tensor(&name) else {
             return Ok(None);
@@ -432,7 +437,11 @@ impl MoeWeights {
 
     fn read_per_expert(source: &mut TensorSource<'_>, keys: &PerExpertKeys) -> Result<Self> {
         let router_shape = source.shape_of(keys.router_weight)?;
-        let (n, d) = rank2(&source.full_name(keys.router_weight), &router_shape, "[N, D]")?;
+        let (n, d) = rank2(
+            &source.full_name(keys.router_weight),
+            &router_shape,
+            "[N, D]",
+        )?;
         let first_w1 = keys.expert(0, keys.w1);
         let w1_shape = source.shape_of(&first_w1)?;
         let (f, _) = rank2(&source.full_name(&first_w1), &w1_shape, "[F, D]")?;
@@ -444,16 +453,18 @@ impl MoeWeights {
         let required = |source: &mut TensorSource<'_>, part: &str, dims: &[usize], meaning| {
             source
                 .per_expert(n, |i| keys.expert(i, part), dims, meaning)?
-                .ok_or_else(|| MoeError::tensor(&source.full_name(&keys.expert(0, part)), "missing"))
+                .ok_or_else(|| {
+                    MoeError::tensor(&source.full_name(&keys.expert(0, part)), "missing")
+                })
         };
         let w1 = required(source, keys.w1, &[f, d], "[F, D]")?;
         let w2 = required(source, keys.w2, &[d, f], "[D, F]")?;
-        let optional = |source: &mut TensorSource<'_>, part: Option<&str>, dims: &[usize], meaning| {
-            match part {
+        let optional =
+            |source: &mut TensorSource<'_>, part: Option<&str>, dims: &[usize], meaning| match part
+            {
                 Some(part) => source.per_expert(n, |i| keys.expert(i, part), dims, meaning),
                 None => Ok(None),
-            }
-        };
+            };
         Ok(MoeWeights {
             shape,
             router_weight: source.required(keys.router_weight, &[n, d], "[N, D]")?,

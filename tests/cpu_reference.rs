@@ -1,6 +1,8 @@
 //! The CPU reference on hand-worked cases: ties, capacity and priority, drop policies,
 //! scaling, gating, every activation, groups, and the statistics.
 
+#![allow(clippy::needless_range_loop)] // index loops read like the math here
+
 use approx::assert_relative_eq;
 use switch_moe::config::{Activation, DropPolicy};
 use switch_moe::cpu_reference::{self, activate, select_top_k};
@@ -11,9 +13,13 @@ const N: usize = 3;
 /// N = D = F = 3. The router is the identity (logits = x), W1[e] = I, W2[e] = (e + 1)·I and
 /// W3[e] = 2·I, so that expert e maps x to (e + 1)·act(x) (times 2x when gated).
 fn hand_layer(gated: bool) -> MoeWeights {
-    let identity: Vec<f32> = (0..N * N).map(|i| if i % (N + 1) == 0 { 1.0 } else { 0.0 }).collect();
+    let identity: Vec<f32> = (0..N * N)
+        .map(|i| if i % (N + 1) == 0 { 1.0 } else { 0.0 })
+        .collect();
     let repeat = |scale: &dyn Fn(usize) -> f32| -> Vec<f32> {
-        (0..N).flat_map(|e| identity.iter().map(move |v| v * scale(e))).collect()
+        (0..N)
+            .flat_map(|e| identity.iter().map(move |v| v * scale(e)))
+            .collect()
     };
     MoeWeights {
         shape: LayerShape {
@@ -61,7 +67,11 @@ fn ties_go_to_the_lower_expert_index() {
 #[test]
 fn capacity_zero_drops_every_assignment() {
     let x = [1.0, 0.0, 0.0, 0.0, 3.0, 0.0];
-    for (policy, scale_by_prob) in [(DropPolicy::PassThrough, true), (DropPolicy::PassThrough, false), (DropPolicy::Zero, true)] {
+    for (policy, scale_by_prob) in [
+        (DropPolicy::PassThrough, true),
+        (DropPolicy::PassThrough, false),
+        (DropPolicy::Zero, true),
+    ] {
         let config = MoeConfig {
             expert_capacity: Some(0),
             drop_policy: policy,
@@ -126,7 +136,10 @@ fn first_choices_are_served_before_second_choices() {
     assert_eq!(output.kept, vec![2, 2, 0]);
     assert_eq!(output.n_dropped, 2);
     let (_, positions) = cpu_reference::assign_positions(&config, &output.routes, N, 3);
-    assert_eq!(positions, vec![Some(0), Some(1), Some(0), None, Some(1), None]);
+    assert_eq!(
+        positions,
+        vec![Some(0), Some(1), Some(0), None, Some(1), None]
+    );
     // y = Σ kept (e + 1)·relu(x): t0 = 1·x + 2·x, t1 = 2·x, t2 = 1·x.
     let expected = [9.0, 6.0, 0.0, 4.0, 6.0, 0.0, 3.0, 2.0, 0.0];
     assert_eq!(output.y, expected);
@@ -137,8 +150,18 @@ fn scale_by_prob_multiplies_by_the_gate() {
     let x = [0.5, 2.0, -1.0];
     let weights = hand_layer(false);
     // One token and three experts: the default capacity would be 0, so no dropping here.
-    let keep_all = MoeConfig { drop_tokens: false, ..MoeConfig::default() };
-    let unscaled = run(&MoeConfig { scale_by_prob: false, ..keep_all.clone() }, &weights, &x);
+    let keep_all = MoeConfig {
+        drop_tokens: false,
+        ..MoeConfig::default()
+    };
+    let unscaled = run(
+        &MoeConfig {
+            scale_by_prob: false,
+            ..keep_all.clone()
+        },
+        &weights,
+        &x,
+    );
     let scaled = run(&keep_all, &weights, &x);
     let p = softmax(&x);
     assert_eq!(scaled.routes, vec![1]);
@@ -166,7 +189,10 @@ fn gated_experts_multiply_by_the_value_projection() {
         let expected = 2.0 * activate(Activation::Silu, x[d]) * 2.0 * x[d];
         assert_relative_eq!(output.y[d], expected, max_relative = 1e-6);
     }
-    let mismatch = MoeConfig { gated: false, ..config.clone() };
+    let mismatch = MoeConfig {
+        gated: false,
+        ..config.clone()
+    };
     assert!(matches!(
         cpu_reference::forward(&mismatch, &hand_layer(true), &x, &[1, 3]),
         Err(MoeError::Config { ref key, .. }) if key == "gated"
@@ -194,7 +220,12 @@ fn every_activation_at_known_points() {
     }
     // Through the layer: expert 2 (x[2] largest) gives 3·act(x).
     let x = [-0.5, 0.25, 1.0];
-    for activation in [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu] {
+    for activation in [
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Silu,
+    ] {
         let config = MoeConfig {
             activation,
             scale_by_prob: false,
@@ -203,7 +234,11 @@ fn every_activation_at_known_points() {
         };
         let output = run(&config, &hand_layer(false), &x);
         for d in 0..N {
-            assert_relative_eq!(output.y[d], 3.0 * activate(activation, x[d]), max_relative = 1e-6);
+            assert_relative_eq!(
+                output.y[d],
+                3.0 * activate(activation, x[d]),
+                max_relative = 1e-6
+            );
         }
     }
 }
@@ -223,7 +258,10 @@ fn capacity_applies_per_group() {
     let second: Vec<f32> = (0..4).map(|t| output.y[t * N + 1]).collect();
     assert_eq!(second, vec![0.0, -1.0, 0.0, -1.0]);
     // Default capacity per group: floor(1.25·1·2/3) = 0.
-    let by_factor = MoeConfig { expert_capacity: None, ..config };
+    let by_factor = MoeConfig {
+        expert_capacity: None,
+        ..config
+    };
     assert_eq!(by_factor.capacity(2, 3), Some(0));
     assert_eq!(run(&by_factor, &hand_layer(false), &x).n_dropped, 4);
 }
@@ -232,9 +270,16 @@ fn capacity_applies_per_group() {
 fn capacity_formula() {
     let config = MoeConfig::default();
     assert_eq!(config.capacity(100, 8), Some(15)); // floor(1.25·100/8) = 15
-    let top2 = MoeConfig { top_k: 2, capacity_factor: 1.0, ..MoeConfig::default() };
+    let top2 = MoeConfig {
+        top_k: 2,
+        capacity_factor: 1.0,
+        ..MoeConfig::default()
+    };
     assert_eq!(top2.capacity(10, 4), Some(5));
-    let no_drop = MoeConfig { drop_tokens: false, ..MoeConfig::default() };
+    let no_drop = MoeConfig {
+        drop_tokens: false,
+        ..MoeConfig::default()
+    };
     assert_eq!(no_drop.capacity(100, 8), None);
 }
 
@@ -265,10 +310,20 @@ fn statistics_by_hand() {
 
 #[test]
 fn sequence_batch_input_is_flattened_row_major() {
-    let weights = MoeWeights::random(LayerShape { num_experts: 4, d_model: 8, d_ff: 16 }, false, true, 3);
+    let weights = MoeWeights::random(
+        LayerShape {
+            num_experts: 4,
+            d_model: 8,
+            d_ff: 16,
+        },
+        false,
+        true,
+        3,
+    );
     let x = switch_moe::rng::SeededRng::new(3).normal_vec(3 * 2 * 8);
     let flat = cpu_reference::forward(&MoeConfig::default(), &weights, &x, &[6, 8]).unwrap();
-    let seq_batch = cpu_reference::forward(&MoeConfig::default(), &weights, &x, &[3, 2, 8]).unwrap();
+    let seq_batch =
+        cpu_reference::forward(&MoeConfig::default(), &weights, &x, &[3, 2, 8]).unwrap();
     assert_eq!(seq_batch.y, flat.y);
     assert_eq!(seq_batch.shape, vec![3, 2, 8]);
 }
@@ -284,7 +339,16 @@ fn non_finite_input_names_the_token() {
 #[test]
 fn large_layer_runs_in_seconds() {
     // T = 4096, D = 512, F = 2048, N = 8: the default layer of the main example.
-    let weights = MoeWeights::random(LayerShape { num_experts: 8, d_model: 512, d_ff: 2048 }, false, true, 1);
+    let weights = MoeWeights::random(
+        LayerShape {
+            num_experts: 8,
+            d_model: 512,
+            d_ff: 2048,
+        },
+        false,
+        true,
+        1,
+    );
     let x = switch_moe::rng::SeededRng::new(1).normal_vec(4096 * 512);
     let start = std::time::Instant::now();
     let output = cpu_reference::forward(&MoeConfig::default(), &weights, &x, &[4096, 512]).unwrap();

@@ -5,15 +5,29 @@
 mod common;
 
 use common::*;
-use switch_moe::{Activation, DropPolicy, LayerOptions, MoeConfig, MoeError, MoeLayer, MoeOutput, MoeWeights};
+use switch_moe::{
+    Activation, DropPolicy, LayerOptions, MoeConfig, MoeError, MoeLayer, MoeOutput, MoeWeights,
+};
 
 /// Builds a seeded layer (with biases), runs it on the GPU and the CPU, and compares.
-fn check(config: MoeConfig, num_experts: usize, d_model: usize, d_ff: usize, num_tokens: usize, seed: u64) -> MoeOutput {
+fn check(
+    config: MoeConfig,
+    num_experts: usize,
+    d_model: usize,
+    d_ff: usize,
+    num_tokens: usize,
+    seed: u64,
+) -> MoeOutput {
     let weights = MoeWeights::random(shape(num_experts, d_model, d_ff), config.gated, true, seed);
     check_weights(config, &weights, num_tokens, seed)
 }
 
-fn check_weights(config: MoeConfig, weights: &MoeWeights, num_tokens: usize, seed: u64) -> MoeOutput {
+fn check_weights(
+    config: MoeConfig,
+    weights: &MoeWeights,
+    num_tokens: usize,
+    seed: u64,
+) -> MoeOutput {
     check_with_options(config, weights, num_tokens, seed, LayerOptions::default())
 }
 
@@ -35,7 +49,13 @@ fn check_with_options(
 }
 
 /// Weights whose router sends (almost) every token to `expert`.
-fn skewed_to(expert: usize, num_experts: usize, d_model: usize, d_ff: usize, seed: u64) -> MoeWeights {
+fn skewed_to(
+    expert: usize,
+    num_experts: usize,
+    d_model: usize,
+    d_ff: usize,
+    seed: u64,
+) -> MoeWeights {
     let mut weights = MoeWeights::random(shape(num_experts, d_model, d_ff), false, true, seed);
     weights.router_bias.as_mut().unwrap()[expert] = 50.0;
     weights
@@ -119,14 +139,23 @@ fn heavy_dropping() {
         ..config(2)
     };
     let output = check(config, 8, 16, 32, 300, 13);
-    assert!(output.n_dropped > 300, "expected heavy dropping, got {}", output.n_dropped);
+    assert!(
+        output.n_dropped > 300,
+        "expected heavy dropping, got {}",
+        output.n_dropped
+    );
 }
 
 #[test]
 fn gated_with_biases_every_activation() {
-    for (i, activation) in [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu]
-        .into_iter()
-        .enumerate()
+    for (i, activation) in [
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Silu,
+    ]
+    .into_iter()
+    .enumerate()
     {
         for gated in [false, true] {
             let config = MoeConfig {
@@ -210,9 +239,22 @@ fn weights_split_over_several_bindings() {
 #[test]
 fn dispatch_count_does_not_depend_on_experts() {
     let context = gpu();
-    let small = MoeLayer::new(&context, config(1), &MoeWeights::random(shape(1, 8, 8), false, false, 1)).unwrap();
-    let large = MoeLayer::new(&context, config(1), &MoeWeights::random(shape(128, 8, 8), false, false, 1)).unwrap();
-    assert_eq!(small.dispatches_per_forward(), large.dispatches_per_forward());
+    let small = MoeLayer::new(
+        &context,
+        config(1),
+        &MoeWeights::random(shape(1, 8, 8), false, false, 1),
+    )
+    .unwrap();
+    let large = MoeLayer::new(
+        &context,
+        config(1),
+        &MoeWeights::random(shape(128, 8, 8), false, false, 1),
+    )
+    .unwrap();
+    assert_eq!(
+        small.dispatches_per_forward(),
+        large.dispatches_per_forward()
+    );
     assert_eq!(small.dispatches_per_forward(), 8);
 }
 
@@ -284,6 +326,16 @@ fn bad_shapes_are_errors() {
             "shape {shape:?} accepted"
         );
     }
-    let grouped = MoeLayer::new(&gpu(), MoeConfig { group_size: Some(3), ..config(1) }, &weights).unwrap();
-    assert!(matches!(grouped.forward(&x, &[10, 8]), Err(MoeError::Config { ref key, .. }) if key == "group_size"));
+    let grouped = MoeLayer::new(
+        &gpu(),
+        MoeConfig {
+            group_size: Some(3),
+            ..config(1)
+        },
+        &weights,
+    )
+    .unwrap();
+    assert!(
+        matches!(grouped.forward(&x, &[10, 8]), Err(MoeError::Config { ref key, .. }) if key == "group_size")
+    );
 }

@@ -21,7 +21,10 @@ fn config_error_key(text: &str) -> String {
 
 #[test]
 fn config_defaults_and_full_form() {
-    assert_eq!(MoeConfig::from_json_str("{}").unwrap(), MoeConfig::default());
+    assert_eq!(
+        MoeConfig::from_json_str("{}").unwrap(),
+        MoeConfig::default()
+    );
     let full = r#"{"n_experts": 8, "top_k": 2, "capacity_factor": 2.0, "expert_capacity": 5,
         "group_size": 16, "drop_tokens": false, "drop_policy": "zero", "scale_by_prob": false,
         "activation": "gelu_tanh", "gated": true, "normalize_top_k": true, "naming": "hf_mixtral"}"#;
@@ -67,12 +70,18 @@ fn config_errors_name_the_key() {
 #[test]
 fn config_against_weights_and_input() {
     let config = MoeConfig::from_json_str(r#"{"n_experts": 4}"#).unwrap();
-    assert!(matches!(config.validate_for_experts(3), Err(MoeError::Config { ref key, .. }) if key == "n_experts"));
+    assert!(
+        matches!(config.validate_for_experts(3), Err(MoeError::Config { ref key, .. }) if key == "n_experts")
+    );
     let config = MoeConfig::from_json_str(r#"{"top_k": 4}"#).unwrap();
-    assert!(matches!(config.validate_for_experts(3), Err(MoeError::Config { ref key, .. }) if key == "top_k"));
+    assert!(
+        matches!(config.validate_for_experts(3), Err(MoeError::Config { ref key, .. }) if key == "top_k")
+    );
     let config = MoeConfig::from_json_str(r#"{"group_size": 3}"#).unwrap();
     assert_eq!(config.group_size_for(9).unwrap(), 3);
-    assert!(matches!(config.group_size_for(10), Err(MoeError::Config { ref key, .. }) if key == "group_size"));
+    assert!(
+        matches!(config.group_size_for(10), Err(MoeError::Config { ref key, .. }) if key == "group_size")
+    );
 }
 
 fn random_weights(gated: bool, biases: bool) -> MoeWeights {
@@ -90,61 +99,132 @@ fn matrix(data: &[f32], expert: usize, rows: usize, cols: usize) -> Vec<f32> {
 
 /// The weights under labml_nn's names.
 fn labml_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
-    let LayerShape { num_experts: n, d_model: d, d_ff: f } = w.shape;
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = w.shape;
     let mut t = BTreeMap::new();
-    t.insert("switch.weight".into(), f32_tensor(vec![n, d], &w.router_weight));
-    t.insert("switch.bias".into(), f32_tensor(vec![n], w.router_bias.as_ref().unwrap()));
+    t.insert(
+        "switch.weight".into(),
+        f32_tensor(vec![n, d], &w.router_weight),
+    );
+    t.insert(
+        "switch.bias".into(),
+        f32_tensor(vec![n], w.router_bias.as_ref().unwrap()),
+    );
     for e in 0..n {
-        t.insert(format!("experts.{e}.layer1.weight"), f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)));
-        t.insert(format!("experts.{e}.layer1.bias"), f32_tensor(vec![f], &matrix(w.b1.as_ref().unwrap(), e, f, 1)));
-        t.insert(format!("experts.{e}.layer2.weight"), f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)));
-        t.insert(format!("experts.{e}.layer2.bias"), f32_tensor(vec![d], &matrix(w.b2.as_ref().unwrap(), e, d, 1)));
+        t.insert(
+            format!("experts.{e}.layer1.weight"),
+            f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)),
+        );
+        t.insert(
+            format!("experts.{e}.layer1.bias"),
+            f32_tensor(vec![f], &matrix(w.b1.as_ref().unwrap(), e, f, 1)),
+        );
+        t.insert(
+            format!("experts.{e}.layer2.weight"),
+            f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)),
+        );
+        t.insert(
+            format!("experts.{e}.layer2.bias"),
+            f32_tensor(vec![d], &matrix(w.b2.as_ref().unwrap(), e, d, 1)),
+        );
         if let Some(w3) = &w.w3 {
-            t.insert(format!("experts.{e}.linear_v.weight"), f32_tensor(vec![f, d], &matrix(w3, e, f, d)));
-            t.insert(format!("experts.{e}.linear_v.bias"), f32_tensor(vec![f], &matrix(w.b3.as_ref().unwrap(), e, f, 1)));
+            t.insert(
+                format!("experts.{e}.linear_v.weight"),
+                f32_tensor(vec![f, d], &matrix(w3, e, f, d)),
+            );
+            t.insert(
+                format!("experts.{e}.linear_v.bias"),
+                f32_tensor(vec![f], &matrix(w.b3.as_ref().unwrap(), e, f, 1)),
+            );
         }
     }
     t
 }
 
 fn hf_switch_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
-    let LayerShape { num_experts: n, d_model: d, d_ff: f } = w.shape;
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = w.shape;
     let mut t = BTreeMap::new();
-    t.insert("router.classifier.weight".into(), f32_tensor(vec![n, d], &w.router_weight));
+    t.insert(
+        "router.classifier.weight".into(),
+        f32_tensor(vec![n, d], &w.router_weight),
+    );
     for e in 0..n {
-        t.insert(format!("experts.expert_{e}.wi.weight"), f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)));
-        t.insert(format!("experts.expert_{e}.wo.weight"), f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)));
+        t.insert(
+            format!("experts.expert_{e}.wi.weight"),
+            f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)),
+        );
+        t.insert(
+            format!("experts.expert_{e}.wo.weight"),
+            f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)),
+        );
     }
     t
 }
 
 fn mixtral_per_expert_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
-    let LayerShape { num_experts: n, d_model: d, d_ff: f } = w.shape;
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = w.shape;
     let mut t = BTreeMap::new();
-    t.insert("gate.weight".into(), f32_tensor(vec![n, d], &w.router_weight));
+    t.insert(
+        "gate.weight".into(),
+        f32_tensor(vec![n, d], &w.router_weight),
+    );
     for e in 0..n {
-        t.insert(format!("experts.{e}.w1.weight"), f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)));
-        t.insert(format!("experts.{e}.w2.weight"), f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)));
-        t.insert(format!("experts.{e}.w3.weight"), f32_tensor(vec![f, d], &matrix(w.w3.as_ref().unwrap(), e, f, d)));
+        t.insert(
+            format!("experts.{e}.w1.weight"),
+            f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)),
+        );
+        t.insert(
+            format!("experts.{e}.w2.weight"),
+            f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)),
+        );
+        t.insert(
+            format!("experts.{e}.w3.weight"),
+            f32_tensor(vec![f, d], &matrix(w.w3.as_ref().unwrap(), e, f, d)),
+        );
     }
     t
 }
 
 fn mixtral_stacked_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
-    let LayerShape { num_experts: n, d_model: d, d_ff: f } = w.shape;
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = w.shape;
     let mut gate_up = Vec::new();
     for e in 0..n {
         gate_up.extend(matrix(&w.w1, e, f, d));
         gate_up.extend(matrix(w.w3.as_ref().unwrap(), e, f, d));
     }
     let mut t = BTreeMap::new();
-    t.insert("gate.weight".into(), f32_tensor(vec![n, d], &w.router_weight));
-    t.insert("experts.gate_up_proj".into(), f32_tensor(vec![n, 2 * f, d], &gate_up));
+    t.insert(
+        "gate.weight".into(),
+        f32_tensor(vec![n, d], &w.router_weight),
+    );
+    t.insert(
+        "experts.gate_up_proj".into(),
+        f32_tensor(vec![n, 2 * f, d], &gate_up),
+    );
     t.insert("experts.down_proj".into(), f32_tensor(vec![n, d, f], &w.w2));
     t
 }
 
-fn load(tensors: &BTreeMap<String, OwnedTensor>, naming: Naming, prefix: Option<&str>) -> Result<MoeWeights, MoeError> {
+fn load(
+    tensors: &BTreeMap<String, OwnedTensor>,
+    naming: Naming,
+    prefix: Option<&str>,
+) -> Result<MoeWeights, MoeError> {
     let bytes = serialize_tensors(tensors).unwrap();
     MoeWeights::from_safetensors_bytes(&bytes, naming, prefix, "test.safetensors")
 }
@@ -162,16 +242,32 @@ fn every_naming_loads_to_the_same_weights() {
     for gated in [false, true] {
         let weights = random_weights(gated, true);
         let native = weights.to_safetensors_bytes().unwrap();
-        let loaded = MoeWeights::from_safetensors_bytes(&native, Naming::Auto, None, "native").unwrap();
+        let loaded =
+            MoeWeights::from_safetensors_bytes(&native, Naming::Auto, None, "native").unwrap();
         assert_eq!(loaded, weights);
-        assert_eq!(load(&labml_tensors(&weights), Naming::Auto, None).unwrap(), weights);
-        assert_eq!(load(&labml_tensors(&weights), Naming::Labml, None).unwrap(), weights);
+        assert_eq!(
+            load(&labml_tensors(&weights), Naming::Auto, None).unwrap(),
+            weights
+        );
+        assert_eq!(
+            load(&labml_tensors(&weights), Naming::Labml, None).unwrap(),
+            weights
+        );
     }
     let plain = without_biases(random_weights(false, false));
-    assert_eq!(load(&hf_switch_tensors(&plain), Naming::Auto, None).unwrap(), plain);
+    assert_eq!(
+        load(&hf_switch_tensors(&plain), Naming::Auto, None).unwrap(),
+        plain
+    );
     let gated = without_biases(random_weights(true, false));
-    assert_eq!(load(&mixtral_per_expert_tensors(&gated), Naming::Auto, None).unwrap(), gated);
-    assert_eq!(load(&mixtral_stacked_tensors(&gated), Naming::HfMixtral, None).unwrap(), gated);
+    assert_eq!(
+        load(&mixtral_per_expert_tensors(&gated), Naming::Auto, None).unwrap(),
+        gated
+    );
+    assert_eq!(
+        load(&mixtral_stacked_tensors(&gated), Naming::HfMixtral, None).unwrap(),
+        gated
+    );
 }
 
 #[test]
@@ -181,11 +277,23 @@ fn prefix_selects_one_layer_of_a_model() {
     for (name, tensor) in labml_tensors(&weights) {
         model.insert(format!("encoder.layers.1.ffn.{name}"), tensor);
     }
-    model.insert("encoder.embed.weight".into(), f32_tensor(vec![2, 2], &[1.0; 4]));
-    assert_eq!(load(&model, Naming::Auto, Some("encoder.layers.1.ffn.")).unwrap(), weights);
+    model.insert(
+        "encoder.embed.weight".into(),
+        f32_tensor(vec![2, 2], &[1.0; 4]),
+    );
+    assert_eq!(
+        load(&model, Naming::Auto, Some("encoder.layers.1.ffn.")).unwrap(),
+        weights
+    );
     // Without the prefix, the names match no naming.
-    assert!(matches!(load(&model, Naming::Auto, None), Err(MoeError::Tensor { .. })));
-    assert!(matches!(load(&model, Naming::Auto, Some("decoder.")), Err(MoeError::Naming { .. })));
+    assert!(matches!(
+        load(&model, Naming::Auto, None),
+        Err(MoeError::Tensor { .. })
+    ));
+    assert!(matches!(
+        load(&model, Naming::Auto, Some("decoder.")),
+        Err(MoeError::Naming { .. })
+    ));
 }
 
 /// The name of the tensor a loading error blames.
@@ -203,60 +311,117 @@ fn tensor_errors_name_the_tensor() {
 
     let mut missing = good.clone();
     missing.remove("experts.1.layer2.weight");
-    assert_eq!(blamed_tensor(load(&missing, Naming::Auto, None)), "experts.1.layer2.weight");
+    assert_eq!(
+        blamed_tensor(load(&missing, Naming::Auto, None)),
+        "experts.1.layer2.weight"
+    );
 
     let mut partial_bias = good.clone();
     partial_bias.remove("experts.2.layer1.bias");
-    assert_eq!(blamed_tensor(load(&partial_bias, Naming::Auto, None)), "experts.2.layer1.bias");
+    assert_eq!(
+        blamed_tensor(load(&partial_bias, Naming::Auto, None)),
+        "experts.2.layer1.bias"
+    );
 
     let mut transposed = good.clone();
-    transposed.insert("experts.0.layer1.weight".into(), f32_tensor(vec![4, 6], &matrix(&weights.w1, 0, 6, 4)));
-    assert_eq!(blamed_tensor(load(&transposed, Naming::Auto, None)), "experts.0.layer1.weight");
+    transposed.insert(
+        "experts.0.layer1.weight".into(),
+        f32_tensor(vec![4, 6], &matrix(&weights.w1, 0, 6, 4)),
+    );
+    assert_eq!(
+        blamed_tensor(load(&transposed, Naming::Auto, None)),
+        "experts.0.layer1.weight"
+    );
 
     let mut wrong_shape = good.clone();
     wrong_shape.insert("switch.bias".into(), f32_tensor(vec![4], &[0.0; 4]));
-    assert_eq!(blamed_tensor(load(&wrong_shape, Naming::Auto, None)), "switch.bias");
+    assert_eq!(
+        blamed_tensor(load(&wrong_shape, Naming::Auto, None)),
+        "switch.bias"
+    );
 
     let mut wrong_dtype = good.clone();
-    wrong_dtype.insert("experts.1.layer2.bias".into(), OwnedTensor::i64(vec![4], [1, 2, 3, 4]));
-    assert_eq!(blamed_tensor(load(&wrong_dtype, Naming::Auto, None)), "experts.1.layer2.bias");
+    wrong_dtype.insert(
+        "experts.1.layer2.bias".into(),
+        OwnedTensor::i64(vec![4], [1, 2, 3, 4]),
+    );
+    assert_eq!(
+        blamed_tensor(load(&wrong_dtype, Naming::Auto, None)),
+        "experts.1.layer2.bias"
+    );
 
     let mut extra_expert = good.clone();
-    extra_expert.insert("experts.3.layer1.weight".into(), f32_tensor(vec![6, 4], &[0.0; 24]));
-    assert_eq!(blamed_tensor(load(&extra_expert, Naming::Auto, None)), "experts.3.layer1.weight");
+    extra_expert.insert(
+        "experts.3.layer1.weight".into(),
+        f32_tensor(vec![6, 4], &[0.0; 24]),
+    );
+    assert_eq!(
+        blamed_tensor(load(&extra_expert, Naming::Auto, None)),
+        "experts.3.layer1.weight"
+    );
 
     let mut unknown = good.clone();
-    unknown.insert("experts.0.layer3.weight".into(), f32_tensor(vec![1], &[0.0]));
-    assert_eq!(blamed_tensor(load(&unknown, Naming::Auto, None)), "experts.0.layer3.weight");
+    unknown.insert(
+        "experts.0.layer3.weight".into(),
+        f32_tensor(vec![1], &[0.0]),
+    );
+    assert_eq!(
+        blamed_tensor(load(&unknown, Naming::Auto, None)),
+        "experts.0.layer3.weight"
+    );
 
     for bad in [f32::NAN, f32::INFINITY] {
         let mut non_finite = good.clone();
         let mut values = matrix(&weights.w2, 2, 4, 6);
         values[5] = bad;
-        non_finite.insert("experts.2.layer2.weight".into(), f32_tensor(vec![4, 6], &values));
-        assert_eq!(blamed_tensor(load(&non_finite, Naming::Auto, None)), "experts.2.layer2.weight");
+        non_finite.insert(
+            "experts.2.layer2.weight".into(),
+            f32_tensor(vec![4, 6], &values),
+        );
+        assert_eq!(
+            blamed_tensor(load(&non_finite, Naming::Auto, None)),
+            "experts.2.layer2.weight"
+        );
     }
 
     let mut no_router = good.clone();
     no_router.remove("switch.weight");
     no_router.remove("switch.bias");
-    assert_eq!(blamed_tensor(load(&no_router, Naming::Auto, None)), "switch.weight");
+    assert_eq!(
+        blamed_tensor(load(&no_router, Naming::Auto, None)),
+        "switch.weight"
+    );
 }
 
 #[test]
 fn naming_errors() {
     let weights = random_weights(false, true);
     let mut mixed = labml_tensors(&weights);
-    mixed.insert("router.weight".into(), f32_tensor(vec![3, 4], &weights.router_weight));
-    assert!(matches!(load(&mixed, Naming::Auto, None), Err(MoeError::Naming { .. })));
+    mixed.insert(
+        "router.weight".into(),
+        f32_tensor(vec![3, 4], &weights.router_weight),
+    );
+    assert!(matches!(
+        load(&mixed, Naming::Auto, None),
+        Err(MoeError::Naming { .. })
+    ));
 
     let gated = without_biases(random_weights(true, false));
     let mut both_mixtral_layouts = mixtral_per_expert_tensors(&gated);
     both_mixtral_layouts.extend(mixtral_stacked_tensors(&gated));
-    assert!(matches!(load(&both_mixtral_layouts, Naming::Auto, None), Err(MoeError::Naming { .. })));
+    assert!(matches!(
+        load(&both_mixtral_layouts, Naming::Auto, None),
+        Err(MoeError::Naming { .. })
+    ));
 
-    assert!(matches!(load(&labml_tensors(&weights), Naming::HfSwitch, None), Err(MoeError::Naming { .. })));
-    assert!(matches!(load(&BTreeMap::new(), Naming::Auto, None), Err(MoeError::Naming { .. })));
+    assert!(matches!(
+        load(&labml_tensors(&weights), Naming::HfSwitch, None),
+        Err(MoeError::Naming { .. })
+    ));
+    assert!(matches!(
+        load(&BTreeMap::new(), Naming::Auto, None),
+        Err(MoeError::Naming { .. })
+    ));
 }
 
 #[test]

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
-use switch_moe::gpu::params::{AssignParams, CombineParams, ExpertParams, RouteParams, StatsParams};
+use switch_moe::gpu::params::{
+    AssignParams, CombineParams, ExpertParams, RouteParams, StatsParams,
+};
 use switch_moe::gpu::shaders::{self, ShaderSource};
 
 fn parse_and_validate(shader: ShaderSource) -> (naga::Module, ModuleInfo) {
@@ -20,7 +22,10 @@ fn parse_and_validate(shader: ShaderSource) -> (naga::Module, ModuleInfo) {
 
 /// The value of a module-scope `const` that is a plain literal.
 fn constant(module: &naga::Module, name: &str) -> Option<u64> {
-    let (_, c) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some(name))?;
+    let (_, c) = module
+        .constants
+        .iter()
+        .find(|(_, c)| c.name.as_deref() == Some(name))?;
     match module.global_expressions[c.init] {
         naga::Expression::Literal(naga::Literal::U32(v)) => Some(v as u64),
         naga::Expression::Literal(naga::Literal::I32(v)) => Some(v as u64),
@@ -45,7 +50,12 @@ fn params_size(module: &naga::Module) -> u32 {
 fn every_shader_parses_and_validates() {
     for shader in shaders::ALL {
         let (module, _) = parse_and_validate(shader);
-        assert_eq!(module.entry_points.len(), 1, "{}: one kernel per file", shader.name);
+        assert_eq!(
+            module.entry_points.len(),
+            1,
+            "{}: one kernel per file",
+            shader.name
+        );
         assert_eq!(module.entry_points[0].name, "main", "{}", shader.name);
     }
 }
@@ -66,7 +76,12 @@ fn params_structs_match_their_rust_mirrors() {
     for shader in shaders::ALL {
         let (module, _) = parse_and_validate(shader);
         let rust = expected[shader.name];
-        assert_eq!(params_size(&module) as usize, rust, "{}: WGSL Params vs Rust", shader.name);
+        assert_eq!(
+            params_size(&module) as usize,
+            rust,
+            "{}: WGSL Params vs Rust",
+            shader.name
+        );
         assert_eq!(rust % 16, 0, "{}: Params padded to 16 bytes", shader.name);
     }
 }
@@ -88,8 +103,14 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
         ("scan_expert_offsets", shaders::REDUCE_WORKGROUP),
         ("reduce_router_stats", shaders::REDUCE_WORKGROUP),
         ("combine_outputs", shaders::COMBINE_WORKGROUP),
-        ("expert_up", (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4)),
-        ("expert_down", (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4)),
+        (
+            "expert_up",
+            (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4),
+        ),
+        (
+            "expert_down",
+            (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4),
+        ),
     ]
     .into();
     let mut seen = 0;
@@ -102,9 +123,17 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
             }
         }
         let size = module.entry_points[0].workgroup_size;
-        assert_eq!(size[0] * size[1] * size[2], workgroup[shader.name], "{}: workgroup size", shader.name);
+        assert_eq!(
+            size[0] * size[1] * size[2],
+            workgroup[shader.name],
+            "{}: workgroup size",
+            shader.name
+        );
     }
-    assert!(seen >= 10, "expected the shared constants in the shaders, found {seen}");
+    assert!(
+        seen >= 10,
+        "expected the shared constants in the shaders, found {seen}"
+    );
 }
 
 /// Every specialization the layer builds: expert_up for each activation, gated or not.
@@ -130,8 +159,10 @@ fn every_shader_translates_to_spirv_msl_hlsl_and_glsl() {
         let (module, info) = parse_and_validate(shader);
         for constants in specializations(shader) {
             let entry = Some((naga::ShaderStage::Compute, "main"));
-            let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, entry, &constants)
-                .unwrap_or_else(|e| panic!("{}: overrides: {e}", shader.name));
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module, &info, entry, &constants,
+            )
+            .unwrap_or_else(|e| panic!("{}: overrides: {e}", shader.name));
             let what = format!("{} {:?}", shader.name, constants);
 
             naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
@@ -141,8 +172,13 @@ fn every_shader_translates_to_spirv_msl_hlsl_and_glsl() {
                 entry_point: Some((naga::ShaderStage::Compute, "main".to_string())),
                 ..Default::default()
             };
-            naga::back::msl::write_string(&module, &info, &naga::back::msl::Options::default(), &msl_pipeline)
-                .unwrap_or_else(|e| panic!("{what}: MSL: {e}"));
+            naga::back::msl::write_string(
+                &module,
+                &info,
+                &naga::back::msl::Options::default(),
+                &msl_pipeline,
+            )
+            .unwrap_or_else(|e| panic!("{what}: MSL: {e}"));
 
             let hlsl_options = naga::back::hlsl::Options::default();
             let hlsl_pipeline = naga::back::hlsl::PipelineOptions {

@@ -31,7 +31,11 @@ pub fn storage_buffer_init<T: bytemuck::Pod + Default>(
     extra_usage: wgpu::BufferUsages,
 ) -> wgpu::Buffer {
     let fallback = [T::default()];
-    let values = if values.is_empty() { &fallback[..] } else { values };
+    let values = if values.is_empty() {
+        &fallback[..]
+    } else {
+        values
+    };
     device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(label),
         contents: bytemuck::cast_slice(values),
@@ -40,7 +44,11 @@ pub fn storage_buffer_init<T: bytemuck::Pod + Default>(
 }
 
 /// A uniform buffer for a `Params` struct, written before each use.
-pub fn uniform_buffer<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, value: &T) -> wgpu::Buffer {
+pub fn uniform_buffer<T: bytemuck::Pod>(
+    device: &wgpu::Device,
+    label: &str,
+    value: &T,
+) -> wgpu::Buffer {
     device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(label),
         contents: bytemuck::bytes_of(value),
@@ -76,7 +84,11 @@ pub struct GpuWeights {
 impl GpuWeights {
     /// Uploads `weights`, splitting the expert tensors into shards of whole experts so that
     /// no binding exceeds `max_binding_bytes`.
-    pub fn upload(device: &wgpu::Device, weights: &MoeWeights, max_binding_bytes: u64) -> Result<Self> {
+    pub fn upload(
+        device: &wgpu::Device,
+        weights: &MoeWeights,
+        max_binding_bytes: u64,
+    ) -> Result<Self> {
         let LayerShape {
             num_experts,
             d_model,
@@ -301,11 +313,18 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(device: &wgpu::Device, sizes: ScratchSizes, num_experts: usize, num_shards: usize) -> Self {
+    pub fn new(
+        device: &wgpu::Device,
+        sizes: ScratchSizes,
+        num_experts: usize,
+        num_shards: usize,
+    ) -> Self {
         let copy_dst = wgpu::BufferUsages::COPY_DST;
         let copy_src = wgpu::BufferUsages::COPY_SRC;
         let none = wgpu::BufferUsages::empty();
-        let buffer = |label: &str, elements: usize, usage| storage_buffer(device, label, elements as u64 * 4, usage);
+        let buffer = |label: &str, elements: usize, usage| {
+            storage_buffer(device, label, elements as u64 * 4, usage)
+        };
         Scratch {
             sizes,
             x: buffer("x", sizes.x, copy_dst),
@@ -319,7 +338,11 @@ impl Scratch {
             block_offsets: buffer("block_offsets", sizes.block_counts, none),
             group_kept_prefix: buffer("group_kept_prefix", sizes.group_kept_prefix, none),
             expert_table: buffer("expert_table", sizes.expert_table, copy_src),
-            dispatch_args: buffer("dispatch_args", 6 * num_shards, wgpu::BufferUsages::INDIRECT),
+            dispatch_args: buffer(
+                "dispatch_args",
+                6 * num_shards,
+                wgpu::BufferUsages::INDIRECT,
+            ),
             slot_token: buffer("slot_token", sizes.slots, copy_src),
             assignment_slot: buffer("assignment_slot", sizes.assignments, copy_src),
             hidden: buffer("hidden", sizes.hidden, copy_src),

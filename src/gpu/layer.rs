@@ -10,7 +10,7 @@ use crate::cpu_reference::check_gating;
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{uniform_buffer, GpuWeights, Scratch, ScratchSizes};
 use crate::gpu::context::GpuContext;
-use crate::gpu::kernels::Kernels;
+use crate::gpu::kernels::{Kernel, Kernels};
 use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
 use crate::gpu::shaders::{COL_TILE, MAX_EXPERTS, ROW_TILE};
@@ -106,7 +106,10 @@ impl MoeLayer {
         if shape.num_experts > MAX_EXPERTS as usize {
             return Err(MoeError::config(
                 "n_experts",
-                format!("{} experts; the GPU layer supports at most {MAX_EXPERTS}", shape.num_experts),
+                format!(
+                    "{} experts; the GPU layer supports at most {MAX_EXPERTS}",
+                    shape.num_experts
+                ),
             ));
         }
         let limits = device.limits();
@@ -180,7 +183,11 @@ impl MoeLayer {
     }
 
     /// Like [`MoeLayer::forward`], also reading back the intermediate buffers.
-    pub fn forward_with_trace(&self, x: &[f32], shape: &[usize]) -> Result<(MoeOutput, ForwardTrace)> {
+    pub fn forward_with_trace(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+    ) -> Result<(MoeOutput, ForwardTrace)> {
         let (output, trace) = self.run(x, shape, true)?;
         let trace = trace.ok_or_else(|| MoeError::Device {
             message: "trace requested but not read back".to_string(),
@@ -210,7 +217,12 @@ impl MoeLayer {
         Ok(plan)
     }
 
-    fn run(&self, x: &[f32], shape: &[usize], with_trace: bool) -> Result<(MoeOutput, Option<ForwardTrace>)> {
+    fn run(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        with_trace: bool,
+    ) -> Result<(MoeOutput, Option<ForwardTrace>)> {
         let plan = self.plan(x, shape)?;
         let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
             message: "a previous forward panicked while holding the workspace".to_string(),
@@ -229,7 +241,9 @@ impl MoeLayer {
         self.write_inputs(&workspace.scratch, &plan, x);
         let mut encoder = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moe forward") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("moe forward"),
+            });
         self.encode(&mut encoder, workspace, &plan)?;
         let scratch = &workspace.scratch;
         let n = plan.shape.num_experts;
@@ -244,7 +258,11 @@ impl MoeLayer {
             (&scratch.flags, 1),
         ];
         let words = self.submit_and_read(encoder, &scratch.readback, &outputs)?;
-        let trace = if with_trace { Some(self.read_trace(scratch, &plan)?) } else { None };
+        let trace = if with_trace {
+            Some(self.read_trace(scratch, &plan)?)
+        } else {
+            None
+        };
         let validation = pollster::block_on(validation_scope.pop());
         let oom = pollster::block_on(oom_scope.pop());
         if let Some(error) = validation.or(oom) {
@@ -280,7 +298,12 @@ impl MoeLayer {
 
     fn build_workspace(&self, sizes: ScratchSizes) -> Workspace {
         let device = &self.device;
-        let scratch = Scratch::new(device, sizes, self.shape.num_experts, self.weights.shards.len());
+        let scratch = Scratch::new(
+            device,
+            sizes,
+            self.shape.num_experts,
+            self.weights.shards.len(),
+        );
         let k = &self.kernels;
         let s = &scratch;
         let u = &self.uniforms;
@@ -299,7 +322,9 @@ impl MoeLayer {
                     &s.flags,
                 ],
             ),
-            count_experts: k.count_experts.bind(device, &[&u.assign, &s.routes, &s.block_counts]),
+            count_experts: k
+                .count_experts
+                .bind(device, &[&u.assign, &s.routes, &s.block_counts]),
             scan_expert_offsets: k.scan_expert_offsets.bind(
                 device,
                 &[
@@ -314,7 +339,12 @@ impl MoeLayer {
             ),
             reduce_router_stats: k.reduce_router_stats.bind(
                 device,
-                &[&u.stats, &s.block_router_sums, &s.expert_table, &s.router_stats],
+                &[
+                    &u.stats,
+                    &s.block_router_sums,
+                    &s.expert_table,
+                    &s.router_stats,
+                ],
             ),
             scatter_assignments: k.scatter_assignments.bind(
                 device,
@@ -433,7 +463,12 @@ impl MoeLayer {
         queue.write_buffer(&self.uniforms.stats, 0, bytemuck::bytes_of(&stats));
     }
 
-    fn encode(&self, encoder: &mut wgpu::CommandEncoder, workspace: &Workspace, plan: &ForwardPlan) -> Result<()> {
+    fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &Workspace,
+        plan: &ForwardPlan,
+    ) -> Result<()> {
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let route_grid = grid_2d(plan.num_route_blocks, max_dim)?;
         let assign_grid = grid_2d(plan.num_assign_blocks, max_dim)?;
@@ -443,18 +478,38 @@ impl MoeLayer {
             label: Some("moe forward"),
             timestamp_writes: None,
         });
-        let mut dispatch = |kernel: &crate::gpu::kernels::Kernel, bind_group: &wgpu::BindGroup, grid: (u32, u32)| {
-            pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, bind_group, &[]);
-            pass.dispatch_workgroups(grid.0, grid.1, 1);
-        };
-        dispatch(&k.route_tokens, &workspace.route_tokens, route_grid);
-        dispatch(&k.count_experts, &workspace.count_experts, assign_grid);
-        dispatch(&k.scan_expert_offsets, &workspace.scan_expert_offsets, (1, 1));
-        dispatch(&k.reduce_router_stats, &workspace.reduce_router_stats, (1, 1));
-        dispatch(&k.scatter_assignments, &workspace.scatter_assignments, assign_grid);
-        drop(dispatch);
-        // Row tiles per shard are known only on the device: the scan wrote the arguments.
+        dispatch(
+            &mut pass,
+            &k.route_tokens,
+            &workspace.route_tokens,
+            route_grid,
+        );
+        dispatch(
+            &mut pass,
+            &k.count_experts,
+            &workspace.count_experts,
+            assign_grid,
+        );
+        dispatch(
+            &mut pass,
+            &k.scan_expert_offsets,
+            &workspace.scan_expert_offsets,
+            (1, 1),
+        );
+        dispatch(
+            &mut pass,
+            &k.reduce_router_stats,
+            &workspace.reduce_router_stats,
+            (1, 1),
+        );
+        dispatch(
+            &mut pass,
+            &k.scatter_assignments,
+            &workspace.scatter_assignments,
+            assign_grid,
+        );
+        // Row tiles per shard are known only on the device: the scan wrote the arguments,
+        // one (x, y, z) triple per shard for each projection.
         let args = &workspace.scratch.dispatch_args;
         for (shard, bind_group) in workspace.expert_up.iter().enumerate() {
             pass.set_pipeline(&k.expert_up.pipeline);
@@ -466,9 +521,12 @@ impl MoeLayer {
             pass.set_bind_group(0, bind_group, &[]);
             pass.dispatch_workgroups_indirect(args, (shard * 24 + 12) as u64);
         }
-        pass.set_pipeline(&k.combine_outputs.pipeline);
-        pass.set_bind_group(0, &workspace.combine_outputs, &[]);
-        pass.dispatch_workgroups(combine_grid.0, combine_grid.1, 1);
+        dispatch(
+            &mut pass,
+            &k.combine_outputs,
+            &workspace.combine_outputs,
+            combine_grid,
+        );
         Ok(())
     }
 
@@ -537,9 +595,12 @@ impl MoeLayer {
         });
         let encoder = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("trace") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("trace"),
+            });
         let words = self.submit_and_read(encoder, &staging, &sources)?;
-        let [assignment_slot, slot_token, table, hidden, expert_out] = split_words(&words, &sources);
+        let [assignment_slot, slot_token, table, hidden, expert_out] =
+            split_words(&words, &sources);
         let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
         Ok(ForwardTrace {
             assignment_slot: assignment_slot.to_vec(),
@@ -551,8 +612,23 @@ impl MoeLayer {
     }
 }
 
+/// One direct dispatch of `kernel` over a 2-D grid of workgroups.
+fn dispatch(
+    pass: &mut wgpu::ComputePass<'_>,
+    kernel: &Kernel,
+    bind_group: &wgpu::BindGroup,
+    grid: (u32, u32),
+) {
+    pass.set_pipeline(&kernel.pipeline);
+    pass.set_bind_group(0, bind_group, &[]);
+    pass.dispatch_workgroups(grid.0, grid.1, 1);
+}
+
 /// Splits `words` into consecutive pieces of the sources' lengths.
-fn split_words<'a, const K: usize>(words: &'a [u32], sources: &[(&wgpu::Buffer, usize); K]) -> [&'a [u32]; K] {
+fn split_words<'a, const K: usize>(
+    words: &'a [u32],
+    sources: &[(&wgpu::Buffer, usize); K],
+) -> [&'a [u32]; K] {
     let mut rest = words;
     std::array::from_fn(|i| {
         let (head, tail) = rest.split_at(sources[i].1);

@@ -47,7 +47,11 @@ impl ForwardPlan {
             })?;
         // Kept assignments cannot exceed T·k, nor capacity per group and expert.
         let kept_bound = match capacity {
-            Some(c) => assignments.min(num_groups.saturating_mul(shape.num_experts).saturating_mul(c)),
+            Some(c) => assignments.min(
+                num_groups
+                    .saturating_mul(shape.num_experts)
+                    .saturating_mul(c),
+            ),
             None => assignments,
         };
         // Each expert's segment is padded to whole row tiles: at most one extra per expert.
@@ -77,7 +81,8 @@ impl ForwardPlan {
 
     /// Capacity as the kernels take it (`u32::MAX`: no dropping).
     pub fn capacity_u32(&self) -> u32 {
-        self.capacity.map_or(u32::MAX, |c| c.min(u32::MAX as usize) as u32)
+        self.capacity
+            .map_or(u32::MAX, |c| c.min(u32::MAX as usize) as u32)
     }
 
     /// Length of the expert table: counts, kept, tile_start, n_dropped, tile_expert.
@@ -87,7 +92,10 @@ impl ForwardPlan {
 
     /// Workgroups of combine_outputs.
     pub fn combine_workgroups(&self) -> usize {
-        div_ceil(self.num_tokens * self.shape.d_model, COMBINE_WORKGROUP as usize)
+        div_ceil(
+            self.num_tokens * self.shape.d_model,
+            COMBINE_WORKGROUP as usize,
+        )
     }
 }
 

@@ -34,7 +34,7 @@ pub fn shape(num_experts: usize, d_model: usize, d_ff: usize) -> LayerShape {
 
 /// Seeded tokens, standard normal.
 pub fn tokens(num_tokens: usize, d_model: usize, seed: u64) -> Vec<f32> {
-    SeededRng::new(seed ^ 0x5EED_0F_70C3).normal_vec(num_tokens * d_model)
+    SeededRng::new(seed ^ 0x005E_ED0F_70C3).normal_vec(num_tokens * d_model)
 }
 
 /// A config with `n_experts` unset and the given top-k; other keys at their defaults.
@@ -46,7 +46,12 @@ pub fn config(top_k: usize) -> MoeConfig {
 }
 
 /// Asserts `|a - b| ≤ tol[i]` everywhere, naming the first bad index.
-pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tolerance: impl Fn(usize) -> f64) {
+pub fn assert_close(
+    what: &str,
+    actual: &[f32],
+    expected: &[f32],
+    tolerance: impl Fn(usize) -> f64,
+) {
     assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
     for (i, (&a, &b)) in actual.iter().zip(expected).enumerate() {
         let tol = tolerance(i);
@@ -97,8 +102,15 @@ pub fn magnitude_of_y(
             let expert = reference.routes[token * k + choice] as usize;
             let h = cpu_reference::expert_up(&[&abs_row], &abs_weights, expert, Activation::Relu);
             let out = cpu_reference::expert_down(&h, &abs_weights, expert);
-            let scale = if config.scale_by_prob { reference.gates[token * k + choice] as f64 } else { 1.0 };
-            for (m, o) in magnitude[token * d_model..(token + 1) * d_model].iter_mut().zip(&out) {
+            let scale = if config.scale_by_prob {
+                reference.gates[token * k + choice] as f64
+            } else {
+                1.0
+            };
+            for (m, o) in magnitude[token * d_model..(token + 1) * d_model]
+                .iter_mut()
+                .zip(&out)
+            {
                 *m += scale * *o as f64;
             }
         }
@@ -109,12 +121,18 @@ pub fn magnitude_of_y(
 /// Which assignments the reference keeps (recomputed with its own functions).
 pub fn kept_choices(config: &MoeConfig, num_experts: usize, reference: &MoeOutput) -> Vec<bool> {
     let group_size = config.group_size_for(reference.num_tokens()).unwrap();
-    let (_, positions) = cpu_reference::assign_positions(config, &reference.routes, num_experts, group_size);
+    let (_, positions) =
+        cpu_reference::assign_positions(config, &reference.routes, num_experts, group_size);
     positions.iter().map(|p| p.is_some()).collect()
 }
 
 /// The CPU reference, which must succeed.
-pub fn cpu_forward(config: &MoeConfig, weights: &MoeWeights, x: &[f32], shape: &[usize]) -> MoeOutput {
+pub fn cpu_forward(
+    config: &MoeConfig,
+    weights: &MoeWeights,
+    x: &[f32],
+    shape: &[usize],
+) -> MoeOutput {
     cpu_reference::forward(config, weights, x, shape).expect("CPU reference failed")
 }
 
@@ -138,7 +156,8 @@ pub fn assert_matches_reference(
     // tests avoid; report the probability gap to tell the two apart.
     for (i, (&g, &c)) in gpu.routes.iter().zip(&cpu.routes).enumerate() {
         assert_eq!(
-            g, c,
+            g,
+            c,
             "routes[{i}] (token {}, choice {}): GPU {g} vs CPU {c}; gates GPU {:?} CPU {:?}",
             i / config.top_k,
             i % config.top_k,
@@ -155,20 +174,33 @@ pub fn assert_matches_reference(
     // Logit error 2·γ_D·|h|abs moves p by that much relatively; plus exp/softmax error.
     let prob_relative = 2.0 * (d_model as f64 + 2.0) * U * router_magnitude + GATE_RELATIVE;
     let prob_tolerance = |value: f32| prob_relative * value as f64 + num_experts as f64 * U;
-    assert_close("gates", &gpu.gates, &cpu.gates, |i| prob_tolerance(cpu.gates[i]));
-    assert_close("route_prob_max", &gpu.route_prob_max, &cpu.route_prob_max, |i| {
-        prob_tolerance(cpu.route_prob_max[i])
+    assert_close("gates", &gpu.gates, &cpu.gates, |i| {
+        prob_tolerance(cpu.gates[i])
     });
+    assert_close(
+        "route_prob_max",
+        &gpu.route_prob_max,
+        &cpu.route_prob_max,
+        |i| prob_tolerance(cpu.route_prob_max[i]),
+    );
     let sum_length = num_tokens as f64;
-    assert_close("route_prob_sum", &gpu.route_prob_sum, &cpu.route_prob_sum, |i| {
-        (prob_relative + sum_length * U) * cpu.route_prob_sum[i] as f64 + sum_length * num_experts as f64 * U
-    });
+    assert_close(
+        "route_prob_sum",
+        &gpu.route_prob_sum,
+        &cpu.route_prob_sum,
+        |i| {
+            (prob_relative + sum_length * U) * cpu.route_prob_sum[i] as f64
+                + sum_length * num_experts as f64 * U
+        },
+    );
     assert_close("aux_loss", &[gpu.aux_loss], &[cpu.aux_loss], |_| {
         (prob_relative + (sum_length + num_experts as f64) * U) * cpu.aux_loss as f64 + 1e-30
     });
     // z = mean lse²: Δz ≤ 2|lse|·Δlse with Δlse ≤ 2γ_D·|h|abs + (exp/log error)·|lse|.
     let lse_bound = (cpu.z_loss as f64).sqrt();
-    let z_tolerance = 2.0 * lse_bound * (2.0 * (d_model as f64 + 2.0) * U * router_magnitude + GATE_RELATIVE * (lse_bound + 1.0))
+    let z_tolerance = 2.0
+        * lse_bound
+        * (2.0 * (d_model as f64 + 2.0) * U * router_magnitude + GATE_RELATIVE * (lse_bound + 1.0))
         + sum_length * U * cpu.z_loss as f64;
     assert_close("z_loss", &[gpu.z_loss], &[cpu.z_loss], |_| z_tolerance);
 
