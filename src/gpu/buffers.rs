@@ -276,7 +276,7 @@ impl ScratchSizes {
 }
 
 /// Elements read back after a forward: y, routes, gates, route_prob_max, the expert table's
-/// head (counts, kept, tile_start, n_dropped), router_stats, flags.
+/// head (counts, kept, tile_start, n_dropped), router_stats, flags, two u64 timestamps.
 pub fn readback_len(plan: &ForwardPlan) -> usize {
     let n = plan.shape.num_experts;
     plan.num_tokens * plan.shape.d_model
@@ -285,6 +285,7 @@ pub fn readback_len(plan: &ForwardPlan) -> usize {
         + (3 * n + 2)
         + (n + 2)
         + 1
+        + 4
 }
 
 /// The scratch buffers of a forward.

@@ -40,6 +40,13 @@ pub struct ForwardTrace {
     pub expert_out: Vec<f32>,
 }
 
+/// What one forward produced.
+struct Run {
+    output: MoeOutput,
+    trace: Option<ForwardTrace>,
+    gpu_seconds: Option<f64>,
+}
+
 /// Scratch buffers with the bind groups that reference them.
 struct Workspace {
     scratch: Scratch,
@@ -51,6 +58,13 @@ struct Workspace {
     expert_up: Vec<wgpu::BindGroup>,
     expert_down: Vec<wgpu::BindGroup>,
     combine_outputs: wgpu::BindGroup,
+}
+
+/// GPU timestamps around the forward's compute pass, when the device has them.
+struct PassTimer {
+    query_set: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    nanoseconds_per_tick: f64,
 }
 
 /// Uniform buffers, one per `Params` struct written per forward.
@@ -72,6 +86,7 @@ pub struct MoeLayer {
     kernels: Kernels,
     weights: GpuWeights,
     uniforms: Uniforms,
+    timer: Option<PassTimer>,
     /// Concurrent forwards take turns on one workspace.
     workspace: Mutex<Option<Workspace>>,
 }
@@ -134,6 +149,23 @@ impl MoeLayer {
             combine: uniform_buffer(device, "combine params", &CombineParams::default()),
             stats: uniform_buffer(device, "stats params", &StatsParams::default()),
         };
+        let timer = device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| PassTimer {
+                query_set: device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("forward timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                }),
+                resolved: device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("resolved timestamps"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                nanoseconds_per_tick: queue.get_timestamp_period() as f64,
+            });
         Ok(MoeLayer {
             device: device.clone(),
             queue: queue.clone(),
@@ -144,6 +176,7 @@ impl MoeLayer {
             kernels,
             weights: weights_on_device,
             uniforms,
+            timer,
             workspace: Mutex::new(None),
         })
     }
@@ -179,7 +212,14 @@ impl MoeLayer {
 
     /// Runs the layer on `x` of `shape` (`[T, D]` or `[S, B, D]`).
     pub fn forward(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        self.run(x, shape, false).map(|(output, _)| output)
+        self.run(x, shape, false).map(|run| run.output)
+    }
+
+    /// Like [`MoeLayer::forward`], also returning the GPU time of the forward's compute
+    /// pass in seconds (from timestamp queries; `None` when the device has none).
+    pub fn forward_timed(&self, x: &[f32], shape: &[usize]) -> Result<(MoeOutput, Option<f64>)> {
+        self.run(x, shape, false)
+            .map(|run| (run.output, run.gpu_seconds))
     }
 
     /// Like [`MoeLayer::forward`], also reading back the intermediate buffers.
@@ -188,7 +228,7 @@ impl MoeLayer {
         x: &[f32],
         shape: &[usize],
     ) -> Result<(MoeOutput, ForwardTrace)> {
-        let (output, trace) = self.run(x, shape, true)?;
+        let Run { output, trace, .. } = self.run(x, shape, true)?;
         let trace = trace.ok_or_else(|| MoeError::Device {
             message: "trace requested but not read back".to_string(),
         })?;
@@ -217,12 +257,7 @@ impl MoeLayer {
         Ok(plan)
     }
 
-    fn run(
-        &self,
-        x: &[f32],
-        shape: &[usize],
-        with_trace: bool,
-    ) -> Result<(MoeOutput, Option<ForwardTrace>)> {
+    fn run(&self, x: &[f32], shape: &[usize], with_trace: bool) -> Result<Run> {
         let plan = self.plan(x, shape)?;
         let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
             message: "a previous forward panicked while holding the workspace".to_string(),
@@ -248,7 +283,8 @@ impl MoeLayer {
         let scratch = &workspace.scratch;
         let n = plan.shape.num_experts;
         let t = plan.num_tokens;
-        let outputs: [(&wgpu::Buffer, usize); 7] = [
+        let timestamps = self.timer.as_ref().map_or(0, |_| 4);
+        let outputs: [(&wgpu::Buffer, usize); 8] = [
             (&scratch.y, t * plan.shape.d_model),
             (&scratch.routes, plan.num_assignments()),
             (&scratch.gates, plan.num_assignments()),
@@ -256,6 +292,10 @@ impl MoeLayer {
             (&scratch.expert_table, 3 * n + 2),
             (&scratch.router_stats, n + 2),
             (&scratch.flags, 1),
+            (
+                self.timer.as_ref().map_or(&scratch.flags, |t| &t.resolved),
+                timestamps,
+            ),
         ];
         let words = self.submit_and_read(encoder, &scratch.readback, &outputs)?;
         let trace = if with_trace {
@@ -271,7 +311,8 @@ impl MoeLayer {
             });
         }
 
-        let [y, routes, gates, route_prob_max, table, stats, flags] = split_words(&words, &outputs);
+        let [y, routes, gates, route_prob_max, table, stats, flags, ticks] =
+            split_words(&words, &outputs);
         if flags[0] != u32::MAX {
             return Err(MoeError::NonFiniteInput {
                 token: flags[0] as usize,
@@ -293,7 +334,17 @@ impl MoeLayer {
             aux_loss: f32::from_bits(stats[n]),
             z_loss: f32::from_bits(stats[n + 1]),
         };
-        Ok((output, trace))
+        // Some drivers (lavapipe among them) resolve pass timestamps to zeros: no time then.
+        let gpu_seconds = self.timer.as_ref().and_then(|timer| {
+            let begin = ticks[0] as u64 | (ticks[1] as u64) << 32;
+            let end = ticks[2] as u64 | (ticks[3] as u64) << 32;
+            (end > begin).then(|| (end - begin) as f64 * timer.nanoseconds_per_tick * 1e-9)
+        });
+        Ok(Run {
+            output,
+            trace,
+            gpu_seconds,
+        })
     }
 
     fn build_workspace(&self, sizes: ScratchSizes) -> Workspace {
@@ -476,7 +527,14 @@ impl MoeLayer {
         let k = &self.kernels;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("moe forward"),
-            timestamp_writes: None,
+            timestamp_writes: self
+                .timer
+                .as_ref()
+                .map(|timer| wgpu::ComputePassTimestampWrites {
+                    query_set: &timer.query_set,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
         });
         dispatch(
             &mut pass,

@@ -1,0 +1,514 @@
+//! `bench`: the seed's question, measured. In one process, on one adapter, for the same
+//! weights and tokens, times:
+//! - `grouped` — the real layer: every expert in one dispatch per projection;
+//! - `loop` — the seed's approach on the GPU: the same kernels dispatched once per expert
+//!   (the weights split into one shard per expert, so N up and N down dispatches);
+//! - `dense` — one FFN (the same kernels, one expert) over T·k tokens: the same FLOPs with
+//!   no routing spread, the floor an MoE layer should approach;
+//! - `copy` — a plain buffer copy of the weights the experts read, for bandwidth;
+//! - `cpu` — the CPU reference (when it would take under 10 s).
+//!
+//! Every variant runs dropless (`drop_tokens: false`) so all do the same expert FLOPs.
+//! GPU times come from timestamp queries when the adapter has them, wall time otherwise.
+//!
+//! cargo run --release --example bench -- [--quick] [--json FILE] [--svg FILE]
+//!     [--experts 1,8,32,64,128] [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4]
+//!     [--d-model 512] [--d-ff 2048] [--runs 5]
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use switch_moe::rng::SeededRng;
+use switch_moe::{
+    cpu_reference, GpuContext, LayerOptions, LayerShape, MoeConfig, MoeLayer, MoeWeights,
+};
+
+struct Args {
+    experts: Vec<usize>,
+    tokens: Vec<usize>,
+    top_k: Vec<usize>,
+    skew: Vec<usize>,
+    d_model: usize,
+    d_ff: usize,
+    runs: usize,
+    json: Option<String>,
+    svg: Option<String>,
+}
+
+fn list(value: &str) -> Result<Vec<usize>, String> {
+    value
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|e| format!("{value}: {e}"))
+        })
+        .collect()
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        experts: vec![1, 8, 32, 64, 128],
+        tokens: vec![512, 4096, 16384],
+        top_k: vec![1, 2],
+        skew: vec![1, 4],
+        d_model: 512,
+        d_ff: 2048,
+        runs: 5,
+        json: None,
+        svg: None,
+    };
+    let mut rest = std::env::args().skip(1);
+    while let Some(flag) = rest.next() {
+        if flag == "--quick" {
+            args.experts = vec![8, 64];
+            args.tokens = vec![2048];
+            args.d_model = 256;
+            args.d_ff = 1024;
+            continue;
+        }
+        let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
+        match flag.as_str() {
+            "--experts" => args.experts = list(&value)?,
+            "--tokens" => args.tokens = list(&value)?,
+            "--top-k" => args.top_k = list(&value)?,
+            "--skew" => args.skew = list(&value)?,
+            "--d-model" => args.d_model = number()?,
+            "--d-ff" => args.d_ff = number()?,
+            "--runs" => args.runs = number()?.max(1),
+            "--json" => args.json = Some(value),
+            "--svg" => args.svg = Some(value),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(args)
+}
+
+/// One measured variant of one case.
+struct Record {
+    variant: &'static str,
+    n_experts: usize,
+    tokens: usize,
+    top_k: usize,
+    skew: usize,
+    ms_median: f64,
+    ms_min: f64,
+    gflops: f64,
+    dispatches: usize,
+}
+
+/// Median and min of `runs` timings after one warm-up, in ms.
+fn time_runs(runs: usize, mut once: impl FnMut() -> f64) -> (f64, f64) {
+    once();
+    let mut times: Vec<f64> = (0..runs).map(|_| once() * 1e3).collect();
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0])
+}
+
+/// Set when a forward had no GPU timestamps and its wall time was used instead.
+static USED_WALL_TIME: AtomicBool = AtomicBool::new(false);
+
+/// GPU seconds of one forward (timestamps), or its wall time (upload and read-back included).
+fn time_forward(layer: &MoeLayer, x: &[f32], shape: &[usize]) -> f64 {
+    let start = Instant::now();
+    let (_, gpu_seconds) = layer.forward_timed(x, shape).expect("forward");
+    gpu_seconds.unwrap_or_else(|| {
+        USED_WALL_TIME.store(true, Ordering::Relaxed);
+        start.elapsed().as_secs_f64()
+    })
+}
+
+/// Wall seconds of copying `bytes` between two device buffers.
+fn time_copy(
+    context: &GpuContext,
+    source: &wgpu::Buffer,
+    target: &wgpu::Buffer,
+    bytes: u64,
+) -> f64 {
+    let start = Instant::now();
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(source, 0, target, 0, bytes);
+    context.queue.submit([encoder.finish()]);
+    context
+        .device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    start.elapsed().as_secs_f64()
+}
+
+/// A router bias on expert 0 that gives it about `skew` times its share of first choices.
+fn skew_router(weights: &mut MoeWeights, x: &[f32], skew: usize) {
+    let n = weights.shape.num_experts;
+    if skew <= 1 || n < 2 {
+        return;
+    }
+    let target = (skew as f64 / n as f64).min(1.0);
+    let d = weights.shape.d_model;
+    let sample = &x[..x.len().min(512 * d)];
+    let share = |weights: &MoeWeights| {
+        let routing = cpu_reference::route_tokens(sample, weights, 1, false);
+        routing.routes.iter().filter(|&&e| e == 0).count() as f64 / routing.routes.len() as f64
+    };
+    let (mut low, mut high) = (0.0f32, 30.0f32);
+    for _ in 0..24 {
+        let mid = 0.5 * (low + high);
+        weights
+            .router_bias
+            .as_mut()
+            .expect("random weights have biases")[0] = mid;
+        if share(weights) < target {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+}
+
+fn main() {
+    env_logger::init();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("error: {message}");
+            std::process::exit(2);
+        }
+    };
+    let context = GpuContext::new().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    });
+    let adapter = context.adapter_summary();
+    println!(
+        "adapter: {adapter}; median and min of {} runs after a warm-up",
+        args.runs
+    );
+    println!(
+        "d_model {}, d_ff {}, dropless, relu FFN",
+        args.d_model, args.d_ff
+    );
+
+    let (d_model, d_ff) = (args.d_model, args.d_ff);
+    let mut records = Vec::new();
+    let cases: Vec<(usize, usize, usize, usize)> = args
+        .tokens
+        .iter()
+        .flat_map(|&t| args.experts.iter().map(move |&n| (t, n)))
+        .flat_map(|(t, n)| {
+            args.top_k
+                .iter()
+                .filter(move |&&k| k <= n)
+                .map(move |&k| (t, n, k))
+        })
+        .flat_map(|(t, n, k)| {
+            args.skew
+                .iter()
+                .filter(move |&&s| s == 1 || n >= 2 * s)
+                .map(move |&s| (t, n, k, s))
+        })
+        .collect();
+    println!(
+        "\n{:>8} {:>4} {:>6} {:>2} {:>4} {:>10} {:>10} {:>9} {:>5} {:>8}",
+        "variant", "N", "T", "k", "skew", "median ms", "min ms", "GFLOP/s", "disp", "/ dense"
+    );
+    for (index, &(tokens, n_experts, top_k, skew)) in cases.iter().enumerate() {
+        eprintln!(
+            "[{}/{}] N={n_experts} T={tokens} k={top_k} skew={skew}",
+            index + 1,
+            cases.len()
+        );
+        let x = SeededRng::new(tokens as u64).normal_vec(tokens * d_model);
+        let shape = LayerShape {
+            num_experts: n_experts,
+            d_model,
+            d_ff,
+        };
+        let mut weights = MoeWeights::random(shape, false, true, 17);
+        skew_router(&mut weights, &x, skew);
+        let config = MoeConfig {
+            top_k,
+            drop_tokens: false,
+            ..MoeConfig::default()
+        };
+        let flops = 2.0 * 2.0 * (tokens * top_k) as f64 * d_model as f64 * d_ff as f64;
+        let mut case_records = Vec::new();
+        let mut record = |variant, (ms_median, ms_min): (f64, f64), dispatches| {
+            case_records.push(Record {
+                variant,
+                n_experts,
+                tokens,
+                top_k,
+                skew,
+                ms_median,
+                ms_min,
+                gflops: flops / (ms_median * 1e-3) / 1e9,
+                dispatches,
+            });
+        };
+
+        let grouped = MoeLayer::new(&context, config.clone(), &weights).expect("grouped layer");
+        let xs = [tokens, d_model];
+        record(
+            "grouped",
+            time_runs(args.runs, || time_forward(&grouped, &x, &xs)),
+            grouped.dispatches_per_forward(),
+        );
+        let output = grouped.forward(&x, &xs).expect("forward");
+        let scratch_mib = grouped.scratch_bytes() as f64 / (1 << 20) as f64;
+        drop(grouped);
+
+        let one_expert = (d_model * d_ff * 4) as u64;
+        let per_expert = LayerOptions {
+            max_weight_binding_bytes: Some(one_expert),
+        };
+        let looped = MoeLayer::with_options(&context, config.clone(), &weights, per_expert)
+            .expect("loop layer");
+        record(
+            "loop",
+            time_runs(args.runs, || time_forward(&looped, &x, &xs)),
+            looped.dispatches_per_forward(),
+        );
+        drop(looped);
+
+        let dense_weights = MoeWeights::random(
+            LayerShape {
+                num_experts: 1,
+                d_model,
+                d_ff,
+            },
+            false,
+            true,
+            17,
+        );
+        let dense_config = MoeConfig {
+            top_k: 1,
+            drop_tokens: false,
+            ..MoeConfig::default()
+        };
+        let dense = MoeLayer::new(&context, dense_config, &dense_weights).expect("dense layer");
+        let dense_x = SeededRng::new(5).normal_vec(tokens * top_k * d_model);
+        let dense_shape = [tokens * top_k, d_model];
+        record(
+            "dense",
+            time_runs(args.runs, || time_forward(&dense, &dense_x, &dense_shape)),
+            dense.dispatches_per_forward(),
+        );
+        drop(dense);
+
+        // The weights the grouped layer must read: W1 and W2 of every expert that got tokens.
+        let used = output.kept.iter().filter(|&&k| k > 0).count();
+        let bytes = 2 * used as u64 * one_expert;
+        let buffer = |label| {
+            context.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let (source, target) = (buffer("copy source"), buffer("copy target"));
+        let copy = time_runs(args.runs, || time_copy(&context, &source, &target, bytes));
+
+        let cpu_estimate_s = flops / 10e9;
+        if cpu_estimate_s < 10.0 {
+            record(
+                "cpu",
+                time_runs(args.runs.min(3), || {
+                    let start = Instant::now();
+                    cpu_reference::forward(&config, &weights, &x, &xs).expect("cpu forward");
+                    start.elapsed().as_secs_f64()
+                }),
+                0,
+            );
+        } else {
+            eprintln!("  cpu skipped: about {cpu_estimate_s:.0} s per forward");
+        }
+
+        let dense_ms = case_records
+            .iter()
+            .find(|r| r.variant == "dense")
+            .map_or(f64::NAN, |r| r.ms_median);
+        for r in &case_records {
+            println!(
+                "{:>8} {:>4} {:>6} {:>2} {:>4} {:>10.2} {:>10.2} {:>9.1} {:>5} {:>8.2}",
+                r.variant,
+                r.n_experts,
+                r.tokens,
+                r.top_k,
+                r.skew,
+                r.ms_median,
+                r.ms_min,
+                r.gflops,
+                r.dispatches,
+                r.ms_median / dense_ms
+            );
+        }
+        let grouped_ms = case_records[0].ms_median;
+        println!(
+            "{:>8}  weights read {:.1} MiB: copy {:.2} ms ({:.1} GB/s), grouped reads them at {:.1} GB/s; \
+             {} tokens per used expert; scratch {:.1} MiB",
+            "copy",
+            bytes as f64 / (1 << 20) as f64,
+            copy.0,
+            bytes as f64 / (copy.0 * 1e-3) / 1e9,
+            bytes as f64 / (grouped_ms * 1e-3) / 1e9,
+            tokens * top_k / used.max(1),
+            scratch_mib,
+        );
+        records.extend(case_records);
+    }
+
+    println!(
+        "\ntimes: {}",
+        if USED_WALL_TIME.load(Ordering::Relaxed) {
+            "wall time of forward() (upload of x and read-back included): the driver gave no GPU timestamps"
+        } else {
+            "GPU timestamps around the forward's compute pass"
+        }
+    );
+    if let Some(path) = &args.json {
+        let mut json = String::from("[\n");
+        for (i, r) in records.iter().enumerate() {
+            let _ = write!(
+                json,
+                "  {{\"variant\": \"{}\", \"n_experts\": {}, \"tokens\": {}, \"d_model\": {d_model}, \"d_ff\": {d_ff}, \
+                 \"top_k\": {}, \"skew\": {}, \"ms_median\": {:.4}, \"ms_min\": {:.4}, \"gflops\": {:.3}, \
+                 \"dispatches\": {}, \"adapter\": {:?}, \"backend\": {:?}}}{}\n",
+                r.variant, r.n_experts, r.tokens, r.top_k, r.skew, r.ms_median, r.ms_min, r.gflops, r.dispatches,
+                adapter.name, adapter.backend,
+                if i + 1 < records.len() { "," } else { "" }
+            );
+        }
+        json.push_str("]\n");
+        std::fs::write(path, json).unwrap_or_else(|e| panic!("{path}: {e}"));
+        eprintln!("wrote {path}");
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg_plot(&records, &adapter.name))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        eprintln!("wrote {path}");
+    }
+}
+
+/// Time against N (both log scale), one line per variant and token count, for top-1
+/// uniform routing (or the first top-k/skew measured).
+fn svg_plot(records: &[Record], adapter: &str) -> String {
+    let (width, height, margin) = (760.0, 460.0, 70.0);
+    let Some(first) = records.first() else {
+        return String::from("<svg xmlns=\"http://www.w3.org/2000/svg\"/>");
+    };
+    let shown: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.top_k == first.top_k && r.skew == first.skew && r.variant != "cpu")
+        .collect();
+    let log = |v: f64| v.max(1e-9).log10();
+    let (n_min, n_max) = shown.iter().fold((f64::MAX, f64::MIN), |(a, b), r| {
+        (
+            a.min(log(r.n_experts as f64)),
+            b.max(log(r.n_experts as f64)),
+        )
+    });
+    let (t_min, t_max) = shown.iter().fold((f64::MAX, f64::MIN), |(a, b), r| {
+        (a.min(log(r.ms_median)), b.max(log(r.ms_median)))
+    });
+    let span = |lo: f64, hi: f64| if hi - lo < 1e-9 { 1.0 } else { hi - lo };
+    let px = |n: f64| margin + (log(n) - n_min) / span(n_min, n_max) * (width - 2.0 * margin);
+    let py = |ms: f64| {
+        height - margin - (log(ms) - t_min) / span(t_min, t_max) * (height - 2.0 * margin)
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{margin}\" y=\"24\" font-size=\"15\">Time per forward against experts (top-{}, skew {}) — {}</text>\n\
+         <line x1=\"{margin}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{margin}\" y1=\"{margin}\" x2=\"{margin}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\">experts N (log)</text>\n\
+         <text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\">ms per forward (log)</text>\n",
+        first.top_k,
+        first.skew,
+        xml_escape(adapter),
+        height - margin,
+        width - margin,
+        height - margin,
+        height - margin,
+        width / 2.0,
+        height - 25.0,
+        height / 2.0,
+        height / 2.0,
+    );
+    let mut ns: Vec<usize> = shown.iter().map(|r| r.n_experts).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    for n in &ns {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
+            px(*n as f64),
+            height - margin + 16.0
+        );
+    }
+    for ms in [t_min, (t_min + t_max) / 2.0, t_max] {
+        let value = 10f64.powf(ms);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{value:.3}</text>",
+            margin - 6.0,
+            py(value) + 4.0
+        );
+    }
+    let colors = [
+        ("grouped", "#1f77b4"),
+        ("loop", "#d62728"),
+        ("dense", "#2ca02c"),
+    ];
+    let mut token_counts: Vec<usize> = shown.iter().map(|r| r.tokens).collect();
+    token_counts.sort_unstable();
+    token_counts.dedup();
+    let dashes = ["", "6,3", "2,3", "8,2,2,2"];
+    let mut legend_y = margin;
+    for (variant, color) in colors {
+        for (i, tokens) in token_counts.iter().enumerate() {
+            let mut points: Vec<&&Record> = shown
+                .iter()
+                .filter(|r| r.variant == variant && r.tokens == *tokens)
+                .collect();
+            points.sort_by_key(|r| r.n_experts);
+            if points.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = points
+                .iter()
+                .map(|r| format!("{:.1},{:.1}", px(r.n_experts as f64), py(r.ms_median)))
+                .collect();
+            let dash = dashes[i % dashes.len()];
+            let _ = writeln!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\" points=\"{}\"/>",
+                path.join(" ")
+            );
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>\
+                 <text x=\"{}\" y=\"{}\">{variant} T={tokens}</text>",
+                width - margin - 150.0,
+                width - margin - 120.0,
+                width - margin - 114.0,
+                legend_y + 4.0
+            );
+            legend_y += 16.0;
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
