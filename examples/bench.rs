@@ -265,6 +265,7 @@ fn main() {
         let one_expert = (d_model * d_ff * 4) as u64;
         let per_expert = LayerOptions {
             max_weight_binding_bytes: Some(one_expert),
+            ..Default::default()
         };
         let looped = MoeLayer::with_options(&context, config.clone(), &weights, per_expert)
             .expect("loop layer");

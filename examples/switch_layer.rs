@@ -123,7 +123,14 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         "layer: {num_experts} experts, d_model {d_model}, d_ff {d_ff}, {} tokens, top-{}, capacity factor {}",
         args.tokens, config.top_k, config.capacity_factor
     );
-    let layer = MoeLayer::new(&context, config.clone(), &weights)?;
+    // SWITCH_MOE_ROW_LANES forces the matmul tile shape, for tuning.
+    let options = switch_moe::LayerOptions {
+        row_lanes: std::env::var("SWITCH_MOE_ROW_LANES")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        ..Default::default()
+    };
+    let layer = MoeLayer::with_options(&context, config.clone(), &weights, options)?;
 
     // The first forward allocates the scratch buffers and warms the pipelines.
     let gpu = layer.forward(&x, &shape)?;

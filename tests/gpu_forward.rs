@@ -229,11 +229,36 @@ fn weights_split_over_several_bindings() {
     };
     let options = LayerOptions {
         max_weight_binding_bytes: Some(5 * 1024 + 512),
+        ..Default::default()
     };
     let layer = MoeLayer::with_options(&gpu(), config.clone(), &weights, options.clone()).unwrap();
     assert_eq!(layer.num_weight_shards(), 4);
     assert_eq!(layer.dispatches_per_forward(), 6 + 2 * 4);
     check_with_options(config, &weights, 20, 32, options);
+}
+
+#[test]
+fn every_matmul_tile_shape() {
+    // Shapes off every tile, gated, with dropping: each tile shape must give the same answer.
+    let weights = MoeWeights::random(shape(5, 37, 83), true, true, 33);
+    let config = MoeConfig {
+        gated: true,
+        activation: Activation::GeluTanh,
+        capacity_factor: 0.9,
+        ..config(2)
+    };
+    for row_lanes in switch_moe::gpu::shaders::ROW_LANES_CHOICES {
+        let options = LayerOptions {
+            row_lanes: Some(row_lanes),
+            ..Default::default()
+        };
+        check_with_options(config.clone(), &weights, 290, 33, options);
+    }
+    let bad = LayerOptions {
+        row_lanes: Some(3),
+        ..Default::default()
+    };
+    assert!(MoeLayer::with_options(&gpu(), config, &weights, bad).is_err());
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use switch_moe::cpu_reference::{self, Routing};
-use switch_moe::gpu::shaders::{DROPPED, ROW_TILE};
+use switch_moe::gpu::shaders::DROPPED;
 use switch_moe::{Activation, MoeConfig, MoeLayer, MoeWeights};
 
 fn traced_case(
@@ -40,7 +40,7 @@ fn traced_case(
         let tiles = trace.tile_start[e + 1] - trace.tile_start[e];
         assert_eq!(
             tiles,
-            loads.kept[e].div_ceil(ROW_TILE),
+            loads.kept[e].div_ceil(trace.row_tile),
             "scan_expert_offsets: tiles of expert {e}"
         );
     }
@@ -54,7 +54,7 @@ fn traced_case(
                 let expert = output.routes[assignment] as usize;
                 assert_eq!(
                     slot,
-                    trace.tile_start[expert] * ROW_TILE + p,
+                    trace.tile_start[expert] * trace.row_tile + p,
                     "assignment {assignment}"
                 );
                 assert_eq!(

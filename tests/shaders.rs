@@ -90,8 +90,8 @@ fn params_structs_match_their_rust_mirrors() {
 fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
     let host: BTreeMap<&str, u64> = [
         ("BLOCK_TOKENS", shaders::BLOCK_TOKENS as u64),
-        ("ROW_TILE", shaders::ROW_TILE as u64),
-        ("COL_TILE", shaders::COL_TILE as u64),
+        ("LANES", shaders::MATMUL_LANES as u64),
+        ("BLOCK", shaders::MATMUL_BLOCK as u64),
         ("MAX_EXPERTS", shaders::MAX_EXPERTS as u64),
         ("DROPPED", shaders::DROPPED as u64),
     ]
@@ -103,14 +103,8 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
         ("scan_expert_offsets", shaders::REDUCE_WORKGROUP),
         ("reduce_router_stats", shaders::REDUCE_WORKGROUP),
         ("combine_outputs", shaders::COMBINE_WORKGROUP),
-        (
-            "expert_up",
-            (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4),
-        ),
-        (
-            "expert_down",
-            (shaders::ROW_TILE / 4) * (shaders::COL_TILE / 4),
-        ),
+        ("expert_up", shaders::MATMUL_LANES),
+        ("expert_down", shaders::MATMUL_LANES),
     ]
     .into();
     let mut seen = 0;
@@ -136,19 +130,32 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
     );
 }
 
-/// Every specialization the layer builds: expert_up for each activation, gated or not.
+/// Every specialization the layer builds: the matmuls for each tile shape, and expert_up
+/// for each activation, gated or not.
 fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
-    if shader.name != "expert_up" {
-        return vec![Default::default()];
-    }
     let mut all = Vec::new();
-    for activation in 0..4 {
-        for gated in [0.0, 1.0] {
-            let mut constants = naga::back::PipelineConstants::default();
-            constants.insert("ACTIVATION".to_string(), activation as f64);
-            constants.insert("GATED".to_string(), gated);
-            all.push(constants);
+    match shader.name {
+        "expert_up" => {
+            for row_lanes in shaders::ROW_LANES_CHOICES {
+                for activation in 0..4 {
+                    for gated in [0.0, 1.0] {
+                        let mut constants = naga::back::PipelineConstants::default();
+                        constants.insert("ROW_LANES".to_string(), row_lanes as f64);
+                        constants.insert("ACTIVATION".to_string(), activation as f64);
+                        constants.insert("GATED".to_string(), gated);
+                        all.push(constants);
+                    }
+                }
+            }
         }
+        "expert_down" => {
+            for row_lanes in shaders::ROW_LANES_CHOICES {
+                let mut constants = naga::back::PipelineConstants::default();
+                constants.insert("ROW_LANES".to_string(), row_lanes as f64);
+                all.push(constants);
+            }
+        }
+        _ => all.push(Default::default()),
     }
     all
 }

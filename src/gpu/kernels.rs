@@ -1,8 +1,12 @@
-//! The compute pipelines of a layer, each with its explicit bind group layout, built once
-//! when the layer is created.
+//! The compute pipelines of a layer, each with its explicit bind group layout. Routing
+//! kernels are built when the layer is created; the expert matmuls come in one variant per
+//! tile shape, each built the first time a batch needs it and kept.
+
+use std::sync::OnceLock;
 
 use crate::config::MoeConfig;
-use crate::gpu::shaders::{self, ShaderSource};
+use crate::gpu::plan::MatmulTiling;
+use crate::gpu::shaders::{self, ShaderSource, ROW_LANES_CHOICES};
 
 /// How a kernel's binding is declared in WGSL.
 #[derive(Clone, Copy, Debug)]
@@ -10,6 +14,92 @@ pub enum Binding {
     Uniform,
     Storage,
     StorageReadOnly,
+}
+
+fn bind_group_layout(
+    device: &wgpu::Device,
+    label: &str,
+    bindings: &[Binding],
+) -> wgpu::BindGroupLayout {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+        .iter()
+        .enumerate()
+        .map(|(index, binding)| wgpu::BindGroupLayoutEntry {
+            binding: index as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match binding {
+                    Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                    Binding::Storage => wgpu::BufferBindingType::Storage { read_only: false },
+                    Binding::StorageReadOnly => {
+                        wgpu::BufferBindingType::Storage { read_only: true }
+                    }
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    })
+}
+
+fn shader_module(device: &wgpu::Device, shader: ShaderSource) -> wgpu::ShaderModule {
+    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(shader.name),
+        source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+    })
+}
+
+fn compute_pipeline(
+    device: &wgpu::Device,
+    label: &str,
+    module: &wgpu::ShaderModule,
+    layout: &wgpu::BindGroupLayout,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(label),
+        bind_group_layouts: &[Some(layout)],
+        immediate_size: 0,
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: Some(&pipeline_layout),
+        module,
+        entry_point: Some("main"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            // Every kernel writes its workgroup memory before reading it.
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    })
+}
+
+/// A bind group binding `buffers` whole, in binding order.
+pub fn bind_buffers(
+    device: &wgpu::Device,
+    label: &str,
+    layout: &wgpu::BindGroupLayout,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(index, buffer)| wgpu::BindGroupEntry {
+            binding: index as u32,
+            resource: buffer.as_entire_binding(),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout,
+        entries: &entries,
+    })
 }
 
 /// One compute pipeline and the layout of its only bind group (group 0).
@@ -21,62 +111,11 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// Builds the pipeline of `shader`'s `main` with `bindings` in binding order and the
-    /// given pipeline-overridable constants.
-    pub fn new(
-        device: &wgpu::Device,
-        shader: ShaderSource,
-        bindings: &[Binding],
-        constants: &[(&str, f64)],
-    ) -> Self {
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
-            .iter()
-            .enumerate()
-            .map(|(index, binding)| wgpu::BindGroupLayoutEntry {
-                binding: index as u32,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: match binding {
-                    Binding::Uniform => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Uniform,
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    Binding::Storage | Binding::StorageReadOnly => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage {
-                            read_only: matches!(binding, Binding::StorageReadOnly),
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                },
-                count: None,
-            })
-            .collect();
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(shader.name),
-            entries: &entries,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(shader.name),
-            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(shader.name),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(shader.name),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants,
-                // Every kernel writes its workgroup memory before reading it.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
+    /// Builds the pipeline of `shader`'s `main` with `bindings` in binding order.
+    pub fn new(device: &wgpu::Device, shader: ShaderSource, bindings: &[Binding]) -> Self {
+        let layout = bind_group_layout(device, shader.name, bindings);
+        let module = shader_module(device, shader);
+        let pipeline = compute_pipeline(device, shader.name, &module, &layout, &[]);
         Kernel {
             name: shader.name,
             layout,
@@ -84,20 +123,74 @@ impl Kernel {
         }
     }
 
-    /// A bind group binding `buffers` whole, in binding order.
     pub fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
+        bind_buffers(device, self.name, &self.layout, buffers)
+    }
+}
+
+/// The up- and down-projection pipelines for one tile shape.
+#[derive(Debug)]
+pub struct MatmulPipelines {
+    pub up: wgpu::ComputePipeline,
+    pub down: wgpu::ComputePipeline,
+}
+
+/// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
+/// shape (`ROW_LANES`), specialised for the layer's activation and gating.
+#[derive(Debug)]
+pub struct ExpertMatmuls {
+    pub up_layout: wgpu::BindGroupLayout,
+    pub down_layout: wgpu::BindGroupLayout,
+    up_module: wgpu::ShaderModule,
+    down_module: wgpu::ShaderModule,
+    activation: f64,
+    gated: f64,
+    variants: [OnceLock<MatmulPipelines>; ROW_LANES_CHOICES.len()],
+}
+
+impl ExpertMatmuls {
+    fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+        use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U};
+        ExpertMatmuls {
+            up_layout: bind_group_layout(device, "expert_up", &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw]),
+            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, Ro, Ro, Rw]),
+            up_module: shader_module(device, shaders::EXPERT_UP),
+            down_module: shader_module(device, shaders::EXPERT_DOWN),
+            activation: config.activation.shader_code() as f64,
+            gated: if config.gated { 1.0 } else { 0.0 },
+            variants: Default::default(),
+        }
+    }
+
+    /// The pipelines for `tiling`, built on first use.
+    pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &MatmulPipelines {
+        let index = ROW_LANES_CHOICES
             .iter()
-            .enumerate()
-            .map(|(index, buffer)| wgpu::BindGroupEntry {
-                binding: index as u32,
-                resource: buffer.as_entire_binding(),
-            })
-            .collect();
-        device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(self.name),
-            layout: &self.layout,
-            entries: &entries,
+            .position(|&lanes| lanes == tiling.row_lanes)
+            .unwrap_or(0);
+        self.variants[index].get_or_init(|| {
+            let row_lanes = ROW_LANES_CHOICES[index] as f64;
+            let up_constants = [
+                ("ACTIVATION", self.activation),
+                ("GATED", self.gated),
+                ("ROW_LANES", row_lanes),
+            ];
+            MatmulPipelines {
+                up: compute_pipeline(
+                    device,
+                    "expert_up",
+                    &self.up_module,
+                    &self.up_layout,
+                    &up_constants,
+                ),
+                down: compute_pipeline(
+                    device,
+                    "expert_down",
+                    &self.down_module,
+                    &self.down_layout,
+                    &[("ROW_LANES", row_lanes)],
+                ),
+            }
         })
     }
 }
@@ -110,56 +203,40 @@ pub struct Kernels {
     pub scan_expert_offsets: Kernel,
     pub reduce_router_stats: Kernel,
     pub scatter_assignments: Kernel,
-    pub expert_up: Kernel,
-    pub expert_down: Kernel,
+    pub expert_matmuls: ExpertMatmuls,
     pub combine_outputs: Kernel,
 }
 
 impl Kernels {
     pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
         use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U};
-        let expert_up_constants = [
-            ("ACTIVATION", config.activation.shader_code() as f64),
-            ("GATED", if config.gated { 1.0 } else { 0.0 }),
-        ];
         Kernels {
             route_tokens: Kernel::new(
                 device,
                 shaders::ROUTE_TOKENS,
                 &[U, Ro, Ro, Rw, Rw, Rw, Rw, Rw, Rw],
-                &[],
             ),
-            count_experts: Kernel::new(device, shaders::COUNT_EXPERTS, &[U, Ro, Rw], &[]),
+            count_experts: Kernel::new(device, shaders::COUNT_EXPERTS, &[U, Ro, Rw]),
             scan_expert_offsets: Kernel::new(
                 device,
                 shaders::SCAN_EXPERT_OFFSETS,
                 &[U, Ro, Rw, Rw, Rw, Rw, Ro],
-                &[],
             ),
             reduce_router_stats: Kernel::new(
                 device,
                 shaders::REDUCE_ROUTER_STATS,
                 &[U, Ro, Ro, Rw],
-                &[],
             ),
             scatter_assignments: Kernel::new(
                 device,
                 shaders::SCATTER_ASSIGNMENTS,
                 &[U, Ro, Ro, Ro, Ro, Rw, Rw],
-                &[],
             ),
-            expert_up: Kernel::new(
-                device,
-                shaders::EXPERT_UP,
-                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw],
-                &expert_up_constants,
-            ),
-            expert_down: Kernel::new(device, shaders::EXPERT_DOWN, &[U, Ro, Ro, Ro, Ro, Rw], &[]),
+            expert_matmuls: ExpertMatmuls::new(device, config),
             combine_outputs: Kernel::new(
                 device,
                 shaders::COMBINE_OUTPUTS,
                 &[U, Ro, Ro, Ro, Ro, Ro, Rw],
-                &[],
             ),
         }
     }

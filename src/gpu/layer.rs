@@ -10,10 +10,10 @@ use crate::cpu_reference::check_gating;
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{uniform_buffer, GpuWeights, Scratch, ScratchSizes};
 use crate::gpu::context::GpuContext;
-use crate::gpu::kernels::{Kernel, Kernels};
+use crate::gpu::kernels::{bind_buffers, Kernel, Kernels};
 use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
-use crate::gpu::shaders::{COL_TILE, MAX_EXPERTS, ROW_TILE};
+use crate::gpu::shaders::{MAX_EXPERTS, ROW_LANES_CHOICES};
 use crate::output::{num_tokens_of, MoeOutput};
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -23,6 +23,9 @@ pub struct LayerOptions {
     /// Caps the bytes of one expert-weight binding below the device's limit, which splits
     /// the expert weights over more shards (used by tests of the split path).
     pub max_weight_binding_bytes: Option<u64>,
+    /// Forces the expert matmuls' tile shape (`ROW_LANES`: 1, 2, 4 or 8) instead of
+    /// choosing it from the tokens per expert (for tests and tuning).
+    pub row_lanes: Option<u32>,
 }
 
 /// Intermediate buffers of one forward, read back for tests and debugging.
@@ -32,8 +35,10 @@ pub struct ForwardTrace {
     pub assignment_slot: Vec<u32>,
     /// `[slots]`: the token of every slot (padding slots hold stale values).
     pub slot_token: Vec<u32>,
-    /// `[N + 1]`: first row tile of each expert's segment; slots are `tile·ROW_TILE + i`.
+    /// `[N + 1]`: first row tile of each expert's segment; slots are `tile·row_tile + i`.
     pub tile_start: Vec<u32>,
+    /// Rows of a matmul tile in this forward.
+    pub row_tile: u32,
     /// `[slots, F]`: expert hidden activations (valid rows only).
     pub hidden: Vec<f32>,
     /// `[slots, D]`: expert outputs (valid rows only).
@@ -83,6 +88,7 @@ pub struct MoeLayer {
     shape: LayerShape,
     limits: wgpu::Limits,
     max_binding_bytes: u64,
+    forced_row_lanes: Option<u32>,
     kernels: Kernels,
     weights: GpuWeights,
     uniforms: Uniforms,
@@ -118,6 +124,12 @@ impl MoeLayer {
         let shape = weights.shape;
         config.validate_for_experts(shape.num_experts)?;
         check_gating(&config, weights)?;
+        if let Some(lanes) = options.row_lanes.filter(|l| !ROW_LANES_CHOICES.contains(l)) {
+            return Err(MoeError::config(
+                "row_lanes",
+                format!("{lanes}; the matmul tiles take one of {ROW_LANES_CHOICES:?}"),
+            ));
+        }
         if shape.num_experts > MAX_EXPERTS as usize {
             return Err(MoeError::config(
                 "n_experts",
@@ -173,6 +185,7 @@ impl MoeLayer {
             shape,
             limits,
             max_binding_bytes,
+            forced_row_lanes: options.row_lanes,
             kernels,
             weights: weights_on_device,
             uniforms,
@@ -237,7 +250,7 @@ impl MoeLayer {
 
     fn plan(&self, x: &[f32], shape: &[usize]) -> Result<ForwardPlan> {
         let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
-        let plan = ForwardPlan::new(&self.config, self.shape, num_tokens)?;
+        let plan = ForwardPlan::new(&self.config, self.shape, num_tokens, self.forced_row_lanes)?;
         let sizes = ScratchSizes::for_plan(&plan);
         if sizes.largest_binding_bytes() > self.max_binding_bytes {
             return Err(MoeError::DeviceLimit {
@@ -414,8 +427,10 @@ impl MoeLayer {
                 .shards
                 .iter()
                 .map(|shard| {
-                    k.expert_up.bind(
+                    bind_buffers(
                         device,
+                        "expert_up",
+                        &k.expert_matmuls.up_layout,
                         &[
                             &shard.params,
                             &s.x,
@@ -434,8 +449,10 @@ impl MoeLayer {
                 .shards
                 .iter()
                 .map(|shard| {
-                    k.expert_down.bind(
+                    bind_buffers(
                         device,
+                        "expert_down",
+                        &k.expert_matmuls.down_layout,
                         &[
                             &shard.params,
                             &s.hidden,
@@ -488,10 +505,10 @@ impl MoeLayer {
             chunks_per_group: plan.chunks_per_group as u32,
             num_blocks: plan.num_assign_blocks as u32,
             capacity: plan.capacity_u32(),
-            row_tile: ROW_TILE,
+            row_tile: plan.tiling.row_tile() as u32,
             num_shards: self.weights.shards.len() as u32,
-            up_tiles_x: div_ceil(d_ff, COL_TILE as usize) as u32,
-            down_tiles_x: div_ceil(d_model, COL_TILE as usize) as u32,
+            up_tiles_x: div_ceil(d_ff, plan.tiling.col_tile()) as u32,
+            down_tiles_x: div_ceil(d_model, plan.tiling.col_tile()) as u32,
             _pad: 0,
         };
         let combine = CombineParams {
@@ -569,13 +586,14 @@ impl MoeLayer {
         // Row tiles per shard are known only on the device: the scan wrote the arguments,
         // one (x, y, z) triple per shard for each projection.
         let args = &workspace.scratch.dispatch_args;
+        let matmuls = k.expert_matmuls.pipelines(&self.device, plan.tiling);
         for (shard, bind_group) in workspace.expert_up.iter().enumerate() {
-            pass.set_pipeline(&k.expert_up.pipeline);
+            pass.set_pipeline(&matmuls.up);
             pass.set_bind_group(0, bind_group, &[]);
             pass.dispatch_workgroups_indirect(args, (shard * 24) as u64);
         }
         for (shard, bind_group) in workspace.expert_down.iter().enumerate() {
-            pass.set_pipeline(&k.expert_down.pipeline);
+            pass.set_pipeline(&matmuls.down);
             pass.set_bind_group(0, bind_group, &[]);
             pass.dispatch_workgroups_indirect(args, (shard * 24 + 12) as u64);
         }
@@ -664,6 +682,7 @@ impl MoeLayer {
             assignment_slot: assignment_slot.to_vec(),
             slot_token: slot_token.to_vec(),
             tile_start: table[2 * n..3 * n + 1].to_vec(),
+            row_tile: plan.tiling.row_tile() as u32,
             hidden: floats(hidden),
             expert_out: floats(expert_out),
         })

@@ -4,7 +4,9 @@
 
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
-use crate::gpu::shaders::{BLOCK_TOKENS, COMBINE_WORKGROUP, ROW_TILE};
+use crate::gpu::shaders::{
+    BLOCK_TOKENS, COMBINE_WORKGROUP, MATMUL_BLOCK, MATMUL_LANES, ROW_LANES_CHOICES,
+};
 use crate::weights::LayerShape;
 
 /// The sizes of one forward.
@@ -22,8 +24,60 @@ pub struct ForwardPlan {
     pub num_route_blocks: usize,
     /// Assignments kept per group and expert; `None` when nothing is dropped.
     pub capacity: Option<usize>,
+    /// The expert matmuls' tiling for this batch.
+    pub tiling: MatmulTiling,
     /// An upper bound of the row tiles of all experts' padded segments.
     pub max_tiles: usize,
+}
+
+/// The shape of the expert matmuls' workgroup tile: `row_lanes` × (64 / `row_lanes`)
+/// invocations with an 8×8 block each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulTiling {
+    pub row_lanes: u32,
+}
+
+impl MatmulTiling {
+    /// Rows of a tile; expert segments are padded to a multiple of it.
+    pub fn row_tile(self) -> usize {
+        (self.row_lanes * MATMUL_BLOCK) as usize
+    }
+
+    /// Columns of a tile.
+    pub fn col_tile(self) -> usize {
+        (MATMUL_LANES / self.row_lanes * MATMUL_BLOCK) as usize
+    }
+
+    /// The tiling for `rows_per_expert` rows on average, with output widths `d_ff` (up) and
+    /// `d_model` (down). Small experts want short row tiles (each expert's last tile is
+    /// half empty on average); narrow outputs want narrow column tiles (lanes past the
+    /// last column idle); among equals the shortest tile wins (measured on lavapipe, tile
+    /// height barely matters once nothing is wasted). The cost is the product of the wastes.
+    pub fn for_shape(rows_per_expert: f64, d_model: usize, d_ff: usize) -> Self {
+        let rows = rows_per_expert.max(1.0);
+        let waste = |tiling: MatmulTiling| {
+            let row_tile = tiling.row_tile() as f64;
+            let padded_rows = if rows >= row_tile {
+                rows + row_tile / 2.0
+            } else {
+                row_tile
+            };
+            let col_tile = tiling.col_tile();
+            let columns =
+                |width: usize| (width.div_ceil(col_tile) * col_tile) as f64 / width as f64;
+            padded_rows / rows * (columns(d_ff) + columns(d_model)) / 2.0
+        };
+        let mut best = MatmulTiling {
+            row_lanes: ROW_LANES_CHOICES[0],
+        };
+        for &row_lanes in &ROW_LANES_CHOICES[1..] {
+            let candidate = MatmulTiling { row_lanes };
+            if waste(candidate) < waste(best) * 0.9999 {
+                best = candidate;
+            }
+        }
+        best
+    }
 }
 
 /// `ceil(a / b)`.
@@ -32,7 +86,13 @@ pub fn div_ceil(a: usize, b: usize) -> usize {
 }
 
 impl ForwardPlan {
-    pub fn new(config: &MoeConfig, shape: LayerShape, num_tokens: usize) -> Result<Self> {
+    /// The plan for `num_tokens` tokens; `row_lanes` forces the matmul tiling.
+    pub fn new(
+        config: &MoeConfig,
+        shape: LayerShape,
+        num_tokens: usize,
+        row_lanes: Option<u32>,
+    ) -> Result<Self> {
         let group_size = config.group_size_for(num_tokens)?;
         let num_groups = num_tokens / group_size;
         let chunks_per_group = div_ceil(group_size, BLOCK_TOKENS as usize);
@@ -54,8 +114,16 @@ impl ForwardPlan {
             ),
             None => assignments,
         };
+        let tiling = match row_lanes {
+            Some(row_lanes) => MatmulTiling { row_lanes },
+            None => MatmulTiling::for_shape(
+                kept_bound as f64 / shape.num_experts as f64,
+                shape.d_model,
+                shape.d_ff,
+            ),
+        };
         // Each expert's segment is padded to whole row tiles: at most one extra per expert.
-        let max_tiles = div_ceil(kept_bound, ROW_TILE as usize) + shape.num_experts.min(kept_bound);
+        let max_tiles = div_ceil(kept_bound, tiling.row_tile()) + shape.num_experts.min(kept_bound);
         Ok(ForwardPlan {
             num_tokens,
             top_k: config.top_k,
@@ -66,6 +134,7 @@ impl ForwardPlan {
             num_assign_blocks: num_groups * chunks_per_group,
             num_route_blocks: div_ceil(num_tokens, BLOCK_TOKENS as usize),
             capacity,
+            tiling,
             max_tiles,
         })
     }
@@ -76,7 +145,7 @@ impl ForwardPlan {
 
     /// Rows of the `hidden` and `expert_out` buffers: whole row tiles.
     pub fn max_slots(&self) -> usize {
-        self.max_tiles * ROW_TILE as usize
+        self.max_tiles * self.tiling.row_tile()
     }
 
     /// Capacity as the kernels take it (`u32::MAX`: no dropping).

@@ -40,10 +40,12 @@ pub const ALL: [ShaderSource; 8] = [
 
 /// Tokens per block in route_tokens, count_experts and scatter_assignments.
 pub const BLOCK_TOKENS: u32 = 128;
-/// Rows of one expert matmul tile; expert segments are padded to a multiple of it.
-pub const ROW_TILE: u32 = 32;
-/// Columns of one expert matmul tile.
-pub const COL_TILE: u32 = 32;
+/// Invocations per workgroup of the expert matmuls (expert_up, expert_down).
+pub const MATMUL_LANES: u32 = 64;
+/// Each matmul invocation computes a MATMUL_BLOCK × MATMUL_BLOCK output block.
+pub const MATMUL_BLOCK: u32 = 8;
+/// The values the matmuls' `ROW_LANES` override may take (lanes along a tile's rows).
+pub const ROW_LANES_CHOICES: [u32; 4] = [1, 2, 4, 8];
 /// The histogram size of count_experts (workgroup memory), hence the most experts.
 pub const MAX_EXPERTS: u32 = 2048;
 /// assignment_slot's mark for a dropped assignment.
