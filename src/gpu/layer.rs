@@ -3,6 +3,7 @@
 //! (their number depends on the weight shards, never on the number of experts), submits
 //! once and reads back once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::config::{DropPolicy, MoeConfig};
@@ -13,6 +14,7 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::kernels::{bind_buffers, Kernel, Kernels};
 use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
+use crate::gpu::readback::{map_for_reading, Wait};
 use crate::gpu::shaders::{MAX_EXPERTS, ROW_LANES_CHOICES};
 use crate::output::{num_tokens_of, MoeOutput};
 use crate::weights::{LayerShape, MoeWeights};
@@ -95,6 +97,8 @@ pub struct MoeLayer {
     timer: Option<PassTimer>,
     /// Concurrent forwards take turns on one workspace.
     workspace: Mutex<Option<Workspace>>,
+    /// How many times the scratch buffers were (re)allocated.
+    scratch_allocations: AtomicUsize,
 }
 
 impl MoeLayer {
@@ -191,6 +195,7 @@ impl MoeLayer {
             uniforms,
             timer,
             workspace: Mutex::new(None),
+            scratch_allocations: AtomicUsize::new(0),
         })
     }
 
@@ -214,6 +219,12 @@ impl MoeLayer {
         6 + 2 * self.weights.shards.len()
     }
 
+    /// How many times forwards had to allocate scratch buffers (a larger batch than any
+    /// before); constant in steady state.
+    pub fn scratch_allocations(&self) -> usize {
+        self.scratch_allocations.load(Ordering::Relaxed)
+    }
+
     /// Bytes of the scratch buffers currently allocated (0 before the first forward).
     pub fn scratch_bytes(&self) -> u64 {
         self.workspace
@@ -224,24 +235,35 @@ impl MoeLayer {
     }
 
     /// Runs the layer on `x` of `shape` (`[T, D]` or `[S, B, D]`).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        self.run(x, shape, false).map(|run| run.output)
+        pollster::block_on(self.run(x, shape, false, Wait::Block)).map(|run| run.output)
+    }
+
+    /// Like [`MoeLayer::forward`], without blocking: the future yields until the GPU is
+    /// done. Concurrent forwards on one layer take turns (see the README's guarantees).
+    pub async fn forward_async(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
+        self.run(x, shape, false, Wait::Yield)
+            .await
+            .map(|run| run.output)
     }
 
     /// Like [`MoeLayer::forward`], also returning the GPU time of the forward's compute
     /// pass in seconds (from timestamp queries; `None` when the device has none).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_timed(&self, x: &[f32], shape: &[usize]) -> Result<(MoeOutput, Option<f64>)> {
-        self.run(x, shape, false)
-            .map(|run| (run.output, run.gpu_seconds))
+        let run = pollster::block_on(self.run(x, shape, false, Wait::Block))?;
+        Ok((run.output, run.gpu_seconds))
     }
 
     /// Like [`MoeLayer::forward`], also reading back the intermediate buffers.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_with_trace(
         &self,
         x: &[f32],
         shape: &[usize],
     ) -> Result<(MoeOutput, ForwardTrace)> {
-        let Run { output, trace, .. } = self.run(x, shape, true)?;
+        let Run { output, trace, .. } = pollster::block_on(self.run(x, shape, true, Wait::Block))?;
         let trace = trace.ok_or_else(|| MoeError::Device {
             message: "trace requested but not read back".to_string(),
         })?;
@@ -270,7 +292,7 @@ impl MoeLayer {
         Ok(plan)
     }
 
-    fn run(&self, x: &[f32], shape: &[usize], with_trace: bool) -> Result<Run> {
+    async fn run(&self, x: &[f32], shape: &[usize], with_trace: bool, wait: Wait) -> Result<Run> {
         let plan = self.plan(x, shape)?;
         let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
             message: "a previous forward panicked while holding the workspace".to_string(),
@@ -282,6 +304,7 @@ impl MoeLayer {
             Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
             previous => {
                 let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
+                self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
                 self.build_workspace(sizes)
             }
         };
@@ -310,14 +333,16 @@ impl MoeLayer {
                 timestamps,
             ),
         ];
-        let words = self.submit_and_read(encoder, &scratch.readback, &outputs)?;
+        let words = self
+            .submit_and_read(encoder, &scratch.readback, &outputs, wait)
+            .await?;
         let trace = if with_trace {
-            Some(self.read_trace(scratch, &plan)?)
+            Some(self.read_trace(scratch, &plan, wait).await?)
         } else {
             None
         };
-        let validation = pollster::block_on(validation_scope.pop());
-        let oom = pollster::block_on(oom_scope.pop());
+        let validation = validation_scope.pop().await;
+        let oom = oom_scope.pop().await;
         if let Some(error) = validation.or(oom) {
             return Err(MoeError::Device {
                 message: format!("forward failed: {error}"),
@@ -608,11 +633,12 @@ impl MoeLayer {
 
     /// Copies `sources` (buffer, 4-byte words from its start) one after the other into
     /// `staging`, submits, waits and returns the words.
-    fn submit_and_read(
+    async fn submit_and_read(
         &self,
         mut encoder: wgpu::CommandEncoder,
         staging: &wgpu::Buffer,
         sources: &[(&wgpu::Buffer, usize)],
+        wait: Wait,
     ) -> Result<Vec<u32>> {
         let mut offset = 0u64;
         for (buffer, words) in sources {
@@ -625,23 +651,7 @@ impl MoeLayer {
         self.queue.submit([encoder.finish()]);
         let total = offset;
         let slice = staging.slice(..total.max(4));
-        let (sender, receiver) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |result| {
-            let _ = sender.send(result);
-        });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| MoeError::Device {
-                message: format!("waiting for the forward: {e}"),
-            })?;
-        receiver
-            .recv()
-            .map_err(|_| MoeError::Device {
-                message: "the read-back never completed".to_string(),
-            })?
-            .map_err(|e| MoeError::Device {
-                message: format!("mapping the read-back buffer: {e}"),
-            })?;
+        map_for_reading(&self.device, slice, wait).await?;
         let words = {
             let view = slice.get_mapped_range().map_err(|e| MoeError::Device {
                 message: format!("reading the read-back buffer: {e}"),
@@ -652,7 +662,12 @@ impl MoeLayer {
         Ok(words)
     }
 
-    fn read_trace(&self, scratch: &Scratch, plan: &ForwardPlan) -> Result<ForwardTrace> {
+    async fn read_trace(
+        &self,
+        scratch: &Scratch,
+        plan: &ForwardPlan,
+        wait: Wait,
+    ) -> Result<ForwardTrace> {
         let n = plan.shape.num_experts;
         let slots = plan.max_slots();
         let sources: [(&wgpu::Buffer, usize); 5] = [
@@ -674,7 +689,9 @@ impl MoeLayer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("trace"),
             });
-        let words = self.submit_and_read(encoder, &staging, &sources)?;
+        let words = self
+            .submit_and_read(encoder, &staging, &sources, wait)
+            .await?;
         let [assignment_slot, slot_token, table, hidden, expert_out] =
             split_words(&words, &sources);
         let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();

@@ -6,6 +6,7 @@ pub mod kernels;
 pub mod layer;
 pub mod params;
 pub mod plan;
+pub mod readback;
 pub mod shaders;
 
 pub use context::{AdapterSummary, GpuContext};
