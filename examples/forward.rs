@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     let request = match parse_args(&args) {
         Ok(request) => request,
         Err(message) => {
-            eprintln!("error: {message}\n{USAGE}");
+            eprintln!("error: {message} ({USAGE})");
             return ExitCode::from(2);
         }
     };
