@@ -10,15 +10,16 @@ pub mod cpu_reference;
 pub mod error;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod forward_files;
+pub mod gpu;
 pub mod output;
 pub mod rng;
 pub mod tensor_io;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 pub mod weights;
 
 pub use config::{Activation, DropPolicy, MoeConfig, Naming};
 pub use error::{MoeError, Result};
+pub use gpu::{GpuContext, LayerOptions, MoeLayer};
 pub use output::MoeOutput;
 pub use weights::{LayerShape, MoeWeights};
-pub mod gpu;
-
-pub use gpu::{GpuContext, LayerOptions, MoeLayer};

@@ -103,10 +103,12 @@ pub struct MoeLayer {
 
 impl MoeLayer {
     /// Uploads `weights` and builds every pipeline on `context`'s device.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(context: &GpuContext, config: MoeConfig, weights: &MoeWeights) -> Result<Self> {
         Self::with_options(context, config, weights, LayerOptions::default())
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn with_options(
         context: &GpuContext,
         config: MoeConfig,
@@ -117,7 +119,31 @@ impl MoeLayer {
     }
 
     /// Builds the layer on a caller's device and queue.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_device(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        config: MoeConfig,
+        weights: &MoeWeights,
+        options: LayerOptions,
+    ) -> Result<Self> {
+        pollster::block_on(Self::from_device_async(
+            device, queue, config, weights, options,
+        ))
+    }
+
+    /// [`MoeLayer::with_options`] without blocking (the only way in a browser).
+    pub async fn new_async(
+        context: &GpuContext,
+        config: MoeConfig,
+        weights: &MoeWeights,
+        options: LayerOptions,
+    ) -> Result<Self> {
+        Self::from_device_async(&context.device, &context.queue, config, weights, options).await
+    }
+
+    /// [`MoeLayer::from_device`] without blocking.
+    pub async fn from_device_async(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
         config: MoeConfig,
@@ -154,7 +180,7 @@ impl MoeLayer {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(device, &config);
         let weights_on_device = GpuWeights::upload(device, weights, max_weight_binding_bytes)?;
-        if let Some(error) = pollster::block_on(scope.pop()) {
+        if let Some(error) = scope.pop().await {
             return Err(MoeError::Device {
                 message: format!("building the layer: {error}"),
             });
