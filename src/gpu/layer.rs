@@ -25,6 +25,9 @@ pub struct LayerOptions {
     /// Caps the bytes of one expert-weight binding below the device's limit, which splits
     /// the expert weights over more shards (used by tests of the split path).
     pub max_weight_binding_bytes: Option<u64>,
+    /// Caps the bytes of one activation binding below the device's limit, which makes
+    /// large batches run in chunks (used by tests of the chunked path).
+    pub max_activation_binding_bytes: Option<u64>,
     /// Forces the expert matmuls' tile shape (`ROW_LANES`: 1, 2, 4 or 8) instead of
     /// choosing it from the tokens per expert (for tests and tuning).
     pub row_lanes: Option<u32>,
@@ -47,7 +50,8 @@ pub struct ForwardTrace {
     pub expert_out: Vec<f32>,
 }
 
-/// What one forward produced.
+/// What one forward produced (the browser API reads only the output).
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 struct Run {
     output: MoeOutput,
     trace: Option<ForwardTrace>,
@@ -173,7 +177,9 @@ impl MoeLayer {
         let device_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
-        let max_binding_bytes = device_binding;
+        let max_binding_bytes = options
+            .max_activation_binding_bytes
+            .map_or(device_binding, |cap| cap.min(device_binding));
         let max_weight_binding_bytes = options
             .max_weight_binding_bytes
             .map_or(device_binding, |cap| cap.min(device_binding));
@@ -263,7 +269,7 @@ impl MoeLayer {
     /// Runs the layer on `x` of `shape` (`[T, D]` or `[S, B, D]`).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        pollster::block_on(self.run(x, shape, false, Wait::Block)).map(|run| run.output)
+        pollster::block_on(self.run_chunked(x, shape, Wait::Block)).map(|run| run.output)
     }
 
     /// Like [`MoeLayer::forward`], without blocking: the future yields until the GPU is
@@ -278,7 +284,7 @@ impl MoeLayer {
     /// pass in seconds (from timestamp queries; `None` when the device has none).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_timed(&self, x: &[f32], shape: &[usize]) -> Result<(MoeOutput, Option<f64>)> {
-        let run = pollster::block_on(self.run(x, shape, false, Wait::Block))?;
+        let run = pollster::block_on(self.run_chunked(x, shape, Wait::Block))?;
         Ok((run.output, run.gpu_seconds))
     }
 
@@ -296,8 +302,8 @@ impl MoeLayer {
         Ok((output, trace))
     }
 
-    fn plan(&self, x: &[f32], shape: &[usize]) -> Result<ForwardPlan> {
-        let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
+    /// The plan for `num_tokens` tokens, or the device limit it would exceed.
+    fn plan(&self, num_tokens: usize) -> Result<ForwardPlan> {
         let plan = ForwardPlan::new(&self.config, self.shape, num_tokens, self.forced_row_lanes)?;
         let sizes = ScratchSizes::for_plan(&plan);
         if sizes.largest_binding_bytes() > self.max_binding_bytes {
@@ -318,8 +324,59 @@ impl MoeLayer {
         Ok(plan)
     }
 
+    /// Tokens per chunk for a batch of `num_tokens`: all of them when the batch fits the
+    /// device, else the largest halving that fits. Chunks are exact: they hold whole
+    /// capacity groups, or any tokens when nothing is dropped (tokens are then
+    /// independent). A single capacity group that does not fit stays an error.
+    fn chunk_tokens(&self, num_tokens: usize) -> Result<usize> {
+        let whole = match self.plan(num_tokens) {
+            Ok(_) => return Ok(num_tokens),
+            Err(error) => error,
+        };
+        let group_size = self.config.group_size_for(num_tokens)?;
+        let unit = match (self.config.drop_tokens, group_size < num_tokens) {
+            (false, _) => 1,
+            (true, true) => group_size,
+            (true, false) => return Err(whole),
+        };
+        let mut chunk = num_tokens;
+        while chunk > unit {
+            chunk = (chunk / 2).div_ceil(unit).max(1) * unit;
+            if self.plan(chunk).is_ok() {
+                return Ok(chunk);
+            }
+        }
+        Err(whole)
+    }
+
+    /// A forward in chunks of whole capacity groups when the batch exceeds a device limit
+    /// (see [`MoeLayer::chunk_tokens`]); statistics are summed over the chunks.
+    async fn run_chunked(&self, x: &[f32], shape: &[usize], wait: Wait) -> Result<Run> {
+        let d_model = self.shape.d_model;
+        let num_tokens = num_tokens_of(shape, x.len(), d_model)?;
+        let chunk = self.chunk_tokens(num_tokens)?;
+        if chunk == num_tokens {
+            return self.run(x, shape, false, wait).await;
+        }
+        let mut runs = Vec::with_capacity(num_tokens.div_ceil(chunk));
+        for (index, part) in x.chunks(chunk * d_model).enumerate() {
+            let tokens = part.len() / d_model;
+            let run = self
+                .run(part, &[tokens, d_model], false, wait)
+                .await
+                .map_err(|e| match e {
+                    MoeError::NonFiniteInput { token } => MoeError::NonFiniteInput {
+                        token: index * chunk + token,
+                    },
+                    other => other,
+                })?;
+            runs.push(run);
+        }
+        Ok(merge_chunks(runs, shape, self.shape.num_experts))
+    }
+
     async fn run(&self, x: &[f32], shape: &[usize], with_trace: bool, wait: Wait) -> Result<Run> {
-        let plan = self.plan(x, shape)?;
+        let plan = self.plan(num_tokens_of(shape, x.len(), self.shape.d_model)?)?;
         let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
             message: "a previous forward panicked while holding the workspace".to_string(),
         })?;
@@ -729,6 +786,57 @@ impl MoeLayer {
             hidden: floats(hidden),
             expert_out: floats(expert_out),
         })
+    }
+}
+
+/// One output from the chunks of a batch: tensors concatenated, counts and probability
+/// sums added in chunk order (deterministic), the aux loss recomputed from the totals as
+/// reduce_router_stats does, the z-loss as the token-weighted mean.
+fn merge_chunks(runs: Vec<Run>, shape: &[usize], num_experts: usize) -> Run {
+    let num_tokens: usize = runs.iter().map(|r| r.output.num_tokens()).sum();
+    let top_k = runs.first().map_or(1, |r| r.output.top_k);
+    let mut merged = MoeOutput {
+        shape: shape.to_vec(),
+        num_experts,
+        top_k,
+        y: Vec::new(),
+        routes: Vec::new(),
+        gates: Vec::new(),
+        route_prob_max: Vec::new(),
+        counts: vec![0; num_experts],
+        kept: vec![0; num_experts],
+        route_prob_sum: vec![0.0; num_experts],
+        n_dropped: 0,
+        aux_loss: 0.0,
+        z_loss: 0.0,
+    };
+    let mut z_sum = 0.0f32;
+    let mut gpu_seconds = Some(0.0);
+    for run in runs {
+        let chunk = run.output;
+        merged.y.extend(chunk.y);
+        merged.routes.extend(chunk.routes);
+        merged.gates.extend(chunk.gates);
+        merged.route_prob_max.extend(&chunk.route_prob_max);
+        for e in 0..num_experts {
+            merged.counts[e] += chunk.counts[e];
+            merged.kept[e] += chunk.kept[e];
+            merged.route_prob_sum[e] += chunk.route_prob_sum[e];
+        }
+        merged.n_dropped += chunk.n_dropped;
+        z_sum += chunk.z_loss * chunk.route_prob_max.len() as f32;
+        gpu_seconds = gpu_seconds.zip(run.gpu_seconds).map(|(a, b)| a + b);
+    }
+    let t = num_tokens as f32;
+    let aux: f32 = (0..num_experts)
+        .map(|e| (merged.counts[e] as f32 / t) * (merged.route_prob_sum[e] / t))
+        .sum();
+    merged.aux_loss = num_experts as f32 * aux;
+    merged.z_loss = z_sum / t;
+    Run {
+        output: merged,
+        trace: None,
+        gpu_seconds,
     }
 }
 
