@@ -52,7 +52,7 @@ fn route_one_token(token: u32) -> f32 {
     }
 
     // h[t, e] = x[t]·Wr[e] + br[e], kept in `probs` until the softmax overwrites it.
-    var max_logit = -3.4028235e38;
+    var max_logit = bitcast<f32>(0xff7fffffu); // -f32::MAX, exactly
     for (var e = 0u; e < num_experts; e++) {
         let w_base = e * d_model;
         var logit = 0.0;

@@ -24,21 +24,23 @@ function drawHistogram(counts, kept) {
   const n = counts.length;
   const max = Math.max(1, ...counts);
   const width = (canvas.width - 40) / n;
-  const height = canvas.height - 30;
+  const top = 28;
+  const height = canvas.height - top - 20;
   ctx.font = "11px sans-serif";
   for (let e = 0; e < n; e++) {
     const x = 30 + e * width;
     const routed = (counts[e] / max) * height;
     const keptHeight = (kept[e] / max) * height;
     ctx.fillStyle = "#f4a7a7"; // dropped part
-    ctx.fillRect(x, 10 + height - routed, Math.max(1, width - 2), routed);
+    ctx.fillRect(x, top + height - routed, Math.max(1, width - 2), routed);
     ctx.fillStyle = "#4f81bd"; // kept part
-    ctx.fillRect(x, 10 + height - keptHeight, Math.max(1, width - 2), keptHeight);
+    ctx.fillRect(x, top + height - keptHeight, Math.max(1, width - 2), keptHeight);
+    ctx.fillStyle = "#222";
     if (n <= 32) ctx.fillText(String(e), x, canvas.height - 5);
   }
   ctx.fillStyle = "#222";
-  ctx.fillText(String(max), 0, 18);
-  ctx.fillText("kept (blue) and dropped (red) per expert", 40, 18);
+  ctx.fillText(`${max} assignments`, 0, top - 4);
+  ctx.fillText("kept (blue) and dropped (red) per expert", 120, top - 4);
 }
 
 async function run() {

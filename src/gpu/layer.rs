@@ -275,7 +275,7 @@ impl MoeLayer {
     /// Like [`MoeLayer::forward`], without blocking: the future yields until the GPU is
     /// done. Concurrent forwards on one layer take turns (see the README's guarantees).
     pub async fn forward_async(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        self.run(x, shape, false, Wait::Yield)
+        self.run_chunked(x, shape, Wait::Yield)
             .await
             .map(|run| run.output)
     }

@@ -1,10 +1,10 @@
 // Browser test: serves examples/web on 127.0.0.1, opens it in headless Chromium (WebGPU
 // through SwiftShader), runs a small forward and checks that the page reports a match
-// with the CPU reference. Exit code 0 on a match, 1 otherwise.
+// with the CPU reference. Exit code 0 on a match, 1 otherwise. SCREENSHOT=file.png saves
+// the page.
 import http from "node:http";
 import fs from "node:fs";
 import path from "node:path";
-import os from "node:os";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
@@ -29,7 +29,7 @@ const browser = await chromium.launch({
   args: [
     "--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-quic", `--user-data-dir=${fs.mkdtempSync(path.join(os.tmpdir(), "switch-moe-chromium-"))}`,
+    "--disable-quic",
   ],
 });
 let verdict = "ERROR no result";
@@ -41,6 +41,7 @@ try {
   await page.goto(`http://127.0.0.1:${port}/index.html?${query}`);
   await page.waitForFunction(() => /^switch-moe: (MATCH|MISMATCH|ERROR)/.test(document.title), null, { timeout: 180_000 });
   verdict = await page.title();
+  if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
   console.log(`page result: ${verdict}`);
   console.log(`page text: ${(await page.textContent("#stats")) ?? ""}`);
 } finally {
