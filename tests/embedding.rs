@@ -118,3 +118,114 @@ fn soak_allocates_nothing_in_steady_state() {
     layer.forward(&larger, &[300, 16]).unwrap();
     assert_eq!(layer.scratch_allocations(), allocations + 1);
 }
+
+/// Reads a buffer back (test helper; the layer's buffer-level forward reads nothing back).
+fn read_words(context: &switch_moe::GpuContext, buffer: &wgpu::Buffer) -> Vec<u32> {
+    let staging = context.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test read-back"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    context.queue.submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |result| result.unwrap());
+    context
+        .device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .unwrap();
+    let words = bytemuck::pod_collect_to_vec(&staging.slice(..).get_mapped_range().unwrap()[..]);
+    staging.unmap();
+    words
+}
+
+fn buffer_with(
+    context: &switch_moe::GpuContext,
+    values: &[f32],
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    wgpu::util::DeviceExt::create_buffer_init(
+        &context.device,
+        &wgpu::util::BufferInitDescriptor {
+            label: Some("caller buffer"),
+            contents: bytemuck::cast_slice(values),
+            usage,
+        },
+    )
+}
+
+#[test]
+fn buffer_level_forward_into_the_callers_encoder() {
+    use switch_moe::gpu::StatisticsLayout;
+    let context = gpu();
+    let (layer, config) = small_layer(&context);
+    let (t, d, n, k) = (100usize, 16usize, 8usize, config.top_k);
+    let x_values = tokens(t, d, 130);
+    let expected = layer.forward(&x_values, &[t, d]).unwrap();
+
+    let caller =
+        wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::STORAGE;
+    let x = buffer_with(&context, &x_values, caller);
+    let y = buffer_with(&context, &vec![0.0; t * d], caller);
+    let layout = StatisticsLayout::new(t, k, n);
+    let statistics = buffer_with(&context, &vec![0.0; layout.words], caller);
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    layer
+        .encode_forward(&mut encoder, &x, &y, Some(&statistics), t)
+        .unwrap();
+    // Another forward runs between encoding and submitting: the encoded one must not care.
+    let other = tokens(40, d, 131);
+    layer.forward(&other, &[40, d]).unwrap();
+    context.queue.submit([encoder.finish()]);
+
+    let y_words = read_words(&context, &y);
+    let stats = read_words(&context, &statistics);
+    let floats = |words: &[u32]| words.iter().map(|w| f32::from_bits(*w)).collect::<Vec<_>>();
+    assert_eq!(floats(&y_words), expected.y);
+    assert_eq!(&stats[layout.routes..layout.gates], &expected.routes[..]);
+    assert_eq!(
+        floats(&stats[layout.gates..layout.route_prob_max]),
+        expected.gates
+    );
+    assert_eq!(
+        floats(&stats[layout.route_prob_max..layout.counts]),
+        expected.route_prob_max
+    );
+    assert_eq!(&stats[layout.counts..layout.kept], &expected.counts[..]);
+    assert_eq!(&stats[layout.kept..layout.n_dropped], &expected.kept[..]);
+    assert_eq!(stats[layout.n_dropped], expected.n_dropped);
+    assert_eq!(
+        floats(&stats[layout.route_prob_sum..layout.aux_loss]),
+        expected.route_prob_sum
+    );
+    assert_eq!(f32::from_bits(stats[layout.aux_loss]), expected.aux_loss);
+    assert_eq!(f32::from_bits(stats[layout.z_loss]), expected.z_loss);
+    assert_eq!(stats[layout.first_non_finite_token], u32::MAX);
+
+    // A non-finite token is reported in the statistics, not as an error.
+    let mut bad = x_values.clone();
+    bad[7 * d + 2] = f32::INFINITY;
+    let x_bad = buffer_with(&context, &bad, caller);
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    layer
+        .encode_forward(&mut encoder, &x_bad, &y, Some(&statistics), t)
+        .unwrap();
+    context.queue.submit([encoder.finish()]);
+    assert_eq!(
+        read_words(&context, &statistics)[layout.first_non_finite_token],
+        7
+    );
+
+    // Buffers too small are errors naming the buffer.
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    let small = buffer_with(&context, &[0.0; 4], caller);
+    match layer.encode_forward(&mut encoder, &x, &small, None, t) {
+        Err(switch_moe::MoeError::InputShape { message }) => {
+            assert!(message.contains("`y`"), "{message}")
+        }
+        other => panic!("expected an input error, got {other:?}"),
+    }
+}

@@ -50,6 +50,67 @@ pub struct ForwardTrace {
     pub expert_out: Vec<f32>,
 }
 
+/// Every kernel's `Params` for one forward.
+struct KernelParams {
+    route: RouteParams,
+    assign: AssignParams,
+    combine: CombineParams,
+    stats: StatsParams,
+}
+
+/// Where [`MoeLayer::encode_forward`] writes each statistic in the caller's buffer, in
+/// 4-byte words (u32 or f32 bit patterns): routes [T·k], gates [T·k], route_prob_max [T],
+/// counts [N], kept [N], n_dropped, route_prob_sum [N], aux_loss, z_loss,
+/// first_non_finite_token (`u32::MAX` when every token is finite).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatisticsLayout {
+    pub routes: usize,
+    pub gates: usize,
+    pub route_prob_max: usize,
+    pub counts: usize,
+    pub kept: usize,
+    pub n_dropped: usize,
+    pub route_prob_sum: usize,
+    pub aux_loss: usize,
+    pub z_loss: usize,
+    pub first_non_finite_token: usize,
+    /// Words in all.
+    pub words: usize,
+}
+
+impl StatisticsLayout {
+    pub fn new(num_tokens: usize, top_k: usize, num_experts: usize) -> Self {
+        let assignments = num_tokens * top_k;
+        let routes = 0;
+        let gates = routes + assignments;
+        let route_prob_max = gates + assignments;
+        let counts = route_prob_max + num_tokens;
+        let kept = counts + num_experts;
+        let n_dropped = kept + num_experts;
+        let route_prob_sum = n_dropped + 1;
+        let aux_loss = route_prob_sum + num_experts;
+        let z_loss = aux_loss + 1;
+        let first_non_finite_token = z_loss + 1;
+        StatisticsLayout {
+            routes,
+            gates,
+            route_prob_max,
+            counts,
+            kept,
+            n_dropped,
+            route_prob_sum,
+            aux_loss,
+            z_loss,
+            first_non_finite_token,
+            words: first_non_finite_token + 1,
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.words as u64 * 4
+    }
+}
+
 /// What one forward produced (the browser API reads only the output).
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 struct Run {
@@ -382,16 +443,7 @@ impl MoeLayer {
         })?;
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let needed = ScratchSizes::for_plan(&plan);
-        let workspace = match guard.take() {
-            Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
-            previous => {
-                let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
-                self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
-                self.build_workspace(sizes)
-            }
-        };
-        let workspace = guard.insert(workspace);
+        let workspace = self.workspace_for(&mut guard, &plan);
         self.write_inputs(&workspace.scratch, &plan, x);
         let mut encoder = self
             .device
@@ -466,6 +518,24 @@ impl MoeLayer {
             trace,
             gpu_seconds,
         })
+    }
+
+    /// The workspace, grown first if `plan` needs larger scratch buffers than any before.
+    fn workspace_for<'g>(
+        &self,
+        guard: &'g mut Option<Workspace>,
+        plan: &ForwardPlan,
+    ) -> &'g mut Workspace {
+        let needed = ScratchSizes::for_plan(plan);
+        let workspace = match guard.take() {
+            Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
+            previous => {
+                let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
+                self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
+                self.build_workspace(sizes)
+            }
+        };
+        guard.insert(workspace)
     }
 
     fn build_workspace(&self, sizes: ScratchSizes) -> Workspace {
@@ -589,54 +659,165 @@ impl MoeLayer {
     }
 
     fn write_inputs(&self, scratch: &Scratch, plan: &ForwardPlan, x: &[f32]) {
+        let queue = &self.queue;
+        let params = self.params_for(plan);
+        queue.write_buffer(&scratch.x, 0, bytemuck::cast_slice(x));
+        queue.write_buffer(&scratch.flags, 0, bytemuck::bytes_of(&u32::MAX));
+        queue.write_buffer(&self.uniforms.route, 0, bytemuck::bytes_of(&params.route));
+        queue.write_buffer(&self.uniforms.assign, 0, bytemuck::bytes_of(&params.assign));
+        queue.write_buffer(
+            &self.uniforms.combine,
+            0,
+            bytemuck::bytes_of(&params.combine),
+        );
+        queue.write_buffer(&self.uniforms.stats, 0, bytemuck::bytes_of(&params.stats));
+    }
+
+    /// Every kernel's `Params` for `plan`.
+    fn params_for(&self, plan: &ForwardPlan) -> KernelParams {
         let LayerShape {
             num_experts,
             d_model,
             d_ff,
         } = plan.shape;
-        let queue = &self.queue;
-        queue.write_buffer(&scratch.x, 0, bytemuck::cast_slice(x));
-        queue.write_buffer(&scratch.flags, 0, bytemuck::bytes_of(&u32::MAX));
-        let route = RouteParams {
-            num_tokens: plan.num_tokens as u32,
-            d_model: d_model as u32,
-            num_experts: num_experts as u32,
-            top_k: plan.top_k as u32,
-            normalize_top_k: self.config.normalize_top_k as u32,
-            _pad: [0; 3],
+        KernelParams {
+            route: RouteParams {
+                num_tokens: plan.num_tokens as u32,
+                d_model: d_model as u32,
+                num_experts: num_experts as u32,
+                top_k: plan.top_k as u32,
+                normalize_top_k: self.config.normalize_top_k as u32,
+                _pad: [0; 3],
+            },
+            assign: AssignParams {
+                num_tokens: plan.num_tokens as u32,
+                num_experts: num_experts as u32,
+                top_k: plan.top_k as u32,
+                group_size: plan.group_size as u32,
+                chunks_per_group: plan.chunks_per_group as u32,
+                num_blocks: plan.num_assign_blocks as u32,
+                capacity: plan.capacity_u32(),
+                row_tile: plan.tiling.row_tile() as u32,
+                num_shards: self.weights.shards.len() as u32,
+                up_tiles_x: div_ceil(d_ff, plan.tiling.col_tile()) as u32,
+                down_tiles_x: div_ceil(d_model, plan.tiling.col_tile()) as u32,
+                _pad: 0,
+            },
+            combine: CombineParams {
+                num_tokens: plan.num_tokens as u32,
+                d_model: d_model as u32,
+                top_k: plan.top_k as u32,
+                scale_by_prob: self.config.scale_by_prob as u32,
+                pass_through: (self.config.drop_policy == DropPolicy::PassThrough) as u32,
+                _pad: [0; 3],
+            },
+            stats: StatsParams {
+                num_tokens: plan.num_tokens as u32,
+                num_experts: num_experts as u32,
+                num_blocks: plan.num_route_blocks as u32,
+                _pad: 0,
+            },
+        }
+    }
+
+    /// Encodes a forward of `num_tokens` tokens into the caller's `encoder`, reading `x`
+    /// (`[T, D]` f32) from and writing `y` to caller-owned buffers, and, if given, every
+    /// statistic to `statistics` (layout: [`StatisticsLayout`]). Nothing is read back: the
+    /// caller submits when it likes and finds the first non-finite token, if any, in the
+    /// statistics. `x` needs `COPY_SRC`, `y` and `statistics` `COPY_DST`. Batches too large
+    /// for one pass are an error here (the blocking forward chunks them).
+    pub fn encode_forward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        statistics: Option<&wgpu::Buffer>,
+        num_tokens: usize,
+    ) -> Result<()> {
+        let plan = self.plan(num_tokens)?;
+        let values = (num_tokens * self.shape.d_model * 4) as u64;
+        let layout = StatisticsLayout::new(num_tokens, self.config.top_k, self.shape.num_experts);
+        let too_small = |name: &str, buffer: &wgpu::Buffer, bytes: u64| {
+            (buffer.size() < bytes).then(|| MoeError::InputShape {
+                message: format!(
+                    "buffer `{name}` holds {} bytes, the forward needs {bytes}",
+                    buffer.size()
+                ),
+            })
         };
-        let assign = AssignParams {
-            num_tokens: plan.num_tokens as u32,
-            num_experts: num_experts as u32,
-            top_k: plan.top_k as u32,
-            group_size: plan.group_size as u32,
-            chunks_per_group: plan.chunks_per_group as u32,
-            num_blocks: plan.num_assign_blocks as u32,
-            capacity: plan.capacity_u32(),
-            row_tile: plan.tiling.row_tile() as u32,
-            num_shards: self.weights.shards.len() as u32,
-            up_tiles_x: div_ceil(d_ff, plan.tiling.col_tile()) as u32,
-            down_tiles_x: div_ceil(d_model, plan.tiling.col_tile()) as u32,
-            _pad: 0,
-        };
-        let combine = CombineParams {
-            num_tokens: plan.num_tokens as u32,
-            d_model: d_model as u32,
-            top_k: plan.top_k as u32,
-            scale_by_prob: self.config.scale_by_prob as u32,
-            pass_through: (self.config.drop_policy == DropPolicy::PassThrough) as u32,
-            _pad: [0; 3],
-        };
-        let stats = StatsParams {
-            num_tokens: plan.num_tokens as u32,
-            num_experts: num_experts as u32,
-            num_blocks: plan.num_route_blocks as u32,
-            _pad: 0,
-        };
-        queue.write_buffer(&self.uniforms.route, 0, bytemuck::bytes_of(&route));
-        queue.write_buffer(&self.uniforms.assign, 0, bytemuck::bytes_of(&assign));
-        queue.write_buffer(&self.uniforms.combine, 0, bytemuck::bytes_of(&combine));
-        queue.write_buffer(&self.uniforms.stats, 0, bytemuck::bytes_of(&stats));
+        let statistics_error = statistics.and_then(|s| too_small("statistics", s, layout.bytes()));
+        if let Some(error) = too_small("x", x, values)
+            .or(too_small("y", y, values))
+            .or(statistics_error)
+        {
+            return Err(error);
+        }
+        let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
+            message: "a previous forward panicked while holding the workspace".to_string(),
+        })?;
+        let workspace = self.workspace_for(&mut guard, &plan);
+        // The Params travel inside the caller's command stream (a queue write would land at
+        // the next submit, whoever makes it), from one small buffer: route, assign, combine,
+        // stats, then the flag's initial value.
+        let params = self.params_for(&plan);
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(bytemuck::bytes_of(&params.route));
+        bytes.extend_from_slice(bytemuck::bytes_of(&params.assign));
+        bytes.extend_from_slice(bytemuck::bytes_of(&params.combine));
+        bytes.extend_from_slice(bytemuck::bytes_of(&params.stats));
+        bytes.extend_from_slice(bytemuck::bytes_of(&u32::MAX));
+        let staging = wgpu::util::DeviceExt::create_buffer_init(
+            &self.device,
+            &wgpu::util::BufferInitDescriptor {
+                label: Some("encoded forward params"),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::COPY_SRC,
+            },
+        );
+        let mut offset = 0u64;
+        let scratch = &workspace.scratch;
+        for (target, size) in [
+            (&self.uniforms.route, size_of::<RouteParams>()),
+            (&self.uniforms.assign, size_of::<AssignParams>()),
+            (&self.uniforms.combine, size_of::<CombineParams>()),
+            (&self.uniforms.stats, size_of::<StatsParams>()),
+            (&scratch.flags, 4),
+        ] {
+            encoder.copy_buffer_to_buffer(&staging, offset, target, 0, size as u64);
+            offset += size as u64;
+        }
+        encoder.copy_buffer_to_buffer(x, 0, &scratch.x, 0, values);
+        self.encode(encoder, workspace, &plan)?;
+        encoder.copy_buffer_to_buffer(&scratch.y, 0, y, 0, values);
+        if let Some(statistics) = statistics {
+            let n = self.shape.num_experts as u64;
+            let assignments = plan.num_assignments() as u64;
+            let copies = [
+                (&scratch.routes, 0, layout.routes, assignments),
+                (&scratch.gates, 0, layout.gates, assignments),
+                (
+                    &scratch.route_prob_max,
+                    0,
+                    layout.route_prob_max,
+                    num_tokens as u64,
+                ),
+                (&scratch.expert_table, 0, layout.counts, n),
+                (&scratch.expert_table, n, layout.kept, n),
+                (&scratch.expert_table, 3 * n + 1, layout.n_dropped, 1),
+                (&scratch.router_stats, 0, layout.route_prob_sum, n + 2),
+                (&scratch.flags, 0, layout.first_non_finite_token, 1),
+            ];
+            for (source, from, to, words) in copies {
+                encoder.copy_buffer_to_buffer(
+                    source,
+                    from * 4,
+                    statistics,
+                    to as u64 * 4,
+                    words * 4,
+                );
+            }
+        }
+        Ok(())
     }
 
     fn encode(

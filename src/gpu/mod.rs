@@ -10,4 +10,4 @@ pub mod readback;
 pub mod shaders;
 
 pub use context::{AdapterSummary, GpuContext};
-pub use layer::{ForwardTrace, LayerOptions, MoeLayer};
+pub use layer::{ForwardTrace, LayerOptions, MoeLayer, StatisticsLayout};
