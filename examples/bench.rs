@@ -14,6 +14,7 @@
 //! cargo run --release --example bench -- [--quick] [--json FILE] [--svg FILE]
 //!     [--experts 1,8,32,64,128] [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4]
 //!     [--d-model 512] [--d-ff 2048] [--runs 5]
+//! cargo run --release --example bench -- --replot FILE.json --svg FILE.svg
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,8 @@ struct Args {
     runs: usize,
     json: Option<String>,
     svg: Option<String>,
+    /// Plot the records of this JSON file instead of measuring.
+    replot: Option<String>,
 }
 
 fn list(value: &str) -> Result<Vec<usize>, String> {
@@ -58,6 +61,7 @@ fn parse_args() -> Result<Args, String> {
         runs: 5,
         json: None,
         svg: None,
+        replot: None,
     };
     let mut rest = std::env::args().skip(1);
     while let Some(flag) = rest.next() {
@@ -84,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
             "--runs" => args.runs = number()?.max(1),
             "--json" => args.json = Some(value),
             "--svg" => args.svg = Some(value),
+            "--replot" => args.replot = Some(value),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -179,6 +184,13 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(json) = &args.replot {
+        let svg = args.svg.as_deref().unwrap_or("bench.svg");
+        let (records, adapter) = read_records(json);
+        std::fs::write(svg, svg_plot(&records, &adapter)).unwrap_or_else(|e| panic!("{svg}: {e}"));
+        eprintln!("wrote {svg} from {json}");
+        return;
+    }
     let context = GpuContext::new().unwrap_or_else(|e| {
         eprintln!("error: {e}");
         std::process::exit(2);
@@ -373,19 +385,18 @@ fn main() {
         }
     );
     if let Some(path) = &args.json {
-        let mut json = String::from("[\n");
-        for (i, r) in records.iter().enumerate() {
-            let _ = write!(
-                json,
-                "  {{\"variant\": \"{}\", \"n_experts\": {}, \"tokens\": {}, \"d_model\": {d_model}, \"d_ff\": {d_ff}, \
-                 \"top_k\": {}, \"skew\": {}, \"ms_median\": {:.4}, \"ms_min\": {:.4}, \"gflops\": {:.3}, \
-                 \"dispatches\": {}, \"adapter\": {:?}, \"backend\": {:?}}}{}\n",
-                r.variant, r.n_experts, r.tokens, r.top_k, r.skew, r.ms_median, r.ms_min, r.gflops, r.dispatches,
-                adapter.name, adapter.backend,
-                if i + 1 < records.len() { "," } else { "" }
-            );
-        }
-        json.push_str("]\n");
+        let list: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "variant": r.variant, "n_experts": r.n_experts, "tokens": r.tokens,
+                    "d_model": d_model, "d_ff": d_ff, "top_k": r.top_k, "skew": r.skew,
+                    "ms_median": r.ms_median, "ms_min": r.ms_min, "gflops": r.gflops,
+                    "dispatches": r.dispatches, "adapter": adapter.name, "backend": adapter.backend,
+                })
+            })
+            .collect();
+        let json = serde_json::to_string_pretty(&list).unwrap_or_else(|e| panic!("{path}: {e}"));
         std::fs::write(path, json).unwrap_or_else(|e| panic!("{path}: {e}"));
         eprintln!("wrote {path}");
     }
@@ -396,10 +407,45 @@ fn main() {
     }
 }
 
+/// Records and adapter name from a `--json` file.
+fn read_records(path: &str) -> (Vec<Record>, String) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let number = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+    let variant = |name: &str| -> &'static str {
+        ["grouped", "loop", "dense", "cpu"]
+            .into_iter()
+            .find(|v| *v == name)
+            .unwrap_or("other")
+    };
+    let adapter = values
+        .first()
+        .and_then(|v| v["adapter"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let records = values
+        .iter()
+        .map(|v| Record {
+            variant: variant(v["variant"].as_str().unwrap_or("")),
+            n_experts: number(v, "n_experts") as usize,
+            tokens: number(v, "tokens") as usize,
+            top_k: number(v, "top_k") as usize,
+            skew: number(v, "skew") as usize,
+            ms_median: number(v, "ms_median"),
+            ms_min: number(v, "ms_min"),
+            gflops: number(v, "gflops"),
+            dispatches: number(v, "dispatches") as usize,
+        })
+        .collect();
+    (records, adapter)
+}
+
 /// Time against N (both log scale), one line per variant and token count, for top-1
 /// uniform routing (or the first top-k/skew measured).
 fn svg_plot(records: &[Record], adapter: &str) -> String {
-    let (width, height, margin) = (760.0, 460.0, 70.0);
+    // The legend takes a column right of the plot.
+    let (width, height, margin, legend) = (960.0, 460.0, 70.0, 200.0);
     let Some(first) = records.first() else {
         return String::from("<svg xmlns=\"http://www.w3.org/2000/svg\"/>");
     };
@@ -418,7 +464,8 @@ fn svg_plot(records: &[Record], adapter: &str) -> String {
         (a.min(log(r.ms_median)), b.max(log(r.ms_median)))
     });
     let span = |lo: f64, hi: f64| if hi - lo < 1e-9 { 1.0 } else { hi - lo };
-    let px = |n: f64| margin + (log(n) - n_min) / span(n_min, n_max) * (width - 2.0 * margin);
+    let px =
+        |n: f64| margin + (log(n) - n_min) / span(n_min, n_max) * (width - 2.0 * margin - legend);
     let py = |ms: f64| {
         height - margin - (log(ms) - t_min) / span(t_min, t_max) * (height - 2.0 * margin)
     };
@@ -434,10 +481,10 @@ fn svg_plot(records: &[Record], adapter: &str) -> String {
         first.skew,
         xml_escape(adapter),
         height - margin,
-        width - margin,
+        width - margin - legend,
         height - margin,
         height - margin,
-        width / 2.0,
+        (width - legend) / 2.0,
         height - 25.0,
         height / 2.0,
         height / 2.0,
@@ -496,9 +543,9 @@ fn svg_plot(records: &[Record], adapter: &str) -> String {
                 svg,
                 "<line x1=\"{}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>\
                  <text x=\"{}\" y=\"{}\">{variant} T={tokens}</text>",
-                width - margin - 150.0,
-                width - margin - 120.0,
-                width - margin - 114.0,
+                width - legend + 10.0,
+                width - legend + 40.0,
+                width - legend + 46.0,
                 legend_y + 4.0
             );
             legend_y += 16.0;

@@ -387,6 +387,7 @@ pub fn forward(
         d_model,
         ..
     } = weights.shape;
+    weights.check()?;
     config.validate_for_experts(num_experts)?;
     check_gating(config, weights)?;
     let num_tokens = num_tokens_of(shape, x.len(), d_model)?;

@@ -229,3 +229,39 @@ fn buffer_level_forward_into_the_callers_encoder() {
         other => panic!("expected an input error, got {other:?}"),
     }
 }
+
+#[test]
+fn concurrent_async_forwards_on_one_thread() {
+    use std::future::Future;
+    use std::task::Poll;
+    let context = gpu();
+    let (layer, _) = small_layer(&context);
+    let (x1, x2) = (tokens(64, 16, 140), tokens(96, 16, 141));
+    let expected = (
+        layer.forward(&x1, &[64, 16]).unwrap(),
+        layer.forward(&x2, &[96, 16]).unwrap(),
+    );
+    // Both futures are in flight at once on one thread: each must get its own buffers.
+    let mut first = Box::pin(layer.forward_async(&x1, &[64, 16]));
+    let mut second = Box::pin(layer.forward_async(&x2, &[96, 16]));
+    let (mut a, mut b) = (None, None);
+    pollster::block_on(std::future::poll_fn(|context| {
+        if a.is_none() {
+            if let Poll::Ready(output) = first.as_mut().poll(context) {
+                a = Some(output);
+            }
+        }
+        if b.is_none() {
+            if let Poll::Ready(output) = second.as_mut().poll(context) {
+                b = Some(output);
+            }
+        }
+        if a.is_some() && b.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }));
+    assert_eq!(a.unwrap().unwrap(), expected.0);
+    assert_eq!(b.unwrap().unwrap(), expected.1);
+}

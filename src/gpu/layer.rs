@@ -130,6 +130,34 @@ struct Workspace {
     expert_up: Vec<wgpu::BindGroup>,
     expert_down: Vec<wgpu::BindGroup>,
     combine_outputs: wgpu::BindGroup,
+    /// The `Params` this workspace's bind groups read: forwards in flight at the same time
+    /// each have their own.
+    uniforms: Uniforms,
+    timer: Option<PassTimer>,
+}
+
+/// A workspace taken from the pool for one forward; dropping it puts it back, on success
+/// and on every error path alike.
+struct Lease<'a> {
+    workspace: Option<Workspace>,
+    pool: &'a Mutex<Vec<Workspace>>,
+}
+
+impl Lease<'_> {
+    fn get(&self) -> &Workspace {
+        // Present from construction until drop.
+        self.workspace
+            .as_ref()
+            .expect("a lease holds its workspace until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let (Some(workspace), Ok(mut pool)) = (self.workspace.take(), self.pool.lock()) {
+            pool.push(workspace);
+        }
+    }
 }
 
 /// GPU timestamps around the forward's compute pass, when the device has them.
@@ -158,10 +186,12 @@ pub struct MoeLayer {
     forced_row_lanes: Option<u32>,
     kernels: Kernels,
     weights: GpuWeights,
-    uniforms: Uniforms,
-    timer: Option<PassTimer>,
-    /// Concurrent forwards take turns on one workspace.
-    workspace: Mutex<Option<Workspace>>,
+    /// Idle workspaces of `forward` and `forward_async`: a forward takes one (or builds
+    /// one when all are in use) and puts it back, so concurrent forwards never share
+    /// buffers and no lock is held while the GPU works.
+    pool: Mutex<Vec<Workspace>>,
+    /// The workspace of `encode_forward`, whose command buffers carry their own Params.
+    encoded: Mutex<Option<Workspace>>,
     /// How many times the scratch buffers were (re)allocated.
     scratch_allocations: AtomicUsize,
 }
@@ -252,29 +282,6 @@ impl MoeLayer {
                 message: format!("building the layer: {error}"),
             });
         }
-        let uniforms = Uniforms {
-            route: uniform_buffer(device, "route params", &RouteParams::default()),
-            assign: uniform_buffer(device, "assign params", &AssignParams::default()),
-            combine: uniform_buffer(device, "combine params", &CombineParams::default()),
-            stats: uniform_buffer(device, "stats params", &StatsParams::default()),
-        };
-        let timer = device
-            .features()
-            .contains(wgpu::Features::TIMESTAMP_QUERY)
-            .then(|| PassTimer {
-                query_set: device.create_query_set(&wgpu::QuerySetDescriptor {
-                    label: Some("forward timestamps"),
-                    ty: wgpu::QueryType::Timestamp,
-                    count: 2,
-                }),
-                resolved: device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("resolved timestamps"),
-                    size: 16,
-                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                }),
-                nanoseconds_per_tick: queue.get_timestamp_period() as f64,
-            });
         Ok(MoeLayer {
             device: device.clone(),
             queue: queue.clone(),
@@ -285,9 +292,8 @@ impl MoeLayer {
             forced_row_lanes: options.row_lanes,
             kernels,
             weights: weights_on_device,
-            uniforms,
-            timer,
-            workspace: Mutex::new(None),
+            pool: Mutex::new(Vec::new()),
+            encoded: Mutex::new(None),
             scratch_allocations: AtomicUsize::new(0),
         })
     }
@@ -318,13 +324,20 @@ impl MoeLayer {
         self.scratch_allocations.load(Ordering::Relaxed)
     }
 
-    /// Bytes of the scratch buffers currently allocated (0 before the first forward).
+    /// Bytes of the scratch buffers of the idle workspaces (0 before the first forward).
     pub fn scratch_bytes(&self) -> u64 {
-        self.workspace
+        let pooled: u64 = self
+            .pool
+            .lock()
+            .map(|pool| pool.iter().map(|w| w.scratch.sizes.total_bytes()).sum())
+            .unwrap_or(0);
+        let encoded = self
+            .encoded
             .lock()
             .ok()
             .and_then(|w| w.as_ref().map(|w| w.scratch.sizes.total_bytes()))
-            .unwrap_or(0)
+            .unwrap_or(0);
+        pooled + encoded
     }
 
     /// Runs the layer on `x` of `shape` (`[T, D]` or `[S, B, D]`).
@@ -438,13 +451,15 @@ impl MoeLayer {
 
     async fn run(&self, x: &[f32], shape: &[usize], with_trace: bool, wait: Wait) -> Result<Run> {
         let plan = self.plan(num_tokens_of(shape, x.len(), self.shape.d_model)?)?;
-        let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
-            message: "a previous forward panicked while holding the workspace".to_string(),
-        })?;
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let workspace = self.workspace_for(&mut guard, &plan);
-        self.write_inputs(&workspace.scratch, &plan, x);
+        let idle = self.pool.lock().ok().and_then(|mut pool| pool.pop());
+        let lease = Lease {
+            workspace: Some(self.fitted(idle, &plan)),
+            pool: &self.pool,
+        };
+        let workspace = lease.get();
+        self.write_inputs(workspace, &plan, x);
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -454,8 +469,8 @@ impl MoeLayer {
         let scratch = &workspace.scratch;
         let n = plan.shape.num_experts;
         let t = plan.num_tokens;
-        let timestamps = self.timer.as_ref().map_or(0, |_| 4);
-        let outputs: [(&wgpu::Buffer, usize); 8] = [
+        let timestamps = workspace.timer.as_ref().map_or(0, |_| 4);
+        let mut sources: Vec<(&wgpu::Buffer, usize)> = vec![
             (&scratch.y, t * plan.shape.d_model),
             (&scratch.routes, plan.num_assignments()),
             (&scratch.gates, plan.num_assignments()),
@@ -464,34 +479,61 @@ impl MoeLayer {
             (&scratch.router_stats, n + 2),
             (&scratch.flags, 1),
             (
-                self.timer.as_ref().map_or(&scratch.flags, |t| &t.resolved),
+                workspace
+                    .timer
+                    .as_ref()
+                    .map_or(&scratch.flags, |t| &t.resolved),
                 timestamps,
             ),
         ];
-        let words = self
-            .submit_and_read(encoder, &scratch.readback, &outputs, wait)
-            .await?;
-        let trace = if with_trace {
-            Some(self.read_trace(scratch, &plan, wait).await?)
-        } else {
-            None
-        };
-        let validation = validation_scope.pop().await;
-        let oom = oom_scope.pop().await;
-        if let Some(error) = validation.or(oom) {
+        // A trace reads the intermediate buffers too, through a staging buffer of its own.
+        let slots = plan.max_slots();
+        let trace_staging = with_trace.then(|| {
+            sources.extend([
+                (&scratch.assignment_slot, plan.num_assignments()),
+                (&scratch.slot_token, slots),
+                (&scratch.expert_table, 3 * n + 1),
+                (&scratch.hidden, slots * plan.shape.d_ff),
+                (&scratch.expert_out, slots * plan.shape.d_model),
+            ]);
+            let words: usize = sources.iter().map(|(_, w)| w).sum();
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("trace readback"),
+                size: (words.max(1) * 4) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        let staging = trace_staging.as_ref().unwrap_or(&scratch.readback);
+        let total = self.copy_and_submit(encoder, staging, &sources);
+        // Error scopes form one stack per thread: pop them before the first await, so
+        // that forwards interleaved on one thread never pop each other's.
+        let validation = validation_scope.pop();
+        let oom = oom_scope.pop();
+        let words = read_mapped(&self.device, staging, total, wait).await;
+        if let Some(error) = validation.await.or(oom.await) {
             return Err(MoeError::Device {
                 message: format!("forward failed: {error}"),
             });
         }
-
-        let [y, routes, gates, route_prob_max, table, stats, flags, ticks] =
-            split_words(&words, &outputs);
+        let words = words?;
+        let parts = split_words(&words, &sources);
+        let (y, routes, gates, route_prob_max) = (parts[0], parts[1], parts[2], parts[3]);
+        let (table, stats, flags, ticks) = (parts[4], parts[5], parts[6], parts[7]);
+        let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
+        let trace = with_trace.then(|| ForwardTrace {
+            assignment_slot: parts[8].to_vec(),
+            slot_token: parts[9].to_vec(),
+            tile_start: parts[10][2 * n..3 * n + 1].to_vec(),
+            row_tile: plan.tiling.row_tile() as u32,
+            hidden: floats(parts[11]),
+            expert_out: floats(parts[12]),
+        });
         if flags[0] != u32::MAX {
             return Err(MoeError::NonFiniteInput {
                 token: flags[0] as usize,
             });
         }
-        let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
         let output = MoeOutput {
             shape: shape.to_vec(),
             num_experts: n,
@@ -508,7 +550,7 @@ impl MoeLayer {
             z_loss: f32::from_bits(stats[n + 1]),
         };
         // Some drivers (lavapipe among them) resolve pass timestamps to zeros: no time then.
-        let gpu_seconds = self.timer.as_ref().and_then(|timer| {
+        let gpu_seconds = workspace.timer.as_ref().and_then(|timer| {
             let begin = ticks[0] as u64 | (ticks[1] as u64) << 32;
             let end = ticks[2] as u64 | (ticks[3] as u64) << 32;
             (end > begin).then(|| (end - begin) as f64 * timer.nanoseconds_per_tick * 1e-9)
@@ -520,22 +562,18 @@ impl MoeLayer {
         })
     }
 
-    /// The workspace, grown first if `plan` needs larger scratch buffers than any before.
-    fn workspace_for<'g>(
-        &self,
-        guard: &'g mut Option<Workspace>,
-        plan: &ForwardPlan,
-    ) -> &'g mut Workspace {
+    /// `workspace` if its buffers are large enough for `plan`, else one that is (sized for
+    /// the larger of the two; `None` builds a first one).
+    fn fitted(&self, workspace: Option<Workspace>, plan: &ForwardPlan) -> Workspace {
         let needed = ScratchSizes::for_plan(plan);
-        let workspace = match guard.take() {
+        match workspace {
             Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
             previous => {
                 let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
                 self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
                 self.build_workspace(sizes)
             }
-        };
-        guard.insert(workspace)
+        }
     }
 
     fn build_workspace(&self, sizes: ScratchSizes) -> Workspace {
@@ -548,7 +586,30 @@ impl MoeLayer {
         );
         let k = &self.kernels;
         let s = &scratch;
-        let u = &self.uniforms;
+        let uniforms = Uniforms {
+            route: uniform_buffer(device, "route params", &RouteParams::default()),
+            assign: uniform_buffer(device, "assign params", &AssignParams::default()),
+            combine: uniform_buffer(device, "combine params", &CombineParams::default()),
+            stats: uniform_buffer(device, "stats params", &StatsParams::default()),
+        };
+        let timer = device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| PassTimer {
+                query_set: device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("forward timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                }),
+                resolved: device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("resolved timestamps"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                nanoseconds_per_tick: self.queue.get_timestamp_period() as f64,
+            });
+        let u = &uniforms;
         Workspace {
             route_tokens: k.route_tokens.bind(
                 device,
@@ -655,22 +716,37 @@ impl MoeLayer {
                 ],
             ),
             scratch,
+            uniforms,
+            timer,
         }
     }
 
-    fn write_inputs(&self, scratch: &Scratch, plan: &ForwardPlan, x: &[f32]) {
+    fn write_inputs(&self, workspace: &Workspace, plan: &ForwardPlan, x: &[f32]) {
         let queue = &self.queue;
+        let scratch = &workspace.scratch;
         let params = self.params_for(plan);
         queue.write_buffer(&scratch.x, 0, bytemuck::cast_slice(x));
         queue.write_buffer(&scratch.flags, 0, bytemuck::bytes_of(&u32::MAX));
-        queue.write_buffer(&self.uniforms.route, 0, bytemuck::bytes_of(&params.route));
-        queue.write_buffer(&self.uniforms.assign, 0, bytemuck::bytes_of(&params.assign));
         queue.write_buffer(
-            &self.uniforms.combine,
+            &workspace.uniforms.route,
+            0,
+            bytemuck::bytes_of(&params.route),
+        );
+        queue.write_buffer(
+            &workspace.uniforms.assign,
+            0,
+            bytemuck::bytes_of(&params.assign),
+        );
+        queue.write_buffer(
+            &workspace.uniforms.combine,
             0,
             bytemuck::bytes_of(&params.combine),
         );
-        queue.write_buffer(&self.uniforms.stats, 0, bytemuck::bytes_of(&params.stats));
+        queue.write_buffer(
+            &workspace.uniforms.stats,
+            0,
+            bytemuck::bytes_of(&params.stats),
+        );
     }
 
     /// Every kernel's `Params` for `plan`.
@@ -752,10 +828,11 @@ impl MoeLayer {
         {
             return Err(error);
         }
-        let mut guard = self.workspace.lock().map_err(|_| MoeError::Device {
-            message: "a previous forward panicked while holding the workspace".to_string(),
+        let mut guard = self.encoded.lock().map_err(|_| MoeError::Device {
+            message: "a previous encode_forward panicked while holding its workspace".to_string(),
         })?;
-        let workspace = self.workspace_for(&mut guard, &plan);
+        let fitted = self.fitted(guard.take(), &plan);
+        let workspace = guard.insert(fitted);
         // The Params travel inside the caller's command stream (a queue write would land at
         // the next submit, whoever makes it), from one small buffer: route, assign, combine,
         // stats, then the flag's initial value.
@@ -777,10 +854,10 @@ impl MoeLayer {
         let mut offset = 0u64;
         let scratch = &workspace.scratch;
         for (target, size) in [
-            (&self.uniforms.route, size_of::<RouteParams>()),
-            (&self.uniforms.assign, size_of::<AssignParams>()),
-            (&self.uniforms.combine, size_of::<CombineParams>()),
-            (&self.uniforms.stats, size_of::<StatsParams>()),
+            (&workspace.uniforms.route, size_of::<RouteParams>()),
+            (&workspace.uniforms.assign, size_of::<AssignParams>()),
+            (&workspace.uniforms.combine, size_of::<CombineParams>()),
+            (&workspace.uniforms.stats, size_of::<StatsParams>()),
             (&scratch.flags, 4),
         ] {
             encoder.copy_buffer_to_buffer(&staging, offset, target, 0, size as u64);
@@ -833,14 +910,13 @@ impl MoeLayer {
         let k = &self.kernels;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("moe forward"),
-            timestamp_writes: self
-                .timer
-                .as_ref()
-                .map(|timer| wgpu::ComputePassTimestampWrites {
+            timestamp_writes: workspace.timer.as_ref().map(|timer| {
+                wgpu::ComputePassTimestampWrites {
                     query_set: &timer.query_set,
                     beginning_of_pass_write_index: Some(0),
                     end_of_pass_write_index: Some(1),
-                }),
+                }
+            }),
         });
         dispatch(
             &mut pass,
@@ -896,14 +972,13 @@ impl MoeLayer {
     }
 
     /// Copies `sources` (buffer, 4-byte words from its start) one after the other into
-    /// `staging`, submits, waits and returns the words.
-    async fn submit_and_read(
+    /// `staging` and submits; returns the bytes copied.
+    fn copy_and_submit(
         &self,
         mut encoder: wgpu::CommandEncoder,
         staging: &wgpu::Buffer,
         sources: &[(&wgpu::Buffer, usize)],
-        wait: Wait,
-    ) -> Result<Vec<u32>> {
+    ) -> u64 {
         let mut offset = 0u64;
         for (buffer, words) in sources {
             let bytes = (*words * 4) as u64;
@@ -913,60 +988,7 @@ impl MoeLayer {
             offset += bytes;
         }
         self.queue.submit([encoder.finish()]);
-        let total = offset;
-        let slice = staging.slice(..total.max(4));
-        map_for_reading(&self.device, slice, wait).await?;
-        let words = {
-            let view = slice.get_mapped_range().map_err(|e| MoeError::Device {
-                message: format!("reading the read-back buffer: {e}"),
-            })?;
-            bytemuck::pod_collect_to_vec::<u8, u32>(&view[..total as usize])
-        };
-        staging.unmap();
-        Ok(words)
-    }
-
-    async fn read_trace(
-        &self,
-        scratch: &Scratch,
-        plan: &ForwardPlan,
-        wait: Wait,
-    ) -> Result<ForwardTrace> {
-        let n = plan.shape.num_experts;
-        let slots = plan.max_slots();
-        let sources: [(&wgpu::Buffer, usize); 5] = [
-            (&scratch.assignment_slot, plan.num_assignments()),
-            (&scratch.slot_token, slots),
-            (&scratch.expert_table, 3 * n + 1),
-            (&scratch.hidden, slots * plan.shape.d_ff),
-            (&scratch.expert_out, slots * plan.shape.d_model),
-        ];
-        let total: usize = sources.iter().map(|(_, w)| w).sum();
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("trace readback"),
-            size: (total.max(1) * 4) as u64,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("trace"),
-            });
-        let words = self
-            .submit_and_read(encoder, &staging, &sources, wait)
-            .await?;
-        let [assignment_slot, slot_token, table, hidden, expert_out] =
-            split_words(&words, &sources);
-        let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
-        Ok(ForwardTrace {
-            assignment_slot: assignment_slot.to_vec(),
-            slot_token: slot_token.to_vec(),
-            tile_start: table[2 * n..3 * n + 1].to_vec(),
-            row_tile: plan.tiling.row_tile() as u32,
-            hidden: floats(hidden),
-            expert_out: floats(expert_out),
-        })
+        offset
     }
 }
 
@@ -1034,14 +1056,33 @@ fn dispatch(
 }
 
 /// Splits `words` into consecutive pieces of the sources' lengths.
-fn split_words<'a, const K: usize>(
-    words: &'a [u32],
-    sources: &[(&wgpu::Buffer, usize); K],
-) -> [&'a [u32]; K] {
+fn split_words<'a>(words: &'a [u32], sources: &[(&wgpu::Buffer, usize)]) -> Vec<&'a [u32]> {
     let mut rest = words;
-    std::array::from_fn(|i| {
-        let (head, tail) = rest.split_at(sources[i].1);
-        rest = tail;
-        head
-    })
+    sources
+        .iter()
+        .map(|(_, length)| {
+            let (head, tail) = rest.split_at((*length).min(rest.len()));
+            rest = tail;
+            head
+        })
+        .collect()
+}
+
+/// Waits until the first `bytes` of `staging` are mapped and returns them as words.
+async fn read_mapped(
+    device: &wgpu::Device,
+    staging: &wgpu::Buffer,
+    bytes: u64,
+    wait: Wait,
+) -> Result<Vec<u32>> {
+    let slice = staging.slice(..bytes.max(4));
+    map_for_reading(device, slice, wait).await?;
+    let words = {
+        let view = slice.get_mapped_range().map_err(|e| MoeError::Device {
+            message: format!("reading the read-back buffer: {e}"),
+        })?;
+        bytemuck::pod_collect_to_vec::<u8, u32>(&view[..bytes as usize])
+    };
+    staging.unmap();
+    Ok(words)
 }
