@@ -358,7 +358,4 @@ impl Scratch {
             }),
         }
     }
-
-    /// How many wgpu buffers a scratch holds (for soak tests counting allocations).
-    pub const BUFFER_COUNT: usize = 19;
 }
