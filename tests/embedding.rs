@@ -265,3 +265,33 @@ fn concurrent_async_forwards_on_one_thread() {
     assert_eq!(a.unwrap().unwrap(), expected.0);
     assert_eq!(b.unwrap().unwrap(), expected.1);
 }
+
+#[test]
+fn a_device_with_too_low_limits_is_named() {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("GPU tests need an adapter (see README, \"No GPU?\")");
+    let limits = wgpu::Limits {
+        max_storage_buffers_per_shader_stage: 4,
+        ..wgpu::Limits::downlevel_defaults()
+    };
+    let descriptor = wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
+    let weights = MoeWeights::random(shape(4, 8, 8), false, false, 1);
+    match MoeLayer::from_device(&device, &queue, config(1), &weights, Default::default()) {
+        Err(switch_moe::MoeError::DeviceLimit {
+            limit,
+            needed,
+            allowed,
+        }) => {
+            assert_eq!(limit, "max_storage_buffers_per_shader_stage");
+            assert_eq!((needed, allowed), (8, 4));
+        }
+        other => panic!("expected a device limit error, got {:?}", other.map(|_| ())),
+    }
+}

@@ -265,6 +265,7 @@ impl MoeLayer {
             ));
         }
         let limits = device.limits();
+        check_required_limits(&limits)?;
         let device_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
@@ -1041,6 +1042,52 @@ fn merge_chunks(runs: Vec<Run>, shape: &[usize], num_experts: usize) -> Run {
         trace: None,
         gpu_seconds,
     }
+}
+
+/// The limits the kernels rely on (all within WebGPU's defaults), checked up front so that a
+/// caller's device with lower ones gets an error naming the limit rather than a pipeline
+/// validation error.
+fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
+    let required: [(&'static str, u64, u64); 5] = [
+        // route_tokens binds 8 storage buffers.
+        (
+            "max_storage_buffers_per_shader_stage",
+            8,
+            limits.max_storage_buffers_per_shader_stage as u64,
+        ),
+        // The single-workgroup scan and statistics kernels run 256 invocations.
+        (
+            "max_compute_invocations_per_workgroup",
+            256,
+            limits.max_compute_invocations_per_workgroup as u64,
+        ),
+        (
+            "max_compute_workgroup_size_x",
+            256,
+            limits.max_compute_workgroup_size_x as u64,
+        ),
+        // count_experts' histogram of MAX_EXPERTS u32.
+        (
+            "max_compute_workgroup_storage_size",
+            MAX_EXPERTS as u64 * 4,
+            limits.max_compute_workgroup_storage_size as u64,
+        ),
+        (
+            "max_uniform_buffers_per_shader_stage",
+            1,
+            limits.max_uniform_buffers_per_shader_stage as u64,
+        ),
+    ];
+    for (limit, needed, allowed) in required {
+        if allowed < needed {
+            return Err(MoeError::DeviceLimit {
+                limit,
+                needed,
+                allowed,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One direct dispatch of `kernel` over a 2-D grid of workgroups.
