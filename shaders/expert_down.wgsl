@@ -4,7 +4,8 @@
 //
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of D,
 // y = the row tiles of this weight shard's experts. The same tiling as expert_up: 64
-// invocations laid out ROW_LANES × (64 / ROW_LANES), an 8×8 register block each.
+// invocations laid out ROW_LANES × (64 / ROW_LANES), an 8×8 register block each. The
+// K loop mirrors expert_up's (WGSL has no includes; keep the two in step).
 // Bindings: 0 params, 1 hidden [slots, F], 2 expert_table, 3 w2 [shard experts, D, F],
 // 4 down_bias [shard experts, D], 5 expert_out [slots, D].
 

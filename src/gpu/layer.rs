@@ -1,7 +1,8 @@
 //! `MoeLayer`: the GPU forward pass. Weights are uploaded and pipelines built once; a
-//! forward writes `x` and the small `Params`, encodes a fixed sequence of dispatches
-//! (their number depends on the weight shards, never on the number of experts), submits
-//! once and reads back once.
+//! forward leases a set of scratch buffers, writes `x` and the small `Params`, encodes a
+//! fixed sequence of dispatches (their number depends on the weight shards, never on the
+//! number of experts), submits once and reads back once — per chunk, for batches beyond a
+//! device limit.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
