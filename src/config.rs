@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MoeError, Result};
+use crate::weights::MoeWeights;
 
 /// The expert FFN's activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +207,24 @@ impl MoeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the config against the weights: the number of experts, and `gated` against
+    /// the presence of `w3` (ignoring a `w3`, or gating without one, would be a silent
+    /// wrong answer).
+    pub fn validate_for_weights(&self, weights: &MoeWeights) -> Result<()> {
+        self.validate_for_experts(weights.shape.num_experts)?;
+        match (self.gated, weights.w3.is_some()) {
+            (true, false) => Err(MoeError::config(
+                "gated",
+                "true, but the weights have no w3 (gate/value) tensor",
+            )),
+            (false, true) => Err(MoeError::config(
+                "gated",
+                "false, but the weights hold a w3 (gate/value) tensor; set \"gated\": true",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The capacity group size for `num_tokens` tokens, checking that it divides them.

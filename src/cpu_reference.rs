@@ -388,8 +388,7 @@ pub fn forward(
         ..
     } = weights.shape;
     weights.check()?;
-    config.validate_for_experts(num_experts)?;
-    check_gating(config, weights)?;
+    config.validate_for_weights(weights)?;
     let num_tokens = num_tokens_of(shape, x.len(), d_model)?;
     let group_size = config.group_size_for(num_tokens)?;
     if let Some(token) = first_non_finite_token(x, d_model) {
@@ -452,20 +451,4 @@ pub fn forward(
         aux_loss,
         z_loss,
     })
-}
-
-/// `gated` and the presence of `w3` must agree: ignoring a `w3`, or gating without one,
-/// would be a silent wrong answer.
-pub fn check_gating(config: &MoeConfig, weights: &MoeWeights) -> Result<()> {
-    match (config.gated, weights.w3.is_some()) {
-        (true, false) => Err(MoeError::config(
-            "gated",
-            "true, but the weights have no w3 (gate/value) tensor",
-        )),
-        (false, true) => Err(MoeError::config(
-            "gated",
-            "false, but the weights hold a w3 (gate/value) tensor; set \"gated\": true",
-        )),
-        _ => Ok(()),
-    }
 }

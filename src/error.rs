@@ -1,7 +1,7 @@
 //! The crate's one error type.
 //!
 //! Variants fall in two families, told apart by [`MoeError::is_device_error`]:
-//! "the device cannot" (no adapter, a limit or feature it lacks, a lost device,
+//! "the device cannot" (no adapter, a limit it lacks, a lost device,
 //! out of memory) and "the caller asked wrong" (a bad config key, a bad tensor,
 //! a bad input shape, non-finite input). Every message names the key, tensor,
 //! file or token at fault, so a command-line tool can print it as one line.
@@ -48,10 +48,6 @@ pub enum MoeError {
         allowed: u64,
     },
 
-    /// The device lacks a feature the layer needs.
-    #[error("device feature missing: {feature}")]
-    DeviceFeature { feature: String },
-
     /// The device failed: lost, out of memory, or an internal validation error.
     #[error("device error: {message}")]
     Device { message: String },
@@ -62,10 +58,7 @@ impl MoeError {
     pub fn is_device_error(&self) -> bool {
         matches!(
             self,
-            MoeError::NoAdapter { .. }
-                | MoeError::DeviceLimit { .. }
-                | MoeError::DeviceFeature { .. }
-                | MoeError::Device { .. }
+            MoeError::NoAdapter { .. } | MoeError::DeviceLimit { .. } | MoeError::Device { .. }
         )
     }
 

@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use wasm_bindgen::prelude::*;
 
-use crate::config::{MoeConfig, Naming};
+use crate::config::MoeConfig;
 use crate::cpu_reference;
 use crate::gpu::{GpuContext, LayerOptions, MoeLayer};
 use crate::output::MoeOutput;
@@ -184,7 +184,6 @@ pub fn config_json(top_k: usize, capacity_factor: f64) -> String {
     let config = MoeConfig {
         top_k,
         capacity_factor,
-        naming: Naming::Auto,
         ..MoeConfig::default()
     };
     serde_json::to_string(&config).unwrap_or_else(|_| "{}".to_string())

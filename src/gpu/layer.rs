@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::config::{DropPolicy, MoeConfig};
-use crate::cpu_reference::check_gating;
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{uniform_buffer, GpuWeights, Scratch, ScratchSizes};
 use crate::gpu::context::GpuContext;
@@ -248,8 +247,7 @@ impl MoeLayer {
     ) -> Result<Self> {
         weights.check()?;
         let shape = weights.shape;
-        config.validate_for_experts(shape.num_experts)?;
-        check_gating(&config, weights)?;
+        config.validate_for_weights(weights)?;
         if let Some(lanes) = options.row_lanes.filter(|l| !ROW_LANES_CHOICES.contains(l)) {
             return Err(MoeError::config(
                 "row_lanes",
