@@ -4,10 +4,13 @@
 //
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of D,
 // y = the row tiles of this weight shard's experts. The same tiling as expert_up: 64
-// invocations laid out ROW_LANES × (64 / ROW_LANES), an 8×8 register block each. The
-// K loop mirrors expert_up's (WGSL has no includes; keep the two in step).
-// Bindings: 0 params, 1 hidden [slots, F], 2 expert_table, 3 w2 [shard experts, D, F],
-// 4 down_bias [shard experts, D], 5 expert_out [slots, D].
+// invocations laid out ROW_LANES × (64 / ROW_LANES), a BLOCK × BLOCK block (BLOCK = 4·QUADS)
+// of 4×4 matrices each; operands read as vec4s along k (hidden rows and W2 rows are F4
+// long, zero-padded). The K loop mirrors expert_up's (WGSL has no includes; keep the two
+// in step).
+// Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table, 3 w2 [shard experts, D, F4],
+// 4 down_bias [shard experts, D], 5 expert_out [slots, D]; F4 is F rounded up to a
+// multiple of 4.
 
 struct ExpertParams {
     d_model: u32,
@@ -22,35 +25,57 @@ struct ExpertParams {
 
 // Lanes along the rows of a tile: 1, 2, 4 or 8 (as in expert_up).
 override ROW_LANES: u32 = 2u;
+// 4×4 matrices along each side of an invocation's block: 2 or 4 (as in expert_up).
+override QUADS: u32 = 2u;
 
 const LANES: u32 = 64u;
-const BLOCK: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
-@group(0) @binding(1) var<storage, read> hidden: array<f32>;
+@group(0) @binding(1) var<storage, read> hidden: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> expert_table: array<u32>;
-@group(0) @binding(3) var<storage, read> w2: array<f32>;
+@group(0) @binding(3) var<storage, read> w2: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> down_bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> expert_out: array<f32>;
 
-fn hidden4(at: u32) -> vec4<f32> {
-    return vec4(hidden[at], hidden[at + 1u], hidden[at + 2u], hidden[at + 3u]);
+// Four hidden rows (vec4 offsets `rows`) at vec4 k4, transposed: row i is hidden row i.
+fn hidden_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
+    return transpose(mat4x4(hidden[rows.x + k4], hidden[rows.y + k4], hidden[rows.z + k4],
+        hidden[rows.w + k4]));
 }
 
-fn w2_4(at: u32) -> vec4<f32> {
-    return vec4(w2[at], w2[at + 1u], w2[at + 2u], w2[at + 3u]);
+// Four weight rows (vec4 offsets `rows`) at vec4 k4: column j of the result is row j.
+fn w2_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
+    return mat4x4(w2[rows.x + k4], w2[rows.y + k4], w2[rows.z + k4], w2[rows.w + k4]);
 }
 
-// acc[2i + h] holds row i, columns 4h..4h+3 of the block; b holds 8 weight rows as vec4s
-// along k. Adds the 8×8×4 product.
-fn accumulate(acc: ptr<function, array<vec4<f32>, 16>>, a: ptr<function, array<vec4<f32>, 8>>, b: ptr<function, array<vec4<f32>, 8>>) {
-    for (var kk = 0u; kk < 4u; kk++) {
-        let lo = vec4((*b)[0][kk], (*b)[1][kk], (*b)[2][kk], (*b)[3][kk]);
-        let hi = vec4((*b)[4][kk], (*b)[5][kk], (*b)[6][kk], (*b)[7][kk]);
-        for (var i = 0u; i < BLOCK; i++) {
-            let a_ik = (*a)[i][kk];
-            (*acc)[2u * i] += a_ik * lo;
-            (*acc)[2u * i + 1u] += a_ik * hi;
+// One row quad of the block: acc_j += ht·w_j, so that acc_j[c][r] = (row r, column 4j + c).
+fn accumulate(
+    acc0: ptr<function, mat4x4<f32>>, acc1: ptr<function, mat4x4<f32>>,
+    acc2: ptr<function, mat4x4<f32>>, acc3: ptr<function, mat4x4<f32>>,
+    ht: mat4x4<f32>, w0: mat4x4<f32>, w1: mat4x4<f32>, w2q: mat4x4<f32>, w3: mat4x4<f32>,
+) {
+    *acc0 += ht * w0;
+    *acc1 += ht * w1;
+    if (QUADS == 4u) {
+        *acc2 += ht * w2q;
+        *acc3 += ht * w3;
+    }
+}
+
+// Writes one 4×4 quad at (row, col) plus the bias; rows past the expert's end and columns
+// past D are skipped.
+fn store_quad(out: mat4x4<f32>, row: u32, col: u32, rows_end: u32, bias_at: u32) {
+    let d_model = params.d_model;
+    for (var r = 0u; r < 4u; r++) {
+        let slot = row + r;
+        if (slot >= rows_end) {
+            break;
+        }
+        for (var c = 0u; c < 4u; c++) {
+            let column = col + c;
+            if (column < d_model) {
+                expert_out[slot * d_model + column] = out[c][r] + down_bias[bias_at + column];
+            }
         }
     }
 }
@@ -65,7 +90,8 @@ fn main(
     let num_experts = params.num_experts;
     let tile_start_at = 2u * num_experts;
     let tile_expert_at = 3u * num_experts + 2u;
-    let row_tile = ROW_LANES * BLOCK;
+    let block = 4u * QUADS;
+    let row_tile = ROW_LANES * block;
     let col_lanes = LANES / ROW_LANES;
 
     let tile = expert_table[tile_start_at + params.shard_first_expert] + workgroup_id.y;
@@ -73,69 +99,73 @@ fn main(
     let shard_expert = expert - params.shard_first_expert;
     let rows_end = expert_table[tile_start_at + expert] * row_tile + expert_table[num_experts + expert];
 
-    let row0 = tile * row_tile + (lane / col_lanes) * BLOCK;
-    let col0 = (workgroup_id.x * col_lanes + lane % col_lanes) * BLOCK;
+    let row0 = tile * row_tile + (lane / col_lanes) * block;
+    let col0 = (workgroup_id.x * col_lanes + lane % col_lanes) * block;
+    let f4 = (d_ff + 3u) / 4u;
 
     // Padding rows exist in `hidden` (it holds whole row tiles) and are never stored;
     // columns past D re-read column D-1 so the loop needs no bounds checks.
-    var h_base: array<u32, 8>;
-    var w_base: array<u32, 8>;
-    for (var i = 0u; i < BLOCK; i++) {
-        h_base[i] = (row0 + i) * d_ff;
-        w_base[i] = (shard_expert * d_model + min(col0 + i, d_model - 1u)) * d_ff;
+    var h_rows: array<vec4<u32>, 4>;
+    var w_rows: array<vec4<u32>, 4>;
+    for (var q = 0u; q < 4u; q++) {
+        h_rows[q] = (vec4(row0 + 4u * q) + vec4(0u, 1u, 2u, 3u)) * f4;
+        let cols = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_model - 1u));
+        w_rows[q] = (shard_expert * d_model + cols) * f4;
+    }
+    let hr0 = h_rows[0];
+    let hr1 = h_rows[1];
+    let hr2 = h_rows[2];
+    let hr3 = h_rows[3];
+    let wr0 = w_rows[0];
+    let wr1 = w_rows[1];
+    let wr2 = w_rows[2];
+    let wr3 = w_rows[3];
+
+    // out_rc: rows 4r.., columns 4c.. of the block.
+    var out00: mat4x4<f32>; var out01: mat4x4<f32>; var out02: mat4x4<f32>; var out03: mat4x4<f32>;
+    var out10: mat4x4<f32>; var out11: mat4x4<f32>; var out12: mat4x4<f32>; var out13: mat4x4<f32>;
+    var out20: mat4x4<f32>; var out21: mat4x4<f32>; var out22: mat4x4<f32>; var out23: mat4x4<f32>;
+    var out30: mat4x4<f32>; var out31: mat4x4<f32>; var out32: mat4x4<f32>; var out33: mat4x4<f32>;
+    for (var k4 = 0u; k4 < f4; k4++) {
+        let ht0 = hidden_quad(hr0, k4);
+        let ht1 = hidden_quad(hr1, k4);
+        let w0 = w2_quad(wr0, k4);
+        let w1 = w2_quad(wr1, k4);
+        var ht2: mat4x4<f32>;
+        var ht3: mat4x4<f32>;
+        var w2q: mat4x4<f32>;
+        var w3: mat4x4<f32>;
+        if (QUADS == 4u) {
+            ht2 = hidden_quad(hr2, k4);
+            ht3 = hidden_quad(hr3, k4);
+            w2q = w2_quad(wr2, k4);
+            w3 = w2_quad(wr3, k4);
+        }
+        accumulate(&out00, &out01, &out02, &out03, ht0, w0, w1, w2q, w3);
+        accumulate(&out10, &out11, &out12, &out13, ht1, w0, w1, w2q, w3);
+        if (QUADS == 4u) {
+            accumulate(&out20, &out21, &out22, &out23, ht2, w0, w1, w2q, w3);
+            accumulate(&out30, &out31, &out32, &out33, ht3, w0, w1, w2q, w3);
+        }
     }
 
-    var acc: array<vec4<f32>, 16>;
-    var a: array<vec4<f32>, 8>;
-    var b: array<vec4<f32>, 8>;
-    var k = 0u;
-    for (; k + 4u <= d_ff; k += 4u) {
-        let b0 = w2_4(w_base[0] + k);
-        let b1 = w2_4(w_base[1] + k);
-        let b2 = w2_4(w_base[2] + k);
-        let b3 = w2_4(w_base[3] + k);
-        let b4 = w2_4(w_base[4] + k);
-        let b5 = w2_4(w_base[5] + k);
-        let b6 = w2_4(w_base[6] + k);
-        let b7 = w2_4(w_base[7] + k);
-        let lo0 = vec4(b0.x, b1.x, b2.x, b3.x);
-        let lo1 = vec4(b0.y, b1.y, b2.y, b3.y);
-        let lo2 = vec4(b0.z, b1.z, b2.z, b3.z);
-        let lo3 = vec4(b0.w, b1.w, b2.w, b3.w);
-        let hi0 = vec4(b4.x, b5.x, b6.x, b7.x);
-        let hi1 = vec4(b4.y, b5.y, b6.y, b7.y);
-        let hi2 = vec4(b4.z, b5.z, b6.z, b7.z);
-        let hi3 = vec4(b4.w, b5.w, b6.w, b7.w);
-        for (var i = 0u; i < BLOCK; i++) {
-            let av = hidden4(h_base[i] + k);
-            acc[2u * i] += av.x * lo0 + av.y * lo1 + av.z * lo2 + av.w * lo3;
-            acc[2u * i + 1u] += av.x * hi0 + av.y * hi1 + av.z * hi2 + av.w * hi3;
-        }
-    }
-    // The last d_ff % 4 columns, zero-padded into one more step.
-    let rest = d_ff - k;
-    if (rest > 0u) {
-        for (var i = 0u; i < BLOCK; i++) {
-            a[i] = vec4(0.0);
-            b[i] = vec4(0.0);
-            for (var kk = 0u; kk < rest; kk++) {
-                a[i][kk] = hidden[h_base[i] + k + kk];
-                b[i][kk] = w2[w_base[i] + k + kk];
-            }
-        }
-        accumulate(&acc, &a, &b);
-    }
-
-    for (var i = 0u; i < BLOCK; i++) {
-        let slot = row0 + i;
-        if (slot >= rows_end) {
-            break;
-        }
-        for (var j = 0u; j < BLOCK; j++) {
-            let col = col0 + j;
-            if (col < d_model) {
-                expert_out[slot * d_model + col] = acc[2u * i + j / 4u][j % 4u] + down_bias[shard_expert * d_model + col];
-            }
-        }
+    let bias_at = shard_expert * d_model;
+    store_quad(out00, row0, col0, rows_end, bias_at);
+    store_quad(out01, row0, col0 + 4u, rows_end, bias_at);
+    store_quad(out10, row0 + 4u, col0, rows_end, bias_at);
+    store_quad(out11, row0 + 4u, col0 + 4u, rows_end, bias_at);
+    if (QUADS == 4u) {
+        store_quad(out02, row0, col0 + 8u, rows_end, bias_at);
+        store_quad(out03, row0, col0 + 12u, rows_end, bias_at);
+        store_quad(out12, row0 + 4u, col0 + 8u, rows_end, bias_at);
+        store_quad(out13, row0 + 4u, col0 + 12u, rows_end, bias_at);
+        store_quad(out20, row0 + 8u, col0, rows_end, bias_at);
+        store_quad(out21, row0 + 8u, col0 + 4u, rows_end, bias_at);
+        store_quad(out22, row0 + 8u, col0 + 8u, rows_end, bias_at);
+        store_quad(out23, row0 + 8u, col0 + 12u, rows_end, bias_at);
+        store_quad(out30, row0 + 12u, col0, rows_end, bias_at);
+        store_quad(out31, row0 + 12u, col0 + 4u, rows_end, bias_at);
+        store_quad(out32, row0 + 12u, col0 + 8u, rows_end, bias_at);
+        store_quad(out33, row0 + 12u, col0 + 12u, rows_end, bias_at);
     }
 }

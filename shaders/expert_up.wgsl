@@ -5,13 +5,21 @@
 //
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of F,
 // y = the row tiles of this weight shard's experts. A workgroup of 64 invocations is laid
-// out ROW_LANES × (64 / ROW_LANES); each invocation keeps an 8×8 output block in
-// registers, so a tile is 8·ROW_LANES rows by 512 / ROW_LANES columns. The host picks
-// ROW_LANES from the tokens per expert, so that small experts waste few padded rows.
+// out ROW_LANES × (64 / ROW_LANES); each invocation keeps a BLOCK × BLOCK output block
+// (BLOCK = 4·QUADS) in registers as QUADS² 4×4 matrices, so a tile is BLOCK·ROW_LANES rows
+// by BLOCK·64 / ROW_LANES columns. The host picks QUADS per adapter (2 on GPUs; 4 on CPU
+// adapters, where every storage load is a loop over the SIMD lanes and only a bigger block
+// feeds more FMAs per load) and ROW_LANES from the tokens per expert.
+// Operands are read as vec4s along k: weight rows are padded to a multiple of 4 with zeros
+// on upload; x rows are aligned when D % 4 == 0 (X_ALIGNED), else each vec4 of a row is
+// assembled from the two aligned vec4s around it.
 // The row gather x[slot_token[...]] happens in the operand loads: no permuted copy of x.
+// `hidden` rows are F rounded up to a multiple of 4 long; the padding columns get zeros, so
+// expert_down reads them as vec4s too.
 // Bindings: 0 params, 1 x [T, D], 2 slot_token [slots], 3 expert_table,
-// 4 w1 [shard experts, F, D], 5 w3 [shard experts, F, D] (a dummy unless GATED),
-// 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED, 7 hidden [slots, F].
+// 4 w1 [shard experts, F, D4], 5 w3 [shard experts, F, D4] (a dummy unless GATED),
+// 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED,
+// 7 hidden [slots, F4]; D4 and F4 are D and F rounded up to a multiple of 4.
 
 struct ExpertParams {
     d_model: u32,
@@ -29,16 +37,19 @@ override ACTIVATION: u32 = 0u;
 override GATED: bool = false;
 // Lanes along the rows of a tile: 1, 2, 4 or 8.
 override ROW_LANES: u32 = 2u;
+// 4×4 matrices along each side of an invocation's block: 2 or 4.
+override QUADS: u32 = 2u;
+// Whether D is a multiple of 4, so that x rows start on a vec4.
+override X_ALIGNED: bool = true;
 
 const LANES: u32 = 64u;
-const BLOCK: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> slot_token: array<u32>;
 @group(0) @binding(3) var<storage, read> expert_table: array<u32>;
-@group(0) @binding(4) var<storage, read> w1: array<f32>;
-@group(0) @binding(5) var<storage, read> w3: array<f32>;
+@group(0) @binding(4) var<storage, read> w1: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> w3: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> up_bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> hidden: array<f32>;
 
@@ -71,28 +82,74 @@ fn activate(a: f32) -> f32 {
     }
 }
 
-fn x4(at: u32) -> vec4<f32> {
-    return vec4(x[at], x[at + 1u], x[at + 2u], x[at + 3u]);
+// x[row_at + k .. row_at + k + 4], zeros past the row's end (k is a multiple of 4).
+fn x_vec4(row_at: u32, k: u32, d_model: u32) -> vec4<f32> {
+    if (X_ALIGNED) {
+        return x[(row_at + k) / 4u];
+    }
+    // An unaligned row: shift the two aligned vec4s around it. Lanes past the row's end
+    // (whatever the second load returned, even out of bounds) are masked to zero.
+    let at = row_at + k;
+    let lo = x[at / 4u];
+    let hi = x[at / 4u + 1u];
+    let shift = at % 4u;
+    var v = select(lo, vec4(lo.yzw, hi.x), shift == 1u);
+    v = select(v, vec4(lo.zw, hi.xy), shift == 2u);
+    v = select(v, vec4(lo.w, hi.xyz), shift == 3u);
+    return select(vec4(0.0), v, vec4(k) + vec4(0u, 1u, 2u, 3u) < vec4(d_model));
 }
 
-fn w1_4(at: u32) -> vec4<f32> {
-    return vec4(w1[at], w1[at + 1u], w1[at + 2u], w1[at + 3u]);
+// Four x rows (element offsets `rows`) at k, transposed: row i of the result is x row i.
+fn x_quad(rows: vec4<u32>, k: u32, d_model: u32) -> mat4x4<f32> {
+    return transpose(mat4x4(x_vec4(rows.x, k, d_model), x_vec4(rows.y, k, d_model),
+        x_vec4(rows.z, k, d_model), x_vec4(rows.w, k, d_model)));
 }
 
-fn w3_4(at: u32) -> vec4<f32> {
-    return vec4(w3[at], w3[at + 1u], w3[at + 2u], w3[at + 3u]);
+// Four weight rows (vec4 offsets `rows`) at vec4 k4: column j of the result is row j.
+fn w1_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
+    return mat4x4(w1[rows.x + k4], w1[rows.y + k4], w1[rows.z + k4], w1[rows.w + k4]);
 }
 
-// acc[2i + h] holds row i, columns 4h..4h+3 of the block; b holds 8 weight rows as vec4s
-// along k. Adds the 8×8×4 product.
-fn accumulate(acc: ptr<function, array<vec4<f32>, 16>>, a: ptr<function, array<vec4<f32>, 8>>, b: ptr<function, array<vec4<f32>, 8>>) {
-    for (var kk = 0u; kk < 4u; kk++) {
-        let lo = vec4((*b)[0][kk], (*b)[1][kk], (*b)[2][kk], (*b)[3][kk]);
-        let hi = vec4((*b)[4][kk], (*b)[5][kk], (*b)[6][kk], (*b)[7][kk]);
-        for (var i = 0u; i < BLOCK; i++) {
-            let a_ik = (*a)[i][kk];
-            (*acc)[2u * i] += a_ik * lo;
-            (*acc)[2u * i + 1u] += a_ik * hi;
+fn w3_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
+    return mat4x4(w3[rows.x + k4], w3[rows.y + k4], w3[rows.z + k4], w3[rows.w + k4]);
+}
+
+// One row quad of the block: acc_j += xt·w_j, so that acc_j[c][r] = (row r, column 4j + c).
+fn accumulate(
+    acc0: ptr<function, mat4x4<f32>>, acc1: ptr<function, mat4x4<f32>>,
+    acc2: ptr<function, mat4x4<f32>>, acc3: ptr<function, mat4x4<f32>>,
+    xt: mat4x4<f32>, w0: mat4x4<f32>, w1q: mat4x4<f32>, w2q: mat4x4<f32>, w3q: mat4x4<f32>,
+) {
+    *acc0 += xt * w0;
+    *acc1 += xt * w1q;
+    if (QUADS == 4u) {
+        *acc2 += xt * w2q;
+        *acc3 += xt * w3q;
+    }
+}
+
+// Writes one 4×4 quad at (row, col): bias, activation and gate; padding columns F..F4 get
+// zeros, rows past the expert's end and columns past F4 nothing.
+fn store_quad(up: mat4x4<f32>, gate: mat4x4<f32>, row: u32, col: u32, rows_end: u32, bias_at: u32) {
+    let d_ff = params.d_ff;
+    let f_stride = (d_ff + 3u) / 4u * 4u;
+    let gate_bias_at = params.shard_num_experts * d_ff;
+    for (var r = 0u; r < 4u; r++) {
+        let slot = row + r;
+        if (slot >= rows_end) {
+            break;
+        }
+        for (var c = 0u; c < 4u; c++) {
+            let column = col + c;
+            if (column < d_ff) {
+                var h = activate(up[c][r] + up_bias[bias_at + column]);
+                if (GATED) {
+                    h *= gate[c][r] + up_bias[gate_bias_at + bias_at + column];
+                }
+                hidden[slot * f_stride + column] = h;
+            } else if (column < f_stride) {
+                hidden[slot * f_stride + column] = 0.0;
+            }
         }
     }
 }
@@ -107,7 +164,8 @@ fn main(
     let num_experts = params.num_experts;
     let tile_start_at = 2u * num_experts;
     let tile_expert_at = 3u * num_experts + 2u;
-    let row_tile = ROW_LANES * BLOCK;
+    let block = 4u * QUADS;
+    let row_tile = ROW_LANES * block;
     let col_lanes = LANES / ROW_LANES;
 
     let tile = expert_table[tile_start_at + params.shard_first_expert] + workgroup_id.y;
@@ -115,109 +173,94 @@ fn main(
     let shard_expert = expert - params.shard_first_expert;
     let rows_end = expert_table[tile_start_at + expert] * row_tile + expert_table[num_experts + expert];
 
-    let row0 = tile * row_tile + (lane / col_lanes) * BLOCK;
-    let col0 = (workgroup_id.x * col_lanes + lane % col_lanes) * BLOCK;
+    let row0 = tile * row_tile + (lane / col_lanes) * block;
+    let col0 = (workgroup_id.x * col_lanes + lane % col_lanes) * block;
+    let d4 = (d_model + 3u) / 4u;
 
     // Padding rows read token 0 and columns past F re-read column F-1: the loop below then
     // needs no bounds checks, and the store skips them.
-    var x_base: array<u32, 8>;
-    var w_base: array<u32, 8>;
-    for (var i = 0u; i < BLOCK; i++) {
-        let slot = row0 + i;
-        x_base[i] = select(0u, slot_token[slot], slot < rows_end) * d_model;
-        w_base[i] = (shard_expert * d_ff + min(col0 + i, d_ff - 1u)) * d_model;
+    var x_rows: array<vec4<u32>, 4>;
+    var w_rows: array<vec4<u32>, 4>;
+    for (var q = 0u; q < 4u; q++) {
+        let slots = vec4(row0 + 4u * q) + vec4(0u, 1u, 2u, 3u);
+        let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z], slot_token[slots.w]);
+        x_rows[q] = select(vec4(0u), tokens, slots < vec4(rows_end)) * d_model;
+        let cols = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_ff - 1u));
+        w_rows[q] = (shard_expert * d_ff + cols) * d4;
     }
+    let xr0 = x_rows[0];
+    let xr1 = x_rows[1];
+    let xr2 = x_rows[2];
+    let xr3 = x_rows[3];
+    let wr0 = w_rows[0];
+    let wr1 = w_rows[1];
+    let wr2 = w_rows[2];
+    let wr3 = w_rows[3];
 
-    var acc1: array<vec4<f32>, 16>;
-    var acc3: array<vec4<f32>, 16>;
-    var a: array<vec4<f32>, 8>;
-    var b: array<vec4<f32>, 8>;
-    var k = 0u;
-    for (; k + 4u <= d_model; k += 4u) {
-        let b0 = w1_4(w_base[0] + k);
-        let b1 = w1_4(w_base[1] + k);
-        let b2 = w1_4(w_base[2] + k);
-        let b3 = w1_4(w_base[3] + k);
-        let b4 = w1_4(w_base[4] + k);
-        let b5 = w1_4(w_base[5] + k);
-        let b6 = w1_4(w_base[6] + k);
-        let b7 = w1_4(w_base[7] + k);
-        let lo0 = vec4(b0.x, b1.x, b2.x, b3.x);
-        let lo1 = vec4(b0.y, b1.y, b2.y, b3.y);
-        let lo2 = vec4(b0.z, b1.z, b2.z, b3.z);
-        let lo3 = vec4(b0.w, b1.w, b2.w, b3.w);
-        let hi0 = vec4(b4.x, b5.x, b6.x, b7.x);
-        let hi1 = vec4(b4.y, b5.y, b6.y, b7.y);
-        let hi2 = vec4(b4.z, b5.z, b6.z, b7.z);
-        let hi3 = vec4(b4.w, b5.w, b6.w, b7.w);
-        for (var i = 0u; i < BLOCK; i++) {
-            let av = x4(x_base[i] + k);
-            acc1[2u * i] += av.x * lo0 + av.y * lo1 + av.z * lo2 + av.w * lo3;
-            acc1[2u * i + 1u] += av.x * hi0 + av.y * hi1 + av.z * hi2 + av.w * hi3;
+    // up_rc and gate_rc: rows 4r.., columns 4c.. of the block.
+    var up00: mat4x4<f32>; var up01: mat4x4<f32>; var up02: mat4x4<f32>; var up03: mat4x4<f32>;
+    var up10: mat4x4<f32>; var up11: mat4x4<f32>; var up12: mat4x4<f32>; var up13: mat4x4<f32>;
+    var up20: mat4x4<f32>; var up21: mat4x4<f32>; var up22: mat4x4<f32>; var up23: mat4x4<f32>;
+    var up30: mat4x4<f32>; var up31: mat4x4<f32>; var up32: mat4x4<f32>; var up33: mat4x4<f32>;
+    var gate00: mat4x4<f32>; var gate01: mat4x4<f32>; var gate02: mat4x4<f32>; var gate03: mat4x4<f32>;
+    var gate10: mat4x4<f32>; var gate11: mat4x4<f32>; var gate12: mat4x4<f32>; var gate13: mat4x4<f32>;
+    var gate20: mat4x4<f32>; var gate21: mat4x4<f32>; var gate22: mat4x4<f32>; var gate23: mat4x4<f32>;
+    var gate30: mat4x4<f32>; var gate31: mat4x4<f32>; var gate32: mat4x4<f32>; var gate33: mat4x4<f32>;
+    for (var k4 = 0u; k4 < d4; k4++) {
+        let k = 4u * k4;
+        let xt0 = x_quad(xr0, k, d_model);
+        let xt1 = x_quad(xr1, k, d_model);
+        var xt2: mat4x4<f32>;
+        var xt3: mat4x4<f32>;
+        var w0 = w1_quad(wr0, k4);
+        var w1q = w1_quad(wr1, k4);
+        var w2q: mat4x4<f32>;
+        var w3q: mat4x4<f32>;
+        if (QUADS == 4u) {
+            xt2 = x_quad(xr2, k, d_model);
+            xt3 = x_quad(xr3, k, d_model);
+            w2q = w1_quad(wr2, k4);
+            w3q = w1_quad(wr3, k4);
+        }
+        accumulate(&up00, &up01, &up02, &up03, xt0, w0, w1q, w2q, w3q);
+        accumulate(&up10, &up11, &up12, &up13, xt1, w0, w1q, w2q, w3q);
+        if (QUADS == 4u) {
+            accumulate(&up20, &up21, &up22, &up23, xt2, w0, w1q, w2q, w3q);
+            accumulate(&up30, &up31, &up32, &up33, xt3, w0, w1q, w2q, w3q);
         }
         if (GATED) {
-            let g0 = w3_4(w_base[0] + k);
-            let g1 = w3_4(w_base[1] + k);
-            let g2 = w3_4(w_base[2] + k);
-            let g3 = w3_4(w_base[3] + k);
-            let g4 = w3_4(w_base[4] + k);
-            let g5 = w3_4(w_base[5] + k);
-            let g6 = w3_4(w_base[6] + k);
-            let g7 = w3_4(w_base[7] + k);
-            let glo0 = vec4(g0.x, g1.x, g2.x, g3.x);
-            let glo1 = vec4(g0.y, g1.y, g2.y, g3.y);
-            let glo2 = vec4(g0.z, g1.z, g2.z, g3.z);
-            let glo3 = vec4(g0.w, g1.w, g2.w, g3.w);
-            let ghi0 = vec4(g4.x, g5.x, g6.x, g7.x);
-            let ghi1 = vec4(g4.y, g5.y, g6.y, g7.y);
-            let ghi2 = vec4(g4.z, g5.z, g6.z, g7.z);
-            let ghi3 = vec4(g4.w, g5.w, g6.w, g7.w);
-            for (var i = 0u; i < BLOCK; i++) {
-                let av = x4(x_base[i] + k);
-                acc3[2u * i] += av.x * glo0 + av.y * glo1 + av.z * glo2 + av.w * glo3;
-                acc3[2u * i + 1u] += av.x * ghi0 + av.y * ghi1 + av.z * ghi2 + av.w * ghi3;
+            w0 = w3_quad(wr0, k4);
+            w1q = w3_quad(wr1, k4);
+            if (QUADS == 4u) {
+                w2q = w3_quad(wr2, k4);
+                w3q = w3_quad(wr3, k4);
             }
-        }
-    }
-    // The last d_model % 4 columns, zero-padded into one more step.
-    let rest = d_model - k;
-    if (rest > 0u) {
-        for (var i = 0u; i < BLOCK; i++) {
-            a[i] = vec4(0.0);
-            b[i] = vec4(0.0);
-            for (var kk = 0u; kk < rest; kk++) {
-                a[i][kk] = x[x_base[i] + k + kk];
-                b[i][kk] = w1[w_base[i] + k + kk];
+            accumulate(&gate00, &gate01, &gate02, &gate03, xt0, w0, w1q, w2q, w3q);
+            accumulate(&gate10, &gate11, &gate12, &gate13, xt1, w0, w1q, w2q, w3q);
+            if (QUADS == 4u) {
+                accumulate(&gate20, &gate21, &gate22, &gate23, xt2, w0, w1q, w2q, w3q);
+                accumulate(&gate30, &gate31, &gate32, &gate33, xt3, w0, w1q, w2q, w3q);
             }
-        }
-        accumulate(&acc1, &a, &b);
-        if (GATED) {
-            for (var j = 0u; j < BLOCK; j++) {
-                b[j] = vec4(0.0);
-                for (var kk = 0u; kk < rest; kk++) {
-                    b[j][kk] = w3[w_base[j] + k + kk];
-                }
-            }
-            accumulate(&acc3, &a, &b);
         }
     }
 
-    let gate_bias_at = params.shard_num_experts * d_ff;
-    for (var i = 0u; i < BLOCK; i++) {
-        let slot = row0 + i;
-        if (slot >= rows_end) {
-            break;
-        }
-        for (var j = 0u; j < BLOCK; j++) {
-            let col = col0 + j;
-            if (col < d_ff) {
-                let bias_at = shard_expert * d_ff + col;
-                var h = activate(acc1[2u * i + j / 4u][j % 4u] + up_bias[bias_at]);
-                if (GATED) {
-                    h *= acc3[2u * i + j / 4u][j % 4u] + up_bias[gate_bias_at + bias_at];
-                }
-                hidden[slot * d_ff + col] = h;
-            }
-        }
+    let bias_at = shard_expert * d_ff;
+    store_quad(up00, gate00, row0, col0, rows_end, bias_at);
+    store_quad(up01, gate01, row0, col0 + 4u, rows_end, bias_at);
+    store_quad(up10, gate10, row0 + 4u, col0, rows_end, bias_at);
+    store_quad(up11, gate11, row0 + 4u, col0 + 4u, rows_end, bias_at);
+    if (QUADS == 4u) {
+        store_quad(up02, gate02, row0, col0 + 8u, rows_end, bias_at);
+        store_quad(up03, gate03, row0, col0 + 12u, rows_end, bias_at);
+        store_quad(up12, gate12, row0 + 4u, col0 + 8u, rows_end, bias_at);
+        store_quad(up13, gate13, row0 + 4u, col0 + 12u, rows_end, bias_at);
+        store_quad(up20, gate20, row0 + 8u, col0, rows_end, bias_at);
+        store_quad(up21, gate21, row0 + 8u, col0 + 4u, rows_end, bias_at);
+        store_quad(up22, gate22, row0 + 8u, col0 + 8u, rows_end, bias_at);
+        store_quad(up23, gate23, row0 + 8u, col0 + 12u, rows_end, bias_at);
+        store_quad(up30, gate30, row0 + 12u, col0, rows_end, bias_at);
+        store_quad(up31, gate31, row0 + 12u, col0 + 4u, rows_end, bias_at);
+        store_quad(up32, gate32, row0 + 12u, col0 + 8u, rows_end, bias_at);
+        store_quad(up33, gate33, row0 + 12u, col0 + 12u, rows_end, bias_at);
     }
 }

@@ -239,8 +239,10 @@ fn weights_split_over_several_bindings() {
 
 #[test]
 fn every_matmul_tile_shape() {
-    // Shapes off every tile, gated, with dropping: each tile shape must give the same answer.
+    // Shapes off every tile, gated, with dropping: each tile shape must give the same answer,
+    // with x rows off vec4 alignment (D = 37, F = 83) and on it (D = 40, F = 76).
     let weights = MoeWeights::random(shape(5, 37, 83), true, true, 33);
+    let aligned = MoeWeights::random(shape(5, 40, 76), true, true, 34);
     let config = MoeConfig {
         gated: true,
         activation: Activation::GeluTanh,
@@ -248,17 +250,26 @@ fn every_matmul_tile_shape() {
         ..config(2)
     };
     for row_lanes in switch_moe::gpu::shaders::ROW_LANES_CHOICES {
-        let options = LayerOptions {
-            row_lanes: Some(row_lanes),
-            ..Default::default()
-        };
-        check_with_options(config.clone(), &weights, 290, 33, options);
+        for block in switch_moe::gpu::shaders::MATMUL_BLOCKS {
+            let options = LayerOptions {
+                row_lanes: Some(row_lanes),
+                matmul_block: Some(block),
+                ..Default::default()
+            };
+            check_with_options(config.clone(), &weights, 290, 33, options.clone());
+            check_with_options(config.clone(), &aligned, 290, 35, options);
+        }
     }
-    let bad = LayerOptions {
+    let bad_lanes = LayerOptions {
         row_lanes: Some(3),
         ..Default::default()
     };
-    assert!(MoeLayer::with_options(&gpu(), config, &weights, bad).is_err());
+    assert!(MoeLayer::with_options(&gpu(), config.clone(), &weights, bad_lanes).is_err());
+    let bad_block = LayerOptions {
+        matmul_block: Some(12),
+        ..Default::default()
+    };
+    assert!(MoeLayer::with_options(&gpu(), config, &weights, bad_block).is_err());
 }
 
 #[test]

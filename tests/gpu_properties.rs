@@ -121,8 +121,11 @@ fn run_case(context: &GpuContext, case: &Case) -> bool {
         return false;
     }
     let shape = [case.num_tokens, case.d_model];
+    // Both matmul blocks, whatever the adapter would pick: half the cases each.
+    let blocks = switch_moe::gpu::shaders::MATMUL_BLOCKS;
     let options = LayerOptions {
         row_lanes: case.row_lanes,
+        matmul_block: Some(blocks[(case.seed % blocks.len() as u64) as usize]),
         ..Default::default()
     };
     let layer =

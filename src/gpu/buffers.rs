@@ -62,7 +62,7 @@ pub struct WeightShard {
     pub first_expert: usize,
     pub num_experts: usize,
     pub w1: wgpu::Buffer,
-    /// W3 for gated FFNs, a 4-byte dummy otherwise.
+    /// W3 for gated FFNs, a 16-byte dummy otherwise.
     pub w3: wgpu::Buffer,
     /// b1 `[experts, F]`, then b3 `[experts, F]` when gated (zeros for absent biases).
     pub up_bias: wgpu::Buffer,
@@ -94,12 +94,15 @@ impl GpuWeights {
             d_model,
             d_ff,
         } = weights.shape;
-        let matrix = d_model * d_ff;
-        let matrix_bytes = (matrix * 4) as u64;
+        // The matmuls read weight rows as vec4s: rows are padded to a multiple of 4.
+        let (d4, f4) = (padded_to_vec4(d_model), padded_to_vec4(d_ff));
+        let up_matrix = d_ff * d4;
+        let down_matrix = d_model * f4;
+        let matrix_bytes = (up_matrix.max(down_matrix) * 4) as u64;
         let experts_per_shard = (max_binding_bytes / matrix_bytes) as usize;
         if experts_per_shard == 0 {
             return Err(MoeError::DeviceLimit {
-                limit: "max_storage_buffer_binding_size (one expert matrix D·F·4 bytes)",
+                limit: "max_storage_buffer_binding_size (one expert matrix, rows padded to vec4s)",
                 needed: matrix_bytes,
                 allowed: max_binding_bytes,
             });
@@ -127,6 +130,7 @@ impl GpuWeights {
             let end = (first + experts_per_shard).min(num_experts);
             let count = end - first;
             let range = |per_expert: usize| first * per_expert..end * per_expert;
+            let matrix = d_model * d_ff;
             let bias_or_zeros = |bias: &Option<Vec<f32>>, per_expert: usize| match bias {
                 Some(b) => b[range(per_expert)].to_vec(),
                 None => vec![0.0; count * per_expert],
@@ -137,8 +141,9 @@ impl GpuWeights {
             }
             let no_usage = wgpu::BufferUsages::empty();
             let w3 = match &weights.w3 {
-                Some(w3) => storage_buffer_init(device, "w3", &w3[range(matrix)], no_usage),
-                None => storage_buffer_init::<f32>(device, "w3 (unused)", &[], no_usage),
+                Some(w3) => storage_buffer_init(device, "w3", &pad_rows(&w3[range(matrix)], d_model), no_usage),
+                // One vec4: the smallest binding of an array<vec4<f32>>.
+                None => storage_buffer_init(device, "w3 (unused)", &[0.0f32; 4], no_usage),
             };
             let params = ExpertParams {
                 d_model: d_model as u32,
@@ -151,10 +156,10 @@ impl GpuWeights {
             shards.push(WeightShard {
                 first_expert: first,
                 num_experts: count,
-                w1: storage_buffer_init(device, "w1", &weights.w1[range(matrix)], no_usage),
+                w1: storage_buffer_init(device, "w1", &pad_rows(&weights.w1[range(matrix)], d_model), no_usage),
                 w3,
                 up_bias: storage_buffer_init(device, "up_bias", &up_bias, no_usage),
-                w2: storage_buffer_init(device, "w2", &weights.w2[range(matrix)], no_usage),
+                w2: storage_buffer_init(device, "w2", &pad_rows(&weights.w2[range(matrix)], d_ff), no_usage),
                 down_bias: storage_buffer_init(
                     device,
                     "down_bias",
@@ -177,6 +182,25 @@ impl GpuWeights {
             ),
         })
     }
+}
+
+/// `n` rounded up to a multiple of 4: the row length of matrices the matmuls read as vec4s.
+pub fn padded_to_vec4(n: usize) -> usize {
+    n.div_ceil(4) * 4
+}
+
+/// Rows of `width` floats, each zero-padded to `padded_to_vec4(width)`.
+fn pad_rows(data: &[f32], width: usize) -> std::borrow::Cow<'_, [f32]> {
+    let padded = padded_to_vec4(width);
+    if padded == width {
+        return data.into();
+    }
+    let mut out = Vec::with_capacity(data.len() / width * padded);
+    for row in data.chunks(width) {
+        out.extend_from_slice(row);
+        out.resize(out.len() + padded - width, 0.0);
+    }
+    out.into()
 }
 
 /// Lengths (in 4-byte elements) of every scratch buffer; a forward fits the scratch when
@@ -206,7 +230,8 @@ impl ScratchSizes {
         } = plan.shape;
         let t = plan.num_tokens;
         ScratchSizes {
-            x: t * d_model,
+            // Whole vec4s, at least one: the matmuls bind x and hidden as vec4 arrays.
+            x: padded_to_vec4(t * d_model).max(4),
             probs: t * num_experts,
             assignments: plan.num_assignments(),
             tokens: t,
@@ -215,7 +240,7 @@ impl ScratchSizes {
             group_kept_prefix: plan.num_groups * num_experts,
             expert_table: plan.expert_table_len(),
             slots: plan.max_slots(),
-            hidden: plan.max_slots() * d_ff,
+            hidden: (plan.max_slots() * padded_to_vec4(d_ff)).max(4),
             expert_out: plan.max_slots() * d_model,
             readback: readback_len(plan),
         }

@@ -2,11 +2,14 @@
 //! kernels are built when the layer is created; the expert matmuls come in one variant per
 //! tile shape, each built the first time a batch needs it and kept.
 
+/// Tile shapes the matmuls can be built for: every `ROW_LANES` with every block.
+const TILINGS: usize = ROW_LANES_CHOICES.len() * MATMUL_BLOCKS.len();
+
 use std::sync::OnceLock;
 
 use crate::config::MoeConfig;
 use crate::gpu::plan::MatmulTiling;
-use crate::gpu::shaders::{self, ShaderSource, ROW_LANES_CHOICES};
+use crate::gpu::shaders::{self, ShaderSource, MATMUL_BLOCKS, ROW_LANES_CHOICES};
 
 /// How a kernel's binding is declared in WGSL.
 #[derive(Clone, Copy, Debug)]
@@ -136,7 +139,8 @@ pub struct MatmulPipelines {
 }
 
 /// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
-/// shape (`ROW_LANES`), specialised for the layer's activation and gating.
+/// shape (`ROW_LANES`, `QUADS`), specialised for the layer's activation, gating and
+/// whether x rows are vec4-aligned.
 #[derive(Debug)]
 pub struct ExpertMatmuls {
     pub up_layout: wgpu::BindGroupLayout,
@@ -145,11 +149,12 @@ pub struct ExpertMatmuls {
     down_module: wgpu::ShaderModule,
     activation: f64,
     gated: f64,
-    variants: [OnceLock<MatmulPipelines>; ROW_LANES_CHOICES.len()],
+    x_aligned: f64,
+    variants: [OnceLock<MatmulPipelines>; TILINGS],
 }
 
 impl ExpertMatmuls {
-    fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+    fn new(device: &wgpu::Device, config: &MoeConfig, d_model: usize) -> Self {
         use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U};
         ExpertMatmuls {
             up_layout: bind_group_layout(device, "expert_up", &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw]),
@@ -158,22 +163,30 @@ impl ExpertMatmuls {
             down_module: shader_module(device, shaders::EXPERT_DOWN),
             activation: config.activation.shader_code() as f64,
             gated: if config.gated { 1.0 } else { 0.0 },
+            x_aligned: if d_model % 4 == 0 { 1.0 } else { 0.0 },
             variants: Default::default(),
         }
     }
 
     /// The pipelines for `tiling`, built on first use.
     pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &MatmulPipelines {
-        let index = ROW_LANES_CHOICES
+        let lanes_index = ROW_LANES_CHOICES
             .iter()
             .position(|&lanes| lanes == tiling.row_lanes)
             .unwrap_or(0);
-        self.variants[index].get_or_init(|| {
-            let row_lanes = ROW_LANES_CHOICES[index] as f64;
+        let block_index = MATMUL_BLOCKS
+            .iter()
+            .position(|&block| block == tiling.block)
+            .unwrap_or(0);
+        self.variants[lanes_index * MATMUL_BLOCKS.len() + block_index].get_or_init(|| {
+            let row_lanes = ROW_LANES_CHOICES[lanes_index] as f64;
+            let quads = (MATMUL_BLOCKS[block_index] / 4) as f64;
             let up_constants = [
                 ("ACTIVATION", self.activation),
                 ("GATED", self.gated),
+                ("X_ALIGNED", self.x_aligned),
                 ("ROW_LANES", row_lanes),
+                ("QUADS", quads),
             ];
             MatmulPipelines {
                 up: compute_pipeline(
@@ -188,7 +201,7 @@ impl ExpertMatmuls {
                     "expert_down",
                     &self.down_module,
                     &self.down_layout,
-                    &[("ROW_LANES", row_lanes)],
+                    &[("ROW_LANES", row_lanes), ("QUADS", quads)],
                 ),
             }
         })
@@ -208,7 +221,7 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+    pub fn new(device: &wgpu::Device, config: &MoeConfig, d_model: usize) -> Self {
         use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U};
         Kernels {
             route_tokens: Kernel::new(
@@ -232,7 +245,7 @@ impl Kernels {
                 shaders::SCATTER_ASSIGNMENTS,
                 &[U, Ro, Ro, Ro, Ro, Rw, Rw],
             ),
-            expert_matmuls: ExpertMatmuls::new(device, config),
+            expert_matmuls: ExpertMatmuls::new(device, config, d_model),
             combine_outputs: Kernel::new(
                 device,
                 shaders::COMBINE_OUTPUTS,

@@ -9,13 +9,13 @@ use std::sync::Mutex;
 
 use crate::config::{DropPolicy, MoeConfig};
 use crate::error::{MoeError, Result};
-use crate::gpu::buffers::{uniform_buffer, GpuWeights, Scratch, ScratchSizes};
+use crate::gpu::buffers::{padded_to_vec4, uniform_buffer, GpuWeights, Scratch, ScratchSizes};
 use crate::gpu::context::GpuContext;
 use crate::gpu::kernels::{bind_buffers, Kernel, Kernels};
 use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
 use crate::gpu::readback::{map_for_reading, Wait};
-use crate::gpu::shaders::{MAX_EXPERTS, ROW_LANES_CHOICES};
+use crate::gpu::shaders::{MATMUL_BLOCKS, MAX_EXPERTS, ROW_LANES_CHOICES};
 use crate::output::{num_tokens_of, MoeOutput};
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -31,6 +31,20 @@ pub struct LayerOptions {
     /// Forces the expert matmuls' tile shape (`ROW_LANES`: 1, 2, 4 or 8) instead of
     /// choosing it from the tokens per expert (for tests and tuning).
     pub row_lanes: Option<u32>,
+    /// Forces the side of each matmul invocation's output block (8 or 16) instead of
+    /// choosing it from the adapter: 16 on CPU adapters, 8 elsewhere (for tests and tuning).
+    pub matmul_block: Option<u32>,
+}
+
+/// The matmul block for a device: CPU adapters (lavapipe, llvmpipe, SwiftShader) run each
+/// storage load as a loop over their SIMD lanes, so they want the larger block, which
+/// feeds twice the FMAs per load; GPUs want the smaller one, which fits in registers.
+fn default_matmul_block(device: &wgpu::Device) -> u32 {
+    if device.adapter_info().device_type == wgpu::DeviceType::Cpu {
+        16
+    } else {
+        8
+    }
 }
 
 /// Intermediate buffers of one forward, read back for tests and debugging.
@@ -184,6 +198,7 @@ pub struct MoeLayer {
     limits: wgpu::Limits,
     max_binding_bytes: u64,
     forced_row_lanes: Option<u32>,
+    matmul_block: u32,
     kernels: Kernels,
     weights: GpuWeights,
     /// Idle workspaces of `forward` and `forward_async`: a forward takes one (or builds
@@ -254,6 +269,12 @@ impl MoeLayer {
                 format!("{lanes}; the matmul tiles take one of {ROW_LANES_CHOICES:?}"),
             ));
         }
+        if let Some(block) = options.matmul_block.filter(|b| !MATMUL_BLOCKS.contains(b)) {
+            return Err(MoeError::config(
+                "matmul_block",
+                format!("{block}; the matmul blocks take one of {MATMUL_BLOCKS:?}"),
+            ));
+        }
         if shape.num_experts > MAX_EXPERTS as usize {
             return Err(MoeError::config(
                 "n_experts",
@@ -275,7 +296,7 @@ impl MoeLayer {
             .max_weight_binding_bytes
             .map_or(device_binding, |cap| cap.min(device_binding));
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = Kernels::new(device, &config);
+        let kernels = Kernels::new(device, &config, shape.d_model);
         let weights_on_device = GpuWeights::upload(device, weights, max_weight_binding_bytes)?;
         if let Some(error) = scope.pop().await {
             return Err(MoeError::Device {
@@ -290,6 +311,9 @@ impl MoeLayer {
             limits,
             max_binding_bytes,
             forced_row_lanes: options.row_lanes,
+            matmul_block: options
+                .matmul_block
+                .unwrap_or_else(|| default_matmul_block(device)),
             kernels,
             weights: weights_on_device,
             pool: Mutex::new(Vec::new()),
@@ -378,7 +402,13 @@ impl MoeLayer {
 
     /// The plan for `num_tokens` tokens, or the device limit it would exceed.
     fn plan(&self, num_tokens: usize) -> Result<ForwardPlan> {
-        let plan = ForwardPlan::new(&self.config, self.shape, num_tokens, self.forced_row_lanes)?;
+        let plan = ForwardPlan::new(
+            &self.config,
+            self.shape,
+            num_tokens,
+            self.matmul_block,
+            self.forced_row_lanes,
+        )?;
         let sizes = ScratchSizes::for_plan(&plan);
         if sizes.largest_binding_bytes() > self.max_binding_bytes {
             return Err(MoeError::DeviceLimit {
@@ -493,7 +523,7 @@ impl MoeLayer {
                 (&scratch.assignment_slot, plan.num_assignments()),
                 (&scratch.slot_token, slots),
                 (&scratch.expert_table, 3 * n + 1),
-                (&scratch.hidden, slots * plan.shape.d_ff),
+                (&scratch.hidden, slots * padded_to_vec4(plan.shape.d_ff)),
                 (&scratch.expert_out, slots * plan.shape.d_model),
             ]);
             let words: usize = sources.iter().map(|(_, w)| w).sum();
@@ -526,7 +556,11 @@ impl MoeLayer {
             slot_token: parts[9].to_vec(),
             tile_start: parts[10][2 * n..3 * n + 1].to_vec(),
             row_tile: plan.tiling.row_tile() as u32,
-            hidden: floats(parts[11]),
+            hidden: floats(parts[11])
+                .chunks(padded_to_vec4(plan.shape.d_ff))
+                .flat_map(|row| &row[..plan.shape.d_ff])
+                .copied()
+                .collect(),
             expert_out: floats(parts[12]),
         });
         if flags[0] != u32::MAX {

@@ -5,7 +5,7 @@
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::gpu::shaders::{
-    BLOCK_TOKENS, COMBINE_WORKGROUP, MATMUL_BLOCK, MATMUL_LANES, ROW_LANES_CHOICES,
+    BLOCK_TOKENS, COMBINE_WORKGROUP, MATMUL_LANES, ROW_LANES_CHOICES,
 };
 use crate::weights::LayerShape;
 
@@ -31,29 +31,31 @@ pub struct ForwardPlan {
 }
 
 /// The shape of the expert matmuls' workgroup tile: `row_lanes` × (64 / `row_lanes`)
-/// invocations with an 8×8 block each.
+/// invocations with a `block` × `block` output block each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatmulTiling {
     pub row_lanes: u32,
+    pub block: u32,
 }
 
 impl MatmulTiling {
     /// Rows of a tile; expert segments are padded to a multiple of it.
     pub fn row_tile(self) -> usize {
-        (self.row_lanes * MATMUL_BLOCK) as usize
+        (self.row_lanes * self.block) as usize
     }
 
     /// Columns of a tile.
     pub fn col_tile(self) -> usize {
-        (MATMUL_LANES / self.row_lanes * MATMUL_BLOCK) as usize
+        (MATMUL_LANES / self.row_lanes * self.block) as usize
     }
 
-    /// The tiling for `rows_per_expert` rows on average, with output widths `d_ff` (up) and
+    /// The tiling with blocks of `block` for `rows_per_expert` rows on average, with output
+    /// widths `d_ff` (up) and
     /// `d_model` (down). Small experts want short row tiles (each expert's last tile is
     /// half empty on average); narrow outputs want narrow column tiles (lanes past the
     /// last column idle); among equals the shortest tile wins (measured on lavapipe, tile
     /// height barely matters once nothing is wasted). The cost is the product of the wastes.
-    pub fn for_shape(rows_per_expert: f64, d_model: usize, d_ff: usize) -> Self {
+    pub fn for_shape(rows_per_expert: f64, d_model: usize, d_ff: usize, block: u32) -> Self {
         let rows = rows_per_expert.max(1.0);
         let waste = |tiling: MatmulTiling| {
             let row_tile = tiling.row_tile() as f64;
@@ -69,9 +71,10 @@ impl MatmulTiling {
         };
         let mut best = MatmulTiling {
             row_lanes: ROW_LANES_CHOICES[0],
+            block,
         };
         for &row_lanes in &ROW_LANES_CHOICES[1..] {
-            let candidate = MatmulTiling { row_lanes };
+            let candidate = MatmulTiling { row_lanes, block };
             if waste(candidate) < waste(best) * 0.9999 {
                 best = candidate;
             }
@@ -86,11 +89,13 @@ pub fn div_ceil(a: usize, b: usize) -> usize {
 }
 
 impl ForwardPlan {
-    /// The plan for `num_tokens` tokens; `row_lanes` forces the matmul tiling.
+    /// The plan for `num_tokens` tokens with matmul blocks of `block`; `row_lanes` forces
+    /// the matmul tiling.
     pub fn new(
         config: &MoeConfig,
         shape: LayerShape,
         num_tokens: usize,
+        block: u32,
         row_lanes: Option<u32>,
     ) -> Result<Self> {
         let group_size = config.group_size_for(num_tokens)?;
@@ -115,11 +120,12 @@ impl ForwardPlan {
             None => assignments,
         };
         let tiling = match row_lanes {
-            Some(row_lanes) => MatmulTiling { row_lanes },
+            Some(row_lanes) => MatmulTiling { row_lanes, block },
             None => MatmulTiling::for_shape(
                 kept_bound as f64 / shape.num_experts as f64,
                 shape.d_model,
                 shape.d_ff,
+                block,
             ),
         };
         // Each expert's segment is padded to whole row tiles: at most one extra per expert.
