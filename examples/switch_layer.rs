@@ -123,11 +123,12 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         "layer: {num_experts} experts, d_model {d_model}, d_ff {d_ff}, {} tokens, top-{}, capacity factor {}",
         args.tokens, config.top_k, config.capacity_factor
     );
-    // SWITCH_MOE_ROW_LANES forces the matmul tile shape, for tuning.
+    // SWITCH_MOE_ROW_LANES and SWITCH_MOE_MATMUL_BLOCK force the matmul tile shape, for
+    // tuning.
+    let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
     let options = switch_moe::LayerOptions {
-        row_lanes: std::env::var("SWITCH_MOE_ROW_LANES")
-            .ok()
-            .and_then(|v| v.parse().ok()),
+        row_lanes: knob("SWITCH_MOE_ROW_LANES"),
+        matmul_block: knob("SWITCH_MOE_MATMUL_BLOCK"),
         ..Default::default()
     };
     let layer = MoeLayer::with_options(&context, config.clone(), &weights, options)?;

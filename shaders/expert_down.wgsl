@@ -3,8 +3,8 @@
 // owning the slot's row tile.
 //
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of D,
-// y = the row tiles of this weight shard's experts. The same tiling as expert_up: 64
-// invocations laid out ROW_LANES × (64 / ROW_LANES), a BLOCK × BLOCK block (BLOCK = 4·QUADS)
+// y = the row tiles of this weight shard's experts. The same tiling as expert_up: LANES
+// invocations laid out ROW_LANES × (LANES / ROW_LANES), a BLOCK × BLOCK block (BLOCK = 4·QUADS)
 // of 4×4 matrices each; operands read as vec4s along k (hidden rows and W2 rows are F4
 // long, zero-padded). The K loop mirrors expert_up's (WGSL has no includes; keep the two
 // in step).
@@ -27,8 +27,9 @@ struct ExpertParams {
 override ROW_LANES: u32 = 2u;
 // 4×4 matrices along each side of an invocation's block: 2 or 4 (as in expert_up).
 override QUADS: u32 = 2u;
+// Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (as in expert_up).
+override LANES: u32 = 64u;
 
-const LANES: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
 @group(0) @binding(1) var<storage, read> hidden: array<vec4<f32>>;
@@ -80,7 +81,7 @@ fn store_quad(out: mat4x4<f32>, row: u32, col: u32, rows_end: u32, bias_at: u32)
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,

@@ -4,12 +4,13 @@
 // for every kept slot, where e is the expert owning the slot's row tile.
 //
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of F,
-// y = the row tiles of this weight shard's experts. A workgroup of 64 invocations is laid
-// out ROW_LANES × (64 / ROW_LANES); each invocation keeps a BLOCK × BLOCK output block
+// y = the row tiles of this weight shard's experts. A workgroup of LANES invocations is laid
+// out ROW_LANES × (LANES / ROW_LANES); each invocation keeps a BLOCK × BLOCK output block
 // (BLOCK = 4·QUADS) in registers as QUADS² 4×4 matrices, so a tile is BLOCK·ROW_LANES rows
-// by BLOCK·64 / ROW_LANES columns. The host picks QUADS per adapter (2 on GPUs; 4 on CPU
-// adapters, where every storage load is a loop over the SIMD lanes and only a bigger block
-// feeds more FMAs per load) and ROW_LANES from the tokens per expert.
+// by BLOCK·LANES / ROW_LANES columns. The host picks QUADS per adapter (2 with 64 lanes on
+// GPUs; 4 with 16 lanes on CPU adapters, where every storage load is a loop over the SIMD
+// lanes and only a bigger block feeds more FMAs per load) and ROW_LANES from the tokens
+// per expert.
 // Operands are read as vec4s along k: weight rows are padded to a multiple of 4 with zeros
 // on upload; x rows are aligned when D % 4 == 0 (X_ALIGNED), else each vec4 of a row is
 // assembled from the two aligned vec4s around it.
@@ -39,10 +40,11 @@ override GATED: bool = false;
 override ROW_LANES: u32 = 2u;
 // 4×4 matrices along each side of an invocation's block: 2 or 4.
 override QUADS: u32 = 2u;
+// Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (tiles of a similar size).
+override LANES: u32 = 64u;
 // Whether D is a multiple of 4, so that x rows start on a vec4.
 override X_ALIGNED: bool = true;
 
-const LANES: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
@@ -154,7 +156,7 @@ fn store_quad(up: mat4x4<f32>, gate: mat4x4<f32>, row: u32, col: u32, rows_end: 
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,

@@ -4,7 +4,10 @@
 //
 // Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens, one invocation
 // per token; workgroups laid out in 2-D (x + y·num_workgroups.x) so that any T fits.
-// Bindings: 0 params, 1 x [T, D], 2 router [N·D weights, then N biases],
+// x and the router weights are read as vec4s along D (on CPU adapters every storage load is
+// a loop over the SIMD lanes), four experts per pass over x.
+// Bindings: 0 params, 1 x [T, D] (whole vec4s), 2 router [N rows of D4 weights (D rounded
+// up to a multiple of 4, zero-padded), then N biases, zero-padded to a whole vec4],
 // 3 probs [T, N] (logits, then probabilities), 4 routes [T, k], 5 gates [T, k],
 // 6 route_prob_max [T], 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²),
 // 8 flags [1] (atomicMin of the first token whose x or logits are not finite).
@@ -23,8 +26,8 @@ struct RouteParams {
 const BLOCK_TOKENS: u32 = 128u;
 
 @group(0) @binding(0) var<uniform> params: RouteParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> router: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> router: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> probs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> routes: array<u32>;
 @group(0) @binding(5) var<storage, read_write> gates: array<f32>;
@@ -40,28 +43,64 @@ fn is_finite_bits(v: f32) -> bool {
 }
 
 // Logits, softmax, top-k and gates of one token; returns logsumexp².
+// x[row_at + k .. row_at + k + 4], zeros past the row's end (k is a multiple of 4); an
+// unaligned row (D % 4 != 0) is shifted out of the two aligned vec4s around it, as in
+// expert_up.
+fn x_vec4(row_at: u32, k: u32, d_model: u32) -> vec4<f32> {
+    let at = row_at + k;
+    let lo = x[at / 4u];
+    if (d_model % 4u == 0u) {
+        return lo;
+    }
+    let hi = x[at / 4u + 1u];
+    let shift = at % 4u;
+    var v = select(lo, vec4(lo.yzw, hi.x), shift == 1u);
+    v = select(v, vec4(lo.zw, hi.xy), shift == 2u);
+    v = select(v, vec4(lo.w, hi.xyz), shift == 3u);
+    return select(vec4(0.0), v, vec4(k) + vec4(0u, 1u, 2u, 3u) < vec4(d_model));
+}
+
 fn route_one_token(token: u32) -> f32 {
     let d_model = params.d_model;
     let num_experts = params.num_experts;
     let x_base = token * d_model;
     let p_base = token * num_experts;
 
+    let d4 = (d_model + 3u) / 4u;
     var finite = true;
-    for (var d = 0u; d < d_model; d++) {
-        finite = finite && is_finite_bits(x[x_base + d]);
+    for (var k4 = 0u; k4 < d4; k4++) {
+        let v = x_vec4(x_base, 4u * k4, d_model);
+        finite = finite && is_finite_bits(v.x) && is_finite_bits(v.y) && is_finite_bits(v.z)
+            && is_finite_bits(v.w);
     }
 
-    // h[t, e] = x[t]·Wr[e] + br[e], kept in `probs` until the softmax overwrites it.
+    // h[t, e] = x[t]·Wr[e] + br[e], kept in `probs` until the softmax overwrites it. Four
+    // experts per pass (the last pass re-reads the last expert for the missing ones).
     var max_logit = bitcast<f32>(0xff7fffffu); // -f32::MAX, exactly
-    for (var e = 0u; e < num_experts; e++) {
-        let w_base = e * d_model;
-        var logit = 0.0;
-        for (var d = 0u; d < d_model; d++) {
-            logit += x[x_base + d] * router[w_base + d];
+    let bias_at = num_experts * d4;
+    for (var e0 = 0u; e0 < num_experts; e0 += 4u) {
+        let rows = min(vec4(e0) + vec4(0u, 1u, 2u, 3u), vec4(num_experts - 1u)) * d4;
+        var acc0 = vec4(0.0);
+        var acc1 = vec4(0.0);
+        var acc2 = vec4(0.0);
+        var acc3 = vec4(0.0);
+        for (var k4 = 0u; k4 < d4; k4++) {
+            let xv = x_vec4(x_base, 4u * k4, d_model);
+            acc0 += xv * router[rows.x + k4];
+            acc1 += xv * router[rows.y + k4];
+            acc2 += xv * router[rows.z + k4];
+            acc3 += xv * router[rows.w + k4];
         }
-        logit += router[num_experts * d_model + e];
-        probs[p_base + e] = logit;
-        max_logit = max(max_logit, logit);
+        let one = vec4(1.0);
+        let dots = vec4(dot(acc0, one), dot(acc1, one), dot(acc2, one), dot(acc3, one));
+        for (var j = 0u; j < 4u; j++) {
+            let e = e0 + j;
+            if (e < num_experts) {
+                let logit = dots[j] + router[bias_at + e / 4u][e % 4u];
+                probs[p_base + e] = logit;
+                max_logit = max(max_logit, logit);
+            }
+        }
     }
     // Stable softmax: exp(h - max) never overflows.
     var sum = 0.0;

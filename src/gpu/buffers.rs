@@ -74,7 +74,8 @@ pub struct WeightShard {
 /// All weights on the device.
 #[derive(Debug)]
 pub struct GpuWeights {
-    /// Router weight `[N, D]` followed by its bias `[N]`.
+    /// Router weight `[N, D4]` (rows zero-padded to a multiple of 4) followed by its bias
+    /// `[N]`, zero-padded to a whole vec4.
     pub router: wgpu::Buffer,
     pub shards: Vec<WeightShard>,
     /// First expert of every shard, then N.
@@ -107,7 +108,9 @@ impl GpuWeights {
                 allowed: max_binding_bytes,
             });
         }
-        let router_bytes = ((num_experts * d_model + num_experts) * 4) as u64;
+        // route_tokens reads the router as vec4s: rows padded, biases padded to a whole vec4.
+        let router_len = num_experts * d4 + padded_to_vec4(num_experts);
+        let router_bytes = (router_len * 4) as u64;
         if router_bytes > max_binding_bytes {
             return Err(MoeError::DeviceLimit {
                 limit: "max_storage_buffer_binding_size (router weight)",
@@ -115,11 +118,12 @@ impl GpuWeights {
                 allowed: max_binding_bytes,
             });
         }
-        let mut router = weights.router_weight.clone();
+        let mut router = pad_rows(&weights.router_weight, d_model).into_owned();
         match &weights.router_bias {
             Some(bias) => router.extend_from_slice(bias),
             None => router.extend(std::iter::repeat_n(0.0, num_experts)),
         }
+        router.resize(router_len, 0.0);
         let router = storage_buffer_init(device, "router", &router, wgpu::BufferUsages::empty());
 
         let num_shards = div_ceil(num_experts, experts_per_shard);
@@ -141,7 +145,12 @@ impl GpuWeights {
             }
             let no_usage = wgpu::BufferUsages::empty();
             let w3 = match &weights.w3 {
-                Some(w3) => storage_buffer_init(device, "w3", &pad_rows(&w3[range(matrix)], d_model), no_usage),
+                Some(w3) => storage_buffer_init(
+                    device,
+                    "w3",
+                    &pad_rows(&w3[range(matrix)], d_model),
+                    no_usage,
+                ),
                 // One vec4: the smallest binding of an array<vec4<f32>>.
                 None => storage_buffer_init(device, "w3 (unused)", &[0.0f32; 4], no_usage),
             };
@@ -156,10 +165,20 @@ impl GpuWeights {
             shards.push(WeightShard {
                 first_expert: first,
                 num_experts: count,
-                w1: storage_buffer_init(device, "w1", &pad_rows(&weights.w1[range(matrix)], d_model), no_usage),
+                w1: storage_buffer_init(
+                    device,
+                    "w1",
+                    &pad_rows(&weights.w1[range(matrix)], d_model),
+                    no_usage,
+                ),
                 w3,
                 up_bias: storage_buffer_init(device, "up_bias", &up_bias, no_usage),
-                w2: storage_buffer_init(device, "w2", &pad_rows(&weights.w2[range(matrix)], d_ff), no_usage),
+                w2: storage_buffer_init(
+                    device,
+                    "w2",
+                    &pad_rows(&weights.w2[range(matrix)], d_ff),
+                    no_usage,
+                ),
                 down_bias: storage_buffer_init(
                     device,
                     "down_bias",

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use crate::config::MoeConfig;
 use crate::gpu::plan::MatmulTiling;
-use crate::gpu::shaders::{self, ShaderSource, MATMUL_BLOCKS, ROW_LANES_CHOICES};
+use crate::gpu::shaders::{self, ShaderSource, MATMUL_BLOCKS, MATMUL_LANES, ROW_LANES_CHOICES};
 
 /// How a kernel's binding is declared in WGSL.
 #[derive(Clone, Copy, Debug)]
@@ -139,7 +139,7 @@ pub struct MatmulPipelines {
 }
 
 /// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
-/// shape (`ROW_LANES`, `QUADS`), specialised for the layer's activation, gating and
+/// shape (`ROW_LANES`, `QUADS` with its `LANES`), specialised for the layer's activation, gating and
 /// whether x rows are vec4-aligned.
 #[derive(Debug)]
 pub struct ExpertMatmuls {
@@ -163,7 +163,7 @@ impl ExpertMatmuls {
             down_module: shader_module(device, shaders::EXPERT_DOWN),
             activation: config.activation.shader_code() as f64,
             gated: if config.gated { 1.0 } else { 0.0 },
-            x_aligned: if d_model % 4 == 0 { 1.0 } else { 0.0 },
+            x_aligned: if d_model.is_multiple_of(4) { 1.0 } else { 0.0 },
             variants: Default::default(),
         }
     }
@@ -181,12 +181,14 @@ impl ExpertMatmuls {
         self.variants[lanes_index * MATMUL_BLOCKS.len() + block_index].get_or_init(|| {
             let row_lanes = ROW_LANES_CHOICES[lanes_index] as f64;
             let quads = (MATMUL_BLOCKS[block_index] / 4) as f64;
+            let lanes = MATMUL_LANES[block_index] as f64;
             let up_constants = [
                 ("ACTIVATION", self.activation),
                 ("GATED", self.gated),
                 ("X_ALIGNED", self.x_aligned),
                 ("ROW_LANES", row_lanes),
                 ("QUADS", quads),
+                ("LANES", lanes),
             ];
             MatmulPipelines {
                 up: compute_pipeline(
@@ -201,7 +203,7 @@ impl ExpertMatmuls {
                     "expert_down",
                     &self.down_module,
                     &self.down_layout,
-                    &[("ROW_LANES", row_lanes), ("QUADS", quads)],
+                    &[("ROW_LANES", row_lanes), ("QUADS", quads), ("LANES", lanes)],
                 ),
             }
         })

@@ -5,7 +5,7 @@
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::gpu::shaders::{
-    BLOCK_TOKENS, COMBINE_WORKGROUP, MATMUL_LANES, ROW_LANES_CHOICES,
+    BLOCK_TOKENS, COMBINE_WORKGROUP, MATMUL_BLOCKS, MATMUL_LANES, ROW_LANES_CHOICES,
 };
 use crate::weights::LayerShape;
 
@@ -30,7 +30,7 @@ pub struct ForwardPlan {
     pub max_tiles: usize,
 }
 
-/// The shape of the expert matmuls' workgroup tile: `row_lanes` × (64 / `row_lanes`)
+/// The shape of the expert matmuls' workgroup tile: `row_lanes` × (lanes / `row_lanes`)
 /// invocations with a `block` × `block` output block each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatmulTiling {
@@ -46,7 +46,13 @@ impl MatmulTiling {
 
     /// Columns of a tile.
     pub fn col_tile(self) -> usize {
-        (MATMUL_LANES / self.row_lanes * self.block) as usize
+        (self.lanes() / self.row_lanes * self.block) as usize
+    }
+
+    /// Invocations per workgroup (`LANES`), fixed by the block.
+    pub fn lanes(self) -> u32 {
+        let index = MATMUL_BLOCKS.iter().position(|&b| b == self.block);
+        MATMUL_LANES[index.unwrap_or(0)]
     }
 
     /// The tiling with blocks of `block` for `rows_per_expert` rows on average, with output

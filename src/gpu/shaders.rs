@@ -40,11 +40,11 @@ pub const ALL: [ShaderSource; 8] = [
 
 /// Tokens per block in route_tokens, count_experts and scatter_assignments.
 pub const BLOCK_TOKENS: u32 = 128;
-/// Invocations per workgroup of the expert matmuls (expert_up, expert_down).
-pub const MATMUL_LANES: u32 = 64;
 /// The sides a matmul invocation's square output block may take (`4·QUADS` in the
 /// shaders): 8 on GPUs, 16 on CPU adapters (see expert_up.wgsl).
 pub const MATMUL_BLOCKS: [u32; 2] = [8, 16];
+/// Invocations per workgroup of the expert matmuls (`LANES`) for each of MATMUL_BLOCKS.
+pub const MATMUL_LANES: [u32; 2] = [64, 16];
 /// The values the matmuls' `ROW_LANES` override may take (lanes along a tile's rows).
 pub const ROW_LANES_CHOICES: [u32; 4] = [1, 2, 4, 8];
 /// The histogram size of count_experts (workgroup memory), hence the most experts.
