@@ -274,9 +274,8 @@ fn main() {
         let scratch_mib = grouped.scratch_bytes() as f64 / (1 << 20) as f64;
         drop(grouped);
 
-        let one_expert = (d_model * d_ff * 4) as u64;
         let per_expert = LayerOptions {
-            max_weight_binding_bytes: Some(one_expert),
+            max_experts_per_shard: Some(1),
             ..Default::default()
         };
         let looped = MoeLayer::with_options(&context, config.clone(), &weights, per_expert)
@@ -315,6 +314,7 @@ fn main() {
 
         // The weights the grouped layer must read: W1 and W2 of every expert that got tokens.
         let used = output.kept.iter().filter(|&&k| k > 0).count();
+        let one_expert = (d_model * d_ff * 4) as u64;
         let bytes = 2 * used as u64 * one_expert;
         let buffer = |label| {
             context.device.create_buffer(&wgpu::BufferDescriptor {

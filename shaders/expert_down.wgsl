@@ -5,10 +5,11 @@
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of D,
 // y = the row tiles of this weight shard's experts. The same tiling as expert_up: LANES
 // invocations laid out ROW_LANES × (LANES / ROW_LANES), a BLOCK × BLOCK block (BLOCK = 4·QUADS)
-// of 4×4 matrices each; operands read as vec4s along k (hidden rows and W2 rows are F4
-// long, zero-padded). The K loop mirrors expert_up's (WGSL has no includes; keep the two
+// of 4×4 matrices each; operands read as vec4s along k (hidden rows are F4 long, W2 is an
+// rgba32float texture array like expert_up's weights, F4 / 4 texels per row, zero-padded). The K loop mirrors expert_up's (WGSL has no includes; keep the two
 // in step).
-// Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table, 3 w2 [shard experts, D, F4],
+// Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table,
+// 3 w2 texels [shard experts][D][F4 / 4],
 // 4 down_bias [shard experts, D], 5 expert_out [slots, D]; F4 is F rounded up to a
 // multiple of 4.
 
@@ -34,7 +35,7 @@ override LANES: u32 = 64u;
 @group(0) @binding(0) var<uniform> params: ExpertParams;
 @group(0) @binding(1) var<storage, read> hidden: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> expert_table: array<u32>;
-@group(0) @binding(3) var<storage, read> w2: array<vec4<f32>>;
+@group(0) @binding(3) var w2: texture_2d_array<f32>;
 @group(0) @binding(4) var<storage, read> down_bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> expert_out: array<f32>;
 
@@ -44,9 +45,11 @@ fn hidden_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
         hidden[rows.w + k4]));
 }
 
-// Four weight rows (vec4 offsets `rows`) at vec4 k4: column j of the result is row j.
-fn w2_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
-    return mat4x4(w2[rows.x + k4], w2[rows.y + k4], w2[rows.z + k4], w2[rows.w + k4]);
+// Four weight rows `rows` of expert layer `layer` at texel k4: column j of the result is
+// row j.
+fn w2_quad(rows: vec4<u32>, layer: u32, k4: u32) -> mat4x4<f32> {
+    return mat4x4(textureLoad(w2, vec2(k4, rows.x), layer, 0), textureLoad(w2, vec2(k4, rows.y), layer, 0),
+        textureLoad(w2, vec2(k4, rows.z), layer, 0), textureLoad(w2, vec2(k4, rows.w), layer, 0));
 }
 
 // One row quad of the block: acc_j += ht·w_j, so that acc_j[c][r] = (row r, column 4j + c).
@@ -110,8 +113,7 @@ fn main(
     var w_rows: array<vec4<u32>, 4>;
     for (var q = 0u; q < 4u; q++) {
         h_rows[q] = (vec4(row0 + 4u * q) + vec4(0u, 1u, 2u, 3u)) * f4;
-        let cols = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_model - 1u));
-        w_rows[q] = (shard_expert * d_model + cols) * f4;
+        w_rows[q] = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_model - 1u));
     }
     let hr0 = h_rows[0];
     let hr1 = h_rows[1];
@@ -130,8 +132,8 @@ fn main(
     for (var k4 = 0u; k4 < f4; k4++) {
         let ht0 = hidden_quad(hr0, k4);
         let ht1 = hidden_quad(hr1, k4);
-        let w0 = w2_quad(wr0, k4);
-        let w1 = w2_quad(wr1, k4);
+        let w0 = w2_quad(wr0, shard_expert, k4);
+        let w1 = w2_quad(wr1, shard_expert, k4);
         var ht2: mat4x4<f32>;
         var ht3: mat4x4<f32>;
         var w2q: mat4x4<f32>;
@@ -139,8 +141,8 @@ fn main(
         if (QUADS == 4u) {
             ht2 = hidden_quad(hr2, k4);
             ht3 = hidden_quad(hr3, k4);
-            w2q = w2_quad(wr2, k4);
-            w3 = w2_quad(wr3, k4);
+            w2q = w2_quad(wr2, shard_expert, k4);
+            w3 = w2_quad(wr3, shard_expert, k4);
         }
         accumulate(&out00, &out01, &out02, &out03, ht0, w0, w1, w2q, w3);
         accumulate(&out10, &out11, &out12, &out13, ht1, w0, w1, w2q, w3);

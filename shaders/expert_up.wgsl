@@ -11,14 +11,17 @@
 // GPUs; 4 with 16 lanes on CPU adapters, where every storage load is a loop over the SIMD
 // lanes and only a bigger block feeds more FMAs per load) and ROW_LANES from the tokens
 // per expert.
-// Operands are read as vec4s along k: weight rows are padded to a multiple of 4 with zeros
-// on upload; x rows are aligned when D % 4 == 0 (X_ALIGNED), else each vec4 of a row is
-// assembled from the two aligned vec4s around it.
+// Operands are read as vec4s along k. The weights are rgba32float texture arrays (one layer
+// per expert, one row per output feature, D4 / 4 texels per row, zero-padded): on CPU
+// adapters a texel fetch is a vector gather while a storage load is a loop over the SIMD
+// lanes, and GPUs read them through the texture cache. x rows are aligned when
+// D % 4 == 0 (X_ALIGNED), else each vec4 of a row is assembled from the two aligned vec4s
+// around it.
 // The row gather x[slot_token[...]] happens in the operand loads: no permuted copy of x.
 // `hidden` rows are F rounded up to a multiple of 4 long; the padding columns get zeros, so
 // expert_down reads them as vec4s too.
 // Bindings: 0 params, 1 x [T, D], 2 slot_token [slots], 3 expert_table,
-// 4 w1 [shard experts, F, D4], 5 w3 [shard experts, F, D4] (a dummy unless GATED),
+// 4 w1 texels [shard experts][F][D4 / 4], 5 w3 likewise (a 1-texel dummy unless GATED),
 // 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED,
 // 7 hidden [slots, F4]; D4 and F4 are D and F rounded up to a multiple of 4.
 
@@ -50,8 +53,8 @@ override X_ALIGNED: bool = true;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> slot_token: array<u32>;
 @group(0) @binding(3) var<storage, read> expert_table: array<u32>;
-@group(0) @binding(4) var<storage, read> w1: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> w3: array<vec4<f32>>;
+@group(0) @binding(4) var w1: texture_2d_array<f32>;
+@group(0) @binding(5) var w3: texture_2d_array<f32>;
 @group(0) @binding(6) var<storage, read> up_bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> hidden: array<f32>;
 
@@ -107,13 +110,16 @@ fn x_quad(rows: vec4<u32>, k: u32, d_model: u32) -> mat4x4<f32> {
         x_vec4(rows.z, k, d_model), x_vec4(rows.w, k, d_model)));
 }
 
-// Four weight rows (vec4 offsets `rows`) at vec4 k4: column j of the result is row j.
-fn w1_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
-    return mat4x4(w1[rows.x + k4], w1[rows.y + k4], w1[rows.z + k4], w1[rows.w + k4]);
+// Four weight rows `rows` of expert layer `layer` at texel k4: column j of the result is
+// row j.
+fn w1_quad(rows: vec4<u32>, layer: u32, k4: u32) -> mat4x4<f32> {
+    return mat4x4(textureLoad(w1, vec2(k4, rows.x), layer, 0), textureLoad(w1, vec2(k4, rows.y), layer, 0),
+        textureLoad(w1, vec2(k4, rows.z), layer, 0), textureLoad(w1, vec2(k4, rows.w), layer, 0));
 }
 
-fn w3_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
-    return mat4x4(w3[rows.x + k4], w3[rows.y + k4], w3[rows.z + k4], w3[rows.w + k4]);
+fn w3_quad(rows: vec4<u32>, layer: u32, k4: u32) -> mat4x4<f32> {
+    return mat4x4(textureLoad(w3, vec2(k4, rows.x), layer, 0), textureLoad(w3, vec2(k4, rows.y), layer, 0),
+        textureLoad(w3, vec2(k4, rows.z), layer, 0), textureLoad(w3, vec2(k4, rows.w), layer, 0));
 }
 
 // One row quad of the block: acc_j += xt·w_j, so that acc_j[c][r] = (row r, column 4j + c).
@@ -187,8 +193,7 @@ fn main(
         let slots = vec4(row0 + 4u * q) + vec4(0u, 1u, 2u, 3u);
         let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z], slot_token[slots.w]);
         x_rows[q] = select(vec4(0u), tokens, slots < vec4(rows_end)) * d_model;
-        let cols = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_ff - 1u));
-        w_rows[q] = (shard_expert * d_ff + cols) * d4;
+        w_rows[q] = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_ff - 1u));
     }
     let xr0 = x_rows[0];
     let xr1 = x_rows[1];
@@ -214,15 +219,15 @@ fn main(
         let xt1 = x_quad(xr1, k, d_model);
         var xt2: mat4x4<f32>;
         var xt3: mat4x4<f32>;
-        var w0 = w1_quad(wr0, k4);
-        var w1q = w1_quad(wr1, k4);
+        var w0 = w1_quad(wr0, shard_expert, k4);
+        var w1q = w1_quad(wr1, shard_expert, k4);
         var w2q: mat4x4<f32>;
         var w3q: mat4x4<f32>;
         if (QUADS == 4u) {
             xt2 = x_quad(xr2, k, d_model);
             xt3 = x_quad(xr3, k, d_model);
-            w2q = w1_quad(wr2, k4);
-            w3q = w1_quad(wr3, k4);
+            w2q = w1_quad(wr2, shard_expert, k4);
+            w3q = w1_quad(wr3, shard_expert, k4);
         }
         accumulate(&up00, &up01, &up02, &up03, xt0, w0, w1q, w2q, w3q);
         accumulate(&up10, &up11, &up12, &up13, xt1, w0, w1q, w2q, w3q);
@@ -231,11 +236,11 @@ fn main(
             accumulate(&up30, &up31, &up32, &up33, xt3, w0, w1q, w2q, w3q);
         }
         if (GATED) {
-            w0 = w3_quad(wr0, k4);
-            w1q = w3_quad(wr1, k4);
+            w0 = w3_quad(wr0, shard_expert, k4);
+            w1q = w3_quad(wr1, shard_expert, k4);
             if (QUADS == 4u) {
-                w2q = w3_quad(wr2, k4);
-                w3q = w3_quad(wr3, k4);
+                w2q = w3_quad(wr2, shard_expert, k4);
+                w3q = w3_quad(wr3, shard_expert, k4);
             }
             accumulate(&gate00, &gate01, &gate02, &gate03, xt0, w0, w1q, w2q, w3q);
             accumulate(&gate10, &gate11, &gate12, &gate13, xt1, w0, w1q, w2q, w3q);

@@ -1,5 +1,6 @@
-//! GPU buffers: the layer's weights (split into shards that each fit one binding) and the
-//! scratch buffers of a forward, sized for the largest batch seen and then reused.
+//! GPU memory: the layer's weights (the expert matrices as texture arrays, split into shards
+//! of whole experts that each fit the device's limits) and the scratch buffers of a
+//! forward, sized for the largest batch seen and then reused.
 
 use wgpu::util::DeviceExt;
 
@@ -56,17 +57,71 @@ pub fn uniform_buffer<T: bytemuck::Pod>(
     })
 }
 
-/// The weights of a contiguous range of experts, each tensor in its own buffer.
+/// An expert matrix stack `[experts, rows, width]` as an rgba32float texture array: one layer
+/// per expert (and a zero layer or two where GL needs them), rows zero-padded to whole
+/// texels (the matmuls read 4 floats per fetch).
+fn weight_texture(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    label: &str,
+    matrices: &[f32],
+    rows: usize,
+    width: usize,
+) -> wgpu::TextureView {
+    let mut padded = pad_rows(matrices, width);
+    let texels_per_row = padded_to_vec4(width) / 4;
+    // wgpu's GL backend guesses a texture's kind from its size: one layer makes a plain 2D
+    // texture and square layers in multiples of 6 a cube map, and a 2D-array view can read
+    // neither. Zero layers after the experts keep it a 2D array.
+    let experts = matrices.len() / (rows * width);
+    let mut layers = experts.max(2);
+    if texels_per_row == rows && layers.is_multiple_of(6) {
+        layers += 1;
+    }
+    if layers > experts {
+        padded
+            .to_mut()
+            .resize(layers * rows * padded_to_vec4(width), 0.0);
+    }
+    let texture = device.create_texture_with_data(
+        queue,
+        &wgpu::TextureDescriptor {
+            label: Some(label),
+            size: wgpu::Extent3d {
+                width: texels_per_row as u32,
+                height: rows as u32,
+                depth_or_array_layers: layers as u32,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        },
+        wgpu::util::TextureDataOrder::LayerMajor,
+        bytemuck::cast_slice(&padded),
+    );
+    texture.create_view(&wgpu::TextureViewDescriptor {
+        label: Some(label),
+        dimension: Some(wgpu::TextureViewDimension::D2Array),
+        ..Default::default()
+    })
+}
+
+/// The weights of a contiguous range of experts.
 #[derive(Debug)]
 pub struct WeightShard {
     pub first_expert: usize,
     pub num_experts: usize,
-    pub w1: wgpu::Buffer,
-    /// W3 for gated FFNs, a 16-byte dummy otherwise.
-    pub w3: wgpu::Buffer,
+    /// W1 `[experts][F][D4 / 4]` texels.
+    pub w1: wgpu::TextureView,
+    /// W3 like W1 for gated FFNs, a 1-texel dummy otherwise.
+    pub w3: wgpu::TextureView,
     /// b1 `[experts, F]`, then b3 `[experts, F]` when gated (zeros for absent biases).
     pub up_bias: wgpu::Buffer,
-    pub w2: wgpu::Buffer,
+    /// W2 `[experts][D][F4 / 4]` texels.
+    pub w2: wgpu::TextureView,
     pub down_bias: wgpu::Buffer,
     pub params: wgpu::Buffer,
 }
@@ -83,31 +138,54 @@ pub struct GpuWeights {
 }
 
 impl GpuWeights {
-    /// Uploads `weights`, splitting the expert tensors into shards of whole experts so that
-    /// no binding exceeds `max_binding_bytes`.
+    /// Uploads `weights`, splitting the experts into shards of at most
+    /// `max_experts_per_shard` (and no more than the device's texture array layers), so
+    /// that each shard's tensors fit one binding.
     pub fn upload(
         device: &wgpu::Device,
+        queue: &wgpu::Queue,
         weights: &MoeWeights,
         max_binding_bytes: u64,
+        max_experts_per_shard: Option<usize>,
     ) -> Result<Self> {
         let LayerShape {
             num_experts,
             d_model,
             d_ff,
         } = weights.shape;
-        // The matmuls read weight rows as vec4s: rows are padded to a multiple of 4.
-        let (d4, f4) = (padded_to_vec4(d_model), padded_to_vec4(d_ff));
-        let up_matrix = d_ff * d4;
-        let down_matrix = d_model * f4;
-        let matrix_bytes = (up_matrix.max(down_matrix) * 4) as u64;
-        let experts_per_shard = (max_binding_bytes / matrix_bytes) as usize;
-        if experts_per_shard == 0 {
-            return Err(MoeError::DeviceLimit {
-                limit: "max_storage_buffer_binding_size (one expert matrix, rows padded to vec4s)",
-                needed: matrix_bytes,
-                allowed: max_binding_bytes,
-            });
+        let limits = device.limits();
+        let max_side = limits.max_texture_dimension_2d as u64;
+        for (limit, needed) in [
+            ("max_texture_dimension_2d (d_ff: rows of W1)", d_ff as u64),
+            (
+                "max_texture_dimension_2d (d_model: rows of W2)",
+                d_model as u64,
+            ),
+            (
+                "max_texture_dimension_2d (d_model / 4: texels per W1 row)",
+                d_model.div_ceil(4) as u64,
+            ),
+            (
+                "max_texture_dimension_2d (d_ff / 4: texels per W2 row)",
+                d_ff.div_ceil(4) as u64,
+            ),
+        ] {
+            if needed > max_side {
+                return Err(MoeError::DeviceLimit {
+                    limit,
+                    needed,
+                    allowed: max_side,
+                });
+            }
         }
+        // Biases are buffers of [experts, F] (twice when gated) and [experts, D].
+        let bias_bytes = (2 * d_ff.max(d_model) * 4) as u64;
+        let experts_per_shard = (max_binding_bytes / bias_bytes)
+            // One layer spare for weight_texture's padding.
+            .min(limits.max_texture_array_layers.saturating_sub(1) as u64)
+            .min(max_experts_per_shard.unwrap_or(usize::MAX) as u64)
+            .max(1) as usize;
+        let d4 = padded_to_vec4(d_model);
         // route_tokens reads the router as vec4s: rows padded, biases padded to a whole vec4.
         let router_len = num_experts * d4 + padded_to_vec4(num_experts);
         let router_bytes = (router_len * 4) as u64;
@@ -145,14 +223,8 @@ impl GpuWeights {
             }
             let no_usage = wgpu::BufferUsages::empty();
             let w3 = match &weights.w3 {
-                Some(w3) => storage_buffer_init(
-                    device,
-                    "w3",
-                    &pad_rows(&w3[range(matrix)], d_model),
-                    no_usage,
-                ),
-                // One vec4: the smallest binding of an array<vec4<f32>>.
-                None => storage_buffer_init(device, "w3 (unused)", &[0.0f32; 4], no_usage),
+                Some(w3) => weight_texture(device, queue, "w3", &w3[range(matrix)], d_ff, d_model),
+                None => weight_texture(device, queue, "w3 (unused)", &[0.0; 4], 1, 4),
             };
             let params = ExpertParams {
                 d_model: d_model as u32,
@@ -165,19 +237,23 @@ impl GpuWeights {
             shards.push(WeightShard {
                 first_expert: first,
                 num_experts: count,
-                w1: storage_buffer_init(
+                w1: weight_texture(
                     device,
+                    queue,
                     "w1",
-                    &pad_rows(&weights.w1[range(matrix)], d_model),
-                    no_usage,
+                    &weights.w1[range(matrix)],
+                    d_ff,
+                    d_model,
                 ),
                 w3,
                 up_bias: storage_buffer_init(device, "up_bias", &up_bias, no_usage),
-                w2: storage_buffer_init(
+                w2: weight_texture(
                     device,
+                    queue,
                     "w2",
-                    &pad_rows(&weights.w2[range(matrix)], d_ff),
-                    no_usage,
+                    &weights.w2[range(matrix)],
+                    d_model,
+                    d_ff,
                 ),
                 down_bias: storage_buffer_init(
                     device,

@@ -17,6 +17,8 @@ pub enum Binding {
     Uniform,
     Storage,
     StorageReadOnly,
+    /// `texture_2d_array<f32>` read with `textureLoad` (the expert weights).
+    WeightTexture,
 }
 
 fn bind_group_layout(
@@ -30,16 +32,21 @@ fn bind_group_layout(
         .map(|(index, binding)| wgpu::BindGroupLayoutEntry {
             binding: index as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: match binding {
-                    Binding::Uniform => wgpu::BufferBindingType::Uniform,
-                    Binding::Storage => wgpu::BufferBindingType::Storage { read_only: false },
-                    Binding::StorageReadOnly => {
-                        wgpu::BufferBindingType::Storage { read_only: true }
-                    }
+            ty: match binding {
+                Binding::WeightTexture => wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                    view_dimension: wgpu::TextureViewDimension::D2Array,
+                    multisampled: false,
                 },
-                has_dynamic_offset: false,
-                min_binding_size: None,
+                buffer => wgpu::BindingType::Buffer {
+                    ty: match buffer {
+                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                        Binding::Storage => wgpu::BufferBindingType::Storage { read_only: false },
+                        _ => wgpu::BufferBindingType::Storage { read_only: true },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
             },
             count: None,
         })
@@ -90,12 +97,24 @@ pub fn bind_buffers(
     layout: &wgpu::BindGroupLayout,
     buffers: &[&wgpu::Buffer],
 ) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = buffers
-        .iter()
+    let resources: Vec<wgpu::BindingResource> =
+        buffers.iter().map(|b| b.as_entire_binding()).collect();
+    bind_resources(device, label, layout, resources)
+}
+
+/// A bind group binding `resources` (whole buffers, texture views) in binding order.
+pub fn bind_resources(
+    device: &wgpu::Device,
+    label: &str,
+    layout: &wgpu::BindGroupLayout,
+    resources: Vec<wgpu::BindingResource>,
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = resources
+        .into_iter()
         .enumerate()
-        .map(|(index, buffer)| wgpu::BindGroupEntry {
+        .map(|(index, resource)| wgpu::BindGroupEntry {
             binding: index as u32,
-            resource: buffer.as_entire_binding(),
+            resource,
         })
         .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -155,10 +174,10 @@ pub struct ExpertMatmuls {
 
 impl ExpertMatmuls {
     fn new(device: &wgpu::Device, config: &MoeConfig, d_model: usize) -> Self {
-        use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U};
+        use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U, WeightTexture as W};
         ExpertMatmuls {
-            up_layout: bind_group_layout(device, "expert_up", &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw]),
-            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, Ro, Ro, Rw]),
+            up_layout: bind_group_layout(device, "expert_up", &[U, Ro, Ro, Ro, W, W, Ro, Rw]),
+            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, W, Ro, Rw]),
             up_module: shader_module(device, shaders::EXPERT_UP),
             down_module: shader_module(device, shaders::EXPERT_DOWN),
             activation: config.activation.shader_code() as f64,

@@ -11,7 +11,7 @@ use crate::config::{DropPolicy, MoeConfig};
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{padded_to_vec4, uniform_buffer, GpuWeights, Scratch, ScratchSizes};
 use crate::gpu::context::GpuContext;
-use crate::gpu::kernels::{bind_buffers, Kernel, Kernels};
+use crate::gpu::kernels::{bind_resources, Kernel, Kernels};
 use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
 use crate::gpu::readback::{map_for_reading, Wait};
@@ -22,9 +22,10 @@ use crate::weights::{LayerShape, MoeWeights};
 /// Knobs for building a layer; the defaults suit every use.
 #[derive(Clone, Debug, Default)]
 pub struct LayerOptions {
-    /// Caps the bytes of one expert-weight binding below the device's limit, which splits
-    /// the expert weights over more shards (used by tests of the split path).
-    pub max_weight_binding_bytes: Option<u64>,
+    /// Caps the experts per weight shard below what the device allows (its texture array
+    /// layers), which splits the expert weights over more shards, each with its own up and
+    /// down dispatch (used by tests of the split path, and by the bench's per-expert loop).
+    pub max_experts_per_shard: Option<usize>,
     /// Caps the bytes of one activation binding below the device's limit, which makes
     /// large batches run in chunks (used by tests of the chunked path).
     pub max_activation_binding_bytes: Option<u64>,
@@ -292,12 +293,15 @@ impl MoeLayer {
         let max_binding_bytes = options
             .max_activation_binding_bytes
             .map_or(device_binding, |cap| cap.min(device_binding));
-        let max_weight_binding_bytes = options
-            .max_weight_binding_bytes
-            .map_or(device_binding, |cap| cap.min(device_binding));
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(device, &config, shape.d_model);
-        let weights_on_device = GpuWeights::upload(device, weights, max_weight_binding_bytes)?;
+        let weights_on_device = GpuWeights::upload(
+            device,
+            queue,
+            weights,
+            device_binding,
+            options.max_experts_per_shard,
+        )?;
         if let Some(error) = scope.pop().await {
             return Err(MoeError::Device {
                 message: format!("building the layer: {error}"),
@@ -700,19 +704,19 @@ impl MoeLayer {
                 .shards
                 .iter()
                 .map(|shard| {
-                    bind_buffers(
+                    bind_resources(
                         device,
                         "expert_up",
                         &k.expert_matmuls.up_layout,
-                        &[
-                            &shard.params,
-                            &s.x,
-                            &s.slot_token,
-                            &s.expert_table,
-                            &shard.w1,
-                            &shard.w3,
-                            &shard.up_bias,
-                            &s.hidden,
+                        vec![
+                            shard.params.as_entire_binding(),
+                            s.x.as_entire_binding(),
+                            s.slot_token.as_entire_binding(),
+                            s.expert_table.as_entire_binding(),
+                            wgpu::BindingResource::TextureView(&shard.w1),
+                            wgpu::BindingResource::TextureView(&shard.w3),
+                            shard.up_bias.as_entire_binding(),
+                            s.hidden.as_entire_binding(),
                         ],
                     )
                 })
@@ -722,17 +726,17 @@ impl MoeLayer {
                 .shards
                 .iter()
                 .map(|shard| {
-                    bind_buffers(
+                    bind_resources(
                         device,
                         "expert_down",
                         &k.expert_matmuls.down_layout,
-                        &[
-                            &shard.params,
-                            &s.hidden,
-                            &s.expert_table,
-                            &shard.w2,
-                            &shard.down_bias,
-                            &s.expert_out,
+                        vec![
+                            shard.params.as_entire_binding(),
+                            s.hidden.as_entire_binding(),
+                            s.expert_table.as_entire_binding(),
+                            wgpu::BindingResource::TextureView(&shard.w2),
+                            shard.down_bias.as_entire_binding(),
+                            s.expert_out.as_entire_binding(),
                         ],
                     )
                 })
@@ -1081,7 +1085,7 @@ fn merge_chunks(runs: Vec<Run>, shape: &[usize], num_experts: usize) -> Run {
 /// caller's device with lower ones gets an error naming the limit rather than a pipeline
 /// validation error.
 fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
-    let required: [(&'static str, u64, u64); 5] = [
+    let required: [(&'static str, u64, u64); 6] = [
         // route_tokens binds 8 storage buffers.
         (
             "max_storage_buffers_per_shader_stage",
@@ -1109,6 +1113,12 @@ fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
             "max_uniform_buffers_per_shader_stage",
             1,
             limits.max_uniform_buffers_per_shader_stage as u64,
+        ),
+        // expert_up binds W1 and W3 as textures.
+        (
+            "max_sampled_textures_per_shader_stage",
+            2,
+            limits.max_sampled_textures_per_shader_stage as u64,
         ),
     ];
     for (limit, needed, allowed) in required {
