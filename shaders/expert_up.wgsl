@@ -11,16 +11,16 @@
 // GPUs; 4 with 16 lanes on CPU adapters, where every storage load is a loop over the SIMD
 // lanes and only a bigger block feeds more FMAs per load) and ROW_LANES from the tokens
 // per expert.
-// Operands are read as vec4s along k. The weights are rgba32float texture arrays (one layer
-// per expert, one row per output feature, D4 / 4 texels per row, zero-padded): on CPU
-// adapters a texel fetch is a vector gather while a storage load is a loop over the SIMD
-// lanes, and GPUs read them through the texture cache. x rows are aligned when
-// D % 4 == 0 (X_ALIGNED), else each vec4 of a row is assembled from the two aligned vec4s
-// around it.
+// Operands are read as vec4s along k from rgba32float texture arrays: the weights (one layer
+// per expert, one row per output feature, D4 / 4 texels per row, zero-padded) and x (its
+// rows as route_tokens wrote them, zero-padded, token t at row t % height of layer
+// t / height). On CPU adapters a texel fetch is a vector gather while a storage load is a
+// loop over the SIMD lanes; GPUs read them through the texture cache.
 // The row gather x[slot_token[...]] happens in the operand loads: no permuted copy of x.
 // `hidden` rows are F rounded up to a multiple of 4 long; the padding columns get zeros, so
 // expert_down reads them as vec4s too.
-// Bindings: 0 params, 1 x [T, D], 2 slot_token [slots], 3 expert_table,
+// Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
+// 3 expert_table,
 // 4 w1 texels [shard experts][F][D4 / 4], 5 w3 likewise (a 1-texel dummy unless GATED),
 // 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED,
 // 7 hidden [slots, F4]; D4 and F4 are D and F rounded up to a multiple of 4.
@@ -45,12 +45,10 @@ override ROW_LANES: u32 = 2u;
 override QUADS: u32 = 2u;
 // Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (tiles of a similar size).
 override LANES: u32 = 64u;
-// Whether D is a multiple of 4, so that x rows start on a vec4.
-override X_ALIGNED: bool = true;
 
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var x_rows: texture_2d_array<f32>;
 @group(0) @binding(2) var<storage, read> slot_token: array<u32>;
 @group(0) @binding(3) var<storage, read> expert_table: array<u32>;
 @group(0) @binding(4) var w1: texture_2d_array<f32>;
@@ -87,27 +85,13 @@ fn activate(a: f32) -> f32 {
     }
 }
 
-// x[row_at + k .. row_at + k + 4], zeros past the row's end (k is a multiple of 4).
-fn x_vec4(row_at: u32, k: u32, d_model: u32) -> vec4<f32> {
-    if (X_ALIGNED) {
-        return x[(row_at + k) / 4u];
-    }
-    // An unaligned row: shift the two aligned vec4s around it. Lanes past the row's end
-    // (whatever the second load returned, even out of bounds) are masked to zero.
-    let at = row_at + k;
-    let lo = x[at / 4u];
-    let hi = x[at / 4u + 1u];
-    let shift = at % 4u;
-    var v = select(lo, vec4(lo.yzw, hi.x), shift == 1u);
-    v = select(v, vec4(lo.zw, hi.xy), shift == 2u);
-    v = select(v, vec4(lo.w, hi.xyz), shift == 3u);
-    return select(vec4(0.0), v, vec4(k) + vec4(0u, 1u, 2u, 3u) < vec4(d_model));
-}
-
-// Four x rows (element offsets `rows`) at k, transposed: row i of the result is x row i.
-fn x_quad(rows: vec4<u32>, k: u32, d_model: u32) -> mat4x4<f32> {
-    return transpose(mat4x4(x_vec4(rows.x, k, d_model), x_vec4(rows.y, k, d_model),
-        x_vec4(rows.z, k, d_model), x_vec4(rows.w, k, d_model)));
+// Four x rows (texture rows `rows` of layers `layers`) at texel k4, transposed: row i of the
+// result is x row i.
+fn x_quad(rows: vec4<u32>, layers: vec4<u32>, k4: u32) -> mat4x4<f32> {
+    return transpose(mat4x4(textureLoad(x_rows, vec2(k4, rows.x), layers.x, 0),
+        textureLoad(x_rows, vec2(k4, rows.y), layers.y, 0),
+        textureLoad(x_rows, vec2(k4, rows.z), layers.z, 0),
+        textureLoad(x_rows, vec2(k4, rows.w), layers.w, 0)));
 }
 
 // Four weight rows `rows` of expert layer `layer` at texel k4: column j of the result is
@@ -186,19 +170,25 @@ fn main(
     let d4 = (d_model + 3u) / 4u;
 
     // Padding rows read token 0 and columns past F re-read column F-1: the loop below then
-    // needs no bounds checks, and the store skips them.
-    var x_rows: array<vec4<u32>, 4>;
+    // needs no bounds checks, and the store skips them. Token t's x row is texture row
+    // t % height of layer t / height.
+    let height = textureDimensions(x_rows).y;
+    var x_tokens: array<vec4<u32>, 4>;
     var w_rows: array<vec4<u32>, 4>;
     for (var q = 0u; q < 4u; q++) {
         let slots = vec4(row0 + 4u * q) + vec4(0u, 1u, 2u, 3u);
         let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z], slot_token[slots.w]);
-        x_rows[q] = select(vec4(0u), tokens, slots < vec4(rows_end)) * d_model;
+        x_tokens[q] = select(vec4(0u), tokens, slots < vec4(rows_end));
         w_rows[q] = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_ff - 1u));
     }
-    let xr0 = x_rows[0];
-    let xr1 = x_rows[1];
-    let xr2 = x_rows[2];
-    let xr3 = x_rows[3];
+    let xr0 = x_tokens[0] % height;
+    let xl0 = x_tokens[0] / height;
+    let xr1 = x_tokens[1] % height;
+    let xl1 = x_tokens[1] / height;
+    let xr2 = x_tokens[2] % height;
+    let xl2 = x_tokens[2] / height;
+    let xr3 = x_tokens[3] % height;
+    let xl3 = x_tokens[3] / height;
     let wr0 = w_rows[0];
     let wr1 = w_rows[1];
     let wr2 = w_rows[2];
@@ -214,9 +204,8 @@ fn main(
     var gate20: mat4x4<f32>; var gate21: mat4x4<f32>; var gate22: mat4x4<f32>; var gate23: mat4x4<f32>;
     var gate30: mat4x4<f32>; var gate31: mat4x4<f32>; var gate32: mat4x4<f32>; var gate33: mat4x4<f32>;
     for (var k4 = 0u; k4 < d4; k4++) {
-        let k = 4u * k4;
-        let xt0 = x_quad(xr0, k, d_model);
-        let xt1 = x_quad(xr1, k, d_model);
+        let xt0 = x_quad(xr0, xl0, k4);
+        let xt1 = x_quad(xr1, xl1, k4);
         var xt2: mat4x4<f32>;
         var xt3: mat4x4<f32>;
         var w0 = w1_quad(wr0, shard_expert, k4);
@@ -224,8 +213,8 @@ fn main(
         var w2q: mat4x4<f32>;
         var w3q: mat4x4<f32>;
         if (QUADS == 4u) {
-            xt2 = x_quad(xr2, k, d_model);
-            xt3 = x_quad(xr3, k, d_model);
+            xt2 = x_quad(xr2, xl2, k4);
+            xt3 = x_quad(xr3, xl3, k4);
             w2q = w1_quad(wr2, shard_expert, k4);
             w3q = w1_quad(wr3, shard_expert, k4);
         }

@@ -10,7 +10,10 @@
 // up to a multiple of 4, zero-padded), then N biases, zero-padded to a whole vec4],
 // 3 probs [T, N] (logits, then probabilities), 4 routes [T, k], 5 gates [T, k],
 // 6 route_prob_max [T], 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²),
-// 8 flags [1] (atomicMin of the first token whose x or logits are not finite).
+// 8 flags [1] (atomicMin of the first token whose x or logits are not finite),
+// 9 x_rows: x again as rgba32float texels [layers][height][D4 / 4], zero-padded, token t at
+// row t % height of layer t / height, for expert_up (a texel fetch is cheaper than a
+// storage load on CPU adapters).
 
 struct RouteParams {
     num_tokens: u32,
@@ -34,6 +37,7 @@ const BLOCK_TOKENS: u32 = 128u;
 @group(0) @binding(6) var<storage, read_write> route_prob_max: array<f32>;
 @group(0) @binding(7) var<storage, read_write> block_router_sums: array<f32>;
 @group(0) @binding(8) var<storage, read_write> flags: array<atomic<u32>>;
+@group(0) @binding(9) var x_rows: texture_storage_2d_array<rgba32float, write>;
 
 var<workgroup> block_lse_sq: array<f32, BLOCK_TOKENS>;
 
@@ -67,9 +71,13 @@ fn route_one_token(token: u32) -> f32 {
     let p_base = token * num_experts;
 
     let d4 = (d_model + 3u) / 4u;
+    let height = textureDimensions(x_rows).y;
+    let x_row = token % height;
+    let x_layer = token / height;
     var finite = true;
     for (var k4 = 0u; k4 < d4; k4++) {
         let v = x_vec4(x_base, 4u * k4, d_model);
+        textureStore(x_rows, vec2(k4, x_row), x_layer, v);
         finite = finite && is_finite_bits(v.x) && is_finite_bits(v.y) && is_finite_bits(v.z)
             && is_finite_bits(v.w);
     }

@@ -139,7 +139,7 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
 }
 
 /// Every specialization the layer builds: the matmuls for each tile shape (row lanes and
-/// block), and expert_up for each activation, gated or not, x rows aligned or not.
+/// block), and expert_up for each activation, gated or not.
 fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
     let mut all = Vec::new();
     match shader.name {
@@ -147,16 +147,13 @@ fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
             for (row_lanes, block) in tilings() {
                 for activation in 0..4 {
                     for gated in [0.0, 1.0] {
-                        for x_aligned in [0.0, 1.0] {
-                            let mut constants = naga::back::PipelineConstants::default();
-                            constants.insert("ROW_LANES".to_string(), row_lanes as f64);
-                            constants.insert("QUADS".to_string(), (block / 4) as f64);
-                            constants.insert("LANES".to_string(), lanes(block));
-                            constants.insert("ACTIVATION".to_string(), activation as f64);
-                            constants.insert("GATED".to_string(), gated);
-                            constants.insert("X_ALIGNED".to_string(), x_aligned);
-                            all.push(constants);
-                        }
+                        let mut constants = naga::back::PipelineConstants::default();
+                        constants.insert("ROW_LANES".to_string(), row_lanes as f64);
+                        constants.insert("QUADS".to_string(), (block / 4) as f64);
+                        constants.insert("LANES".to_string(), lanes(block));
+                        constants.insert("ACTIVATION".to_string(), activation as f64);
+                        constants.insert("GATED".to_string(), gated);
+                        all.push(constants);
                     }
                 }
             }

@@ -57,6 +57,55 @@ pub fn uniform_buffer<T: bytemuck::Pod>(
     })
 }
 
+/// Layers for a texture array of `needed` layers of `width` × `height` texels. wgpu's GL
+/// backend guesses a texture's kind from its size: one layer makes a plain 2D texture and
+/// square layers in multiples of 6 a cube map, and a 2D-array view can read neither; spare
+/// layers keep it a 2D array (at most two more than needed).
+fn array_layers(needed: usize, width: usize, height: usize) -> usize {
+    let mut layers = needed.max(2);
+    if width == height && layers.is_multiple_of(6) {
+        layers += 1;
+    }
+    layers
+}
+
+/// Rows of one layer of the x-rows texture for `tokens` tokens (layers of at most
+/// `max_side` rows), and its layers.
+pub fn x_rows_extent(tokens: usize, texels_per_row: usize, max_side: usize) -> (usize, usize) {
+    let height = tokens.clamp(1, max_side.max(1));
+    (
+        height,
+        array_layers(tokens.div_ceil(height), texels_per_row, height),
+    )
+}
+
+/// x's rows as an rgba32float texture array (written by route_tokens, read by expert_up):
+/// D4 / 4 texels per row, token t at row t % height of layer t / height.
+fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu::TextureView {
+    let texels_per_row = padded_to_vec4(d_model) / 4;
+    let max_side = device.limits().max_texture_dimension_2d as usize;
+    let (height, layers) = x_rows_extent(tokens, texels_per_row, max_side);
+    let texture = device.create_texture(&wgpu::TextureDescriptor {
+        label: Some("x rows"),
+        size: wgpu::Extent3d {
+            width: texels_per_row as u32,
+            height: height as u32,
+            depth_or_array_layers: layers as u32,
+        },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
+        view_formats: &[],
+    });
+    texture.create_view(&wgpu::TextureViewDescriptor {
+        label: Some("x rows"),
+        dimension: Some(wgpu::TextureViewDimension::D2Array),
+        ..Default::default()
+    })
+}
+
 /// An expert matrix stack `[experts, rows, width]` as an rgba32float texture array: one layer
 /// per expert (and a zero layer or two where GL needs them), rows zero-padded to whole
 /// texels (the matmuls read 4 floats per fetch).
@@ -70,14 +119,8 @@ fn weight_texture(
 ) -> wgpu::TextureView {
     let mut padded = pad_rows(matrices, width);
     let texels_per_row = padded_to_vec4(width) / 4;
-    // wgpu's GL backend guesses a texture's kind from its size: one layer makes a plain 2D
-    // texture and square layers in multiples of 6 a cube map, and a 2D-array view can read
-    // neither. Zero layers after the experts keep it a 2D array.
     let experts = matrices.len() / (rows * width);
-    let mut layers = experts.max(2);
-    if texels_per_row == rows && layers.is_multiple_of(6) {
-        layers += 1;
-    }
+    let layers = array_layers(experts, texels_per_row, rows);
     if layers > experts {
         padded
             .to_mut()
@@ -181,8 +224,8 @@ impl GpuWeights {
         // Biases are buffers of [experts, F] (twice when gated) and [experts, D].
         let bias_bytes = (2 * d_ff.max(d_model) * 4) as u64;
         let experts_per_shard = (max_binding_bytes / bias_bytes)
-            // One layer spare for weight_texture's padding.
-            .min(limits.max_texture_array_layers.saturating_sub(1) as u64)
+            // Spare layers for array_layers' padding.
+            .min(limits.max_texture_array_layers.saturating_sub(2) as u64)
             .min(max_experts_per_shard.unwrap_or(usize::MAX) as u64)
             .max(1) as usize;
         let d4 = padded_to_vec4(d_model);
@@ -325,7 +368,8 @@ impl ScratchSizes {
         } = plan.shape;
         let t = plan.num_tokens;
         ScratchSizes {
-            // Whole vec4s, at least one: the matmuls bind x and hidden as vec4 arrays.
+            // Whole vec4s, at least one: route_tokens binds x, expert_down hidden, as vec4
+            // arrays.
             x: padded_to_vec4(t * d_model).max(4),
             probs: t * num_experts,
             assignments: plan.num_assignments(),
@@ -379,7 +423,7 @@ impl ScratchSizes {
 
     /// Total bytes of the scratch buffers (for memory reports).
     pub fn total_bytes(&self) -> u64 {
-        let elements = 2 * self.x // x, y
+        let elements = 3 * self.x // x, its rows texture (about as large), y
             + self.probs
             + 3 * self.assignments // routes, gates, assignment_slot
             + self.tokens
@@ -413,6 +457,8 @@ pub fn readback_len(plan: &ForwardPlan) -> usize {
 pub struct Scratch {
     pub sizes: ScratchSizes,
     pub x: wgpu::Buffer,
+    /// x's rows as a texture array, for expert_up.
+    pub x_rows: wgpu::TextureView,
     pub probs: wgpu::Buffer,
     pub routes: wgpu::Buffer,
     pub gates: wgpu::Buffer,
@@ -437,9 +483,10 @@ impl Scratch {
     pub fn new(
         device: &wgpu::Device,
         sizes: ScratchSizes,
-        num_experts: usize,
+        shape: LayerShape,
         num_shards: usize,
     ) -> Self {
+        let num_experts = shape.num_experts;
         let copy_dst = wgpu::BufferUsages::COPY_DST;
         let copy_src = wgpu::BufferUsages::COPY_SRC;
         let none = wgpu::BufferUsages::empty();
@@ -449,6 +496,7 @@ impl Scratch {
         Scratch {
             sizes,
             x: buffer("x", sizes.x, copy_dst),
+            x_rows: x_rows_texture(device, shape.d_model, sizes.tokens),
             probs: buffer("probs", sizes.probs, none),
             routes: buffer("routes", sizes.assignments, copy_src),
             gates: buffer("gates", sizes.assignments, copy_src),

@@ -17,8 +17,10 @@ pub enum Binding {
     Uniform,
     Storage,
     StorageReadOnly,
-    /// `texture_2d_array<f32>` read with `textureLoad` (the expert weights).
-    WeightTexture,
+    /// `texture_2d_array<f32>` read with `textureLoad` (the expert weights, x's rows).
+    TextureArray,
+    /// `texture_storage_2d_array<rgba32float, write>` (x's rows, written by route_tokens).
+    StorageTextureArray,
 }
 
 fn bind_group_layout(
@@ -33,10 +35,15 @@ fn bind_group_layout(
             binding: index as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: match binding {
-                Binding::WeightTexture => wgpu::BindingType::Texture {
+                Binding::TextureArray => wgpu::BindingType::Texture {
                     sample_type: wgpu::TextureSampleType::Float { filterable: false },
                     view_dimension: wgpu::TextureViewDimension::D2Array,
                     multisampled: false,
+                },
+                Binding::StorageTextureArray => wgpu::BindingType::StorageTexture {
+                    access: wgpu::StorageTextureAccess::WriteOnly,
+                    format: wgpu::TextureFormat::Rgba32Float,
+                    view_dimension: wgpu::TextureViewDimension::D2Array,
                 },
                 buffer => wgpu::BindingType::Buffer {
                     ty: match buffer {
@@ -158,8 +165,8 @@ pub struct MatmulPipelines {
 }
 
 /// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
-/// shape (`ROW_LANES`, `QUADS` with its `LANES`), specialised for the layer's activation, gating and
-/// whether x rows are vec4-aligned.
+/// shape (`ROW_LANES`, `QUADS` with its `LANES`), specialised for the layer's activation
+/// and gating.
 #[derive(Debug)]
 pub struct ExpertMatmuls {
     pub up_layout: wgpu::BindGroupLayout,
@@ -168,21 +175,19 @@ pub struct ExpertMatmuls {
     down_module: wgpu::ShaderModule,
     activation: f64,
     gated: f64,
-    x_aligned: f64,
     variants: [OnceLock<MatmulPipelines>; TILINGS],
 }
 
 impl ExpertMatmuls {
-    fn new(device: &wgpu::Device, config: &MoeConfig, d_model: usize) -> Self {
-        use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U, WeightTexture as W};
+    fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+        use Binding::{Storage as Rw, StorageReadOnly as Ro, TextureArray as T, Uniform as U};
         ExpertMatmuls {
-            up_layout: bind_group_layout(device, "expert_up", &[U, Ro, Ro, Ro, W, W, Ro, Rw]),
-            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, W, Ro, Rw]),
+            up_layout: bind_group_layout(device, "expert_up", &[U, T, Ro, Ro, T, T, Ro, Rw]),
+            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, T, Ro, Rw]),
             up_module: shader_module(device, shaders::EXPERT_UP),
             down_module: shader_module(device, shaders::EXPERT_DOWN),
             activation: config.activation.shader_code() as f64,
             gated: if config.gated { 1.0 } else { 0.0 },
-            x_aligned: if d_model.is_multiple_of(4) { 1.0 } else { 0.0 },
             variants: Default::default(),
         }
     }
@@ -204,7 +209,6 @@ impl ExpertMatmuls {
             let up_constants = [
                 ("ACTIVATION", self.activation),
                 ("GATED", self.gated),
-                ("X_ALIGNED", self.x_aligned),
                 ("ROW_LANES", row_lanes),
                 ("QUADS", quads),
                 ("LANES", lanes),
@@ -242,13 +246,15 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, config: &MoeConfig, d_model: usize) -> Self {
-        use Binding::{Storage as Rw, StorageReadOnly as Ro, Uniform as U};
+    pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+        use Binding::{
+            Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Uniform as U,
+        };
         Kernels {
             route_tokens: Kernel::new(
                 device,
                 shaders::ROUTE_TOKENS,
-                &[U, Ro, Ro, Rw, Rw, Rw, Rw, Rw, Rw],
+                &[U, Ro, Ro, Rw, Rw, Rw, Rw, Rw, Rw, St],
             ),
             count_experts: Kernel::new(device, shaders::COUNT_EXPERTS, &[U, Ro, Rw]),
             scan_expert_offsets: Kernel::new(
@@ -266,7 +272,7 @@ impl Kernels {
                 shaders::SCATTER_ASSIGNMENTS,
                 &[U, Ro, Ro, Ro, Ro, Rw, Rw],
             ),
-            expert_matmuls: ExpertMatmuls::new(device, config, d_model),
+            expert_matmuls: ExpertMatmuls::new(device, config),
             combine_outputs: Kernel::new(
                 device,
                 shaders::COMBINE_OUTPUTS,

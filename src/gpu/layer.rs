@@ -294,7 +294,7 @@ impl MoeLayer {
             .max_activation_binding_bytes
             .map_or(device_binding, |cap| cap.min(device_binding));
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = Kernels::new(device, &config, shape.d_model);
+        let kernels = Kernels::new(device, &config);
         let weights_on_device = GpuWeights::upload(
             device,
             queue,
@@ -419,6 +419,16 @@ impl MoeLayer {
                 limit: "max_storage_buffer_binding_size (activations of this batch)",
                 needed: sizes.largest_binding_bytes(),
                 allowed: self.max_binding_bytes,
+            });
+        }
+        // x's rows texture: layers of max_texture_dimension_2d rows, two layers spare.
+        let max_side = self.limits.max_texture_dimension_2d as u64;
+        let max_rows = max_side * (self.limits.max_texture_array_layers as u64).saturating_sub(2);
+        if num_tokens as u64 > max_rows {
+            return Err(MoeError::DeviceLimit {
+                limit: "max_texture_array_layers × max_texture_dimension_2d (token rows of x)",
+                needed: num_tokens as u64,
+                allowed: max_rows,
             });
         }
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
@@ -616,12 +626,7 @@ impl MoeLayer {
 
     fn build_workspace(&self, sizes: ScratchSizes) -> Workspace {
         let device = &self.device;
-        let scratch = Scratch::new(
-            device,
-            sizes,
-            self.shape.num_experts,
-            self.weights.shards.len(),
-        );
+        let scratch = Scratch::new(device, sizes, self.shape, self.weights.shards.len());
         let k = &self.kernels;
         let s = &scratch;
         let uniforms = Uniforms {
@@ -649,18 +654,21 @@ impl MoeLayer {
             });
         let u = &uniforms;
         Workspace {
-            route_tokens: k.route_tokens.bind(
+            route_tokens: bind_resources(
                 device,
-                &[
-                    &u.route,
-                    &s.x,
-                    &self.weights.router,
-                    &s.probs,
-                    &s.routes,
-                    &s.gates,
-                    &s.route_prob_max,
-                    &s.block_router_sums,
-                    &s.flags,
+                k.route_tokens.name,
+                &k.route_tokens.layout,
+                vec![
+                    u.route.as_entire_binding(),
+                    s.x.as_entire_binding(),
+                    self.weights.router.as_entire_binding(),
+                    s.probs.as_entire_binding(),
+                    s.routes.as_entire_binding(),
+                    s.gates.as_entire_binding(),
+                    s.route_prob_max.as_entire_binding(),
+                    s.block_router_sums.as_entire_binding(),
+                    s.flags.as_entire_binding(),
+                    wgpu::BindingResource::TextureView(&s.x_rows),
                 ],
             ),
             count_experts: k
@@ -710,7 +718,7 @@ impl MoeLayer {
                         &k.expert_matmuls.up_layout,
                         vec![
                             shard.params.as_entire_binding(),
-                            s.x.as_entire_binding(),
+                            wgpu::BindingResource::TextureView(&s.x_rows),
                             s.slot_token.as_entire_binding(),
                             s.expert_table.as_entire_binding(),
                             wgpu::BindingResource::TextureView(&shard.w1),
@@ -1085,7 +1093,7 @@ fn merge_chunks(runs: Vec<Run>, shape: &[usize], num_experts: usize) -> Run {
 /// caller's device with lower ones gets an error naming the limit rather than a pipeline
 /// validation error.
 fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
-    let required: [(&'static str, u64, u64); 6] = [
+    let required: [(&'static str, u64, u64); 7] = [
         // route_tokens binds 8 storage buffers.
         (
             "max_storage_buffers_per_shader_stage",
@@ -1114,11 +1122,17 @@ fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
             1,
             limits.max_uniform_buffers_per_shader_stage as u64,
         ),
-        // expert_up binds W1 and W3 as textures.
+        // expert_up binds x's rows, W1 and W3 as textures.
         (
             "max_sampled_textures_per_shader_stage",
-            2,
+            3,
             limits.max_sampled_textures_per_shader_stage as u64,
+        ),
+        // route_tokens writes x's rows.
+        (
+            "max_storage_textures_per_shader_stage",
+            1,
+            limits.max_storage_textures_per_shader_stage as u64,
         ),
     ];
     for (limit, needed, allowed) in required {
