@@ -4,16 +4,18 @@
 //
 // Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens, one invocation
 // per token; workgroups laid out in 2-D (x + y·num_workgroups.x) so that any T fits.
-// x and the router weights are read as vec4s along D (on CPU adapters every storage load is
-// a loop over the SIMD lanes), four experts per pass over x.
-// Bindings: 0 params, 1 x [T, D] (whole vec4s), 2 router [N rows of D4 weights (D rounded
-// up to a multiple of 4, zero-padded), then N biases, zero-padded to a whole vec4],
+// x is read as vec4s along D, eight experts per pass over it; the router weights are an
+// rgba32float texture (on CPU adapters a storage load is a loop over the SIMD lanes, a
+// texel fetch a vector gather) and the biases a uniform array (every lane reads the same
+// bias: one scalar load there).
+// Bindings: 0 params, 1 x [T, D] (whole vec4s), 2 router texels [N][D4 / 4] (D rounded up
+// to a multiple of 4, zero-padded),
 // 3 probs [T, N] (logits, then probabilities), 4 routes [T, k], 5 gates [T, k],
 // 6 route_prob_max [T], 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²),
 // 8 flags [1] (atomicMin of the first token whose x or logits are not finite),
 // 9 x_rows: x again as rgba32float texels [layers][height][D4 / 4], zero-padded, token t at
 // row t % height of layer t / height, for expert_up (a texel fetch is cheaper than a
-// storage load on CPU adapters).
+// storage load on CPU adapters), 10 router_bias [MAX_EXPERTS / 4] vec4s (zero-padded).
 
 struct RouteParams {
     num_tokens: u32,
@@ -27,10 +29,12 @@ struct RouteParams {
 }
 
 const BLOCK_TOKENS: u32 = 128u;
+// The most experts (count_experts' histogram): router_bias holds MAX_EXPERTS / 4 vec4s.
+const MAX_EXPERTS: u32 = 2048u;
 
 @group(0) @binding(0) var<uniform> params: RouteParams;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> router: array<vec4<f32>>;
+@group(0) @binding(2) var router: texture_2d<f32>;
 @group(0) @binding(3) var<storage, read_write> probs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> routes: array<u32>;
 @group(0) @binding(5) var<storage, read_write> gates: array<f32>;
@@ -38,6 +42,7 @@ const BLOCK_TOKENS: u32 = 128u;
 @group(0) @binding(7) var<storage, read_write> block_router_sums: array<f32>;
 @group(0) @binding(8) var<storage, read_write> flags: array<atomic<u32>>;
 @group(0) @binding(9) var x_rows: texture_storage_2d_array<rgba32float, write>;
+@group(0) @binding(10) var<uniform> router_bias: array<vec4<f32>, MAX_EXPERTS / 4u>;
 
 var<workgroup> block_lse_sq: array<f32, BLOCK_TOKENS>;
 
@@ -82,29 +87,39 @@ fn route_one_token(token: u32) -> f32 {
             && is_finite_bits(v.w);
     }
 
-    // h[t, e] = x[t]·Wr[e] + br[e], kept in `probs` until the softmax overwrites it. Four
+    // h[t, e] = x[t]·Wr[e] + br[e], kept in `probs` until the softmax overwrites it. Eight
     // experts per pass (the last pass re-reads the last expert for the missing ones).
     var max_logit = bitcast<f32>(0xff7fffffu); // -f32::MAX, exactly
-    let bias_at = num_experts * d4;
-    for (var e0 = 0u; e0 < num_experts; e0 += 4u) {
-        let rows = min(vec4(e0) + vec4(0u, 1u, 2u, 3u), vec4(num_experts - 1u)) * d4;
+    for (var e0 = 0u; e0 < num_experts; e0 += 8u) {
+        let lo = min(vec4(e0) + vec4(0u, 1u, 2u, 3u), vec4(num_experts - 1u));
+        let hi = min(vec4(e0) + vec4(4u, 5u, 6u, 7u), vec4(num_experts - 1u));
         var acc0 = vec4(0.0);
         var acc1 = vec4(0.0);
         var acc2 = vec4(0.0);
         var acc3 = vec4(0.0);
+        var acc4 = vec4(0.0);
+        var acc5 = vec4(0.0);
+        var acc6 = vec4(0.0);
+        var acc7 = vec4(0.0);
         for (var k4 = 0u; k4 < d4; k4++) {
             let xv = x_vec4(x_base, 4u * k4, d_model);
-            acc0 += xv * router[rows.x + k4];
-            acc1 += xv * router[rows.y + k4];
-            acc2 += xv * router[rows.z + k4];
-            acc3 += xv * router[rows.w + k4];
+            acc0 += xv * textureLoad(router, vec2(k4, lo.x), 0);
+            acc1 += xv * textureLoad(router, vec2(k4, lo.y), 0);
+            acc2 += xv * textureLoad(router, vec2(k4, lo.z), 0);
+            acc3 += xv * textureLoad(router, vec2(k4, lo.w), 0);
+            acc4 += xv * textureLoad(router, vec2(k4, hi.x), 0);
+            acc5 += xv * textureLoad(router, vec2(k4, hi.y), 0);
+            acc6 += xv * textureLoad(router, vec2(k4, hi.z), 0);
+            acc7 += xv * textureLoad(router, vec2(k4, hi.w), 0);
         }
         let one = vec4(1.0);
-        let dots = vec4(dot(acc0, one), dot(acc1, one), dot(acc2, one), dot(acc3, one));
-        for (var j = 0u; j < 4u; j++) {
+        let dots_lo = vec4(dot(acc0, one), dot(acc1, one), dot(acc2, one), dot(acc3, one));
+        let dots_hi = vec4(dot(acc4, one), dot(acc5, one), dot(acc6, one), dot(acc7, one));
+        for (var j = 0u; j < 8u; j++) {
             let e = e0 + j;
             if (e < num_experts) {
-                let logit = dots[j] + router[bias_at + e / 4u][e % 4u];
+                let dot_e = select(dots_lo[j % 4u], dots_hi[j % 4u], j >= 4u);
+                let logit = dot_e + router_bias[e / 4u][e % 4u];
                 probs[p_base + e] = logit;
                 max_logit = max(max_logit, logit);
             }

@@ -7,6 +7,7 @@ use wgpu::util::DeviceExt;
 use crate::error::{MoeError, Result};
 use crate::gpu::params::ExpertParams;
 use crate::gpu::plan::{div_ceil, ForwardPlan};
+use crate::gpu::shaders::MAX_EXPERTS;
 use crate::weights::{LayerShape, MoeWeights};
 
 /// A storage buffer of at least `bytes` (never empty: wgpu cannot bind an empty buffer).
@@ -106,6 +107,37 @@ fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu:
     })
 }
 
+/// The router weight `[experts, d_model]` as an rgba32float texture (one row per expert,
+/// rows zero-padded to whole texels).
+fn router_texture(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    router_weight: &[f32],
+    num_experts: usize,
+    d_model: usize,
+) -> wgpu::TextureView {
+    let texture = device.create_texture_with_data(
+        queue,
+        &wgpu::TextureDescriptor {
+            label: Some("router"),
+            size: wgpu::Extent3d {
+                width: (padded_to_vec4(d_model) / 4) as u32,
+                height: num_experts as u32,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        },
+        wgpu::util::TextureDataOrder::LayerMajor,
+        bytemuck::cast_slice(&pad_rows(router_weight, d_model)),
+    );
+    texture.create_view(&Default::default())
+}
+
 /// An expert matrix stack `[experts, rows, width]` as an rgba32float texture array: one layer
 /// per expert (and a zero layer or two where GL needs them), rows zero-padded to whole
 /// texels (the matmuls read 4 floats per fetch).
@@ -172,9 +204,10 @@ pub struct WeightShard {
 /// All weights on the device.
 #[derive(Debug)]
 pub struct GpuWeights {
-    /// Router weight `[N, D4]` (rows zero-padded to a multiple of 4) followed by its bias
-    /// `[N]`, zero-padded to a whole vec4.
-    pub router: wgpu::Buffer,
+    /// Router weight, `[N][D4 / 4]` rgba32float texels (rows zero-padded).
+    pub router: wgpu::TextureView,
+    /// Router bias, a uniform array of MAX_EXPERTS floats (zero-padded).
+    pub router_bias: wgpu::Buffer,
     pub shards: Vec<WeightShard>,
     /// First expert of every shard, then N.
     pub shard_first_expert: wgpu::Buffer,
@@ -228,24 +261,16 @@ impl GpuWeights {
             .min(limits.max_texture_array_layers.saturating_sub(2) as u64)
             .min(max_experts_per_shard.unwrap_or(usize::MAX) as u64)
             .max(1) as usize;
-        let d4 = padded_to_vec4(d_model);
-        // route_tokens reads the router as vec4s: rows padded, biases padded to a whole vec4.
-        let router_len = num_experts * d4 + padded_to_vec4(num_experts);
-        let router_bytes = (router_len * 4) as u64;
-        if router_bytes > max_binding_bytes {
-            return Err(MoeError::DeviceLimit {
-                limit: "max_storage_buffer_binding_size (router weight)",
-                needed: router_bytes,
-                allowed: max_binding_bytes,
-            });
+        let router = router_texture(device, queue, &weights.router_weight, num_experts, d_model);
+        let mut router_bias = vec![0.0f32; MAX_EXPERTS as usize];
+        if let Some(bias) = &weights.router_bias {
+            router_bias[..num_experts].copy_from_slice(bias);
         }
-        let mut router = pad_rows(&weights.router_weight, d_model).into_owned();
-        match &weights.router_bias {
-            Some(bias) => router.extend_from_slice(bias),
-            None => router.extend(std::iter::repeat_n(0.0, num_experts)),
-        }
-        router.resize(router_len, 0.0);
-        let router = storage_buffer_init(device, "router", &router, wgpu::BufferUsages::empty());
+        let router_bias = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("router bias"),
+            contents: bytemuck::cast_slice(&router_bias),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
 
         let num_shards = div_ceil(num_experts, experts_per_shard);
         let mut shards = Vec::with_capacity(num_shards);
@@ -311,6 +336,7 @@ impl GpuWeights {
         shard_first_expert.push(num_experts as u32);
         Ok(GpuWeights {
             router,
+            router_bias,
             shards,
             shard_first_expert: storage_buffer_init(
                 device,

@@ -17,6 +17,8 @@ pub enum Binding {
     Uniform,
     Storage,
     StorageReadOnly,
+    /// `texture_2d<f32>` read with `textureLoad` (the router weights).
+    Texture,
     /// `texture_2d_array<f32>` read with `textureLoad` (the expert weights, x's rows).
     TextureArray,
     /// `texture_storage_2d_array<rgba32float, write>` (x's rows, written by route_tokens).
@@ -35,6 +37,11 @@ fn bind_group_layout(
             binding: index as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: match binding {
+                Binding::Texture => wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                    view_dimension: wgpu::TextureViewDimension::D2,
+                    multisampled: false,
+                },
                 Binding::TextureArray => wgpu::BindingType::Texture {
                     sample_type: wgpu::TextureSampleType::Float { filterable: false },
                     view_dimension: wgpu::TextureViewDimension::D2Array,
@@ -248,13 +255,14 @@ pub struct Kernels {
 impl Kernels {
     pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
         use Binding::{
-            Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Uniform as U,
+            Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Texture as T,
+            Uniform as U,
         };
         Kernels {
             route_tokens: Kernel::new(
                 device,
                 shaders::ROUTE_TOKENS,
-                &[U, Ro, Ro, Rw, Rw, Rw, Rw, Rw, Rw, St],
+                &[U, Ro, T, Rw, Rw, Rw, Rw, Rw, Rw, St, U],
             ),
             count_experts: Kernel::new(device, shaders::COUNT_EXPERTS, &[U, Ro, Rw]),
             scan_expert_offsets: Kernel::new(

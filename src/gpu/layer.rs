@@ -661,7 +661,7 @@ impl MoeLayer {
                 vec![
                     u.route.as_entire_binding(),
                     s.x.as_entire_binding(),
-                    self.weights.router.as_entire_binding(),
+                    wgpu::BindingResource::TextureView(&self.weights.router),
                     s.probs.as_entire_binding(),
                     s.routes.as_entire_binding(),
                     s.gates.as_entire_binding(),
@@ -669,6 +669,7 @@ impl MoeLayer {
                     s.block_router_sums.as_entire_binding(),
                     s.flags.as_entire_binding(),
                     wgpu::BindingResource::TextureView(&s.x_rows),
+                    self.weights.router_bias.as_entire_binding(),
                 ],
             ),
             count_experts: k
@@ -1117,12 +1118,13 @@ fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
             MAX_EXPERTS as u64 * 4,
             limits.max_compute_workgroup_storage_size as u64,
         ),
+        // route_tokens: its params and the router bias.
         (
             "max_uniform_buffers_per_shader_stage",
-            1,
+            2,
             limits.max_uniform_buffers_per_shader_stage as u64,
         ),
-        // expert_up binds x's rows, W1 and W3 as textures.
+        // expert_up binds x's rows, W1 and W3 as textures (route_tokens the router).
         (
             "max_sampled_textures_per_shader_stage",
             3,
