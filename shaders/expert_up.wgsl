@@ -20,8 +20,8 @@
 // `hidden` rows are F rounded up to a multiple of 4 long; the padding columns get zeros, so
 // expert_down reads them as vec4s too.
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
-// 3 expert_table,
-// 4 w1 texels [shard experts][F][D4 / 4], 5 w3 likewise (a 1-texel dummy unless GATED),
+// 3 expert_table, 4 w1 texels [shard experts][F][D4 / 4], 5 w3 likewise (a dummy unless
+// GATED),
 // 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED,
 // 7 hidden [slots, F4]; D4 and F4 are D and F rounded up to a multiple of 4.
 
@@ -45,7 +45,6 @@ override ROW_LANES: u32 = 2u;
 override QUADS: u32 = 2u;
 // Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (tiles of a similar size).
 override LANES: u32 = 64u;
-
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;

@@ -70,26 +70,21 @@ fn array_layers(needed: usize, width: usize, height: usize) -> usize {
     layers
 }
 
-/// Rows of one layer of the x-rows texture for `tokens` tokens (layers of at most
-/// `max_side` rows), and its layers.
-pub fn x_rows_extent(tokens: usize, texels_per_row: usize, max_side: usize) -> (usize, usize) {
-    let height = tokens.clamp(1, max_side.max(1));
-    (
-        height,
-        array_layers(tokens.div_ceil(height), texels_per_row, height),
-    )
-}
-
-/// x's rows as an rgba32float texture array (written by route_tokens, read by expert_up):
-/// D4 / 4 texels per row, token t at row t % height of layer t / height.
-fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu::TextureView {
-    let texels_per_row = padded_to_vec4(d_model) / 4;
-    let max_side = device.limits().max_texture_dimension_2d as usize;
-    let (height, layers) = x_rows_extent(tokens, texels_per_row, max_side);
-    let texture = device.create_texture(&wgpu::TextureDescriptor {
-        label: Some("x rows"),
+/// An rgba32float texture of `width` × `height` texels in `layers` layers (`texture_2d` when
+/// `array` is false, else a 2D array), uploaded through the queue with `contents` (one
+/// texel per 4 floats) when given.
+fn rgba32f_texture(
+    device: &wgpu::Device,
+    label: &str,
+    (width, height, layers): (usize, usize, usize),
+    array: bool,
+    usage: wgpu::TextureUsages,
+    contents: Option<(&wgpu::Queue, &[f32])>,
+) -> wgpu::TextureView {
+    let descriptor = wgpu::TextureDescriptor {
+        label: Some(label),
         size: wgpu::Extent3d {
-            width: texels_per_row as u32,
+            width: width as u32,
             height: height as u32,
             depth_or_array_layers: layers as u32,
         },
@@ -97,14 +92,39 @@ fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu:
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
+        usage,
         view_formats: &[],
-    });
+    };
+    let texture = match contents {
+        Some((queue, data)) => device.create_texture_with_data(
+            queue,
+            &descriptor,
+            wgpu::util::TextureDataOrder::LayerMajor,
+            bytemuck::cast_slice(data),
+        ),
+        None => device.create_texture(&descriptor),
+    };
     texture.create_view(&wgpu::TextureViewDescriptor {
-        label: Some("x rows"),
-        dimension: Some(wgpu::TextureViewDimension::D2Array),
+        label: Some(label),
+        dimension: Some(if array {
+            wgpu::TextureViewDimension::D2Array
+        } else {
+            wgpu::TextureViewDimension::D2
+        }),
         ..Default::default()
     })
+}
+
+/// x's rows as an rgba32float texture array (written by route_tokens, read by expert_up):
+/// D4 / 4 texels per row, token t at row t % height of layer t / height, layers of at most
+/// max_texture_dimension_2d rows.
+fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu::TextureView {
+    let texels_per_row = padded_to_vec4(d_model) / 4;
+    let height = tokens.clamp(1, device.limits().max_texture_dimension_2d.max(1) as usize);
+    let layers = array_layers(tokens.div_ceil(height), texels_per_row, height);
+    let usage = wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING;
+    let extent = (texels_per_row, height, layers);
+    rgba32f_texture(device, "x rows", extent, true, usage, None)
 }
 
 /// The router weight `[experts, d_model]` as an rgba32float texture (one row per expert,
@@ -116,26 +136,10 @@ fn router_texture(
     num_experts: usize,
     d_model: usize,
 ) -> wgpu::TextureView {
-    let texture = device.create_texture_with_data(
-        queue,
-        &wgpu::TextureDescriptor {
-            label: Some("router"),
-            size: wgpu::Extent3d {
-                width: (padded_to_vec4(d_model) / 4) as u32,
-                height: num_experts as u32,
-                depth_or_array_layers: 1,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        },
-        wgpu::util::TextureDataOrder::LayerMajor,
-        bytemuck::cast_slice(&pad_rows(router_weight, d_model)),
-    );
-    texture.create_view(&Default::default())
+    let extent = (padded_to_vec4(d_model) / 4, num_experts, 1);
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
+    let data = pad_rows(router_weight, d_model);
+    rgba32f_texture(device, "router", extent, false, usage, Some((queue, &data)))
 }
 
 /// An expert matrix stack `[experts, rows, width]` as an rgba32float texture array: one layer
@@ -158,30 +162,9 @@ fn weight_texture(
             .to_mut()
             .resize(layers * rows * padded_to_vec4(width), 0.0);
     }
-    let texture = device.create_texture_with_data(
-        queue,
-        &wgpu::TextureDescriptor {
-            label: Some(label),
-            size: wgpu::Extent3d {
-                width: texels_per_row as u32,
-                height: rows as u32,
-                depth_or_array_layers: layers as u32,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        },
-        wgpu::util::TextureDataOrder::LayerMajor,
-        bytemuck::cast_slice(&padded),
-    );
-    texture.create_view(&wgpu::TextureViewDescriptor {
-        label: Some(label),
-        dimension: Some(wgpu::TextureViewDimension::D2Array),
-        ..Default::default()
-    })
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
+    let extent = (texels_per_row, rows, layers);
+    rgba32f_texture(device, label, extent, true, usage, Some((queue, &padded)))
 }
 
 /// The weights of a contiguous range of experts.

@@ -2,14 +2,14 @@
 //! kernels are built when the layer is created; the expert matmuls come in one variant per
 //! tile shape, each built the first time a batch needs it and kept.
 
-/// Tile shapes the matmuls can be built for: every `ROW_LANES` with every block.
-const TILINGS: usize = ROW_LANES_CHOICES.len() * MATMUL_BLOCKS.len();
-
 use std::sync::OnceLock;
 
 use crate::config::MoeConfig;
 use crate::gpu::plan::MatmulTiling;
 use crate::gpu::shaders::{self, ShaderSource, MATMUL_BLOCKS, MATMUL_LANES, ROW_LANES_CHOICES};
+
+/// Tile shapes the matmuls can be built for: every `ROW_LANES` with every block.
+const TILINGS: usize = ROW_LANES_CHOICES.len() * MATMUL_BLOCKS.len();
 
 /// How a kernel's binding is declared in WGSL.
 #[derive(Clone, Copy, Debug)]

@@ -56,11 +56,11 @@ impl MatmulTiling {
     }
 
     /// The tiling with blocks of `block` for `rows_per_expert` rows on average, with output
-    /// widths `d_ff` (up) and
-    /// `d_model` (down). Small experts want short row tiles (each expert's last tile is
-    /// half empty on average); narrow outputs want narrow column tiles (lanes past the
-    /// last column idle); among equals the shortest tile wins (measured on lavapipe, tile
-    /// height barely matters once nothing is wasted). The cost is the product of the wastes.
+    /// widths `d_ff` (up) and `d_model` (down). Small experts want short row tiles (each
+    /// expert's last tile is half empty on average); narrow outputs want narrow column
+    /// tiles (lanes past the last column idle); among equals the shortest tile wins (on
+    /// lavapipe it is also the fastest: 16-row tiles beat 32-, 64- and 128-row ones by
+    /// 3–24% at 128 tokens per expert). The cost is the product of the wastes.
     pub fn for_shape(rows_per_expert: f64, d_model: usize, d_ff: usize, block: u32) -> Self {
         let rows = rows_per_expert.max(1.0);
         let waste = |tiling: MatmulTiling| {
