@@ -2,12 +2,14 @@
 // lower expert index), gate weights (renormalised when asked), the non-finite input flag,
 // and per-block partial sums for the router statistics.
 //
-// Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens, one invocation
-// per token; workgroups laid out in 2-D (x + y·num_workgroups.x) so that any T fits.
-// x is read as vec4s along D, eight experts per pass over it; the router weights are an
-// rgba32float texture (on CPU adapters a storage load is a loop over the SIMD lanes, a
-// texel fetch a vector gather) and the biases a uniform array (every lane reads the same
-// bias: one scalar load there).
+// Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens; workgroups laid out
+// in 2-D (x + y·num_workgroups.x) so that any T fits. First the logits, each invocation
+// four tokens × a quarter of the experts, eight experts per pass over x (so each router
+// texel fetched serves four tokens); then, after a barrier, one invocation per token for
+// the rest. x is read as vec4s along D; the router weights are an rgba32float texture (on
+// CPU adapters a storage load is a loop over the SIMD lanes, a texel fetch a vector
+// gather) and the biases a uniform array (every lane reads the same bias: one scalar load
+// there).
 // Bindings: 0 params, 1 x [T, D] (whole vec4s), 2 router texels [N][D4 / 4] (D rounded up
 // to a multiple of 4, zero-padded),
 // 3 probs [T, N] (logits, then probabilities), 4 routes [T, k], 5 gates [T, k],
@@ -29,6 +31,9 @@ struct RouteParams {
 }
 
 const BLOCK_TOKENS: u32 = 128u;
+// Tokens per quarter of a block: block_logits gives each invocation four tokens, one from
+// each quarter, and a quarter of the experts.
+const QUARTER: u32 = BLOCK_TOKENS / 4u;
 // The most experts (count_experts' histogram): router_bias holds MAX_EXPERTS / 4 vec4s.
 const MAX_EXPERTS: u32 = 2048u;
 
@@ -51,7 +56,6 @@ fn is_finite_bits(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
 }
 
-// Logits, softmax, top-k and gates of one token; returns logsumexp².
 // x[row_at + k .. row_at + k + 4], zeros past the row's end (k is a multiple of 4); an
 // unaligned row (D % 4 != 0) is shifted out of the two aligned vec4s around it, as in
 // expert_up.
@@ -69,6 +73,78 @@ fn x_vec4(row_at: u32, k: u32, d_model: u32) -> vec4<f32> {
     return select(vec4(0.0), v, vec4(k) + vec4(0u, 1u, 2u, 3u) < vec4(d_model));
 }
 
+// Router logits h[t, e] = x[t]·Wr[e] + br[e] of the block's tokens, into `probs`. Invocation
+// `lane` takes tokens lane % QUARTER + QUARTER·j (j < 4) and the experts of quarter
+// lane / QUARTER, eight per pass: each router texel fetched serves four tokens.
+fn block_logits(block_start: u32, block_end: u32, lane: u32) {
+    let d_model = params.d_model;
+    let num_experts = params.num_experts;
+    let d4 = (d_model + 3u) / 4u;
+    let first = block_start + lane % QUARTER;
+    // Tokens past the block's end compute on its last token and store nothing.
+    let tokens = min(vec4(first) + vec4(0u, 1u, 2u, 3u) * QUARTER, vec4(block_end - 1u));
+    let x_base = tokens * d_model;
+    let per_quarter = (num_experts + 3u) / 4u;
+    let e_begin = (lane / QUARTER) * per_quarter;
+    let e_end = min(e_begin + per_quarter, num_experts);
+    for (var e0 = e_begin; e0 < e_end; e0 += 8u) {
+        // The last pass re-reads the quarter's last expert for the missing ones.
+        let lo = min(vec4(e0) + vec4(0u, 1u, 2u, 3u), vec4(e_end - 1u));
+        let hi = min(vec4(e0) + vec4(4u, 5u, 6u, 7u), vec4(e_end - 1u));
+        // sum_lo_j[i]: token j's partial logit for expert lo[i].
+        var sum_lo0 = vec4(0.0);
+        var sum_lo1 = vec4(0.0);
+        var sum_lo2 = vec4(0.0);
+        var sum_lo3 = vec4(0.0);
+        var sum_hi0 = vec4(0.0);
+        var sum_hi1 = vec4(0.0);
+        var sum_hi2 = vec4(0.0);
+        var sum_hi3 = vec4(0.0);
+        for (var k4 = 0u; k4 < d4; k4++) {
+            // Rows are experts: w·x is four dot products.
+            let w_lo = transpose(mat4x4(textureLoad(router, vec2(k4, lo.x), 0),
+                textureLoad(router, vec2(k4, lo.y), 0), textureLoad(router, vec2(k4, lo.z), 0),
+                textureLoad(router, vec2(k4, lo.w), 0)));
+            let w_hi = transpose(mat4x4(textureLoad(router, vec2(k4, hi.x), 0),
+                textureLoad(router, vec2(k4, hi.y), 0), textureLoad(router, vec2(k4, hi.z), 0),
+                textureLoad(router, vec2(k4, hi.w), 0)));
+            let x0 = x_vec4(x_base.x, 4u * k4, d_model);
+            let x1 = x_vec4(x_base.y, 4u * k4, d_model);
+            let x2 = x_vec4(x_base.z, 4u * k4, d_model);
+            let x3 = x_vec4(x_base.w, 4u * k4, d_model);
+            sum_lo0 += w_lo * x0;
+            sum_hi0 += w_hi * x0;
+            sum_lo1 += w_lo * x1;
+            sum_hi1 += w_hi * x1;
+            sum_lo2 += w_lo * x2;
+            sum_hi2 += w_hi * x2;
+            sum_lo3 += w_lo * x3;
+            sum_hi3 += w_hi * x3;
+        }
+        store_logits(first, block_end, e0, e_end, sum_lo0, sum_hi0);
+        store_logits(first + QUARTER, block_end, e0, e_end, sum_lo1, sum_hi1);
+        store_logits(first + 2u * QUARTER, block_end, e0, e_end, sum_lo2, sum_hi2);
+        store_logits(first + 3u * QUARTER, block_end, e0, e_end, sum_lo3, sum_hi3);
+    }
+}
+
+// Token `token`'s logits for experts e0..e0 + 8 (those below e_end) plus the biases.
+fn store_logits(token: u32, block_end: u32, e0: u32, e_end: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (token >= block_end) {
+        return;
+    }
+    let p_base = token * params.num_experts;
+    for (var j = 0u; j < 8u; j++) {
+        let e = e0 + j;
+        if (e < e_end) {
+            let dot_e = select(lo[j % 4u], hi[j % 4u], j >= 4u);
+            probs[p_base + e] = dot_e + router_bias[e / 4u][e % 4u];
+        }
+    }
+}
+
+// Softmax, top-k and gates of one token from its logits in `probs`; also writes its x row
+// into `x_rows` and flags non-finite input. Returns logsumexp².
 fn route_one_token(token: u32) -> f32 {
     let d_model = params.d_model;
     let num_experts = params.num_experts;
@@ -87,43 +163,9 @@ fn route_one_token(token: u32) -> f32 {
             && is_finite_bits(v.w);
     }
 
-    // h[t, e] = x[t]·Wr[e] + br[e], kept in `probs` until the softmax overwrites it. Eight
-    // experts per pass (the last pass re-reads the last expert for the missing ones).
     var max_logit = bitcast<f32>(0xff7fffffu); // -f32::MAX, exactly
-    for (var e0 = 0u; e0 < num_experts; e0 += 8u) {
-        let lo = min(vec4(e0) + vec4(0u, 1u, 2u, 3u), vec4(num_experts - 1u));
-        let hi = min(vec4(e0) + vec4(4u, 5u, 6u, 7u), vec4(num_experts - 1u));
-        var acc0 = vec4(0.0);
-        var acc1 = vec4(0.0);
-        var acc2 = vec4(0.0);
-        var acc3 = vec4(0.0);
-        var acc4 = vec4(0.0);
-        var acc5 = vec4(0.0);
-        var acc6 = vec4(0.0);
-        var acc7 = vec4(0.0);
-        for (var k4 = 0u; k4 < d4; k4++) {
-            let xv = x_vec4(x_base, 4u * k4, d_model);
-            acc0 += xv * textureLoad(router, vec2(k4, lo.x), 0);
-            acc1 += xv * textureLoad(router, vec2(k4, lo.y), 0);
-            acc2 += xv * textureLoad(router, vec2(k4, lo.z), 0);
-            acc3 += xv * textureLoad(router, vec2(k4, lo.w), 0);
-            acc4 += xv * textureLoad(router, vec2(k4, hi.x), 0);
-            acc5 += xv * textureLoad(router, vec2(k4, hi.y), 0);
-            acc6 += xv * textureLoad(router, vec2(k4, hi.z), 0);
-            acc7 += xv * textureLoad(router, vec2(k4, hi.w), 0);
-        }
-        let one = vec4(1.0);
-        let dots_lo = vec4(dot(acc0, one), dot(acc1, one), dot(acc2, one), dot(acc3, one));
-        let dots_hi = vec4(dot(acc4, one), dot(acc5, one), dot(acc6, one), dot(acc7, one));
-        for (var j = 0u; j < 8u; j++) {
-            let e = e0 + j;
-            if (e < num_experts) {
-                let dot_e = select(dots_lo[j % 4u], dots_hi[j % 4u], j >= 4u);
-                let logit = dot_e + router_bias[e / 4u][e % 4u];
-                probs[p_base + e] = logit;
-                max_logit = max(max_logit, logit);
-            }
-        }
+    for (var e = 0u; e < num_experts; e++) {
+        max_logit = max(max_logit, probs[p_base + e]);
     }
     // Stable softmax: exp(h - max) never overflows.
     var sum = 0.0;
@@ -188,6 +230,10 @@ fn main(
     }
     let block_end = min(block_start + BLOCK_TOKENS, params.num_tokens);
     let token = block_start + lane;
+
+    block_logits(block_start, block_end, lane);
+    storageBarrier();
+    workgroupBarrier();
 
     var lse_sq = 0.0;
     if (token < block_end) {
