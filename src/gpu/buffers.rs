@@ -198,8 +198,8 @@ pub struct GpuWeights {
 
 impl GpuWeights {
     /// Uploads `weights`, splitting the experts into shards of at most
-    /// `max_experts_per_shard` (and no more than the device's texture array layers), so
-    /// that each shard's tensors fit one binding.
+    /// `max_experts_per_shard`, and no more than the device's texture array layers allow
+    /// or than fit one bias binding of `max_binding_bytes`.
     pub fn upload(
         device: &wgpu::Device,
         queue: &wgpu::Queue,

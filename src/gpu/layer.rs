@@ -334,7 +334,8 @@ impl MoeLayer {
         self.shape
     }
 
-    /// Weight shards (1 unless an expert tensor exceeds one storage binding).
+    /// Weight shards (1 unless there are more experts than the device's texture array
+    /// layers allow, or `LayerOptions::max_experts_per_shard` asks for fewer).
     pub fn num_weight_shards(&self) -> usize {
         self.weights.shards.len()
     }
