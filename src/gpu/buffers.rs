@@ -58,10 +58,24 @@ pub fn uniform_buffer<T: bytemuck::Pod>(
     })
 }
 
+/// Layers `array_layers` may add to those needed.
+const SPARE_LAYERS: u32 = 1;
+
+/// Layers of content a texture array can hold on a device with `limits`.
+fn usable_layers(limits: &wgpu::Limits) -> u32 {
+    limits.max_texture_array_layers.saturating_sub(SPARE_LAYERS)
+}
+
+/// The most tokens the x-rows texture can hold on a device with `limits`: larger batches
+/// run in chunks.
+pub fn max_x_rows(limits: &wgpu::Limits) -> u64 {
+    limits.max_texture_dimension_2d as u64 * usable_layers(limits) as u64
+}
+
 /// Layers for a texture array of `needed` layers of `width` × `height` texels. wgpu's GL
 /// backend guesses a texture's kind from its size: one layer makes a plain 2D texture and
-/// square layers in multiples of 6 a cube map, and a 2D-array view can read neither; spare
-/// layers keep it a 2D array (at most two more than needed).
+/// square layers in multiples of 6 a cube map, and a 2D-array view can read neither; a
+/// spare layer keeps it a 2D array (at most SPARE_LAYERS more than needed).
 fn array_layers(needed: usize, width: usize, height: usize) -> usize {
     let mut layers = needed.max(2);
     if width == height && layers.is_multiple_of(6) {
@@ -240,8 +254,7 @@ impl GpuWeights {
         // Biases are buffers of [experts, F] (twice when gated) and [experts, D].
         let bias_bytes = (2 * d_ff.max(d_model) * 4) as u64;
         let experts_per_shard = (max_binding_bytes / bias_bytes)
-            // Spare layers for array_layers' padding.
-            .min(limits.max_texture_array_layers.saturating_sub(2) as u64)
+            .min(usable_layers(&limits) as u64)
             .min(max_experts_per_shard.unwrap_or(usize::MAX) as u64)
             .max(1) as usize;
         let router = router_texture(device, queue, &weights.router_weight, num_experts, d_model);

@@ -25,6 +25,23 @@ pub enum Binding {
     StorageTextureArray,
 }
 
+fn buffer_binding(ty: wgpu::BufferBindingType) -> wgpu::BindingType {
+    wgpu::BindingType::Buffer {
+        ty,
+        has_dynamic_offset: false,
+        min_binding_size: None,
+    }
+}
+
+/// A float texture read with `textureLoad` (no sampler, so not filterable).
+fn texture_binding(view_dimension: wgpu::TextureViewDimension) -> wgpu::BindingType {
+    wgpu::BindingType::Texture {
+        sample_type: wgpu::TextureSampleType::Float { filterable: false },
+        view_dimension,
+        multisampled: false,
+    }
+}
+
 fn bind_group_layout(
     device: &wgpu::Device,
     label: &str,
@@ -37,29 +54,19 @@ fn bind_group_layout(
             binding: index as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: match binding {
-                Binding::Texture => wgpu::BindingType::Texture {
-                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
-                    view_dimension: wgpu::TextureViewDimension::D2,
-                    multisampled: false,
-                },
-                Binding::TextureArray => wgpu::BindingType::Texture {
-                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
-                    view_dimension: wgpu::TextureViewDimension::D2Array,
-                    multisampled: false,
-                },
+                Binding::Uniform => buffer_binding(wgpu::BufferBindingType::Uniform),
+                Binding::Storage => {
+                    buffer_binding(wgpu::BufferBindingType::Storage { read_only: false })
+                }
+                Binding::StorageReadOnly => {
+                    buffer_binding(wgpu::BufferBindingType::Storage { read_only: true })
+                }
+                Binding::Texture => texture_binding(wgpu::TextureViewDimension::D2),
+                Binding::TextureArray => texture_binding(wgpu::TextureViewDimension::D2Array),
                 Binding::StorageTextureArray => wgpu::BindingType::StorageTexture {
                     access: wgpu::StorageTextureAccess::WriteOnly,
                     format: wgpu::TextureFormat::Rgba32Float,
                     view_dimension: wgpu::TextureViewDimension::D2Array,
-                },
-                buffer => wgpu::BindingType::Buffer {
-                    ty: match buffer {
-                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
-                        Binding::Storage => wgpu::BufferBindingType::Storage { read_only: false },
-                        _ => wgpu::BufferBindingType::Storage { read_only: true },
-                    },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
                 },
             },
             count: None,

@@ -9,7 +9,9 @@ use std::sync::Mutex;
 
 use crate::config::{DropPolicy, MoeConfig};
 use crate::error::{MoeError, Result};
-use crate::gpu::buffers::{padded_to_vec4, uniform_buffer, GpuWeights, Scratch, ScratchSizes};
+use crate::gpu::buffers::{
+    max_x_rows, padded_to_vec4, uniform_buffer, GpuWeights, Scratch, ScratchSizes,
+};
 use crate::gpu::context::GpuContext;
 use crate::gpu::kernels::{bind_resources, Kernel, Kernels};
 use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
@@ -422,9 +424,7 @@ impl MoeLayer {
                 allowed: self.max_binding_bytes,
             });
         }
-        // x's rows texture: layers of max_texture_dimension_2d rows, two layers spare.
-        let max_side = self.limits.max_texture_dimension_2d as u64;
-        let max_rows = max_side * (self.limits.max_texture_array_layers as u64).saturating_sub(2);
+        let max_rows = max_x_rows(&self.limits);
         if num_tokens as u64 > max_rows {
             return Err(MoeError::DeviceLimit {
                 limit: "max_texture_array_layers × max_texture_dimension_2d (token rows of x)",
