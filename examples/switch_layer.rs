@@ -123,11 +123,12 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         "layer: {num_experts} experts, d_model {d_model}, d_ff {d_ff}, {} tokens, top-{}, capacity factor {}",
         args.tokens, config.top_k, config.capacity_factor
     );
-    // SWITCH_MOE_ROW_LANES and SWITCH_MOE_MATMUL_BLOCK force the matmul tile shape, for
-    // tuning.
+    // SWITCH_MOE_ROW_LANES, SWITCH_MOE_BLOCK_ROWS and SWITCH_MOE_MATMUL_BLOCK force the
+    // matmul tile shape, for tuning.
     let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
     let options = switch_moe::LayerOptions {
         row_lanes: knob("SWITCH_MOE_ROW_LANES"),
+        block_rows: knob("SWITCH_MOE_BLOCK_ROWS"),
         matmul_block: knob("SWITCH_MOE_MATMUL_BLOCK"),
         ..Default::default()
     };

@@ -26,8 +26,10 @@ struct ExpertParams {
 
 // Lanes along the rows of a tile: 1, 2, 4 or 8 (as in expert_up).
 override ROW_LANES: u32 = 2u;
-// 4×4 matrices along each side of an invocation's block: 2 or 4 (as in expert_up).
+// 4×4 matrices along the columns of an invocation's block: 2 or 4 (as in expert_up).
 override QUADS: u32 = 2u;
+// 4×4 matrices along its rows: 1, 2 or 4 (as in expert_up).
+override ROW_QUADS: u32 = 2u;
 // Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (as in expert_up).
 override LANES: u32 = 64u;
 
@@ -45,11 +47,13 @@ fn hidden_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
         hidden[rows.w + k4]));
 }
 
-// Four weight rows `rows` of expert layer `layer` at texel k4: column j of the result is
-// row j.
-fn w2_quad(rows: vec4<u32>, layer: u32, k4: u32) -> mat4x4<f32> {
-    return mat4x4(textureLoad(w2, vec2(k4, rows.x), layer, 0), textureLoad(w2, vec2(k4, rows.y), layer, 0),
-        textureLoad(w2, vec2(k4, rows.z), layer, 0), textureLoad(w2, vec2(k4, rows.w), layer, 0));
+// Weight rows 4·quad .. 4·quad + 4 of expert layer `layer` at k4 (floats 4·k4 .. 4·k4 + 4):
+// column j of the result is row 4·quad + j. A quad's four texels at k4 sit side by side.
+fn w2_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
+    return mat4x4(textureLoad(w2, vec2(4u * k4, quad), layer, 0),
+        textureLoad(w2, vec2(4u * k4 + 1u, quad), layer, 0),
+        textureLoad(w2, vec2(4u * k4 + 2u, quad), layer, 0),
+        textureLoad(w2, vec2(4u * k4 + 3u, quad), layer, 0));
 }
 
 // One row quad of the block: acc_j += ht·w_j, so that acc_j[c][r] = (row r, column 4j + c).
@@ -84,6 +88,19 @@ fn store_quad(out: mat4x4<f32>, row: u32, col: u32, rows_end: u32, bias_at: u32)
     }
 }
 
+// Writes one row quad of the block: its QUADS quads at columns col, col + 4, ...
+fn store_row(
+    out0: mat4x4<f32>, out1: mat4x4<f32>, out2: mat4x4<f32>, out3: mat4x4<f32>,
+    row: u32, col: u32, rows_end: u32, bias_at: u32,
+) {
+    store_quad(out0, row, col, rows_end, bias_at);
+    store_quad(out1, row, col + 4u, rows_end, bias_at);
+    if (QUADS == 4u) {
+        store_quad(out2, row, col + 8u, rows_end, bias_at);
+        store_quad(out3, row, col + 12u, rows_end, bias_at);
+    }
+}
+
 @compute @workgroup_size(LANES)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
@@ -95,7 +112,8 @@ fn main(
     let tile_start_at = 2u * num_experts;
     let tile_expert_at = 3u * num_experts + 2u;
     let block = 4u * QUADS;
-    let row_tile = ROW_LANES * block;
+    let block_rows = 4u * ROW_QUADS;
+    let row_tile = ROW_LANES * block_rows;
     let col_lanes = LANES / ROW_LANES;
 
     let tile = expert_table[tile_start_at + params.shard_first_expert] + workgroup_id.y;
@@ -103,26 +121,25 @@ fn main(
     let shard_expert = expert - params.shard_first_expert;
     let rows_end = expert_table[tile_start_at + expert] * row_tile + expert_table[num_experts + expert];
 
-    let row0 = tile * row_tile + (lane / col_lanes) * block;
+    let row0 = tile * row_tile + (lane / col_lanes) * block_rows;
     let col0 = (workgroup_id.x * col_lanes + lane % col_lanes) * block;
     let f4 = (d_ff + 3u) / 4u;
 
     // Padding rows exist in `hidden` (it holds whole row tiles) and are never stored;
-    // columns past D re-read column D-1 so the loop needs no bounds checks.
+    // column quads past D re-read the last one so the loop needs no bounds checks.
     var h_rows: array<vec4<u32>, 4>;
-    var w_rows: array<vec4<u32>, 4>;
     for (var q = 0u; q < 4u; q++) {
         h_rows[q] = (vec4(row0 + 4u * q) + vec4(0u, 1u, 2u, 3u)) * f4;
-        w_rows[q] = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_model - 1u));
     }
     let hr0 = h_rows[0];
     let hr1 = h_rows[1];
     let hr2 = h_rows[2];
     let hr3 = h_rows[3];
-    let wr0 = w_rows[0];
-    let wr1 = w_rows[1];
-    let wr2 = w_rows[2];
-    let wr3 = w_rows[3];
+    let last_quad = (d_model + 3u) / 4u - 1u;
+    let wr0 = min(col0 / 4u, last_quad);
+    let wr1 = min(col0 / 4u + 1u, last_quad);
+    let wr2 = min(col0 / 4u + 2u, last_quad);
+    let wr3 = min(col0 / 4u + 3u, last_quad);
 
     // out_rc: rows 4r.., columns 4c.. of the block.
     var out00: mat4x4<f32>; var out01: mat4x4<f32>; var out02: mat4x4<f32>; var out03: mat4x4<f32>;
@@ -130,45 +147,31 @@ fn main(
     var out20: mat4x4<f32>; var out21: mat4x4<f32>; var out22: mat4x4<f32>; var out23: mat4x4<f32>;
     var out30: mat4x4<f32>; var out31: mat4x4<f32>; var out32: mat4x4<f32>; var out33: mat4x4<f32>;
     for (var k4 = 0u; k4 < f4; k4++) {
-        let ht0 = hidden_quad(hr0, k4);
-        let ht1 = hidden_quad(hr1, k4);
         let w0 = w2_quad(wr0, shard_expert, k4);
         let w1 = w2_quad(wr1, shard_expert, k4);
-        var ht2: mat4x4<f32>;
-        var ht3: mat4x4<f32>;
         var w2q: mat4x4<f32>;
         var w3: mat4x4<f32>;
         if (QUADS == 4u) {
-            ht2 = hidden_quad(hr2, k4);
-            ht3 = hidden_quad(hr3, k4);
             w2q = w2_quad(wr2, shard_expert, k4);
             w3 = w2_quad(wr3, shard_expert, k4);
         }
-        accumulate(&out00, &out01, &out02, &out03, ht0, w0, w1, w2q, w3);
-        accumulate(&out10, &out11, &out12, &out13, ht1, w0, w1, w2q, w3);
-        if (QUADS == 4u) {
-            accumulate(&out20, &out21, &out22, &out23, ht2, w0, w1, w2q, w3);
-            accumulate(&out30, &out31, &out32, &out33, ht3, w0, w1, w2q, w3);
+        accumulate(&out00, &out01, &out02, &out03, hidden_quad(hr0, k4), w0, w1, w2q, w3);
+        if (ROW_QUADS >= 2u) {
+            accumulate(&out10, &out11, &out12, &out13, hidden_quad(hr1, k4), w0, w1, w2q, w3);
+        }
+        if (ROW_QUADS == 4u) {
+            accumulate(&out20, &out21, &out22, &out23, hidden_quad(hr2, k4), w0, w1, w2q, w3);
+            accumulate(&out30, &out31, &out32, &out33, hidden_quad(hr3, k4), w0, w1, w2q, w3);
         }
     }
 
     let bias_at = shard_expert * d_model;
-    store_quad(out00, row0, col0, rows_end, bias_at);
-    store_quad(out01, row0, col0 + 4u, rows_end, bias_at);
-    store_quad(out10, row0 + 4u, col0, rows_end, bias_at);
-    store_quad(out11, row0 + 4u, col0 + 4u, rows_end, bias_at);
-    if (QUADS == 4u) {
-        store_quad(out02, row0, col0 + 8u, rows_end, bias_at);
-        store_quad(out03, row0, col0 + 12u, rows_end, bias_at);
-        store_quad(out12, row0 + 4u, col0 + 8u, rows_end, bias_at);
-        store_quad(out13, row0 + 4u, col0 + 12u, rows_end, bias_at);
-        store_quad(out20, row0 + 8u, col0, rows_end, bias_at);
-        store_quad(out21, row0 + 8u, col0 + 4u, rows_end, bias_at);
-        store_quad(out22, row0 + 8u, col0 + 8u, rows_end, bias_at);
-        store_quad(out23, row0 + 8u, col0 + 12u, rows_end, bias_at);
-        store_quad(out30, row0 + 12u, col0, rows_end, bias_at);
-        store_quad(out31, row0 + 12u, col0 + 4u, rows_end, bias_at);
-        store_quad(out32, row0 + 12u, col0 + 8u, rows_end, bias_at);
-        store_quad(out33, row0 + 12u, col0 + 12u, rows_end, bias_at);
+    store_row(out00, out01, out02, out03, row0, col0, rows_end, bias_at);
+    if (ROW_QUADS >= 2u) {
+        store_row(out10, out11, out12, out13, row0 + 4u, col0, rows_end, bias_at);
+    }
+    if (ROW_QUADS == 4u) {
+        store_row(out20, out21, out22, out23, row0 + 8u, col0, rows_end, bias_at);
+        store_row(out30, out31, out32, out33, row0 + 12u, col0, rows_end, bias_at);
     }
 }

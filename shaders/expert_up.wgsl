@@ -41,8 +41,11 @@ override ACTIVATION: u32 = 0u;
 override GATED: bool = false;
 // Lanes along the rows of a tile: 1, 2, 4 or 8.
 override ROW_LANES: u32 = 2u;
-// 4×4 matrices along each side of an invocation's block: 2 or 4.
+// 4×4 matrices along the columns of an invocation's block: 2 or 4.
 override QUADS: u32 = 2u;
+// 4×4 matrices along its rows: 1, 2 or 4 (fewer than QUADS for experts with few tokens,
+// whose row tiles would otherwise be mostly padding).
+override ROW_QUADS: u32 = 2u;
 // Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (tiles of a similar size).
 override LANES: u32 = 64u;
 
@@ -93,16 +96,20 @@ fn x_quad(rows: vec4<u32>, layers: vec4<u32>, k4: u32) -> mat4x4<f32> {
         textureLoad(x_rows, vec2(k4, rows.w), layers.w, 0)));
 }
 
-// Four weight rows `rows` of expert layer `layer` at texel k4: column j of the result is
-// row j.
-fn w1_quad(rows: vec4<u32>, layer: u32, k4: u32) -> mat4x4<f32> {
-    return mat4x4(textureLoad(w1, vec2(k4, rows.x), layer, 0), textureLoad(w1, vec2(k4, rows.y), layer, 0),
-        textureLoad(w1, vec2(k4, rows.z), layer, 0), textureLoad(w1, vec2(k4, rows.w), layer, 0));
+// Weight rows 4·quad .. 4·quad + 4 of expert layer `layer` at k4 (floats 4·k4 .. 4·k4 + 4):
+// column j of the result is row 4·quad + j. A quad's four texels at k4 sit side by side.
+fn w1_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
+    return mat4x4(textureLoad(w1, vec2(4u * k4, quad), layer, 0),
+        textureLoad(w1, vec2(4u * k4 + 1u, quad), layer, 0),
+        textureLoad(w1, vec2(4u * k4 + 2u, quad), layer, 0),
+        textureLoad(w1, vec2(4u * k4 + 3u, quad), layer, 0));
 }
 
-fn w3_quad(rows: vec4<u32>, layer: u32, k4: u32) -> mat4x4<f32> {
-    return mat4x4(textureLoad(w3, vec2(k4, rows.x), layer, 0), textureLoad(w3, vec2(k4, rows.y), layer, 0),
-        textureLoad(w3, vec2(k4, rows.z), layer, 0), textureLoad(w3, vec2(k4, rows.w), layer, 0));
+fn w3_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
+    return mat4x4(textureLoad(w3, vec2(4u * k4, quad), layer, 0),
+        textureLoad(w3, vec2(4u * k4 + 1u, quad), layer, 0),
+        textureLoad(w3, vec2(4u * k4 + 2u, quad), layer, 0),
+        textureLoad(w3, vec2(4u * k4 + 3u, quad), layer, 0));
 }
 
 // One row quad of the block: acc_j += xt·w_j, so that acc_j[c][r] = (row r, column 4j + c).
@@ -145,6 +152,20 @@ fn store_quad(up: mat4x4<f32>, gate: mat4x4<f32>, row: u32, col: u32, rows_end: 
     }
 }
 
+// Writes one row quad of the block: its QUADS quads at columns col, col + 4, ...
+fn store_row(
+    up0: mat4x4<f32>, up1: mat4x4<f32>, up2: mat4x4<f32>, up3: mat4x4<f32>,
+    gate0: mat4x4<f32>, gate1: mat4x4<f32>, gate2: mat4x4<f32>, gate3: mat4x4<f32>,
+    row: u32, col: u32, rows_end: u32, bias_at: u32,
+) {
+    store_quad(up0, gate0, row, col, rows_end, bias_at);
+    store_quad(up1, gate1, row, col + 4u, rows_end, bias_at);
+    if (QUADS == 4u) {
+        store_quad(up2, gate2, row, col + 8u, rows_end, bias_at);
+        store_quad(up3, gate3, row, col + 12u, rows_end, bias_at);
+    }
+}
+
 @compute @workgroup_size(LANES)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
@@ -156,7 +177,8 @@ fn main(
     let tile_start_at = 2u * num_experts;
     let tile_expert_at = 3u * num_experts + 2u;
     let block = 4u * QUADS;
-    let row_tile = ROW_LANES * block;
+    let block_rows = 4u * ROW_QUADS;
+    let row_tile = ROW_LANES * block_rows;
     let col_lanes = LANES / ROW_LANES;
 
     let tile = expert_table[tile_start_at + params.shard_first_expert] + workgroup_id.y;
@@ -164,21 +186,19 @@ fn main(
     let shard_expert = expert - params.shard_first_expert;
     let rows_end = expert_table[tile_start_at + expert] * row_tile + expert_table[num_experts + expert];
 
-    let row0 = tile * row_tile + (lane / col_lanes) * block;
+    let row0 = tile * row_tile + (lane / col_lanes) * block_rows;
     let col0 = (workgroup_id.x * col_lanes + lane % col_lanes) * block;
     let d4 = (d_model + 3u) / 4u;
 
-    // Padding rows read token 0 and columns past F re-read column F-1: the loop below then
-    // needs no bounds checks, and the store skips them. Token t's x row is texture row
+    // Padding rows read token 0 and column quads past F re-read the last one (its rows past
+    // F are zeros): the loop below then needs no bounds checks, and the store skips them. Token t's x row is texture row
     // t % height of layer t / height.
     let height = textureDimensions(x_rows).y;
     var x_tokens: array<vec4<u32>, 4>;
-    var w_rows: array<vec4<u32>, 4>;
-    for (var q = 0u; q < 4u; q++) {
+    for (var q = 0u; q < ROW_QUADS; q++) {
         let slots = vec4(row0 + 4u * q) + vec4(0u, 1u, 2u, 3u);
         let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z], slot_token[slots.w]);
         x_tokens[q] = select(vec4(0u), tokens, slots < vec4(rows_end));
-        w_rows[q] = min(vec4(col0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(d_ff - 1u));
     }
     let xr0 = x_tokens[0] % height;
     let xl0 = x_tokens[0] / height;
@@ -188,10 +208,11 @@ fn main(
     let xl2 = x_tokens[2] / height;
     let xr3 = x_tokens[3] % height;
     let xl3 = x_tokens[3] / height;
-    let wr0 = w_rows[0];
-    let wr1 = w_rows[1];
-    let wr2 = w_rows[2];
-    let wr3 = w_rows[3];
+    let last_quad = (d_ff + 3u) / 4u - 1u;
+    let wr0 = min(col0 / 4u, last_quad);
+    let wr1 = min(col0 / 4u + 1u, last_quad);
+    let wr2 = min(col0 / 4u + 2u, last_quad);
+    let wr3 = min(col0 / 4u + 3u, last_quad);
 
     // up_rc and gate_rc: rows 4r.., columns 4c.. of the block.
     var up00: mat4x4<f32>; var up01: mat4x4<f32>; var up02: mat4x4<f32>; var up03: mat4x4<f32>;
@@ -203,23 +224,26 @@ fn main(
     var gate20: mat4x4<f32>; var gate21: mat4x4<f32>; var gate22: mat4x4<f32>; var gate23: mat4x4<f32>;
     var gate30: mat4x4<f32>; var gate31: mat4x4<f32>; var gate32: mat4x4<f32>; var gate33: mat4x4<f32>;
     for (var k4 = 0u; k4 < d4; k4++) {
-        let xt0 = x_quad(xr0, xl0, k4);
-        let xt1 = x_quad(xr1, xl1, k4);
-        var xt2: mat4x4<f32>;
-        var xt3: mat4x4<f32>;
         var w0 = w1_quad(wr0, shard_expert, k4);
         var w1q = w1_quad(wr1, shard_expert, k4);
         var w2q: mat4x4<f32>;
         var w3q: mat4x4<f32>;
         if (QUADS == 4u) {
-            xt2 = x_quad(xr2, xl2, k4);
-            xt3 = x_quad(xr3, xl3, k4);
             w2q = w1_quad(wr2, shard_expert, k4);
             w3q = w1_quad(wr3, shard_expert, k4);
         }
+        let xt0 = x_quad(xr0, xl0, k4);
+        var xt1: mat4x4<f32>;
+        var xt2: mat4x4<f32>;
+        var xt3: mat4x4<f32>;
         accumulate(&up00, &up01, &up02, &up03, xt0, w0, w1q, w2q, w3q);
-        accumulate(&up10, &up11, &up12, &up13, xt1, w0, w1q, w2q, w3q);
-        if (QUADS == 4u) {
+        if (ROW_QUADS >= 2u) {
+            xt1 = x_quad(xr1, xl1, k4);
+            accumulate(&up10, &up11, &up12, &up13, xt1, w0, w1q, w2q, w3q);
+        }
+        if (ROW_QUADS == 4u) {
+            xt2 = x_quad(xr2, xl2, k4);
+            xt3 = x_quad(xr3, xl3, k4);
             accumulate(&up20, &up21, &up22, &up23, xt2, w0, w1q, w2q, w3q);
             accumulate(&up30, &up31, &up32, &up33, xt3, w0, w1q, w2q, w3q);
         }
@@ -231,8 +255,10 @@ fn main(
                 w3q = w3_quad(wr3, shard_expert, k4);
             }
             accumulate(&gate00, &gate01, &gate02, &gate03, xt0, w0, w1q, w2q, w3q);
-            accumulate(&gate10, &gate11, &gate12, &gate13, xt1, w0, w1q, w2q, w3q);
-            if (QUADS == 4u) {
+            if (ROW_QUADS >= 2u) {
+                accumulate(&gate10, &gate11, &gate12, &gate13, xt1, w0, w1q, w2q, w3q);
+            }
+            if (ROW_QUADS == 4u) {
                 accumulate(&gate20, &gate21, &gate22, &gate23, xt2, w0, w1q, w2q, w3q);
                 accumulate(&gate30, &gate31, &gate32, &gate33, xt3, w0, w1q, w2q, w3q);
             }
@@ -240,22 +266,12 @@ fn main(
     }
 
     let bias_at = shard_expert * d_ff;
-    store_quad(up00, gate00, row0, col0, rows_end, bias_at);
-    store_quad(up01, gate01, row0, col0 + 4u, rows_end, bias_at);
-    store_quad(up10, gate10, row0 + 4u, col0, rows_end, bias_at);
-    store_quad(up11, gate11, row0 + 4u, col0 + 4u, rows_end, bias_at);
-    if (QUADS == 4u) {
-        store_quad(up02, gate02, row0, col0 + 8u, rows_end, bias_at);
-        store_quad(up03, gate03, row0, col0 + 12u, rows_end, bias_at);
-        store_quad(up12, gate12, row0 + 4u, col0 + 8u, rows_end, bias_at);
-        store_quad(up13, gate13, row0 + 4u, col0 + 12u, rows_end, bias_at);
-        store_quad(up20, gate20, row0 + 8u, col0, rows_end, bias_at);
-        store_quad(up21, gate21, row0 + 8u, col0 + 4u, rows_end, bias_at);
-        store_quad(up22, gate22, row0 + 8u, col0 + 8u, rows_end, bias_at);
-        store_quad(up23, gate23, row0 + 8u, col0 + 12u, rows_end, bias_at);
-        store_quad(up30, gate30, row0 + 12u, col0, rows_end, bias_at);
-        store_quad(up31, gate31, row0 + 12u, col0 + 4u, rows_end, bias_at);
-        store_quad(up32, gate32, row0 + 12u, col0 + 8u, rows_end, bias_at);
-        store_quad(up33, gate33, row0 + 12u, col0 + 12u, rows_end, bias_at);
+    store_row(up00, up01, up02, up03, gate00, gate01, gate02, gate03, row0, col0, rows_end, bias_at);
+    if (ROW_QUADS >= 2u) {
+        store_row(up10, up11, up12, up13, gate10, gate11, gate12, gate13, row0 + 4u, col0, rows_end, bias_at);
+    }
+    if (ROW_QUADS == 4u) {
+        store_row(up20, up21, up22, up23, gate20, gate21, gate22, gate23, row0 + 8u, col0, rows_end, bias_at);
+        store_row(up30, up31, up32, up33, gate30, gate31, gate32, gate33, row0 + 12u, col0, rows_end, bias_at);
     }
 }

@@ -258,15 +258,19 @@ fn every_matmul_tile_shape() {
         capacity_factor: 0.9,
         ..config(2)
     };
-    for row_lanes in switch_moe::gpu::shaders::ROW_LANES_CHOICES {
-        for block in switch_moe::gpu::shaders::MATMUL_BLOCKS {
-            let options = LayerOptions {
-                row_lanes: Some(row_lanes),
-                matmul_block: Some(block),
-                ..Default::default()
-            };
-            check_with_options(config.clone(), &weights, 290, 33, options.clone());
-            check_with_options(config.clone(), &aligned, 290, 35, options);
+    use switch_moe::gpu::shaders::{MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, ROW_LANES_CHOICES};
+    for row_lanes in ROW_LANES_CHOICES {
+        for block in MATMUL_BLOCKS {
+            for rows in MATMUL_BLOCK_ROWS.into_iter().filter(|&rows| rows <= block) {
+                let options = LayerOptions {
+                    row_lanes: Some(row_lanes),
+                    block_rows: Some(rows),
+                    matmul_block: Some(block),
+                    ..Default::default()
+                };
+                check_with_options(config.clone(), &weights, 290, 33, options.clone());
+                check_with_options(config.clone(), &aligned, 290, 35, options);
+            }
         }
     }
     let bad_lanes = LayerOptions {
@@ -278,7 +282,13 @@ fn every_matmul_tile_shape() {
         matmul_block: Some(12),
         ..Default::default()
     };
-    assert!(MoeLayer::with_options(&gpu(), config, &weights, bad_block).is_err());
+    assert!(MoeLayer::with_options(&gpu(), config.clone(), &weights, bad_block).is_err());
+    let rows_past_block = LayerOptions {
+        matmul_block: Some(8),
+        block_rows: Some(16),
+        ..Default::default()
+    };
+    assert!(MoeLayer::with_options(&gpu(), config, &weights, rows_past_block).is_err());
 }
 
 #[test]

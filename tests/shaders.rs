@@ -138,18 +138,19 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
     );
 }
 
-/// Every specialization the layer builds: the matmuls for each tile shape (row lanes and
-/// block), and expert_up for each activation, gated or not.
+/// Every specialization the layer builds: the matmuls for each tile shape (row lanes, block
+/// rows and side), and expert_up for each activation, gated or not.
 fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
     let mut all = Vec::new();
     match shader.name {
         "expert_up" => {
-            for (row_lanes, block) in tilings() {
+            for (row_lanes, rows, block) in tilings() {
                 for activation in 0..4 {
                     for gated in [0.0, 1.0] {
                         let mut constants = naga::back::PipelineConstants::default();
                         constants.insert("ROW_LANES".to_string(), row_lanes as f64);
                         constants.insert("QUADS".to_string(), (block / 4) as f64);
+                        constants.insert("ROW_QUADS".to_string(), (rows / 4) as f64);
                         constants.insert("LANES".to_string(), lanes(block));
                         constants.insert("ACTIVATION".to_string(), activation as f64);
                         constants.insert("GATED".to_string(), gated);
@@ -159,10 +160,11 @@ fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
             }
         }
         "expert_down" => {
-            for (row_lanes, block) in tilings() {
+            for (row_lanes, rows, block) in tilings() {
                 let mut constants = naga::back::PipelineConstants::default();
                 constants.insert("ROW_LANES".to_string(), row_lanes as f64);
                 constants.insert("QUADS".to_string(), (block / 4) as f64);
+                constants.insert("ROW_QUADS".to_string(), (rows / 4) as f64);
                 constants.insert("LANES".to_string(), lanes(block));
                 all.push(constants);
             }
@@ -178,11 +180,16 @@ fn lanes(block: u32) -> f64 {
     shaders::MATMUL_LANES[index.expect("a block of MATMUL_BLOCKS")] as f64
 }
 
-/// Every (ROW_LANES, block side) pair the matmuls are built for.
-fn tilings() -> impl Iterator<Item = (u32, u32)> {
-    shaders::ROW_LANES_CHOICES
-        .into_iter()
-        .flat_map(|lanes| shaders::MATMUL_BLOCKS.map(|block| (lanes, block)))
+/// Every (ROW_LANES, block rows, block side) the matmuls are built for.
+fn tilings() -> impl Iterator<Item = (u32, u32, u32)> {
+    shaders::ROW_LANES_CHOICES.into_iter().flat_map(|lanes| {
+        shaders::MATMUL_BLOCKS.into_iter().flat_map(move |block| {
+            shaders::MATMUL_BLOCK_ROWS
+                .into_iter()
+                .filter(move |&rows| rows <= block)
+                .map(move |rows| (lanes, rows, block))
+        })
+    })
 }
 
 #[test]

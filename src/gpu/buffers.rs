@@ -156,9 +156,12 @@ fn router_texture(
     rgba32f_texture(device, "router", extent, false, usage, Some((queue, &data)))
 }
 
-/// An expert matrix stack `[experts, rows, width]` as an rgba32float texture array: one layer
-/// per expert (and a zero layer or two where GL needs them), rows zero-padded to whole
-/// texels (the matmuls read 4 floats per fetch).
+/// An expert matrix stack `[experts, rows, width]` as an rgba32float texture array, one layer
+/// per expert (and a zero layer where GL needs one), in quads of rows: texel
+/// `(4·k4 + j, q)` holds row `4q + j` at columns `4·k4 .. 4·k4 + 4`, rows and columns
+/// zero-padded to multiples of 4. The matmuls fetch four rows at a time, so a quad's four
+/// texels side by side make one 64-byte line rather than four lines a row apart (on CPU
+/// adapters, a quarter of the memory streams to prefetch).
 fn weight_texture(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
@@ -167,18 +170,22 @@ fn weight_texture(
     rows: usize,
     width: usize,
 ) -> wgpu::TextureView {
-    let mut padded = pad_rows(matrices, width);
-    let texels_per_row = padded_to_vec4(width) / 4;
     let experts = matrices.len() / (rows * width);
-    let layers = array_layers(experts, texels_per_row, rows);
-    if layers > experts {
-        padded
-            .to_mut()
-            .resize(layers * rows * padded_to_vec4(width), 0.0);
+    let (quads, texels_per_row) = (padded_to_vec4(rows) / 4, padded_to_vec4(width));
+    let layers = array_layers(experts, texels_per_row, quads);
+    let mut texels = vec![0.0f32; layers * quads * texels_per_row * 4];
+    for (expert, matrix) in matrices.chunks_exact(rows * width).enumerate() {
+        for (row, values) in matrix.chunks_exact(width).enumerate() {
+            let quad_at = (expert * quads + row / 4) * texels_per_row * 4;
+            for (k4, chunk) in values.chunks(4).enumerate() {
+                let at = quad_at + (4 * k4 + row % 4) * 4;
+                texels[at..at + chunk.len()].copy_from_slice(chunk);
+            }
+        }
     }
     let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
-    let extent = (texels_per_row, rows, layers);
-    rgba32f_texture(device, label, extent, true, usage, Some((queue, &padded)))
+    let extent = (texels_per_row, quads, layers);
+    rgba32f_texture(device, label, extent, true, usage, Some((queue, &texels)))
 }
 
 /// The weights of a contiguous range of experts.
@@ -186,13 +193,13 @@ fn weight_texture(
 pub struct WeightShard {
     pub first_expert: usize,
     pub num_experts: usize,
-    /// W1 `[experts][F][D4 / 4]` texels.
+    /// W1 `[experts][F4 / 4][D4]` texels (quads of rows, see `weight_texture`).
     pub w1: wgpu::TextureView,
     /// W3 like W1 for gated FFNs, a 1-texel dummy otherwise.
     pub w3: wgpu::TextureView,
     /// b1 `[experts, F]`, then b3 `[experts, F]` when gated (zeros for absent biases).
     pub up_bias: wgpu::Buffer,
-    /// W2 `[experts][D][F4 / 4]` texels.
+    /// W2 `[experts][D4 / 4][F4]` texels (quads of rows).
     pub w2: wgpu::TextureView,
     pub down_bias: wgpu::Buffer,
     pub params: wgpu::Buffer,
@@ -228,19 +235,15 @@ impl GpuWeights {
         } = weights.shape;
         let limits = device.limits();
         let max_side = limits.max_texture_dimension_2d as u64;
+        // Weight textures are D4 (W1) and F4 (W2) texels wide, a quarter as many high.
         for (limit, needed) in [
-            ("max_texture_dimension_2d (d_ff: rows of W1)", d_ff as u64),
             (
-                "max_texture_dimension_2d (d_model: rows of W2)",
-                d_model as u64,
+                "max_texture_dimension_2d (d_model rounded up to 4: texels per W1 row quad)",
+                padded_to_vec4(d_model) as u64,
             ),
             (
-                "max_texture_dimension_2d (d_model / 4: texels per W1 row)",
-                d_model.div_ceil(4) as u64,
-            ),
-            (
-                "max_texture_dimension_2d (d_ff / 4: texels per W2 row)",
-                d_ff.div_ceil(4) as u64,
+                "max_texture_dimension_2d (d_ff rounded up to 4: texels per W2 row quad)",
+                padded_to_vec4(d_ff) as u64,
             ),
         ] {
             if needed > max_side {

@@ -6,10 +6,13 @@ use std::sync::OnceLock;
 
 use crate::config::MoeConfig;
 use crate::gpu::plan::MatmulTiling;
-use crate::gpu::shaders::{self, ShaderSource, MATMUL_BLOCKS, MATMUL_LANES, ROW_LANES_CHOICES};
+use crate::gpu::shaders::{
+    self, ShaderSource, MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MATMUL_LANES, ROW_LANES_CHOICES,
+};
 
-/// Tile shapes the matmuls can be built for: every `ROW_LANES` with every block.
-const TILINGS: usize = ROW_LANES_CHOICES.len() * MATMUL_BLOCKS.len();
+/// Tile shapes the matmuls can be built for: every `ROW_LANES` with every block and
+/// block height (those taller than wide are never built).
+const TILINGS: usize = ROW_LANES_CHOICES.len() * MATMUL_BLOCKS.len() * MATMUL_BLOCK_ROWS.len();
 
 /// How a kernel's binding is declared in WGSL.
 #[derive(Clone, Copy, Debug)]
@@ -179,7 +182,7 @@ pub struct MatmulPipelines {
 }
 
 /// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
-/// shape (`ROW_LANES`, `QUADS` with its `LANES`), specialised for the layer's activation
+/// shape (`ROW_LANES`, `ROW_QUADS`, `QUADS` with its `LANES`), specialised for the layer's activation
 /// and gating.
 #[derive(Debug)]
 pub struct ExpertMatmuls {
@@ -208,23 +211,24 @@ impl ExpertMatmuls {
 
     /// The pipelines for `tiling`, built on first use.
     pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &MatmulPipelines {
-        let lanes_index = ROW_LANES_CHOICES
-            .iter()
-            .position(|&lanes| lanes == tiling.row_lanes)
-            .unwrap_or(0);
-        let block_index = MATMUL_BLOCKS
-            .iter()
-            .position(|&block| block == tiling.block)
-            .unwrap_or(0);
-        self.variants[lanes_index * MATMUL_BLOCKS.len() + block_index].get_or_init(|| {
+        let position =
+            |choices: &[u32], value: u32| choices.iter().position(|&c| c == value).unwrap_or(0);
+        let lanes_index = position(&ROW_LANES_CHOICES, tiling.row_lanes);
+        let block_index = position(&MATMUL_BLOCKS, tiling.block);
+        let rows_index = position(&MATMUL_BLOCK_ROWS, tiling.block_rows);
+        let variant = (lanes_index * MATMUL_BLOCKS.len() + block_index) * MATMUL_BLOCK_ROWS.len()
+            + rows_index;
+        self.variants[variant].get_or_init(|| {
             let row_lanes = ROW_LANES_CHOICES[lanes_index] as f64;
             let quads = (MATMUL_BLOCKS[block_index] / 4) as f64;
+            let row_quads = (MATMUL_BLOCK_ROWS[rows_index] / 4) as f64;
             let lanes = MATMUL_LANES[block_index] as f64;
             let up_constants = [
                 ("ACTIVATION", self.activation),
                 ("GATED", self.gated),
                 ("ROW_LANES", row_lanes),
                 ("QUADS", quads),
+                ("ROW_QUADS", row_quads),
                 ("LANES", lanes),
             ];
             MatmulPipelines {
@@ -240,7 +244,12 @@ impl ExpertMatmuls {
                     "expert_down",
                     &self.down_module,
                     &self.down_layout,
-                    &[("ROW_LANES", row_lanes), ("QUADS", quads), ("LANES", lanes)],
+                    &[
+                        ("ROW_LANES", row_lanes),
+                        ("QUADS", quads),
+                        ("ROW_QUADS", row_quads),
+                        ("LANES", lanes),
+                    ],
                 ),
             }
         })

@@ -17,7 +17,7 @@ use crate::gpu::kernels::{bind_resources, Kernel, Kernels};
 use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
 use crate::gpu::readback::{map_for_reading, Wait};
-use crate::gpu::shaders::{MATMUL_BLOCKS, MAX_EXPERTS, ROW_LANES_CHOICES};
+use crate::gpu::shaders::{MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MAX_EXPERTS, ROW_LANES_CHOICES};
 use crate::output::{num_tokens_of, MoeOutput};
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -31,9 +31,12 @@ pub struct LayerOptions {
     /// Caps the bytes of one activation binding below the device's limit, which makes
     /// large batches run in chunks (used by tests of the chunked path).
     pub max_activation_binding_bytes: Option<u64>,
-    /// Forces the expert matmuls' tile shape (`ROW_LANES`: 1, 2, 4 or 8) instead of
-    /// choosing it from the tokens per expert (for tests and tuning).
+    /// Forces the lanes along the rows of the expert matmuls' tiles (`ROW_LANES`: 1, 2, 4 or
+    /// 8) instead of choosing them from the tokens per expert (for tests and tuning).
     pub row_lanes: Option<u32>,
+    /// Forces the rows of each matmul invocation's output block (4, 8 or 16, at most its
+    /// side) instead of choosing them from the tokens per expert (for tests and tuning).
+    pub block_rows: Option<u32>,
     /// Forces the side of each matmul invocation's output block (8 or 16) instead of
     /// choosing it from the adapter: 16 on CPU adapters, 8 elsewhere (for tests and tuning).
     pub matmul_block: Option<u32>,
@@ -201,6 +204,7 @@ pub struct MoeLayer {
     limits: wgpu::Limits,
     max_binding_bytes: u64,
     forced_row_lanes: Option<u32>,
+    forced_block_rows: Option<u32>,
     matmul_block: u32,
     kernels: Kernels,
     weights: GpuWeights,
@@ -278,6 +282,21 @@ impl MoeLayer {
                 format!("{block}; the matmul blocks take one of {MATMUL_BLOCKS:?}"),
             ));
         }
+        let matmul_block = options
+            .matmul_block
+            .unwrap_or_else(|| default_matmul_block(device));
+        if let Some(rows) = options
+            .block_rows
+            .filter(|r| !MATMUL_BLOCK_ROWS.contains(r) || *r > matmul_block)
+        {
+            return Err(MoeError::config(
+                "block_rows",
+                format!(
+                    "{rows}; the matmul blocks' rows take one of {MATMUL_BLOCK_ROWS:?}, \
+                     at most the block's side ({matmul_block})"
+                ),
+            ));
+        }
         if shape.num_experts > MAX_EXPERTS as usize {
             return Err(MoeError::config(
                 "n_experts",
@@ -317,9 +336,8 @@ impl MoeLayer {
             limits,
             max_binding_bytes,
             forced_row_lanes: options.row_lanes,
-            matmul_block: options
-                .matmul_block
-                .unwrap_or_else(|| default_matmul_block(device)),
+            forced_block_rows: options.block_rows,
+            matmul_block,
             kernels,
             weights: weights_on_device,
             pool: Mutex::new(Vec::new()),
@@ -415,6 +433,7 @@ impl MoeLayer {
             num_tokens,
             self.matmul_block,
             self.forced_row_lanes,
+            self.forced_block_rows,
         )?;
         let sizes = ScratchSizes::for_plan(&plan);
         if sizes.largest_binding_bytes() > self.max_binding_bytes {

@@ -43,6 +43,9 @@ pub const BLOCK_TOKENS: u32 = 128;
 /// The sides a matmul invocation's square output block may take (`4·QUADS` in the
 /// shaders): 8 on GPUs, 16 on CPU adapters (see expert_up.wgsl).
 pub const MATMUL_BLOCKS: [u32; 2] = [8, 16];
+/// The rows an invocation's output block may take (`4·ROW_QUADS`), at most its side: short
+/// blocks keep the row tiles of experts with few tokens from being mostly padding.
+pub const MATMUL_BLOCK_ROWS: [u32; 3] = [4, 8, 16];
 /// Invocations per workgroup of the expert matmuls (`LANES`) for each of MATMUL_BLOCKS.
 pub const MATMUL_LANES: [u32; 2] = [64, 16];
 /// The values the matmuls' `ROW_LANES` override may take (lanes along a tile's rows).
