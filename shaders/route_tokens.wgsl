@@ -5,14 +5,17 @@
 // Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens; workgroups laid out
 // in 2-D (x + y·num_workgroups.x) so that any T fits. First the logits, each invocation
 // four tokens × a quarter of the experts, eight experts per pass over x (so each router
-// texel fetched serves four tokens); then, after a barrier, one invocation per token for
-// the rest. x is read as vec4s along D; the router weights are an rgba32float texture (on
+// texel fetched serves four tokens), with each quarter's largest logit per token; then,
+// after a barrier, one invocation per token for the rest. Probabilities are never stored:
+// p = exp(h - max) / Σ exp(h - max) is recomputed from the logits where needed (top-k, the
+// block sums), the same expression in the same order each time, so every use sees the
+// same bits while the N values per token go through storage twice fewer times. x is read as vec4s along D; the router weights are an rgba32float texture (on
 // CPU adapters a storage load is a loop over the SIMD lanes, a texel fetch a vector
 // gather) and the biases a uniform array (every lane reads the same bias: one scalar load
 // there).
 // Bindings: 0 params, 1 x [T, D] (whole vec4s), 2 router texels [N][D4 / 4] (D rounded up
 // to a multiple of 4, zero-padded),
-// 3 probs [T, N] (logits, then probabilities), 4 routes [T, k], 5 gates [T, k],
+// 3 logits [T, N], 4 routes [T, k], 5 gates [T, k],
 // 6 route_prob_max [T], 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²),
 // 8 flags [1] (atomicMin of the first token whose x or logits are not finite),
 // 9 x_rows: x again as rgba32float texels [layers][height][D4 / 4], zero-padded, token t at
@@ -40,7 +43,7 @@ const MAX_EXPERTS: u32 = 2048u;
 @group(0) @binding(0) var<uniform> params: RouteParams;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var router: texture_2d<f32>;
-@group(0) @binding(3) var<storage, read_write> probs: array<f32>;
+@group(0) @binding(3) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(4) var<storage, read_write> routes: array<u32>;
 @group(0) @binding(5) var<storage, read_write> gates: array<f32>;
 @group(0) @binding(6) var<storage, read_write> route_prob_max: array<f32>;
@@ -50,6 +53,11 @@ const MAX_EXPERTS: u32 = 2048u;
 @group(0) @binding(10) var<uniform> router_bias: array<vec4<f32>, MAX_EXPERTS / 4u>;
 
 var<workgroup> block_lse_sq: array<f32, BLOCK_TOKENS>;
+// The largest logit of each token (block order) among each quarter's experts, quarter-major.
+var<workgroup> quarter_max: array<f32, 4u * BLOCK_TOKENS>;
+// Each token's largest logit and Σ exp(h - max): its softmax, for the block sums.
+var<workgroup> token_max: array<f32, BLOCK_TOKENS>;
+var<workgroup> token_sum: array<f32, BLOCK_TOKENS>;
 
 // Checks the bit pattern rather than comparing floats, which a compiler may assume finite.
 fn is_finite_bits(v: f32) -> bool {
@@ -73,7 +81,7 @@ fn x_vec4(row_at: u32, k: u32, d_model: u32) -> vec4<f32> {
     return select(vec4(0.0), v, vec4(k) + vec4(0u, 1u, 2u, 3u) < vec4(d_model));
 }
 
-// Router logits h[t, e] = x[t]·Wr[e] + br[e] of the block's tokens, into `probs`. Invocation
+// Router logits h[t, e] = x[t]·Wr[e] + br[e] of the block's tokens, into `logits`. Invocation
 // `lane` takes tokens lane % QUARTER + QUARTER·j (j < 4) and the experts of quarter
 // lane / QUARTER, eight per pass: each router texel fetched serves four tokens.
 fn block_logits(block_start: u32, block_end: u32, lane: u32) {
@@ -85,8 +93,10 @@ fn block_logits(block_start: u32, block_end: u32, lane: u32) {
     let tokens = min(vec4(first) + vec4(0u, 1u, 2u, 3u) * QUARTER, vec4(block_end - 1u));
     let x_base = tokens * d_model;
     let per_quarter = (num_experts + 3u) / 4u;
-    let e_begin = (lane / QUARTER) * per_quarter;
+    let quarter = lane / QUARTER;
+    let e_begin = quarter * per_quarter;
     let e_end = min(e_begin + per_quarter, num_experts);
+    var largest = vec4(bitcast<f32>(0xff7fffffu)); // -f32::MAX, exactly
     for (var e0 = e_begin; e0 < e_end; e0 += 8u) {
         // The last pass re-reads the quarter's last expert for the missing ones.
         let lo = min(vec4(e0) + vec4(0u, 1u, 2u, 3u), vec4(e_end - 1u));
@@ -121,31 +131,45 @@ fn block_logits(block_start: u32, block_end: u32, lane: u32) {
             sum_lo3 += w_lo * x3;
             sum_hi3 += w_hi * x3;
         }
-        store_logits(first, block_end, e0, e_end, sum_lo0, sum_hi0);
-        store_logits(first + QUARTER, block_end, e0, e_end, sum_lo1, sum_hi1);
-        store_logits(first + 2u * QUARTER, block_end, e0, e_end, sum_lo2, sum_hi2);
-        store_logits(first + 3u * QUARTER, block_end, e0, e_end, sum_lo3, sum_hi3);
+        largest.x = max(largest.x, store_logits(first, block_end, e0, e_end, sum_lo0, sum_hi0));
+        largest.y = max(largest.y,
+            store_logits(first + QUARTER, block_end, e0, e_end, sum_lo1, sum_hi1));
+        largest.z = max(largest.z,
+            store_logits(first + 2u * QUARTER, block_end, e0, e_end, sum_lo2, sum_hi2));
+        largest.w = max(largest.w,
+            store_logits(first + 3u * QUARTER, block_end, e0, e_end, sum_lo3, sum_hi3));
     }
+    let at = quarter * BLOCK_TOKENS + lane % QUARTER;
+    quarter_max[at] = largest.x;
+    quarter_max[at + QUARTER] = largest.y;
+    quarter_max[at + 2u * QUARTER] = largest.z;
+    quarter_max[at + 3u * QUARTER] = largest.w;
 }
 
-// Token `token`'s logits for experts e0..e0 + 8 (those below e_end) plus the biases.
-fn store_logits(token: u32, block_end: u32, e0: u32, e_end: u32, lo: vec4<f32>, hi: vec4<f32>) {
+// Token `token`'s logits for experts e0..e0 + 8 (those below e_end) plus the biases; returns
+// the largest of them.
+fn store_logits(token: u32, block_end: u32, e0: u32, e_end: u32, lo: vec4<f32>, hi: vec4<f32>) -> f32 {
+    var largest = bitcast<f32>(0xff7fffffu);
     if (token >= block_end) {
-        return;
+        return largest;
     }
     let p_base = token * params.num_experts;
     for (var j = 0u; j < 8u; j++) {
         let e = e0 + j;
         if (e < e_end) {
             let dot_e = select(lo[j % 4u], hi[j % 4u], j >= 4u);
-            probs[p_base + e] = dot_e + router_bias[e / 4u][e % 4u];
+            let logit = dot_e + router_bias[e / 4u][e % 4u];
+            logits[p_base + e] = logit;
+            largest = max(largest, logit);
         }
     }
+    return largest;
 }
 
-// Softmax, top-k and gates of one token from its logits in `probs`; also writes its x row
-// into `x_rows` and flags non-finite input. Returns logsumexp².
-fn route_one_token(token: u32) -> f32 {
+// Softmax, top-k and gates of one token (`index` in its block) from its logits; also writes
+// its x row into `x_rows`, flags non-finite input, and leaves the token's largest logit and
+// Σ exp(h - max) in token_max and token_sum. Returns logsumexp².
+fn route_one_token(token: u32, index: u32) -> f32 {
     let d_model = params.d_model;
     let num_experts = params.num_experts;
     let x_base = token * d_model;
@@ -163,24 +187,19 @@ fn route_one_token(token: u32) -> f32 {
             && is_finite_bits(v.w);
     }
 
-    var max_logit = bitcast<f32>(0xff7fffffu); // -f32::MAX, exactly
-    for (var e = 0u; e < num_experts; e++) {
-        max_logit = max(max_logit, probs[p_base + e]);
-    }
+    let max_logit = max(max(quarter_max[index], quarter_max[index + BLOCK_TOKENS]),
+        max(quarter_max[index + 2u * BLOCK_TOKENS], quarter_max[index + 3u * BLOCK_TOKENS]));
     // Stable softmax: exp(h - max) never overflows.
     var sum = 0.0;
     for (var e = 0u; e < num_experts; e++) {
-        let ex = exp(probs[p_base + e] - max_logit);
-        probs[p_base + e] = ex;
-        sum += ex;
+        sum += exp(logits[p_base + e] - max_logit);
     }
+    token_max[index] = max_logit;
+    token_sum[index] = sum;
     let lse = max_logit + log(sum);
     finite = finite && is_finite_bits(lse);
     if (!finite) {
         atomicMin(&flags[0], token);
-    }
-    for (var e = 0u; e < num_experts; e++) {
-        probs[p_base + e] = probs[p_base + e] / sum;
     }
 
     // Top-k: the j-th choice is the best expert strictly after the (j-1)-th in the order
@@ -193,7 +212,7 @@ fn route_one_token(token: u32) -> f32 {
         var best_e = 0u;
         var best_p = -1.0;
         for (var e = 0u; e < num_experts; e++) {
-            let p = probs[p_base + e];
+            let p = exp(logits[p_base + e] - max_logit) / sum;
             let after_prev = p < prev_p || (p == prev_p && i32(e) > prev_e);
             if (after_prev && p > best_p) {
                 best_p = p;
@@ -237,7 +256,7 @@ fn main(
 
     var lse_sq = 0.0;
     if (token < block_end) {
-        lse_sq = route_one_token(token);
+        lse_sq = route_one_token(token, lane);
     }
     block_lse_sq[lane] = lse_sq;
     storageBarrier();
@@ -249,7 +268,8 @@ fn main(
     for (var e = lane; e < num_experts; e += BLOCK_TOKENS) {
         var sum = 0.0;
         for (var t = block_start; t < block_end; t++) {
-            sum += probs[t * num_experts + e];
+            let i = t - block_start;
+            sum += exp(logits[t * num_experts + e] - token_max[i]) / token_sum[i];
         }
         block_router_sums[sums_base + e] = sum;
     }

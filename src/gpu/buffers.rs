@@ -371,7 +371,7 @@ fn pad_rows(data: &[f32], width: usize) -> std::borrow::Cow<'_, [f32]> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScratchSizes {
     pub x: usize,
-    pub probs: usize,
+    pub logits: usize,
     pub assignments: usize,
     pub tokens: usize,
     pub block_router_sums: usize,
@@ -396,7 +396,7 @@ impl ScratchSizes {
             // Whole vec4s, at least one: route_tokens binds x, expert_down hidden, as vec4
             // arrays.
             x: padded_to_vec4(t * d_model).max(4),
-            probs: t * num_experts,
+            logits: t * num_experts,
             assignments: plan.num_assignments(),
             tokens: t,
             block_router_sums: plan.num_route_blocks * (num_experts + 1),
@@ -414,7 +414,7 @@ impl ScratchSizes {
     pub fn max(self, other: Self) -> Self {
         ScratchSizes {
             x: self.x.max(other.x),
-            probs: self.probs.max(other.probs),
+            logits: self.logits.max(other.logits),
             assignments: self.assignments.max(other.assignments),
             tokens: self.tokens.max(other.tokens),
             block_router_sums: self.block_router_sums.max(other.block_router_sums),
@@ -432,7 +432,7 @@ impl ScratchSizes {
     pub fn largest_binding_bytes(&self) -> u64 {
         let largest = [
             self.x,
-            self.probs,
+            self.logits,
             self.assignments,
             self.block_router_sums,
             self.block_counts,
@@ -449,7 +449,7 @@ impl ScratchSizes {
     /// Total bytes of the scratch buffers (for memory reports).
     pub fn total_bytes(&self) -> u64 {
         let elements = 3 * self.x // x, its rows texture (about as large), y
-            + self.probs
+            + self.logits
             + 3 * self.assignments // routes, gates, assignment_slot
             + self.tokens
             + self.block_router_sums
@@ -484,7 +484,7 @@ pub struct Scratch {
     pub x: wgpu::Buffer,
     /// x's rows as a texture array, for expert_up.
     pub x_rows: wgpu::TextureView,
-    pub probs: wgpu::Buffer,
+    pub logits: wgpu::Buffer,
     pub routes: wgpu::Buffer,
     pub gates: wgpu::Buffer,
     pub route_prob_max: wgpu::Buffer,
@@ -522,7 +522,7 @@ impl Scratch {
             sizes,
             x: buffer("x", sizes.x, copy_dst),
             x_rows: x_rows_texture(device, shape.d_model, sizes.tokens),
-            probs: buffer("probs", sizes.probs, none),
+            logits: buffer("logits", sizes.logits, none),
             routes: buffer("routes", sizes.assignments, copy_src),
             gates: buffer("gates", sizes.assignments, copy_src),
             route_prob_max: buffer("route_prob_max", sizes.tokens, copy_src),

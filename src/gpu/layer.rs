@@ -682,7 +682,7 @@ impl MoeLayer {
                     u.route.as_entire_binding(),
                     s.x.as_entire_binding(),
                     wgpu::BindingResource::TextureView(&self.weights.router),
-                    s.probs.as_entire_binding(),
+                    s.logits.as_entire_binding(),
                     s.routes.as_entire_binding(),
                     s.gates.as_entire_binding(),
                     s.route_prob_max.as_entire_binding(),
