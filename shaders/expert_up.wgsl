@@ -13,7 +13,7 @@
 // per expert.
 // Operands are read as vec4s along k from rgba32float texture arrays: the weights (one layer
 // per expert, one row per output feature, D4 / 4 texels per row, zero-padded) and x (its
-// rows as route_tokens wrote them, zero-padded, token t at row t % height of layer
+// rows as stage_tokens wrote them, zero-padded, token t at row t % height of layer
 // t / height). On CPU adapters a texel fetch is a vector gather while a storage load is a
 // loop over the SIMD lanes; GPUs read them through the texture cache.
 // The row gather x[slot_token[...]] happens in the operand loads: no permuted copy of x.

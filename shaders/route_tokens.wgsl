@@ -1,5 +1,5 @@
 // route_tokens: router logits h = x·Wrᵀ + br, stable softmax, top-k selection (ties to the
-// lower expert index), gate weights (renormalised when asked), the non-finite input flag,
+// lower expert index), gate weights (renormalised when asked), non-finite logits flagged,
 // and per-block partial sums for the router statistics.
 //
 // Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens; workgroups laid out
@@ -9,18 +9,17 @@
 // after a barrier, one invocation per token for the rest. Probabilities are never stored:
 // p = exp(h - max) / Σ exp(h - max) is recomputed from the logits where needed (top-k, the
 // block sums), the same expression in the same order each time, so every use sees the
-// same bits while the N values per token go through storage twice fewer times. x is read as vec4s along D; the router weights are an rgba32float texture (on
+// same bits while the N values per token go through storage twice fewer times.
+// Operands are textures: x's rows as stage_tokens wrote them and the router weights (on
 // CPU adapters a storage load is a loop over the SIMD lanes, a texel fetch a vector
-// gather) and the biases a uniform array (every lane reads the same bias: one scalar load
+// gather); the biases are a uniform array (every lane reads the same bias: one scalar load
 // there).
-// Bindings: 0 params, 1 x [T, D] (whole vec4s), 2 router texels [N][D4 / 4] (D rounded up
-// to a multiple of 4, zero-padded),
-// 3 logits [T, N], 4 routes [T, k], 5 gates [T, k],
-// 6 route_prob_max [T], 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²),
-// 8 flags [1] (atomicMin of the first token whose x or logits are not finite),
-// 9 x_rows: x again as rgba32float texels [layers][height][D4 / 4], zero-padded, token t at
-// row t % height of layer t / height, for expert_up (a texel fetch is cheaper than a
-// storage load on CPU adapters), 10 router_bias [MAX_EXPERTS / 4] vec4s (zero-padded).
+// Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4] (zero-padded, token t at row
+// t % height of layer t / height), 2 router texels [N][D4 / 4] (zero-padded),
+// 3 logits [T, N], 4 routes [T, k], 5 gates [T, k], 6 route_prob_max [T],
+// 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²), 8 flags [1] (atomicMin
+// of the first token whose logits are not finite), 9 router_bias [MAX_EXPERTS / 4] vec4s
+// (zero-padded). D4 is D rounded up to a multiple of 4.
 
 struct RouteParams {
     num_tokens: u32,
@@ -41,7 +40,7 @@ const QUARTER: u32 = BLOCK_TOKENS / 4u;
 const MAX_EXPERTS: u32 = 2048u;
 
 @group(0) @binding(0) var<uniform> params: RouteParams;
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var x_rows: texture_2d_array<f32>;
 @group(0) @binding(2) var router: texture_2d<f32>;
 @group(0) @binding(3) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(4) var<storage, read_write> routes: array<u32>;
@@ -49,8 +48,7 @@ const MAX_EXPERTS: u32 = 2048u;
 @group(0) @binding(6) var<storage, read_write> route_prob_max: array<f32>;
 @group(0) @binding(7) var<storage, read_write> block_router_sums: array<f32>;
 @group(0) @binding(8) var<storage, read_write> flags: array<atomic<u32>>;
-@group(0) @binding(9) var x_rows: texture_storage_2d_array<rgba32float, write>;
-@group(0) @binding(10) var<uniform> router_bias: array<vec4<f32>, MAX_EXPERTS / 4u>;
+@group(0) @binding(9) var<uniform> router_bias: array<vec4<f32>, MAX_EXPERTS / 4u>;
 
 var<workgroup> block_lse_sq: array<f32, BLOCK_TOKENS>;
 // The largest logit of each token (block order) among each quarter's experts, quarter-major.
@@ -64,23 +62,6 @@ fn is_finite_bits(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
 }
 
-// x[row_at + k .. row_at + k + 4], zeros past the row's end (k is a multiple of 4); an
-// unaligned row (D % 4 != 0) is shifted out of the two aligned vec4s around it, as in
-// expert_up.
-fn x_vec4(row_at: u32, k: u32, d_model: u32) -> vec4<f32> {
-    let at = row_at + k;
-    let lo = x[at / 4u];
-    if (d_model % 4u == 0u) {
-        return lo;
-    }
-    let hi = x[at / 4u + 1u];
-    let shift = at % 4u;
-    var v = select(lo, vec4(lo.yzw, hi.x), shift == 1u);
-    v = select(v, vec4(lo.zw, hi.xy), shift == 2u);
-    v = select(v, vec4(lo.w, hi.xyz), shift == 3u);
-    return select(vec4(0.0), v, vec4(k) + vec4(0u, 1u, 2u, 3u) < vec4(d_model));
-}
-
 // Router logits h[t, e] = x[t]·Wr[e] + br[e] of the block's tokens, into `logits`. Invocation
 // `lane` takes tokens lane % QUARTER + QUARTER·j (j < 4) and the experts of quarter
 // lane / QUARTER, eight per pass: each router texel fetched serves four tokens.
@@ -91,7 +72,9 @@ fn block_logits(block_start: u32, block_end: u32, lane: u32) {
     let first = block_start + lane % QUARTER;
     // Tokens past the block's end compute on its last token and store nothing.
     let tokens = min(vec4(first) + vec4(0u, 1u, 2u, 3u) * QUARTER, vec4(block_end - 1u));
-    let x_base = tokens * d_model;
+    let height = textureDimensions(x_rows).y;
+    let rows = tokens % height;
+    let layers = tokens / height;
     let per_quarter = (num_experts + 3u) / 4u;
     let quarter = lane / QUARTER;
     let e_begin = quarter * per_quarter;
@@ -118,10 +101,10 @@ fn block_logits(block_start: u32, block_end: u32, lane: u32) {
             let w_hi = transpose(mat4x4(textureLoad(router, vec2(k4, hi.x), 0),
                 textureLoad(router, vec2(k4, hi.y), 0), textureLoad(router, vec2(k4, hi.z), 0),
                 textureLoad(router, vec2(k4, hi.w), 0)));
-            let x0 = x_vec4(x_base.x, 4u * k4, d_model);
-            let x1 = x_vec4(x_base.y, 4u * k4, d_model);
-            let x2 = x_vec4(x_base.z, 4u * k4, d_model);
-            let x3 = x_vec4(x_base.w, 4u * k4, d_model);
+            let x0 = textureLoad(x_rows, vec2(k4, rows.x), layers.x, 0);
+            let x1 = textureLoad(x_rows, vec2(k4, rows.y), layers.y, 0);
+            let x2 = textureLoad(x_rows, vec2(k4, rows.z), layers.z, 0);
+            let x3 = textureLoad(x_rows, vec2(k4, rows.w), layers.w, 0);
             sum_lo0 += w_lo * x0;
             sum_hi0 += w_hi * x0;
             sum_lo1 += w_lo * x1;
@@ -166,26 +149,12 @@ fn store_logits(token: u32, block_end: u32, e0: u32, e_end: u32, lo: vec4<f32>, 
     return largest;
 }
 
-// Softmax, top-k and gates of one token (`index` in its block) from its logits; also writes
-// its x row into `x_rows`, flags non-finite input, and leaves the token's largest logit and
-// Σ exp(h - max) in token_max and token_sum. Returns logsumexp².
+// Softmax, top-k and gates of one token (`index` in its block) from its logits; flags
+// non-finite logits, and leaves the token's largest logit and Σ exp(h - max) in token_max
+// and token_sum. Returns logsumexp².
 fn route_one_token(token: u32, index: u32) -> f32 {
-    let d_model = params.d_model;
     let num_experts = params.num_experts;
-    let x_base = token * d_model;
     let p_base = token * num_experts;
-
-    let d4 = (d_model + 3u) / 4u;
-    let height = textureDimensions(x_rows).y;
-    let x_row = token % height;
-    let x_layer = token / height;
-    var finite = true;
-    for (var k4 = 0u; k4 < d4; k4++) {
-        let v = x_vec4(x_base, 4u * k4, d_model);
-        textureStore(x_rows, vec2(k4, x_row), x_layer, v);
-        finite = finite && is_finite_bits(v.x) && is_finite_bits(v.y) && is_finite_bits(v.z)
-            && is_finite_bits(v.w);
-    }
 
     let max_logit = max(max(quarter_max[index], quarter_max[index + BLOCK_TOKENS]),
         max(quarter_max[index + 2u * BLOCK_TOKENS], quarter_max[index + 3u * BLOCK_TOKENS]));
@@ -197,8 +166,7 @@ fn route_one_token(token: u32, index: u32) -> f32 {
     token_max[index] = max_logit;
     token_sum[index] = sum;
     let lse = max_logit + log(sum);
-    finite = finite && is_finite_bits(lse);
-    if (!finite) {
+    if (!is_finite_bits(lse)) {
         atomicMin(&flags[0], token);
     }
 

@@ -290,7 +290,7 @@ fn a_device_with_too_low_limits_is_named() {
             allowed,
         }) => {
             assert_eq!(limit, "max_storage_buffers_per_shader_stage");
-            assert_eq!((needed, allowed), (8, 4));
+            assert_eq!((needed, allowed), (6, 4));
         }
         other => panic!("expected a device limit error, got {:?}", other.map(|_| ())),
     }

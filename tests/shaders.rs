@@ -63,6 +63,7 @@ fn every_shader_parses_and_validates() {
 #[test]
 fn params_structs_match_their_rust_mirrors() {
     let expected: BTreeMap<&str, usize> = [
+        ("stage_tokens", size_of::<RouteParams>()),
         ("route_tokens", size_of::<RouteParams>()),
         ("count_experts", size_of::<AssignParams>()),
         ("scan_expert_offsets", size_of::<AssignParams>()),
@@ -95,6 +96,7 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
     ]
     .into();
     let workgroup: BTreeMap<&str, u32> = [
+        ("stage_tokens", shaders::BLOCK_TOKENS),
         ("route_tokens", shaders::BLOCK_TOKENS),
         ("count_experts", shaders::BLOCK_TOKENS),
         ("scatter_assignments", shaders::BLOCK_TOKENS),

@@ -259,6 +259,7 @@ impl ExpertMatmuls {
 /// Every pipeline of a layer.
 #[derive(Debug)]
 pub struct Kernels {
+    pub stage_tokens: Kernel,
     pub route_tokens: Kernel,
     pub count_experts: Kernel,
     pub scan_expert_offsets: Kernel,
@@ -272,13 +273,14 @@ impl Kernels {
     pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Texture as T,
-            Uniform as U,
+            TextureArray as Ta, Uniform as U,
         };
         Kernels {
+            stage_tokens: Kernel::new(device, shaders::STAGE_TOKENS, &[U, Ro, Rw, St]),
             route_tokens: Kernel::new(
                 device,
                 shaders::ROUTE_TOKENS,
-                &[U, Ro, T, Rw, Rw, Rw, Rw, Rw, Rw, St, U],
+                &[U, Ta, T, Rw, Rw, Rw, Rw, Rw, Rw, U],
             ),
             count_experts: Kernel::new(device, shaders::COUNT_EXPERTS, &[U, Ro, Rw]),
             scan_expert_offsets: Kernel::new(

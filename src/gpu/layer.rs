@@ -142,6 +142,7 @@ struct Run {
 /// Scratch buffers with the bind groups that reference them.
 struct Workspace {
     scratch: Scratch,
+    stage_tokens: wgpu::BindGroup,
     route_tokens: wgpu::BindGroup,
     count_experts: wgpu::BindGroup,
     scan_expert_offsets: wgpu::BindGroup,
@@ -360,11 +361,11 @@ impl MoeLayer {
         self.weights.shards.len()
     }
 
-    /// Compute dispatches per forward: route, count, scan, stats, scatter, combine, and one
-    /// up- and one down-projection per weight shard. It does not depend on the number of
-    /// experts.
+    /// Compute dispatches per forward: stage, route, count, scan, stats, scatter, combine,
+    /// and one up- and one down-projection per weight shard. It does not depend on the
+    /// number of experts.
     pub fn dispatches_per_forward(&self) -> usize {
-        6 + 2 * self.weights.shards.len()
+        7 + 2 * self.weights.shards.len()
     }
 
     /// How many times forwards had to allocate scratch buffers (a larger batch than any
@@ -674,13 +675,24 @@ impl MoeLayer {
             });
         let u = &uniforms;
         Workspace {
+            stage_tokens: bind_resources(
+                device,
+                k.stage_tokens.name,
+                &k.stage_tokens.layout,
+                vec![
+                    u.route.as_entire_binding(),
+                    s.x.as_entire_binding(),
+                    s.flags.as_entire_binding(),
+                    wgpu::BindingResource::TextureView(&s.x_rows),
+                ],
+            ),
             route_tokens: bind_resources(
                 device,
                 k.route_tokens.name,
                 &k.route_tokens.layout,
                 vec![
                     u.route.as_entire_binding(),
-                    s.x.as_entire_binding(),
+                    wgpu::BindingResource::TextureView(&s.x_rows),
                     wgpu::BindingResource::TextureView(&self.weights.router),
                     s.logits.as_entire_binding(),
                     s.routes.as_entire_binding(),
@@ -688,7 +700,6 @@ impl MoeLayer {
                     s.route_prob_max.as_entire_binding(),
                     s.block_router_sums.as_entire_binding(),
                     s.flags.as_entire_binding(),
-                    wgpu::BindingResource::TextureView(&s.x_rows),
                     self.weights.router_bias.as_entire_binding(),
                 ],
             ),
@@ -987,6 +998,12 @@ impl MoeLayer {
         });
         dispatch(
             &mut pass,
+            &k.stage_tokens,
+            &workspace.stage_tokens,
+            route_grid,
+        );
+        dispatch(
+            &mut pass,
             &k.route_tokens,
             &workspace.route_tokens,
             route_grid,
@@ -1115,10 +1132,11 @@ fn merge_chunks(runs: Vec<Run>, shape: &[usize], num_experts: usize) -> Run {
 /// validation error.
 fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
     let required: [(&'static str, u64, u64); 7] = [
-        // route_tokens binds 8 storage buffers.
+        // route_tokens, scan_expert_offsets, scatter_assignments and combine_outputs bind 6
+        // storage buffers each.
         (
             "max_storage_buffers_per_shader_stage",
-            8,
+            6,
             limits.max_storage_buffers_per_shader_stage as u64,
         ),
         // The single-workgroup scan and statistics kernels run 256 invocations.
@@ -1144,13 +1162,14 @@ fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
             2,
             limits.max_uniform_buffers_per_shader_stage as u64,
         ),
-        // expert_up binds x's rows, W1 and W3 as textures (route_tokens the router).
+        // expert_up binds x's rows, W1 and W3 as textures (route_tokens x's rows and the
+        // router).
         (
             "max_sampled_textures_per_shader_stage",
             3,
             limits.max_sampled_textures_per_shader_stage as u64,
         ),
-        // route_tokens writes x's rows.
+        // stage_tokens writes x's rows.
         (
             "max_storage_textures_per_shader_stage",
             1,

@@ -17,6 +17,7 @@ macro_rules! shader {
     };
 }
 
+shader!(STAGE_TOKENS, "stage_tokens");
 shader!(ROUTE_TOKENS, "route_tokens");
 shader!(COUNT_EXPERTS, "count_experts");
 shader!(SCAN_EXPERT_OFFSETS, "scan_expert_offsets");
@@ -27,7 +28,8 @@ shader!(COMBINE_OUTPUTS, "combine_outputs");
 shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 
 /// All kernels, in the order a forward dispatches them.
-pub const ALL: [ShaderSource; 8] = [
+pub const ALL: [ShaderSource; 9] = [
+    STAGE_TOKENS,
     ROUTE_TOKENS,
     COUNT_EXPERTS,
     SCAN_EXPERT_OFFSETS,
@@ -38,7 +40,7 @@ pub const ALL: [ShaderSource; 8] = [
     COMBINE_OUTPUTS,
 ];
 
-/// Tokens per block in route_tokens, count_experts and scatter_assignments.
+/// Tokens per block in stage_tokens, route_tokens, count_experts and scatter_assignments.
 pub const BLOCK_TOKENS: u32 = 128;
 /// The sides a matmul invocation's square output block may take (`4·QUADS` in the
 /// shaders): 8 on GPUs, 16 on CPU adapters (see expert_up.wgsl).
