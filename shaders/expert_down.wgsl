@@ -4,14 +4,13 @@
 //
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of D,
 // y = the row tiles of this weight shard's experts. The same tiling as expert_up: LANES
-// invocations laid out ROW_LANES × (LANES / ROW_LANES), a BLOCK × BLOCK block (BLOCK = 4·QUADS)
-// of 4×4 matrices each; operands read as vec4s along k (hidden rows are F4 long, W2 is an
-// rgba32float texture array like expert_up's weights, F4 / 4 texels per row, zero-padded). The K loop mirrors expert_up's (WGSL has no includes; keep the two
-// in step).
+// invocations laid out ROW_LANES × (LANES / ROW_LANES), a BLOCK_ROWS × BLOCK block of 4×4
+// matrices each; operands read as vec4s along k (hidden rows are F4 long; W2 is an
+// rgba32float texture array in quads of rows like expert_up's weights, zero-padded). The K
+// loop mirrors expert_up's (WGSL has no includes; keep the two in step).
 // Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table,
-// 3 w2 texels [shard experts][D][F4 / 4],
-// 4 down_bias [shard experts, D], 5 expert_out [slots, D]; F4 is F rounded up to a
-// multiple of 4.
+// 3 w2 texels [shard experts][D4 / 4][F4], 4 down_bias [shard experts, D],
+// 5 expert_out [slots, D]; D4 and F4 are D and F rounded up to a multiple of 4.
 
 struct ExpertParams {
     d_model: u32,

@@ -5,24 +5,23 @@
 //
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of F,
 // y = the row tiles of this weight shard's experts. A workgroup of LANES invocations is laid
-// out ROW_LANES × (LANES / ROW_LANES); each invocation keeps a BLOCK × BLOCK output block
-// (BLOCK = 4·QUADS) in registers as QUADS² 4×4 matrices, so a tile is BLOCK·ROW_LANES rows
-// by BLOCK·LANES / ROW_LANES columns. The host picks QUADS per adapter (2 with 64 lanes on
-// GPUs; 4 with 16 lanes on CPU adapters, where every storage load is a loop over the SIMD
-// lanes and only a bigger block feeds more FMAs per load) and ROW_LANES from the tokens
-// per expert.
+// out ROW_LANES × (LANES / ROW_LANES); each invocation keeps a BLOCK_ROWS × BLOCK output
+// block (BLOCK_ROWS = 4·ROW_QUADS, BLOCK = 4·QUADS) in registers as 4×4 matrices, so a
+// tile is BLOCK_ROWS·ROW_LANES rows by BLOCK·LANES / ROW_LANES columns. The host picks
+// QUADS per adapter (2 with 64 lanes on GPUs; 4 with 16 lanes on CPU adapters, where every
+// storage load is a loop over the SIMD lanes and only a bigger block feeds more FMAs per
+// load), and ROW_LANES and ROW_QUADS from the tokens per expert.
 // Operands are read as vec4s along k from rgba32float texture arrays: the weights (one layer
-// per expert, one row per output feature, D4 / 4 texels per row, zero-padded) and x (its
-// rows as stage_tokens wrote them, zero-padded, token t at row t % height of layer
-// t / height). On CPU adapters a texel fetch is a vector gather while a storage load is a
-// loop over the SIMD lanes; GPUs read them through the texture cache.
+// per expert in quads of rows: texel (4·k4 + j, q) holds row 4q + j at k = 4·k4 .. 4·k4 + 4,
+// zero-padded) and x (its rows as stage_tokens wrote them, zero-padded, token t at row
+// t % height of layer t / height). On CPU adapters a texel fetch is a vector gather while
+// a storage load is a loop over the SIMD lanes; GPUs read them through the texture cache.
 // The row gather x[slot_token[...]] happens in the operand loads: no permuted copy of x.
 // `hidden` rows are F rounded up to a multiple of 4 long; the padding columns get zeros, so
 // expert_down reads them as vec4s too.
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
-// 3 expert_table, 4 w1 texels [shard experts][F][D4 / 4], 5 w3 likewise (a dummy unless
-// GATED),
-// 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED,
+// 3 expert_table, 4 w1 texels [shard experts][F4 / 4][D4], 5 w3 likewise (a dummy unless
+// GATED), 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED,
 // 7 hidden [slots, F4]; D4 and F4 are D and F rounded up to a multiple of 4.
 
 struct ExpertParams {
@@ -266,12 +265,16 @@ fn main(
     }
 
     let bias_at = shard_expert * d_ff;
-    store_row(up00, up01, up02, up03, gate00, gate01, gate02, gate03, row0, col0, rows_end, bias_at);
+    store_row(up00, up01, up02, up03, gate00, gate01, gate02, gate03,
+        row0, col0, rows_end, bias_at);
     if (ROW_QUADS >= 2u) {
-        store_row(up10, up11, up12, up13, gate10, gate11, gate12, gate13, row0 + 4u, col0, rows_end, bias_at);
+        store_row(up10, up11, up12, up13, gate10, gate11, gate12, gate13,
+            row0 + 4u, col0, rows_end, bias_at);
     }
     if (ROW_QUADS == 4u) {
-        store_row(up20, up21, up22, up23, gate20, gate21, gate22, gate23, row0 + 8u, col0, rows_end, bias_at);
-        store_row(up30, up31, up32, up33, gate30, gate31, gate32, gate33, row0 + 12u, col0, rows_end, bias_at);
+        store_row(up20, up21, up22, up23, gate20, gate21, gate22, gate23,
+            row0 + 8u, col0, rows_end, bias_at);
+        store_row(up30, up31, up32, up33, gate30, gate31, gate32, gate33,
+            row0 + 12u, col0, rows_end, bias_at);
     }
 }

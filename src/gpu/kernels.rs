@@ -182,8 +182,8 @@ pub struct MatmulPipelines {
 }
 
 /// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
-/// shape (`ROW_LANES`, `ROW_QUADS`, `QUADS` with its `LANES`), specialised for the layer's activation
-/// and gating.
+/// shape (`ROW_LANES`, `ROW_QUADS`, `QUADS` with its `LANES`), specialised for the layer's
+/// activation and gating.
 #[derive(Debug)]
 pub struct ExpertMatmuls {
     pub up_layout: wgpu::BindGroupLayout,
