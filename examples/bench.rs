@@ -9,6 +9,8 @@
 //! - `cpu` — the CPU reference (when it would take under 10 s).
 //!
 //! Every variant runs dropless (`drop_tokens: false`) so all do the same expert FLOPs.
+//! `grouped`, `loop` and `dense` take turns run by run (a slow spell of a shared machine
+//! then lands on all three rather than on one).
 //! GPU times come from timestamp queries when the adapter has them; otherwise from the wall
 //! time of encoding, submitting and waiting for a forward of a batch already on the device.
 //!
@@ -112,7 +114,27 @@ struct Record {
 /// Median and min of `runs` timings after one warm-up, in ms.
 fn time_runs(runs: usize, mut once: impl FnMut() -> f64) -> (f64, f64) {
     once();
-    let mut times: Vec<f64> = (0..runs).map(|_| once() * 1e3).collect();
+    let times: Vec<f64> = (0..runs).map(|_| once() * 1e3).collect();
+    median_and_min(times)
+}
+
+/// Median and min of `runs` timings of each of `variants` after one warm-up each, in ms.
+/// The variants take turns run by run, so that a slow spell of a shared machine lands on
+/// all of them rather than on one.
+fn time_interleaved(runs: usize, variants: &mut [&mut dyn FnMut() -> f64]) -> Vec<(f64, f64)> {
+    let mut times = vec![Vec::with_capacity(runs); variants.len()];
+    for variant in variants.iter_mut() {
+        variant();
+    }
+    for _ in 0..runs {
+        for (variant, times) in variants.iter_mut().zip(&mut times) {
+            times.push(variant() * 1e3);
+        }
+    }
+    times.into_iter().map(median_and_min).collect()
+}
+
+fn median_and_min(mut times: Vec<f64>) -> (f64, f64) {
     times.sort_by(f64::total_cmp);
     (times[times.len() / 2], times[0])
 }
@@ -325,35 +347,12 @@ fn main() {
         };
 
         let grouped = MoeLayer::new(&context, config.clone(), &weights).expect("grouped layer");
-        let xs = [tokens, d_model];
-        let batch = device_batch(&context, &x, tokens);
-        // Before the timed runs, whose batches on the device take a second set of buffers.
-        let output = grouped.forward(&x, &xs).expect("forward");
-        let scratch_mib = grouped.scratch_bytes() as f64 / (1 << 20) as f64;
-        record(
-            "grouped",
-            time_runs(args.runs, || {
-                time_forward(&context, &grouped, &x, &xs, &batch)
-            }),
-            grouped.dispatches_per_forward(),
-        );
-        drop(grouped);
-
         let per_expert = LayerOptions {
             max_experts_per_shard: Some(1),
             ..Default::default()
         };
         let looped = MoeLayer::with_options(&context, config.clone(), &weights, per_expert)
             .expect("loop layer");
-        record(
-            "loop",
-            time_runs(args.runs, || {
-                time_forward(&context, &looped, &x, &xs, &batch)
-            }),
-            looped.dispatches_per_forward(),
-        );
-        drop(looped);
-
         let dense_weights = MoeWeights::random(
             LayerShape {
                 num_experts: 1,
@@ -370,17 +369,27 @@ fn main() {
             ..MoeConfig::default()
         };
         let dense = MoeLayer::new(&context, dense_config, &dense_weights).expect("dense layer");
+
+        let xs = [tokens, d_model];
+        let batch = device_batch(&context, &x, tokens);
         let dense_x = SeededRng::new(5).normal_vec(tokens * top_k * d_model);
         let dense_shape = [tokens * top_k, d_model];
         let dense_batch = device_batch(&context, &dense_x, tokens * top_k);
-        record(
-            "dense",
-            time_runs(args.runs, || {
-                time_forward(&context, &dense, &dense_x, &dense_shape, &dense_batch)
-            }),
-            dense.dispatches_per_forward(),
+        // Before the timed runs, whose batches on the device take a second set of buffers.
+        let output = grouped.forward(&x, &xs).expect("forward");
+        let scratch_mib = grouped.scratch_bytes() as f64 / (1 << 20) as f64;
+        let timings = time_interleaved(
+            args.runs,
+            &mut [
+                &mut || time_forward(&context, &grouped, &x, &xs, &batch),
+                &mut || time_forward(&context, &looped, &x, &xs, &batch),
+                &mut || time_forward(&context, &dense, &dense_x, &dense_shape, &dense_batch),
+            ],
         );
-        drop(dense);
+        record("grouped", timings[0], grouped.dispatches_per_forward());
+        record("loop", timings[1], looped.dispatches_per_forward());
+        record("dense", timings[2], dense.dispatches_per_forward());
+        drop((grouped, looped, dense));
 
         // The weights the grouped layer must read: W1 and W2 of every expert that got tokens.
         let used = output.kept.iter().filter(|&&k| k > 0).count();
