@@ -8,8 +8,8 @@
 // texel fetched serves four tokens), with each quarter's largest logit per token; then,
 // after a barrier, one invocation per token for the rest. Probabilities are never stored:
 // p = exp(h - max) / Σ exp(h - max) is recomputed from the logits where needed (top-k, the
-// block sums), the same expression in the same order each time, so every use sees the
-// same bits while the N values per token go through storage twice fewer times.
+// block sums) by the same expression, so that the N values per token go through storage
+// half as many times.
 // Operands are textures: x's rows as stage_tokens wrote them and the router weights (on
 // CPU adapters a storage load is a loop over the SIMD lanes, a texel fetch a vector
 // gather); the biases are a uniform array (every lane reads the same bias: one scalar load
@@ -131,7 +131,9 @@ fn block_logits(block_start: u32, block_end: u32, lane: u32) {
 
 // Token `token`'s logits for experts e0..e0 + 8 (those below e_end) plus the biases; returns
 // the largest of them.
-fn store_logits(token: u32, block_end: u32, e0: u32, e_end: u32, lo: vec4<f32>, hi: vec4<f32>) -> f32 {
+fn store_logits(
+    token: u32, block_end: u32, e0: u32, e_end: u32, lo: vec4<f32>, hi: vec4<f32>,
+) -> f32 {
     var largest = bitcast<f32>(0xff7fffffu);
     if (token >= block_end) {
         return largest;

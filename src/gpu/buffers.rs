@@ -129,9 +129,9 @@ fn rgba32f_texture(
     })
 }
 
-/// x's rows as an rgba32float texture array (written by route_tokens, read by expert_up):
-/// D4 / 4 texels per row, token t at row t % height of layer t / height, layers of at most
-/// max_texture_dimension_2d rows.
+/// x's rows as an rgba32float texture array (written by stage_tokens, read by route_tokens
+/// and expert_up): D4 / 4 texels per row, token t at row t % height of layer t / height,
+/// layers of at most max_texture_dimension_2d rows.
 fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu::TextureView {
     let texels_per_row = padded_to_vec4(d_model) / 4;
     let height = tokens.clamp(1, device.limits().max_texture_dimension_2d.max(1) as usize);
@@ -393,7 +393,7 @@ impl ScratchSizes {
         } = plan.shape;
         let t = plan.num_tokens;
         ScratchSizes {
-            // Whole vec4s, at least one: route_tokens binds x, expert_down hidden, as vec4
+            // Whole vec4s, at least one: stage_tokens binds x, expert_down hidden, as vec4
             // arrays.
             x: padded_to_vec4(t * d_model).max(4),
             logits: t * num_experts,
@@ -482,7 +482,7 @@ pub fn readback_len(plan: &ForwardPlan) -> usize {
 pub struct Scratch {
     pub sizes: ScratchSizes,
     pub x: wgpu::Buffer,
-    /// x's rows as a texture array, for expert_up.
+    /// x's rows as a texture array, for route_tokens and expert_up.
     pub x_rows: wgpu::TextureView,
     pub logits: wgpu::Buffer,
     pub routes: wgpu::Buffer,

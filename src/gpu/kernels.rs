@@ -24,7 +24,7 @@ pub enum Binding {
     Texture,
     /// `texture_2d_array<f32>` read with `textureLoad` (the expert weights, x's rows).
     TextureArray,
-    /// `texture_storage_2d_array<rgba32float, write>` (x's rows, written by route_tokens).
+    /// `texture_storage_2d_array<rgba32float, write>` (x's rows, written by stage_tokens).
     StorageTextureArray,
 }
 

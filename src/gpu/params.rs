@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// `RouteParams` of route_tokens.wgsl.
+/// `RouteParams` of route_tokens.wgsl (and stage_tokens.wgsl, which reads two of them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RouteParams {

@@ -21,7 +21,7 @@ pub struct ForwardPlan {
     /// Blocks of BLOCK_TOKENS per group (count_experts, scatter_assignments).
     pub chunks_per_group: usize,
     pub num_assign_blocks: usize,
-    /// Blocks of BLOCK_TOKENS over all tokens (route_tokens).
+    /// Blocks of BLOCK_TOKENS over all tokens (stage_tokens, route_tokens).
     pub num_route_blocks: usize,
     /// Assignments kept per group and expert; `None` when nothing is dropped.
     pub capacity: Option<usize>,
