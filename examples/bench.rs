@@ -28,6 +28,10 @@ use switch_moe::{
     cpu_reference, GpuContext, LayerOptions, LayerShape, MoeConfig, MoeLayer, MoeWeights,
 };
 
+const USAGE: &str = "usage: bench [--quick] [--json FILE] [--svg FILE] [--experts 1,8,32,64,128] \
+                     [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4] [--d-model 512] \
+                     [--d-ff 2048] [--runs 5] | bench --replot FILE.json --svg FILE.svg";
+
 struct Args {
     experts: Vec<usize>,
     tokens: Vec<usize>,
@@ -260,10 +264,14 @@ fn skew_router(weights: &mut MoeWeights, x: &[f32], skew: usize) {
 
 fn main() {
     env_logger::init();
+    if std::env::args().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return;
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {
-            eprintln!("error: {message}");
+            eprintln!("error: {message} ({USAGE})");
             std::process::exit(2);
         }
     };

@@ -41,7 +41,6 @@ fn parse_args(args: &[String]) -> Result<ForwardRequest, String> {
                     other => return Err(format!("--device must be gpu or cpu, not {other:?}")),
                 }
             }
-            "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -60,6 +59,10 @@ fn parse_args(args: &[String]) -> Result<ForwardRequest, String> {
 fn main() -> ExitCode {
     env_logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let request = match parse_args(&args) {
         Ok(request) => request,
         Err(message) => {

@@ -12,6 +12,9 @@ use switch_moe::{
     cpu_reference, GpuContext, LayerShape, MoeConfig, MoeLayer, MoeOutput, MoeWeights, Naming,
 };
 
+const USAGE: &str = "usage: switch_layer [--experts 8] [--tokens 4096] [--d-model 512] \
+                     [--d-ff 2048] [--top-k 1] [--capacity-factor 1.25] [--weights FILE]";
+
 struct Args {
     shape: LayerShape,
     tokens: usize,
@@ -81,10 +84,14 @@ fn compare(gpu: &MoeOutput, cpu: &MoeOutput) -> (f32, f32, usize) {
 
 fn main() -> ExitCode {
     env_logger::init();
+    if std::env::args().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {
-            eprintln!("error: {message}");
+            eprintln!("error: {message} ({USAGE})");
             return ExitCode::from(2);
         }
     };
