@@ -127,10 +127,12 @@ impl MatmulTiling {
                 best = Some((candidate, candidate_cost));
             }
         }
+        // Forced values no tiling has (MoeLayer rejects them up front) leave no candidate:
+        // then a square block on one row lane, which every block has.
         best.map_or(
             MatmulTiling {
-                row_lanes: row_lanes.unwrap_or(ROW_LANES_CHOICES[0]),
-                block_rows: block_rows.unwrap_or(block),
+                row_lanes: ROW_LANES_CHOICES[0],
+                block_rows: block,
                 block,
             },
             |(tiling, _)| tiling,
@@ -284,5 +286,8 @@ mod tests {
         assert_eq!(t.block_rows, 4);
         let t = MatmulTiling::for_shape(4096.0, 256, 1024, 8, Some(2), Some(8));
         assert_eq!((t.row_lanes, t.block_rows, t.block), (2, 8, 8));
+        // Rows past the block's side: no such tiling.
+        let t = MatmulTiling::for_shape(4.0, 256, 1024, 8, None, Some(16));
+        assert_eq!((t.row_lanes, t.block_rows, t.block), (1, 8, 8));
     }
 }
