@@ -365,6 +365,22 @@ fn non_finite_input_names_the_first_bad_token() {
             other => panic!("expected NonFiniteInput, got {other:?}"),
         }
     }
+    // Finite input whose router logits overflow is rejected too, as by the CPU reference.
+    let mut x = tokens(200, 8, 62);
+    x[120 * 8..121 * 8].fill(3.0e38);
+    let reference = switch_moe::cpu_reference::forward(&config(1), &weights, &x, &[200, 8]);
+    assert!(
+        matches!(reference, Err(MoeError::NonFiniteInput { token: 120 })),
+        "the CPU reference should reject token 120, got {:?}",
+        reference.map(|_| ())
+    );
+    match layer.forward(&x, &[200, 8]) {
+        Err(MoeError::NonFiniteInput { token }) => assert_eq!(token, 120),
+        other => panic!(
+            "expected NonFiniteInput for overflowing logits, got {:?}",
+            other.map(|_| ())
+        ),
+    }
     // The layer stays usable afterwards.
     let x = tokens(10, 8, 61);
     assert!(layer.forward(&x, &[10, 8]).is_ok());
