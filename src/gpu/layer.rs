@@ -800,31 +800,12 @@ impl MoeLayer {
     }
 
     fn write_inputs(&self, workspace: &Workspace, plan: &ForwardPlan, x: &[f32]) {
-        let queue = &self.queue;
-        let scratch = &workspace.scratch;
+        self.queue
+            .write_buffer(&workspace.scratch.x, 0, bytemuck::cast_slice(x));
         let params = self.params_for(plan);
-        queue.write_buffer(&scratch.x, 0, bytemuck::cast_slice(x));
-        queue.write_buffer(&scratch.flags, 0, bytemuck::bytes_of(&u32::MAX));
-        queue.write_buffer(
-            &workspace.uniforms.route,
-            0,
-            bytemuck::bytes_of(&params.route),
-        );
-        queue.write_buffer(
-            &workspace.uniforms.assign,
-            0,
-            bytemuck::bytes_of(&params.assign),
-        );
-        queue.write_buffer(
-            &workspace.uniforms.combine,
-            0,
-            bytemuck::bytes_of(&params.combine),
-        );
-        queue.write_buffer(
-            &workspace.uniforms.stats,
-            0,
-            bytemuck::bytes_of(&params.stats),
-        );
+        for (target, bytes) in initial_writes(workspace, &params) {
+            self.queue.write_buffer(target, 0, bytes);
+        }
     }
 
     /// Every kernel's `Params` for `plan`.
@@ -915,32 +896,22 @@ impl MoeLayer {
         // the next submit, whoever makes it), from one small buffer: route, assign, combine,
         // stats, then the flag's initial value.
         let params = self.params_for(&plan);
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(bytemuck::bytes_of(&params.route));
-        bytes.extend_from_slice(bytemuck::bytes_of(&params.assign));
-        bytes.extend_from_slice(bytemuck::bytes_of(&params.combine));
-        bytes.extend_from_slice(bytemuck::bytes_of(&params.stats));
-        bytes.extend_from_slice(bytemuck::bytes_of(&u32::MAX));
+        let writes = initial_writes(workspace, &params);
         let staging = wgpu::util::DeviceExt::create_buffer_init(
             &self.device,
             &wgpu::util::BufferInitDescriptor {
                 label: Some("encoded forward params"),
-                contents: &bytes,
+                contents: &writes.map(|(_, bytes)| bytes).concat(),
                 usage: wgpu::BufferUsages::COPY_SRC,
             },
         );
         let mut offset = 0u64;
-        let scratch = &workspace.scratch;
-        for (target, size) in [
-            (&workspace.uniforms.route, size_of::<RouteParams>()),
-            (&workspace.uniforms.assign, size_of::<AssignParams>()),
-            (&workspace.uniforms.combine, size_of::<CombineParams>()),
-            (&workspace.uniforms.stats, size_of::<StatsParams>()),
-            (&scratch.flags, 4),
-        ] {
-            encoder.copy_buffer_to_buffer(&staging, offset, target, 0, size as u64);
-            offset += size as u64;
+        for (target, bytes) in writes {
+            let size = bytes.len() as u64;
+            encoder.copy_buffer_to_buffer(&staging, offset, target, 0, size);
+            offset += size;
         }
+        let scratch = &workspace.scratch;
         encoder.copy_buffer_to_buffer(x, 0, &scratch.x, 0, values);
         self.encode(encoder, workspace, &plan)?;
         encoder.copy_buffer_to_buffer(&scratch.y, 0, y, 0, values);
@@ -1125,6 +1096,22 @@ fn merge_chunks(runs: Vec<Run>, shape: &[usize], num_experts: usize) -> Run {
         trace: None,
         gpu_seconds,
     }
+}
+
+/// What every forward writes before its dispatches: each kernel's `Params` into its
+/// uniform buffer, and the non-finite flag's initial value (no such token).
+fn initial_writes<'a>(
+    workspace: &'a Workspace,
+    params: &'a KernelParams,
+) -> [(&'a wgpu::Buffer, &'a [u8]); 5] {
+    let u = &workspace.uniforms;
+    [
+        (&u.route, bytemuck::bytes_of(&params.route)),
+        (&u.assign, bytemuck::bytes_of(&params.assign)),
+        (&u.combine, bytemuck::bytes_of(&params.combine)),
+        (&u.stats, bytemuck::bytes_of(&params.stats)),
+        (&workspace.scratch.flags, bytemuck::bytes_of(&u32::MAX)),
+    ]
 }
 
 /// The limits the kernels rely on (all within WebGPU's defaults), checked up front so that a
