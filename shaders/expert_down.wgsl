@@ -5,12 +5,13 @@
 // Dispatch (indirect, arguments from scan_expert_offsets): x = column tiles of D,
 // y = the row tiles of this weight shard's experts. The same tiling as expert_up: LANES
 // invocations laid out ROW_LANES × (LANES / ROW_LANES), a BLOCK_ROWS × BLOCK block of 4×4
-// matrices each; operands read as vec4s along k (hidden rows are F4 long; W2 is an
-// rgba32float texture array in quads of rows like expert_up's weights, zero-padded). The K
-// loop mirrors expert_up's (WGSL has no includes; keep the two in step).
-// Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table,
-// 3 w2 texels [shard experts][D4 / 4][F4], 4 down_bias [shard experts, D],
-// 5 expert_out [slots, D]; D4 and F4 are D and F rounded up to a multiple of 4.
+// matrices each; operands read as vec4s along k (hidden rows are F4 long; W2 is texture
+// arrays in quads of rows like expert_up's weights, in its stored format, decoded by
+// weight_quad of weight_formats.wgsl, which the shader registry prepends). The K loop
+// mirrors expert_up's (keep the two in step).
+// Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table, 3-5 w2's quants, high bits and
+// scales ([shard experts][D4 / 4][...]), 6 down_bias [shard experts, D],
+// 7 expert_out [slots, D]; D4 and F4 are D and F rounded up to a multiple of 4.
 
 struct ExpertParams {
     d_model: u32,
@@ -31,14 +32,18 @@ override QUADS: u32 = 2u;
 override ROW_QUADS: u32 = 2u;
 // Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (as in expert_up).
 override LANES: u32 = 64u;
+// The stored format of W2 (a code of weight_formats.wgsl).
+override W2_FORMAT: u32 = 0u;
 
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
 @group(0) @binding(1) var<storage, read> hidden: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> expert_table: array<u32>;
-@group(0) @binding(3) var w2: texture_2d_array<f32>;
-@group(0) @binding(4) var<storage, read> down_bias: array<f32>;
-@group(0) @binding(5) var<storage, read_write> expert_out: array<f32>;
+@group(0) @binding(3) var w2_quants: texture_2d_array<u32>;
+@group(0) @binding(4) var w2_high: texture_2d_array<u32>;
+@group(0) @binding(5) var w2_scales: texture_2d_array<u32>;
+@group(0) @binding(6) var<storage, read> down_bias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> expert_out: array<f32>;
 
 // Four hidden rows (vec4 offsets `rows`) at vec4 k4, transposed: row i is hidden row i.
 fn hidden_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
@@ -47,12 +52,9 @@ fn hidden_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
 }
 
 // Weight rows 4·quad .. 4·quad + 4 of expert layer `layer` at k4 (floats 4·k4 .. 4·k4 + 4):
-// column j of the result is row 4·quad + j. A quad's four texels at k4 sit side by side.
+// column j of the result is row 4·quad + j.
 fn w2_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
-    return mat4x4(textureLoad(w2, vec2(4u * k4, quad), layer, 0),
-        textureLoad(w2, vec2(4u * k4 + 1u, quad), layer, 0),
-        textureLoad(w2, vec2(4u * k4 + 2u, quad), layer, 0),
-        textureLoad(w2, vec2(4u * k4 + 3u, quad), layer, 0));
+    return weight_quad(W2_FORMAT, w2_quants, w2_high, w2_scales, quad, layer, k4);
 }
 
 // One row quad of the block: acc_j += ht·w_j, so that acc_j[c][r] = (row r, column 4j + c).

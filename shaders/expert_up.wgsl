@@ -11,18 +11,19 @@
 // QUADS per adapter (2 with 64 lanes on GPUs; 4 with 16 lanes on CPU adapters, where every
 // storage load is a loop over the SIMD lanes and only a bigger block feeds more FMAs per
 // load), and ROW_LANES and ROW_QUADS from the tokens per expert.
-// Operands are read as vec4s along k from rgba32float texture arrays: the weights (one layer
-// per expert in quads of rows: texel (4·k4 + j, q) holds row 4q + j at k = 4·k4 .. 4·k4 + 4,
-// zero-padded) and x (its rows as stage_tokens wrote them, zero-padded, token t at row
-// t % height of layer t / height). On CPU adapters a texel fetch is a vector gather while
+// Operands are read as vec4s along k from texture arrays: the weights (one layer per expert
+// in quads of rows, in their stored format, decoded by weight_quad of weight_formats.wgsl,
+// which the shader registry prepends to this file; zero-padded) and x (its rows as
+// stage_tokens wrote them, zero-padded, token t at row t % height of layer t / height). On CPU adapters a texel fetch is a vector gather while
 // a storage load is a loop over the SIMD lanes; GPUs read them through the texture cache.
 // The row gather x[slot_token[...]] happens in the operand loads: no permuted copy of x.
 // `hidden` rows are F rounded up to a multiple of 4 long; the padding columns get zeros, so
 // expert_down reads them as vec4s too.
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
-// 3 expert_table, 4 w1 texels [shard experts][F4 / 4][D4], 5 w3 likewise (a dummy unless
-// GATED), 6 up_bias [shard experts, F] b1, then [shard experts, F] b3 when GATED,
-// 7 hidden [slots, F4]; D4 and F4 are D and F rounded up to a multiple of 4.
+// 3 expert_table, 4-6 w1's quants, high bits and scales ([shard experts][F4 / 4][...], see
+// weight_formats.wgsl), 7-9 w3's likewise (dummies unless GATED), 10 up_bias
+// [shard experts, F] b1, then [shard experts, F] b3 when GATED, 11 hidden [slots, F4]; D4 and
+// F4 are D and F rounded up to a multiple of 4.
 
 struct ExpertParams {
     d_model: u32,
@@ -38,6 +39,9 @@ struct ExpertParams {
 // Activation codes: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu.
 override ACTIVATION: u32 = 0u;
 override GATED: bool = false;
+// The stored formats of W1 and W3 (codes of weight_formats.wgsl).
+override W1_FORMAT: u32 = 0u;
+override W3_FORMAT: u32 = 0u;
 // Lanes along the rows of a tile: 1, 2, 4 or 8.
 override ROW_LANES: u32 = 2u;
 // 4×4 matrices along the columns of an invocation's block: 2 or 4.
@@ -52,10 +56,14 @@ override LANES: u32 = 64u;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;
 @group(0) @binding(2) var<storage, read> slot_token: array<u32>;
 @group(0) @binding(3) var<storage, read> expert_table: array<u32>;
-@group(0) @binding(4) var w1: texture_2d_array<f32>;
-@group(0) @binding(5) var w3: texture_2d_array<f32>;
-@group(0) @binding(6) var<storage, read> up_bias: array<f32>;
-@group(0) @binding(7) var<storage, read_write> hidden: array<f32>;
+@group(0) @binding(4) var w1_quants: texture_2d_array<u32>;
+@group(0) @binding(5) var w1_high: texture_2d_array<u32>;
+@group(0) @binding(6) var w1_scales: texture_2d_array<u32>;
+@group(0) @binding(7) var w3_quants: texture_2d_array<u32>;
+@group(0) @binding(8) var w3_high: texture_2d_array<u32>;
+@group(0) @binding(9) var w3_scales: texture_2d_array<u32>;
+@group(0) @binding(10) var<storage, read> up_bias: array<f32>;
+@group(0) @binding(11) var<storage, read_write> hidden: array<f32>;
 
 // erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, below f32 resolution of 1 + erf).
 fn erf_approx(v: f32) -> f32 {
@@ -96,19 +104,13 @@ fn x_quad(rows: vec4<u32>, layers: vec4<u32>, k4: u32) -> mat4x4<f32> {
 }
 
 // Weight rows 4·quad .. 4·quad + 4 of expert layer `layer` at k4 (floats 4·k4 .. 4·k4 + 4):
-// column j of the result is row 4·quad + j. A quad's four texels at k4 sit side by side.
+// column j of the result is row 4·quad + j.
 fn w1_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
-    return mat4x4(textureLoad(w1, vec2(4u * k4, quad), layer, 0),
-        textureLoad(w1, vec2(4u * k4 + 1u, quad), layer, 0),
-        textureLoad(w1, vec2(4u * k4 + 2u, quad), layer, 0),
-        textureLoad(w1, vec2(4u * k4 + 3u, quad), layer, 0));
+    return weight_quad(W1_FORMAT, w1_quants, w1_high, w1_scales, quad, layer, k4);
 }
 
 fn w3_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
-    return mat4x4(textureLoad(w3, vec2(4u * k4, quad), layer, 0),
-        textureLoad(w3, vec2(4u * k4 + 1u, quad), layer, 0),
-        textureLoad(w3, vec2(4u * k4 + 2u, quad), layer, 0),
-        textureLoad(w3, vec2(4u * k4 + 3u, quad), layer, 0));
+    return weight_quad(W3_FORMAT, w3_quants, w3_high, w3_scales, quad, layer, k4);
 }
 
 // One row quad of the block: acc_j += xt·w_j, so that acc_j[c][r] = (row r, column 4j + c).

@@ -103,13 +103,30 @@ impl Default for MoeConfig {
     }
 }
 
+/// Every key of the config JSON.
+const KEYS: [&str; 12] = [
+    "n_experts",
+    "top_k",
+    "capacity_factor",
+    "expert_capacity",
+    "group_size",
+    "drop_tokens",
+    "drop_policy",
+    "scale_by_prob",
+    "activation",
+    "gated",
+    "normalize_top_k",
+    "naming",
+];
+
 /// Deserializes one key's value, naming the key on failure.
 fn parse_value<T: serde::de::DeserializeOwned>(key: &str, value: serde_json::Value) -> Result<T> {
     serde_json::from_value(value).map_err(|e| MoeError::config(key, e.to_string()))
 }
 
 impl MoeConfig {
-    /// Parses the config JSON: an object whose keys are all optional; unknown keys are an error.
+    /// Parses the config JSON: an object whose keys are all optional (`null` means the
+    /// default); unknown keys are an error.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| MoeError::config("<json>", format!("not valid JSON: {e}")))?;
@@ -121,6 +138,10 @@ impl MoeConfig {
         };
         let mut config = MoeConfig::default();
         for (key, value) in map {
+            // `null` means the key's default (Python's `json.dump` writes `None` as null).
+            if value.is_null() && KEYS.contains(&key.as_str()) {
+                continue;
+            }
             match key.as_str() {
                 "n_experts" => config.n_experts = parse_value(&key, value)?,
                 "top_k" => config.top_k = parse_value(&key, value)?,

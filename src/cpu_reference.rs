@@ -248,12 +248,9 @@ pub fn expert_up(
     activation: Activation,
 ) -> Vec<f32> {
     let LayerShape { d_model, d_ff, .. } = weights.shape;
-    let matrix = d_ff * d_model;
-    let w1 = MoeWeights::expert_slice(&weights.w1, expert, matrix);
-    let w3 = weights
-        .w3
-        .as_ref()
-        .map(|w| MoeWeights::expert_slice(w, expert, matrix));
+    // Stored formats decode as the GPU's operand loads do (formats::decode).
+    let w1 = weights.w1.matrix_f32(expert);
+    let w3 = weights.w3.as_ref().map(|w| w.matrix_f32(expert));
     let mut h = vec![0.0; x_rows.len() * d_ff];
     for f in 0..d_ff {
         let w1_row = &w1[f * d_model..(f + 1) * d_model];
@@ -261,7 +258,7 @@ pub fn expert_up(
         let b3 = weights.b3.as_ref().map_or(0.0, |b| b[expert * d_ff + f]);
         for (row, x_row) in x_rows.iter().enumerate() {
             let mut value = activate(activation, dot(x_row, w1_row) + b1);
-            if let Some(w3) = w3 {
+            if let Some(w3) = &w3 {
                 value *= dot(x_row, &w3[f * d_model..(f + 1) * d_model]) + b3;
             }
             h[row * d_ff + f] = value;
@@ -273,7 +270,7 @@ pub fn expert_up(
 /// `O = H·W2[e]ᵀ + b2[e]` for the rows of `h` (`[rows, F]`); returns `[rows, D]`.
 pub fn expert_down(h: &[f32], weights: &MoeWeights, expert: usize) -> Vec<f32> {
     let LayerShape { d_model, d_ff, .. } = weights.shape;
-    let w2 = MoeWeights::expert_slice(&weights.w2, expert, d_model * d_ff);
+    let w2 = weights.w2.matrix_f32(expert);
     let rows = h.len() / d_ff;
     let mut out = vec![0.0; rows * d_model];
     for d in 0..d_model {

@@ -8,8 +8,10 @@
 pub mod config;
 pub mod cpu_reference;
 pub mod error;
+pub mod formats;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod forward_files;
+pub mod gguf;
 pub mod gpu;
 pub mod output;
 pub mod rng;
@@ -20,6 +22,7 @@ pub mod weights;
 
 pub use config::{Activation, DropPolicy, MoeConfig, Naming};
 pub use error::{MoeError, Result};
+pub use formats::{ExpertMatrices, WeightFormat};
 pub use gpu::{GpuContext, LayerOptions, MoeLayer};
 pub use output::MoeOutput;
 pub use weights::{LayerShape, MoeWeights};

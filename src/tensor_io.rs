@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{MoeError, Result};
+use crate::formats::decode::decode_row;
+use crate::formats::WeightFormat;
 
 /// A tensor read from a file: f32 values, row-major, and its shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,7 +22,7 @@ pub fn parse_safetensors<'a>(bytes: &'a [u8], origin: &str) -> Result<SafeTensor
         .map_err(|e| MoeError::file(origin, format!("not a valid safetensors file: {e}")))
 }
 
-/// Reads one tensor as f32, checking its dtype and that every value is finite.
+/// Reads one F32, F16 or BF16 tensor as f32, checking that every value is finite.
 pub fn read_f32(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
     let tensor = read_f32_values(view, name)?;
     if let Some(index) = tensor.data.iter().position(|v| !v.is_finite()) {
@@ -35,20 +37,26 @@ pub fn read_f32(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
     Ok(tensor)
 }
 
-/// Reads one tensor as f32, checking only its dtype (the layer reports non-finite inputs
-/// itself, naming the token).
-pub fn read_f32_values(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
-    if view.dtype() != Dtype::F32 {
-        return Err(MoeError::tensor(
+/// The stored format of a safetensors dtype the layer reads (F32, F16, BF16), or an error
+/// naming the tensor.
+pub fn stored_format(view: &TensorView<'_>, name: &str) -> Result<WeightFormat> {
+    match view.dtype() {
+        Dtype::F32 => Ok(WeightFormat::F32),
+        Dtype::F16 => Ok(WeightFormat::F16),
+        Dtype::BF16 => Ok(WeightFormat::Bf16),
+        other => Err(MoeError::tensor(
             name,
-            format!("dtype {:?}, expected F32", view.dtype()),
-        ));
+            format!("dtype {other:?}, expected F32, F16 or BF16"),
+        )),
     }
-    let data: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+}
+
+/// Reads one F32, F16 or BF16 tensor as f32, checking only its dtype (the layer reports
+/// non-finite inputs itself, naming the token).
+pub fn read_f32_values(view: &TensorView<'_>, name: &str) -> Result<F32Tensor> {
+    let format = stored_format(view, name)?;
+    let mut data = vec![0.0; view.data().len() / format.block_bytes()];
+    decode_row(format, view.data(), &mut data);
     Ok(F32Tensor {
         shape: view.shape().to_vec(),
         data,
@@ -70,6 +78,32 @@ impl OwnedTensor {
             shape,
             bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
+    }
+
+    /// A tensor of `format`'s stored bytes (F32, F16 or BF16; quantized formats have no
+    /// safetensors dtype: an error naming `name`).
+    pub fn stored(
+        name: &str,
+        shape: Vec<usize>,
+        format: WeightFormat,
+        bytes: Vec<u8>,
+    ) -> Result<Self> {
+        let dtype = match format {
+            WeightFormat::F32 => Dtype::F32,
+            WeightFormat::F16 => Dtype::F16,
+            WeightFormat::Bf16 => Dtype::BF16,
+            _ => {
+                return Err(MoeError::tensor(
+                    name,
+                    format!("stored as {format}, which safetensors cannot hold (GGUF can)"),
+                ))
+            }
+        };
+        Ok(OwnedTensor {
+            dtype,
+            shape,
+            bytes,
+        })
     }
 
     pub fn i64(shape: Vec<usize>, values: impl IntoIterator<Item = i64>) -> Self {

@@ -12,8 +12,9 @@ use safetensors::tensor::SafeTensors;
 
 use crate::config::Naming;
 use crate::error::{MoeError, Result};
+use crate::formats::{ExpertMatrices, WeightFormat};
 use crate::rng::SeededRng;
-use crate::tensor_io::{parse_safetensors, read_f32, serialize_tensors, F32Tensor, OwnedTensor};
+use crate::tensor_io::{parse_safetensors, serialize_tensors, stored_format, OwnedTensor};
 
 /// The sizes that define a layer's weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,17 +24,22 @@ pub struct LayerShape {
     pub d_ff: usize,
 }
 
-/// All weights of one MoE layer, f32, native layout.
+/// All weights of one MoE layer, native layout: the expert matrices in the format they
+/// were stored in (f32, f16, bf16 or a ggml quantization), the router and the biases in
+/// f32 (they are a few per mille of the bytes, and the router's softmax wants them exact).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeWeights {
     pub shape: LayerShape,
     pub router_weight: Vec<f32>,
     pub router_bias: Option<Vec<f32>>,
-    pub w1: Vec<f32>,
+    /// `[N, F, D]`.
+    pub w1: ExpertMatrices,
     pub b1: Option<Vec<f32>>,
-    pub w2: Vec<f32>,
+    /// `[N, D, F]`.
+    pub w2: ExpertMatrices,
     pub b2: Option<Vec<f32>>,
-    pub w3: Option<Vec<f32>>,
+    /// `[N, F, D]`, gated FFNs only.
+    pub w3: Option<ExpertMatrices>,
     pub b3: Option<Vec<f32>>,
 }
 
@@ -120,11 +126,36 @@ fn layout_of(key: &str) -> Option<Layout> {
     None
 }
 
-fn shape_error(name: &str, actual: &[usize], expected: &[usize], meaning: &str) -> MoeError {
-    MoeError::tensor(
-        name,
-        format!("shape {actual:?}, expected {meaning} = {expected:?}"),
-    )
+/// A tensor as a file stores it: shape, format and bytes.
+struct StoredTensor {
+    shape: Vec<usize>,
+    format: WeightFormat,
+    bytes: Vec<u8>,
+}
+
+/// Stacks per-expert tensors that must all share one stored format.
+struct ExpertStack {
+    format: Option<WeightFormat>,
+    bytes: Vec<u8>,
+}
+
+impl ExpertStack {
+    fn push(&mut self, name: &str, tensor: StoredTensor) -> Result<()> {
+        match self.format {
+            Some(format) if format != tensor.format => {
+                return Err(MoeError::tensor(
+                    name,
+                    format!(
+                        "stored as {}, but the experts before it as {format}",
+                        tensor.format
+                    ),
+                ))
+            }
+            _ => self.format = Some(tensor.format),
+        }
+        self.bytes.extend(tensor.bytes);
+        Ok(())
+    }
 }
 
 /// Reads the tensors of one layer from a safetensors file, remembering which it used.
@@ -132,6 +163,9 @@ struct TensorSource<'a> {
     file: &'a SafeTensors<'a>,
     prefix: &'a str,
     used: BTreeSet<String>,
+    /// Where the expected dimensions come from, for shape errors: both tensors are named
+    /// when two disagree.
+    dims_from: String,
 }
 
 impl TensorSource<'_> {
@@ -139,28 +173,81 @@ impl TensorSource<'_> {
         format!("{}{key}", self.prefix)
     }
 
-    /// The tensor `key` (prefix added) if present, with its shape checked.
+    /// The tensor `key` (prefix added) as stored, if present, with its shape checked.
+    fn stored(
+        &mut self,
+        key: &str,
+        expected: &[usize],
+        meaning: &str,
+    ) -> Result<Option<StoredTensor>> {
+        let name = self.full_name(key);
+        let Ok(view) = self.file.tensor(&name) else {
+            return Ok(None);
+        };
+        let format = stored_format(&view, &name)?;
+        if view.shape() != expected {
+            return Err(MoeError::tensor(
+                &name,
+                format!(
+                    "shape {:?}, expected {meaning} = {expected:?} ({})",
+                    view.shape(),
+                    self.dims_from
+                ),
+            ));
+        }
+        self.used.insert(name);
+        Ok(Some(StoredTensor {
+            shape: view.shape().to_vec(),
+            format,
+            bytes: view.data().to_vec(),
+        }))
+    }
+
+    /// The tensor `key` as f32 values, if present, checked for shape and finite values.
     fn optional(
         &mut self,
         key: &str,
         expected: &[usize],
         meaning: &str,
     ) -> Result<Option<Vec<f32>>> {
-        let name = self.full_name(key);
-        let Ok(view) = self.file.tensor(&name) else {
+        let Some(tensor) = self.stored(key, expected, meaning)? else {
             return Ok(None);
         };
-        let F32Tensor { shape, data } = read_f32(&view, &name)?;
-        if shape != expected {
-            return Err(shape_error(&name, &shape, expected, meaning));
+        let name = self.full_name(key);
+        let values = ExpertMatrices::from_stored(
+            tensor.format,
+            [1, 1, tensor.shape.iter().product()],
+            tensor.bytes,
+            &name,
+        )?
+        .to_f32();
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(MoeError::tensor(
+                &name,
+                format!("non-finite value {} at flat index {index}", values[index]),
+            ));
         }
-        self.used.insert(name);
-        Ok(Some(data))
+        Ok(Some(values))
     }
 
     fn required(&mut self, key: &str, expected: &[usize], meaning: &str) -> Result<Vec<f32>> {
         self.optional(key, expected, meaning)?
             .ok_or_else(|| MoeError::tensor(&self.full_name(key), "missing"))
+    }
+
+    /// A stacked expert tensor `key` of shape `[count, rows, cols]`, kept as stored.
+    fn experts(
+        &mut self,
+        key: &str,
+        [count, rows, cols]: [usize; 3],
+        meaning: &str,
+    ) -> Result<Option<ExpertMatrices>> {
+        let Some(tensor) = self.stored(key, &[count, rows, cols], meaning)? else {
+            return Ok(None);
+        };
+        let name = self.full_name(key);
+        ExpertMatrices::from_stored(tensor.format, [count, rows, cols], tensor.bytes, &name)
+            .map(Some)
     }
 
     /// The shape of `key` without reading it, or a "missing" error.
@@ -172,20 +259,19 @@ impl TensorSource<'_> {
             .map_err(|_| MoeError::tensor(&name, "missing"))
     }
 
-    /// One tensor per expert, `key(i)` for i in 0..N, stacked in expert order: all present,
-    /// or all absent (`None`); a partial set is an error naming the first missing one.
-    fn per_expert(
+    /// One f32 vector of `len` values per expert (a bias), stacked in expert order: all
+    /// present or all absent, like `per_expert`.
+    fn per_expert_vector(
         &mut self,
         num_experts: usize,
         key: impl Fn(usize) -> String,
-        expected: &[usize],
-        meaning: &str,
+        len: usize,
     ) -> Result<Option<Vec<f32>>> {
         let mut stacked = Vec::new();
         let mut missing = None;
         for expert in 0..num_experts {
-            match self.optional(&key(expert), expected, meaning)? {
-                Some(data) => stacked.extend(data),
+            match self.optional(&key(expert), &[len], "[len]")? {
+                Some(values) => stacked.extend(values),
                 None => {
                     missing.get_or_insert(expert);
                 }
@@ -199,6 +285,54 @@ impl TensorSource<'_> {
                 "missing (other experts have it)",
             )),
         }
+    }
+
+    /// One `[rows, cols]` tensor per expert, `key(i)` for i in 0..N, stacked in expert
+    /// order and kept as stored: all present, or all absent (`None`); a partial set is an
+    /// error naming the first missing one.
+    fn per_expert(
+        &mut self,
+        num_experts: usize,
+        key: impl Fn(usize) -> String,
+        [rows, cols]: [usize; 2],
+        meaning: &str,
+    ) -> Result<Option<ExpertMatrices>> {
+        let mut stack = ExpertStack {
+            format: None,
+            bytes: Vec::new(),
+        };
+        let mut missing = None;
+        for expert in 0..num_experts {
+            match self.stored(&key(expert), &[rows, cols], meaning)? {
+                Some(tensor) => stack.push(&self.full_name(&key(expert)), tensor)?,
+                None => {
+                    missing.get_or_insert(expert);
+                }
+            }
+        }
+        match (missing, stack.format) {
+            (None, Some(format)) => {
+                let name = self.full_name(&key(0));
+                let shape = [num_experts, rows, cols];
+                ExpertMatrices::from_stored(format, shape, stack.bytes, &name).map(Some)
+            }
+            (_, None) => Ok(None),
+            (Some(expert), Some(_)) => Err(MoeError::tensor(
+                &self.full_name(&key(expert)),
+                "missing (other experts have it)",
+            )),
+        }
+    }
+}
+
+/// An error naming `name` at its first non-finite value.
+fn check_finite(name: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(MoeError::tensor(
+            name,
+            format!("non-finite value {} at flat index {index}", values[index]),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -238,11 +372,12 @@ impl MoeWeights {
         // One stream, drawn in a fixed order, so a seed names one layer.
         let router_weight = rng.uniform_vec(n * d, bound_d);
         let router_bias = with_biases.then(|| rng.uniform_vec(n, bound_d));
-        let w1 = rng.uniform_vec(n * f * d, bound_d);
+        let w1 = ExpertMatrices::from_f32(n, f, d, rng.uniform_vec(n * f * d, bound_d));
         let b1 = with_biases.then(|| rng.uniform_vec(n * f, bound_d));
-        let w2 = rng.uniform_vec(n * d * f, bound_f);
+        let w2 = ExpertMatrices::from_f32(n, d, f, rng.uniform_vec(n * d * f, bound_f));
         let b2 = with_biases.then(|| rng.uniform_vec(n * d, bound_f));
-        let w3 = gated.then(|| rng.uniform_vec(n * f * d, bound_d));
+        let w3 =
+            gated.then(|| ExpertMatrices::from_f32(n, f, d, rng.uniform_vec(n * f * d, bound_d)));
         let b3 = (gated && with_biases).then(|| rng.uniform_vec(n * f, bound_d));
         MoeWeights {
             shape,
@@ -271,17 +406,14 @@ impl MoeWeights {
                 format!("empty layer shape {:?}", self.shape),
             ));
         }
-        let tensors: [(&str, Option<&Vec<f32>>, usize); 8] = [
+        let vectors: [(&str, Option<&Vec<f32>>, usize); 5] = [
             ("router.weight", Some(&self.router_weight), n * d),
             ("router.bias", self.router_bias.as_ref(), n),
-            ("experts.w1", Some(&self.w1), n * f * d),
             ("experts.b1", self.b1.as_ref(), n * f),
-            ("experts.w2", Some(&self.w2), n * d * f),
             ("experts.b2", self.b2.as_ref(), n * d),
-            ("experts.w3", self.w3.as_ref(), n * f * d),
             ("experts.b3", self.b3.as_ref(), n * f),
         ];
-        for (name, data, len) in tensors {
+        for (name, data, len) in vectors {
             let Some(data) = data else { continue };
             if data.len() != len {
                 return Err(MoeError::tensor(
@@ -289,17 +421,52 @@ impl MoeWeights {
                     format!("{} values, expected {len} for {:?}", data.len(), self.shape),
                 ));
             }
-            if let Some(index) = data.iter().position(|v| !v.is_finite()) {
+            check_finite(name, data)?;
+        }
+        let matrices = [
+            ("experts.w1", Some(&self.w1), [n, f, d]),
+            ("experts.w2", Some(&self.w2), [n, d, f]),
+            ("experts.w3", self.w3.as_ref(), [n, f, d]),
+        ];
+        for (name, matrices, dims) in matrices {
+            let Some(m) = matrices else { continue };
+            let (held, len) = (m.len(), dims.iter().product::<usize>());
+            if [m.count, m.rows, m.cols] != dims || held != len {
                 return Err(MoeError::tensor(
                     name,
-                    format!("non-finite value {} at flat index {index}", data[index]),
+                    format!(
+                        "[{}, {}, {}] holding {held} values, expected {dims:?} for {:?}",
+                        m.count, m.rows, m.cols, self.shape
+                    ),
                 ));
+            }
+            if let Some(values) = m.f32_values() {
+                check_finite(name, values)?;
             }
         }
         if self.b3.is_some() && self.w3.is_none() {
             return Err(MoeError::tensor("experts.b3", "present without experts.w3"));
         }
         Ok(())
+    }
+
+    /// The same weights with the expert matrices converted to `format` (see
+    /// [`ExpertMatrices::convert`]); router and biases stay f32.
+    pub fn converted(&self, format: WeightFormat) -> Result<Self> {
+        Ok(MoeWeights {
+            w1: self.w1.convert(format, "experts.w1")?,
+            w2: self.w2.convert(format, "experts.w2")?,
+            w3: match &self.w3 {
+                Some(w3) => Some(w3.convert(format, "experts.w3")?),
+                None => None,
+            },
+            shape: self.shape,
+            router_weight: self.router_weight.clone(),
+            router_bias: self.router_bias.clone(),
+            b1: self.b1.clone(),
+            b2: self.b2.clone(),
+            b3: self.b3.clone(),
+        })
     }
 
     /// Loads a safetensors file; see [`MoeWeights::from_safetensors_bytes`].
@@ -367,6 +534,7 @@ impl MoeWeights {
             file: &file,
             prefix,
             used: BTreeSet::new(),
+            dims_from: String::new(),
         };
         let weights = match layout {
             Layout::Native => Self::read_native(&mut source)?,
@@ -417,54 +585,67 @@ impl MoeWeights {
         let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
         let w1_shape = source.shape_of("experts.w1")?;
         let (_, f, _) = rank3(&source.full_name("experts.w1"), &w1_shape, "[N, F, D]")?;
+        source.dims_from = format!(
+            "N, D from `{}` {router_shape:?}, F from `{}` {w1_shape:?}",
+            source.full_name("router.weight"),
+            source.full_name("experts.w1")
+        );
         let shape = LayerShape {
             num_experts: n,
             d_model: d,
             d_ff: f,
         };
+        let missing = |source: &TensorSource<'_>, key: &str| {
+            MoeError::tensor(&source.full_name(key), "missing")
+        };
         Ok(MoeWeights {
             shape,
             router_weight: source.required("router.weight", &[n, d], "[N, D]")?,
             router_bias: source.optional("router.bias", &[n], "[N]")?,
-            w1: source.required("experts.w1", &[n, f, d], "[N, F, D]")?,
+            w1: source
+                .experts("experts.w1", [n, f, d], "[N, F, D]")?
+                .ok_or_else(|| missing(source, "experts.w1"))?,
             b1: source.optional("experts.b1", &[n, f], "[N, F]")?,
-            w2: source.required("experts.w2", &[n, d, f], "[N, D, F]")?,
+            w2: source
+                .experts("experts.w2", [n, d, f], "[N, D, F]")?
+                .ok_or_else(|| missing(source, "experts.w2"))?,
             b2: source.optional("experts.b2", &[n, d], "[N, D]")?,
-            w3: source.optional("experts.w3", &[n, f, d], "[N, F, D]")?,
+            w3: source.experts("experts.w3", [n, f, d], "[N, F, D]")?,
             b3: source.optional("experts.b3", &[n, f], "[N, F]")?,
         })
     }
 
     fn read_per_expert(source: &mut TensorSource<'_>, keys: &PerExpertKeys) -> Result<Self> {
         let router_shape = source.shape_of(keys.router_weight)?;
-        let (n, d) = rank2(
-            &source.full_name(keys.router_weight),
-            &router_shape,
-            "[N, D]",
-        )?;
-        let first_w1 = keys.expert(0, keys.w1);
-        let w1_shape = source.shape_of(&first_w1)?;
-        let (f, _) = rank2(&source.full_name(&first_w1), &w1_shape, "[F, D]")?;
+        let router_name = source.full_name(keys.router_weight);
+        let (n, d) = rank2(&router_name, &router_shape, "[N, D]")?;
+        let first_w1 = source.full_name(&keys.expert(0, keys.w1));
+        let w1_shape = source.shape_of(&keys.expert(0, keys.w1))?;
+        let (f, _) = rank2(&first_w1, &w1_shape, "[F, D]")?;
+        source.dims_from =
+            format!("N, D from `{router_name}` {router_shape:?}, F from `{first_w1}` {w1_shape:?}");
         let shape = LayerShape {
             num_experts: n,
             d_model: d,
             d_ff: f,
         };
-        let required = |source: &mut TensorSource<'_>, part: &str, dims: &[usize], meaning| {
+        let required = |source: &mut TensorSource<'_>, part: &str, dims: [usize; 2], meaning| {
             source
                 .per_expert(n, |i| keys.expert(i, part), dims, meaning)?
                 .ok_or_else(|| {
                     MoeError::tensor(&source.full_name(&keys.expert(0, part)), "missing")
                 })
         };
-        let w1 = required(source, keys.w1, &[f, d], "[F, D]")?;
-        let w2 = required(source, keys.w2, &[d, f], "[D, F]")?;
-        let optional =
-            |source: &mut TensorSource<'_>, part: Option<&str>, dims: &[usize], meaning| match part
-            {
-                Some(part) => source.per_expert(n, |i| keys.expert(i, part), dims, meaning),
-                None => Ok(None),
-            };
+        let w1 = required(source, keys.w1, [f, d], "[F, D]")?;
+        let w2 = required(source, keys.w2, [d, f], "[D, F]")?;
+        let w3 = match keys.w3 {
+            Some(part) => source.per_expert(n, |i| keys.expert(i, part), [f, d], "[F, D]")?,
+            None => None,
+        };
+        let optional = |source: &mut TensorSource<'_>, part: Option<&str>, len: usize| match part {
+            Some(part) => source.per_expert_vector(n, |i| keys.expert(i, part), len),
+            None => Ok(None),
+        };
         Ok(MoeWeights {
             shape,
             router_weight: source.required(keys.router_weight, &[n, d], "[N, D]")?,
@@ -473,11 +654,11 @@ impl MoeWeights {
                 None => None,
             },
             w1,
-            b1: optional(source, keys.b1, &[f], "[F]")?,
+            b1: optional(source, keys.b1, f)?,
             w2,
-            b2: optional(source, keys.b2, &[d], "[D]")?,
-            w3: optional(source, keys.w3, &[f, d], "[F, D]")?,
-            b3: optional(source, keys.b3, &[f], "[F]")?,
+            b2: optional(source, keys.b2, d)?,
+            w3,
+            b3: optional(source, keys.b3, f)?,
         })
     }
 
@@ -494,15 +675,16 @@ impl MoeWeights {
             ));
         }
         let f = two_f / 2;
-        let gate_up = source.required("experts.gate_up_proj", &[n, two_f, d], "[N, 2F, D]")?;
+        source.dims_from = format!(
+            "N, D from `{}` {router_shape:?}, 2F from `{name}` {gate_up_shape:?}",
+            source.full_name("gate.weight")
+        );
+        let gate_up = source
+            .experts("experts.gate_up_proj", [n, two_f, d], "[N, 2F, D]")?
+            .ok_or_else(|| MoeError::tensor(&name, "missing"))?;
         // Rows :F of each expert are the activated gate (w1), rows F: the up projection (w3).
-        let mut w1 = Vec::with_capacity(n * f * d);
-        let mut w3 = Vec::with_capacity(n * f * d);
-        for expert in gate_up.chunks_exact(two_f * d) {
-            let (gate, up) = expert.split_at(f * d);
-            w1.extend_from_slice(gate);
-            w3.extend_from_slice(up);
-        }
+        let (w1, w3) = gate_up.split_rows(f, &name)?;
+        let down_name = source.full_name("experts.down_proj");
         Ok(MoeWeights {
             shape: LayerShape {
                 num_experts: n,
@@ -513,14 +695,17 @@ impl MoeWeights {
             router_bias: None,
             w1,
             b1: None,
-            w2: source.required("experts.down_proj", &[n, d, f], "[N, D, F]")?,
+            w2: source
+                .experts("experts.down_proj", [n, d, f], "[N, D, F]")?
+                .ok_or_else(|| MoeError::tensor(&down_name, "missing"))?,
             b2: None,
             w3: Some(w3),
             b3: None,
         })
     }
 
-    /// The weights as safetensors bytes in the native naming.
+    /// The weights as safetensors bytes in the native naming, expert matrices in their
+    /// stored dtype (F32, F16 or BF16; a quantized format is an error naming the tensor).
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
         let LayerShape {
             num_experts: n,
@@ -535,12 +720,19 @@ impl MoeWeights {
         };
         put("router.weight", vec![n, d], Some(&self.router_weight));
         put("router.bias", vec![n], self.router_bias.as_ref());
-        put("experts.w1", vec![n, f, d], Some(&self.w1));
         put("experts.b1", vec![n, f], self.b1.as_ref());
-        put("experts.w2", vec![n, d, f], Some(&self.w2));
         put("experts.b2", vec![n, d], self.b2.as_ref());
-        put("experts.w3", vec![n, f, d], self.w3.as_ref());
         put("experts.b3", vec![n, f], self.b3.as_ref());
+        for (name, matrices) in [
+            ("experts.w1", Some(&self.w1)),
+            ("experts.w2", Some(&self.w2)),
+            ("experts.w3", self.w3.as_ref()),
+        ] {
+            let Some(m) = matrices else { continue };
+            let shape = vec![m.count, m.rows, m.cols];
+            let tensor = OwnedTensor::stored(name, shape, m.format, m.stored_vec())?;
+            tensors.insert(name.to_string(), tensor);
+        }
         serialize_tensors(&tensors)
     }
 

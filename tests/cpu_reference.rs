@@ -6,7 +6,7 @@
 use approx::assert_relative_eq;
 use switch_moe::config::{Activation, DropPolicy};
 use switch_moe::cpu_reference::{self, activate, select_top_k};
-use switch_moe::{LayerShape, MoeConfig, MoeError, MoeOutput, MoeWeights};
+use switch_moe::{ExpertMatrices, LayerShape, MoeConfig, MoeError, MoeOutput, MoeWeights};
 
 const N: usize = 3;
 
@@ -29,11 +29,11 @@ fn hand_layer(gated: bool) -> MoeWeights {
         },
         router_weight: identity.clone(),
         router_bias: None,
-        w1: repeat(&|_| 1.0),
+        w1: ExpertMatrices::from_f32(N, N, N, repeat(&|_| 1.0)),
         b1: None,
-        w2: repeat(&|e| (e + 1) as f32),
+        w2: ExpertMatrices::from_f32(N, N, N, repeat(&|e| (e + 1) as f32)),
         b2: None,
-        w3: gated.then(|| repeat(&|_| 2.0)),
+        w3: gated.then(|| ExpertMatrices::from_f32(N, N, N, repeat(&|_| 2.0))),
         b3: None,
     }
 }

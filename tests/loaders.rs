@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use switch_moe::tensor_io::{serialize_tensors, OwnedTensor};
-use switch_moe::{LayerShape, MoeConfig, MoeError, MoeWeights, Naming};
+use switch_moe::{ExpertMatrices, LayerShape, MoeConfig, MoeError, MoeWeights, Naming};
 
 const SHAPE: LayerShape = LayerShape {
     num_experts: 3,
@@ -36,6 +36,27 @@ fn config_defaults_and_full_form() {
 }
 
 #[test]
+fn config_nulls_mean_defaults() {
+    // What Python's json.dump writes for a dict with None in its unused keys.
+    let text = r#"{"n_experts": 4, "top_k": 2, "capacity_factor": null, "expert_capacity": 3,
+        "group_size": null, "drop_tokens": null, "drop_policy": null, "scale_by_prob": null,
+        "activation": null, "gated": null, "normalize_top_k": null, "naming": null}"#;
+    let config = MoeConfig::from_json_str(text).unwrap();
+    let expected = MoeConfig {
+        n_experts: Some(4),
+        top_k: 2,
+        expert_capacity: Some(3),
+        ..MoeConfig::default()
+    };
+    assert_eq!(config, expected);
+    let all_null = r#"{"n_experts": null, "top_k": null, "capacity_factor": null}"#;
+    assert_eq!(
+        MoeConfig::from_json_str(all_null).unwrap(),
+        MoeConfig::default()
+    );
+}
+
+#[test]
 fn config_errors_name_the_key() {
     let cases = [
         (r#"{"bogus": 1}"#, "bogus"),
@@ -46,14 +67,13 @@ fn config_errors_name_the_key() {
         (r#"{"n_experts": 0}"#, "n_experts"),
         (r#"{"capacity_factor": 0}"#, "capacity_factor"),
         (r#"{"capacity_factor": -1.5}"#, "capacity_factor"),
-        (r#"{"capacity_factor": null}"#, "capacity_factor"),
         (r#"{"expert_capacity": -3}"#, "expert_capacity"),
         (r#"{"group_size": 0}"#, "group_size"),
         (r#"{"drop_tokens": "yes"}"#, "drop_tokens"),
         (r#"{"drop_policy": "drop"}"#, "drop_policy"),
         (r#"{"scale_by_prob": 1}"#, "scale_by_prob"),
         (r#"{"activation": "tanh"}"#, "activation"),
-        (r#"{"gated": null}"#, "gated"),
+        (r#"{"bogus": null}"#, "bogus"),
         (r#"{"normalize_top_k": []}"#, "normalize_top_k"),
         (r#"{"naming": "pytorch"}"#, "naming"),
         ("[1, 2]", "<json>"),
@@ -82,6 +102,11 @@ fn config_against_weights_and_input() {
     assert!(
         matches!(config.group_size_for(10), Err(MoeError::Config { ref key, .. }) if key == "group_size")
     );
+}
+
+/// The values of f32 expert matrices.
+fn f32s(matrices: &ExpertMatrices) -> &[f32] {
+    matrices.f32_values().expect("f32 weights")
 }
 
 fn random_weights(gated: bool, biases: bool) -> MoeWeights {
@@ -116,7 +141,7 @@ fn labml_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
     for e in 0..n {
         t.insert(
             format!("experts.{e}.layer1.weight"),
-            f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)),
+            f32_tensor(vec![f, d], &matrix(f32s(&w.w1), e, f, d)),
         );
         t.insert(
             format!("experts.{e}.layer1.bias"),
@@ -124,7 +149,7 @@ fn labml_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
         );
         t.insert(
             format!("experts.{e}.layer2.weight"),
-            f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)),
+            f32_tensor(vec![d, f], &matrix(f32s(&w.w2), e, d, f)),
         );
         t.insert(
             format!("experts.{e}.layer2.bias"),
@@ -133,7 +158,7 @@ fn labml_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
         if let Some(w3) = &w.w3 {
             t.insert(
                 format!("experts.{e}.linear_v.weight"),
-                f32_tensor(vec![f, d], &matrix(w3, e, f, d)),
+                f32_tensor(vec![f, d], &matrix(f32s(w3), e, f, d)),
             );
             t.insert(
                 format!("experts.{e}.linear_v.bias"),
@@ -158,11 +183,11 @@ fn hf_switch_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
     for e in 0..n {
         t.insert(
             format!("experts.expert_{e}.wi.weight"),
-            f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)),
+            f32_tensor(vec![f, d], &matrix(f32s(&w.w1), e, f, d)),
         );
         t.insert(
             format!("experts.expert_{e}.wo.weight"),
-            f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)),
+            f32_tensor(vec![d, f], &matrix(f32s(&w.w2), e, d, f)),
         );
     }
     t
@@ -182,15 +207,15 @@ fn mixtral_per_expert_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
     for e in 0..n {
         t.insert(
             format!("experts.{e}.w1.weight"),
-            f32_tensor(vec![f, d], &matrix(&w.w1, e, f, d)),
+            f32_tensor(vec![f, d], &matrix(f32s(&w.w1), e, f, d)),
         );
         t.insert(
             format!("experts.{e}.w2.weight"),
-            f32_tensor(vec![d, f], &matrix(&w.w2, e, d, f)),
+            f32_tensor(vec![d, f], &matrix(f32s(&w.w2), e, d, f)),
         );
         t.insert(
             format!("experts.{e}.w3.weight"),
-            f32_tensor(vec![f, d], &matrix(w.w3.as_ref().unwrap(), e, f, d)),
+            f32_tensor(vec![f, d], &matrix(f32s(w.w3.as_ref().unwrap()), e, f, d)),
         );
     }
     t
@@ -204,8 +229,8 @@ fn mixtral_stacked_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
     } = w.shape;
     let mut gate_up = Vec::new();
     for e in 0..n {
-        gate_up.extend(matrix(&w.w1, e, f, d));
-        gate_up.extend(matrix(w.w3.as_ref().unwrap(), e, f, d));
+        gate_up.extend(matrix(f32s(&w.w1), e, f, d));
+        gate_up.extend(matrix(f32s(w.w3.as_ref().unwrap()), e, f, d));
     }
     let mut t = BTreeMap::new();
     t.insert(
@@ -216,7 +241,10 @@ fn mixtral_stacked_tensors(w: &MoeWeights) -> BTreeMap<String, OwnedTensor> {
         "experts.gate_up_proj".into(),
         f32_tensor(vec![n, 2 * f, d], &gate_up),
     );
-    t.insert("experts.down_proj".into(), f32_tensor(vec![n, d, f], &w.w2));
+    t.insert(
+        "experts.down_proj".into(),
+        f32_tensor(vec![n, d, f], f32s(&w.w2)),
+    );
     t
 }
 
@@ -326,7 +354,7 @@ fn tensor_errors_name_the_tensor() {
     let mut transposed = good.clone();
     transposed.insert(
         "experts.0.layer1.weight".into(),
-        f32_tensor(vec![4, 6], &matrix(&weights.w1, 0, 6, 4)),
+        f32_tensor(vec![4, 6], &matrix(f32s(&weights.w1), 0, 6, 4)),
     );
     assert_eq!(
         blamed_tensor(load(&transposed, Naming::Auto, None)),
@@ -372,7 +400,7 @@ fn tensor_errors_name_the_tensor() {
 
     for bad in [f32::NAN, f32::INFINITY] {
         let mut non_finite = good.clone();
-        let mut values = matrix(&weights.w2, 2, 4, 6);
+        let mut values = matrix(f32s(&weights.w2), 2, 4, 6);
         values[5] = bad;
         non_finite.insert(
             "experts.2.layer2.weight".into(),

@@ -9,6 +9,7 @@ use switch_moe::gpu::params::{
     AssignParams, CombineParams, ExpertParams, RouteParams, StatsParams,
 };
 use switch_moe::gpu::shaders::{self, ShaderSource};
+use switch_moe::WeightFormat;
 
 fn parse_and_validate(shader: ShaderSource) -> (naga::Module, ModuleInfo) {
     let module = naga::front::wgsl::parse_str(shader.source)
@@ -172,6 +173,22 @@ fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
             }
         }
         _ => all.push(Default::default()),
+    }
+    // Every stored weight format (its code), once per kernel.
+    let format_keys: &[&str] = match shader.name {
+        "expert_up" => &["W1_FORMAT", "W3_FORMAT"],
+        "expert_down" => &["W2_FORMAT"],
+        _ => &[],
+    };
+    for format in WeightFormat::ALL {
+        if format_keys.is_empty() {
+            break;
+        }
+        let mut constants = naga::back::PipelineConstants::default();
+        for key in format_keys {
+            constants.insert(key.to_string(), format.shader_code() as f64);
+        }
+        all.push(constants);
     }
     all
 }

@@ -5,9 +5,11 @@
 use wgpu::util::DeviceExt;
 
 use crate::error::{MoeError, Result};
+use crate::formats::ExpertMatrices;
 use crate::gpu::params::ExpertParams;
 use crate::gpu::plan::{div_ceil, ForwardPlan};
 use crate::gpu::shaders::MAX_EXPERTS;
+use crate::gpu::weight_textures::{upload_weight_textures, widest_row, WeightTextures};
 use crate::weights::{LayerShape, MoeWeights};
 
 /// A storage buffer of at least `bytes` (never empty: wgpu cannot bind an empty buffer).
@@ -76,7 +78,7 @@ pub fn max_x_rows(limits: &wgpu::Limits) -> u64 {
 /// backend guesses a texture's kind from its size: one layer makes a plain 2D texture and
 /// square layers in multiples of 6 a cube map, and a 2D-array view can read neither; a
 /// spare layer keeps it a 2D array (at most SPARE_LAYERS more than needed).
-fn array_layers(needed: usize, width: usize, height: usize) -> usize {
+pub fn array_layers(needed: usize, width: usize, height: usize) -> usize {
     let mut layers = needed.max(2);
     if width == height && layers.is_multiple_of(6) {
         layers += 1;
@@ -84,16 +86,17 @@ fn array_layers(needed: usize, width: usize, height: usize) -> usize {
     layers
 }
 
-/// An rgba32float texture of `width` × `height` texels in `layers` layers (`texture_2d` when
-/// `array` is false, else a 2D array), uploaded through the queue with `contents` (one
-/// texel per 4 floats) when given.
-fn rgba32f_texture(
+/// A texture of `format`, `width` × `height` texels in `layers` layers (`texture_2d` when
+/// `array` is false, else a 2D array), uploaded through the queue with `contents` (texel
+/// bytes, layer after layer) when given.
+fn texture(
     device: &wgpu::Device,
     label: &str,
+    format: wgpu::TextureFormat,
     (width, height, layers): (usize, usize, usize),
     array: bool,
     usage: wgpu::TextureUsages,
-    contents: Option<(&wgpu::Queue, &[f32])>,
+    contents: Option<(&wgpu::Queue, &[u8])>,
 ) -> wgpu::TextureView {
     let descriptor = wgpu::TextureDescriptor {
         label: Some(label),
@@ -105,7 +108,7 @@ fn rgba32f_texture(
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba32Float,
+        format,
         usage,
         view_formats: &[],
     };
@@ -114,7 +117,7 @@ fn rgba32f_texture(
             queue,
             &descriptor,
             wgpu::util::TextureDataOrder::LayerMajor,
-            bytemuck::cast_slice(data),
+            data,
         ),
         None => device.create_texture(&descriptor),
     };
@@ -129,6 +132,27 @@ fn rgba32f_texture(
     })
 }
 
+/// A read-only texture array of `format` holding `data` (see `texture`).
+pub fn texture_array(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    label: &str,
+    format: wgpu::TextureFormat,
+    extent: (usize, usize, usize),
+    data: &[u8],
+) -> wgpu::TextureView {
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
+    texture(
+        device,
+        label,
+        format,
+        extent,
+        true,
+        usage,
+        Some((queue, data)),
+    )
+}
+
 /// x's rows as an rgba32float texture array (written by stage_tokens, read by route_tokens
 /// and expert_up): D4 / 4 texels per row, token t at row t % height of layer t / height,
 /// layers of at most max_texture_dimension_2d rows.
@@ -138,7 +162,15 @@ fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu:
     let layers = array_layers(tokens.div_ceil(height), texels_per_row, height);
     let usage = wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING;
     let extent = (texels_per_row, height, layers);
-    rgba32f_texture(device, "x rows", extent, true, usage, None)
+    texture(
+        device,
+        "x rows",
+        wgpu::TextureFormat::Rgba32Float,
+        extent,
+        true,
+        usage,
+        None,
+    )
 }
 
 /// The router weight `[experts, d_model]` as an rgba32float texture (one row per expert,
@@ -153,39 +185,16 @@ fn router_texture(
     let extent = (padded_to_vec4(d_model) / 4, num_experts, 1);
     let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
     let data = pad_rows(router_weight, d_model);
-    rgba32f_texture(device, "router", extent, false, usage, Some((queue, &data)))
-}
-
-/// An expert matrix stack `[experts, rows, width]` as an rgba32float texture array, one layer
-/// per expert (and a zero layer where GL needs one), in quads of rows: texel
-/// `(4·k4 + j, q)` holds row `4q + j` at columns `4·k4 .. 4·k4 + 4`, rows and columns
-/// zero-padded to multiples of 4. The matmuls fetch four rows at a time, so a quad's four
-/// texels side by side make one 64-byte line rather than four lines a row apart (on CPU
-/// adapters, a quarter of the memory streams to prefetch).
-fn weight_texture(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    label: &str,
-    matrices: &[f32],
-    rows: usize,
-    width: usize,
-) -> wgpu::TextureView {
-    let experts = matrices.len() / (rows * width);
-    let (quads, texels_per_row) = (padded_to_vec4(rows) / 4, padded_to_vec4(width));
-    let layers = array_layers(experts, texels_per_row, quads);
-    let mut texels = vec![0.0f32; layers * quads * texels_per_row * 4];
-    for (expert, matrix) in matrices.chunks_exact(rows * width).enumerate() {
-        for (row, values) in matrix.chunks_exact(width).enumerate() {
-            let quad_at = (expert * quads + row / 4) * texels_per_row * 4;
-            for (k4, chunk) in values.chunks(4).enumerate() {
-                let at = quad_at + (4 * k4 + row % 4) * 4;
-                texels[at..at + chunk.len()].copy_from_slice(chunk);
-            }
-        }
-    }
-    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
-    let extent = (texels_per_row, quads, layers);
-    rgba32f_texture(device, label, extent, true, usage, Some((queue, &texels)))
+    let contents = Some((queue, bytemuck::cast_slice(&data)));
+    texture(
+        device,
+        "router",
+        wgpu::TextureFormat::Rgba32Float,
+        extent,
+        false,
+        usage,
+        contents,
+    )
 }
 
 /// The weights of a contiguous range of experts.
@@ -193,14 +202,14 @@ fn weight_texture(
 pub struct WeightShard {
     pub first_expert: usize,
     pub num_experts: usize,
-    /// W1 `[experts][F4 / 4][D4]` texels (quads of rows, see `weight_texture`).
-    pub w1: wgpu::TextureView,
-    /// W3 like W1 for gated FFNs, a 1-texel dummy otherwise.
-    pub w3: wgpu::TextureView,
+    /// W1 `[experts, F, D]` in its stored format (see weight_textures).
+    pub w1: WeightTextures,
+    /// W3 like W1 for gated FFNs, 1-texel dummies otherwise.
+    pub w3: WeightTextures,
     /// b1 `[experts, F]`, then b3 `[experts, F]` when gated (zeros for absent biases).
     pub up_bias: wgpu::Buffer,
-    /// W2 `[experts][D4 / 4][F4]` texels (quads of rows).
-    pub w2: wgpu::TextureView,
+    /// W2 `[experts, D, F]` in its stored format.
+    pub w2: WeightTextures,
     pub down_bias: wgpu::Buffer,
     pub params: wgpu::Buffer,
 }
@@ -215,6 +224,8 @@ pub struct GpuWeights {
     pub shards: Vec<WeightShard>,
     /// First expert of every shard, then N.
     pub shard_first_expert: wgpu::Buffer,
+    /// Device bytes of the router, the biases and the expert matrices.
+    pub bytes: u64,
 }
 
 impl GpuWeights {
@@ -235,17 +246,19 @@ impl GpuWeights {
         } = weights.shape;
         let limits = device.limits();
         let max_side = limits.max_texture_dimension_2d as u64;
-        // Weight textures are D4 (W1) and F4 (W2) texels wide, a quarter as many high.
-        for (limit, needed) in [
+        // Weight textures are as wide as their rows need (weight_textures::widest_row), a
+        // quarter as high as their rows.
+        for (limit, matrices) in [
             (
-                "max_texture_dimension_2d (d_model rounded up to 4: texels per W1 row quad)",
-                padded_to_vec4(d_model) as u64,
+                "max_texture_dimension_2d (texels per W1 row quad)",
+                &weights.w1,
             ),
             (
-                "max_texture_dimension_2d (d_ff rounded up to 4: texels per W2 row quad)",
-                padded_to_vec4(d_ff) as u64,
+                "max_texture_dimension_2d (texels per W2 row quad)",
+                &weights.w2,
             ),
         ] {
+            let needed = widest_row(matrices.format, matrices.cols) as u64;
             if needed > max_side {
                 return Err(MoeError::DeviceLimit {
                     limit,
@@ -272,6 +285,9 @@ impl GpuWeights {
         });
 
         let num_shards = div_ceil(num_experts, experts_per_shard);
+        // The router texture and its bias, then each shard's matrices and biases.
+        let mut bytes =
+            (4 * padded_to_vec4(d_model) * num_experts + 4 * MAX_EXPERTS as usize) as u64;
         let mut shards = Vec::with_capacity(num_shards);
         let mut shard_first_expert = Vec::with_capacity(num_shards + 1);
         for shard in 0..num_shards {
@@ -279,7 +295,6 @@ impl GpuWeights {
             let end = (first + experts_per_shard).min(num_experts);
             let count = end - first;
             let range = |per_expert: usize| first * per_expert..end * per_expert;
-            let matrix = d_model * d_ff;
             let bias_or_zeros = |bias: &Option<Vec<f32>>, per_expert: usize| match bias {
                 Some(b) => b[range(per_expert)].to_vec(),
                 None => vec![0.0; count * per_expert],
@@ -289,9 +304,13 @@ impl GpuWeights {
                 up_bias.extend(bias_or_zeros(&weights.b3, d_ff));
             }
             let no_usage = wgpu::BufferUsages::empty();
+            let experts = first..end;
             let w3 = match &weights.w3 {
-                Some(w3) => weight_texture(device, queue, "w3", &w3[range(matrix)], d_ff, d_model),
-                None => weight_texture(device, queue, "w3 (unused)", &[0.0; 4], 1, 4),
+                Some(w3) => upload_weight_textures(device, queue, "w3", w3, experts.clone()),
+                None => {
+                    let unused = ExpertMatrices::from_f32(1, 1, 4, vec![0.0; 4]);
+                    upload_weight_textures(device, queue, "w3 (unused)", &unused, 0..1)
+                }
             };
             let params = ExpertParams {
                 d_model: d_model as u32,
@@ -301,35 +320,22 @@ impl GpuWeights {
                 shard_num_experts: count as u32,
                 _pad: [0; 3],
             };
-            shards.push(WeightShard {
+            let down_bias = bias_or_zeros(&weights.b2, d_model);
+            let shard = WeightShard {
                 first_expert: first,
                 num_experts: count,
-                w1: weight_texture(
-                    device,
-                    queue,
-                    "w1",
-                    &weights.w1[range(matrix)],
-                    d_ff,
-                    d_model,
-                ),
+                w1: upload_weight_textures(device, queue, "w1", &weights.w1, experts.clone()),
                 w3,
                 up_bias: storage_buffer_init(device, "up_bias", &up_bias, no_usage),
-                w2: weight_texture(
-                    device,
-                    queue,
-                    "w2",
-                    &weights.w2[range(matrix)],
-                    d_model,
-                    d_ff,
-                ),
-                down_bias: storage_buffer_init(
-                    device,
-                    "down_bias",
-                    &bias_or_zeros(&weights.b2, d_model),
-                    no_usage,
-                ),
+                w2: upload_weight_textures(device, queue, "w2", &weights.w2, experts),
+                down_bias: storage_buffer_init(device, "down_bias", &down_bias, no_usage),
                 params: uniform_buffer(device, "expert params", &params),
-            });
+            };
+            bytes += shard.w1.bytes + shard.w2.bytes + 4 * (up_bias.len() + down_bias.len()) as u64;
+            if weights.w3.is_some() {
+                bytes += shard.w3.bytes;
+            }
+            shards.push(shard);
             shard_first_expert.push(first as u32);
         }
         shard_first_expert.push(num_experts as u32);
@@ -343,6 +349,7 @@ impl GpuWeights {
                 &shard_first_expert,
                 wgpu::BufferUsages::empty(),
             ),
+            bytes,
         })
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 
 use crate::config::MoeConfig;
+use crate::formats::WeightFormat;
 use crate::gpu::plan::MatmulTiling;
 use crate::gpu::shaders::{
     self, ShaderSource, MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MATMUL_LANES, ROW_LANES_CHOICES,
@@ -22,8 +23,10 @@ pub enum Binding {
     StorageReadOnly,
     /// `texture_2d<f32>` read with `textureLoad` (the router weights).
     Texture,
-    /// `texture_2d_array<f32>` read with `textureLoad` (the expert weights, x's rows).
+    /// `texture_2d_array<f32>` read with `textureLoad` (x's rows).
     TextureArray,
+    /// `texture_2d_array<u32>` read with `textureLoad` (the expert weights' planes).
+    UintTextureArray,
     /// `texture_storage_2d_array<rgba32float, write>` (x's rows, written by stage_tokens).
     StorageTextureArray,
 }
@@ -66,6 +69,11 @@ fn bind_group_layout(
                 }
                 Binding::Texture => texture_binding(wgpu::TextureViewDimension::D2),
                 Binding::TextureArray => texture_binding(wgpu::TextureViewDimension::D2Array),
+                Binding::UintTextureArray => wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Uint,
+                    view_dimension: wgpu::TextureViewDimension::D2Array,
+                    multisampled: false,
+                },
                 Binding::StorageTextureArray => wgpu::BindingType::StorageTexture {
                     access: wgpu::StorageTextureAccess::WriteOnly,
                     format: wgpu::TextureFormat::Rgba32Float,
@@ -183,7 +191,7 @@ pub struct MatmulPipelines {
 
 /// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
 /// shape (`ROW_LANES`, `ROW_QUADS`, `QUADS` with its `LANES`), specialised for the layer's
-/// activation and gating.
+/// activation, gating and weight formats.
 #[derive(Debug)]
 pub struct ExpertMatmuls {
     pub up_layout: wgpu::BindGroupLayout,
@@ -192,19 +200,30 @@ pub struct ExpertMatmuls {
     down_module: wgpu::ShaderModule,
     activation: f64,
     gated: f64,
+    /// The shader codes of W1's, W3's and W2's stored formats.
+    formats: [f64; 3],
     variants: [OnceLock<MatmulPipelines>; TILINGS],
 }
 
 impl ExpertMatmuls {
-    fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
-        use Binding::{Storage as Rw, StorageReadOnly as Ro, TextureArray as T, Uniform as U};
+    fn new(device: &wgpu::Device, config: &MoeConfig, formats: [WeightFormat; 3]) -> Self {
+        use Binding::{
+            Storage as Rw, StorageReadOnly as Ro, TextureArray as T, UintTextureArray as W,
+            Uniform as U,
+        };
+        // Each weight tensor is three planes (quants, high bits, scales): W, W, W.
         ExpertMatmuls {
-            up_layout: bind_group_layout(device, "expert_up", &[U, T, Ro, Ro, T, T, Ro, Rw]),
-            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, T, Ro, Rw]),
+            up_layout: bind_group_layout(
+                device,
+                "expert_up",
+                &[U, T, Ro, Ro, W, W, W, W, W, W, Ro, Rw],
+            ),
+            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, W, W, W, Ro, Rw]),
             up_module: shader_module(device, shaders::EXPERT_UP),
             down_module: shader_module(device, shaders::EXPERT_DOWN),
             activation: config.activation.shader_code() as f64,
             gated: if config.gated { 1.0 } else { 0.0 },
+            formats: formats.map(|f| f.shader_code() as f64),
             variants: Default::default(),
         }
     }
@@ -230,6 +249,8 @@ impl ExpertMatmuls {
                 ("QUADS", quads),
                 ("ROW_QUADS", row_quads),
                 ("LANES", lanes),
+                ("W1_FORMAT", self.formats[0]),
+                ("W3_FORMAT", self.formats[1]),
             ];
             MatmulPipelines {
                 up: compute_pipeline(
@@ -249,6 +270,7 @@ impl ExpertMatmuls {
                         ("QUADS", quads),
                         ("ROW_QUADS", row_quads),
                         ("LANES", lanes),
+                        ("W2_FORMAT", self.formats[2]),
                     ],
                 ),
             }
@@ -270,7 +292,8 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+    /// `formats`: the stored formats of W1, W3 (W1's when not gated) and W2.
+    pub fn new(device: &wgpu::Device, config: &MoeConfig, formats: [WeightFormat; 3]) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Texture as T,
             TextureArray as Ta, Uniform as U,
@@ -298,7 +321,7 @@ impl Kernels {
                 shaders::SCATTER_ASSIGNMENTS,
                 &[U, Ro, Ro, Ro, Ro, Rw, Rw],
             ),
-            expert_matmuls: ExpertMatmuls::new(device, config),
+            expert_matmuls: ExpertMatmuls::new(device, config, formats),
             combine_outputs: Kernel::new(
                 device,
                 shaders::COMBINE_OUTPUTS,

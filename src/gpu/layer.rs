@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use crate::config::{DropPolicy, MoeConfig};
 use crate::error::{MoeError, Result};
+use crate::formats::WeightFormat;
 use crate::gpu::buffers::{
     max_x_rows, padded_to_vec4, uniform_buffer, GpuWeights, Scratch, ScratchSizes,
 };
@@ -40,6 +41,10 @@ pub struct LayerOptions {
     /// Forces the side of each matmul invocation's output block (8 or 16) instead of
     /// choosing it from the adapter: 16 on CPU adapters, 8 elsewhere (for tests and tuning).
     pub matmul_block: Option<u32>,
+    /// Converts f32, f16 and bf16 expert weights to this format at upload (quantizing as
+    /// ggml does), so that they take its size on the device. Quantized weights convert only
+    /// to their own format.
+    pub weight_format: Option<WeightFormat>,
 }
 
 /// The matmul block for a device: CPU adapters (lavapipe, llvmpipe, SwiftShader) run each
@@ -209,6 +214,8 @@ pub struct MoeLayer {
     matmul_block: u32,
     kernels: Kernels,
     weights: GpuWeights,
+    /// The stored formats of W1, W3 and W2 on the device.
+    weight_formats: [WeightFormat; 3],
     /// Idle workspaces of `forward` and `forward_async`: a forward takes one (or builds
     /// one when all are in use) and puts it back, so concurrent forwards never share
     /// buffers and no lock is held while the GPU works.
@@ -269,6 +276,14 @@ impl MoeLayer {
         options: LayerOptions,
     ) -> Result<Self> {
         weights.check()?;
+        let converted;
+        let weights = match options.weight_format {
+            Some(format) => {
+                converted = weights.converted(format)?;
+                &converted
+            }
+            None => weights,
+        };
         let shape = weights.shape;
         config.validate_for_weights(weights)?;
         if let Some(lanes) = options.row_lanes.filter(|l| !ROW_LANES_CHOICES.contains(l)) {
@@ -316,7 +331,15 @@ impl MoeLayer {
             .max_activation_binding_bytes
             .map_or(device_binding, |cap| cap.min(device_binding));
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = Kernels::new(device, &config);
+        let weight_formats = [
+            weights.w1.format,
+            weights
+                .w3
+                .as_ref()
+                .map_or(weights.w1.format, |w3| w3.format),
+            weights.w2.format,
+        ];
+        let kernels = Kernels::new(device, &config, weight_formats);
         let weights_on_device = GpuWeights::upload(
             device,
             queue,
@@ -341,6 +364,7 @@ impl MoeLayer {
             matmul_block,
             kernels,
             weights: weights_on_device,
+            weight_formats,
             pool: Mutex::new(Vec::new()),
             encoded: Mutex::new(None),
             scratch_allocations: AtomicUsize::new(0),
@@ -357,6 +381,19 @@ impl MoeLayer {
 
     /// Weight shards (1 unless there are more experts than the device's texture array
     /// layers allow, or `LayerOptions::max_experts_per_shard` asks for fewer).
+    /// Device bytes of the weights: the expert matrices in their stored format (with the
+    /// few percent of layout padding of `shaders/weight_formats.wgsl`), the router and the
+    /// biases.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.bytes
+    }
+
+    /// The stored formats of the expert matrices W1, W3 (W1's when not gated) and W2 on
+    /// the device.
+    pub fn weight_formats(&self) -> [WeightFormat; 3] {
+        self.weight_formats
+    }
+
     pub fn num_weight_shards(&self) -> usize {
         self.weights.shards.len()
     }
@@ -753,8 +790,12 @@ impl MoeLayer {
                             wgpu::BindingResource::TextureView(&s.x_rows),
                             s.slot_token.as_entire_binding(),
                             s.expert_table.as_entire_binding(),
-                            wgpu::BindingResource::TextureView(&shard.w1),
-                            wgpu::BindingResource::TextureView(&shard.w3),
+                            wgpu::BindingResource::TextureView(&shard.w1.quants),
+                            wgpu::BindingResource::TextureView(&shard.w1.high),
+                            wgpu::BindingResource::TextureView(&shard.w1.scales),
+                            wgpu::BindingResource::TextureView(&shard.w3.quants),
+                            wgpu::BindingResource::TextureView(&shard.w3.high),
+                            wgpu::BindingResource::TextureView(&shard.w3.scales),
                             shard.up_bias.as_entire_binding(),
                             s.hidden.as_entire_binding(),
                         ],
@@ -774,7 +815,9 @@ impl MoeLayer {
                             shard.params.as_entire_binding(),
                             s.hidden.as_entire_binding(),
                             s.expert_table.as_entire_binding(),
-                            wgpu::BindingResource::TextureView(&shard.w2),
+                            wgpu::BindingResource::TextureView(&shard.w2.quants),
+                            wgpu::BindingResource::TextureView(&shard.w2.high),
+                            wgpu::BindingResource::TextureView(&shard.w2.scales),
                             shard.down_bias.as_entire_binding(),
                             s.expert_out.as_entire_binding(),
                         ],

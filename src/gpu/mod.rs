@@ -8,6 +8,7 @@ pub mod params;
 pub mod plan;
 pub mod readback;
 pub mod shaders;
+pub mod weight_textures;
 
 pub use context::{AdapterSummary, GpuContext};
 pub use layer::{ForwardTrace, LayerOptions, MoeLayer, StatisticsLayout};

@@ -15,6 +15,16 @@ macro_rules! shader {
             source: include_str!(concat!("../../shaders/", $name, ".wgsl")),
         };
     };
+    // A kernel with a shared file prepended (WGSL has no includes): one module each.
+    ($ident:ident, $name:literal, prepend $shared:literal) => {
+        pub const $ident: ShaderSource = ShaderSource {
+            name: $name,
+            source: concat!(
+                include_str!(concat!("../../shaders/", $shared, ".wgsl")),
+                include_str!(concat!("../../shaders/", $name, ".wgsl"))
+            ),
+        };
+    };
 }
 
 shader!(STAGE_TOKENS, "stage_tokens");
@@ -22,8 +32,9 @@ shader!(ROUTE_TOKENS, "route_tokens");
 shader!(COUNT_EXPERTS, "count_experts");
 shader!(SCAN_EXPERT_OFFSETS, "scan_expert_offsets");
 shader!(SCATTER_ASSIGNMENTS, "scatter_assignments");
-shader!(EXPERT_UP, "expert_up");
-shader!(EXPERT_DOWN, "expert_down");
+// The expert matmuls read every stored weight format through weight_formats.wgsl.
+shader!(EXPERT_UP, "expert_up", prepend "weight_formats");
+shader!(EXPERT_DOWN, "expert_down", prepend "weight_formats");
 shader!(COMBINE_OUTPUTS, "combine_outputs");
 shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 

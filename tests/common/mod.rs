@@ -6,7 +6,7 @@
 use switch_moe::config::Activation;
 use switch_moe::cpu_reference::{self, dot};
 use switch_moe::rng::SeededRng;
-use switch_moe::{GpuContext, LayerShape, MoeConfig, MoeOutput, MoeWeights};
+use switch_moe::{ExpertMatrices, GpuContext, LayerShape, MoeConfig, MoeOutput, MoeWeights};
 
 /// Unit roundoff of f32.
 pub const U: f64 = f32::EPSILON as f64 / 2.0;
@@ -66,15 +66,18 @@ pub fn assert_close(
 /// The weights with every value replaced by its absolute value.
 pub fn absolute(weights: &MoeWeights) -> MoeWeights {
     let abs = |v: &Vec<f32>| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+    // Stored formats decode first: |decoded value| is what bounds a product's error.
+    let abs_matrices =
+        |m: &ExpertMatrices| ExpertMatrices::from_f32(m.count, m.rows, m.cols, abs(&m.to_f32()));
     MoeWeights {
         shape: weights.shape,
         router_weight: abs(&weights.router_weight),
         router_bias: weights.router_bias.as_ref().map(abs),
-        w1: abs(&weights.w1),
+        w1: abs_matrices(&weights.w1),
         b1: weights.b1.as_ref().map(abs),
-        w2: abs(&weights.w2),
+        w2: abs_matrices(&weights.w2),
         b2: weights.b2.as_ref().map(abs),
-        w3: weights.w3.as_ref().map(abs),
+        w3: weights.w3.as_ref().map(abs_matrices),
         b3: weights.b3.as_ref().map(abs),
     }
 }
