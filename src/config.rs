@@ -55,6 +55,9 @@ pub enum Naming {
     HfSwitch,
     /// Mixtral, either the per-expert layout of transformers 4.x or the stacked one of 5.x.
     HfMixtral,
+    /// llama.cpp's GGUF (`blk.N.ffn_gate_inp.weight`, `ffn_{gate,up,down}_exps.weight`),
+    /// recognised by the file's magic.
+    Gguf,
 }
 
 /// The layer's hyper-parameters, as in the config JSON.
@@ -128,6 +131,12 @@ impl MoeConfig {
     /// Parses the config JSON: an object whose keys are all optional (`null` means the
     /// default); unknown keys are an error.
     pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::from_json_str_over(text, MoeConfig::default())
+    }
+
+    /// Parses the config JSON over `defaults`: keys absent or `null` keep their value there
+    /// (a GGUF file's metadata gives `n_experts` and `top_k` when the config does not).
+    pub fn from_json_str_over(text: &str, defaults: MoeConfig) -> Result<Self> {
         let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| MoeError::config("<json>", format!("not valid JSON: {e}")))?;
         let serde_json::Value::Object(map) = value else {
@@ -136,7 +145,7 @@ impl MoeConfig {
                 "the config must be a JSON object",
             ));
         };
-        let mut config = MoeConfig::default();
+        let mut config = defaults;
         for (key, value) in map {
             // `null` means the key's default (Python's `json.dump` writes `None` as null).
             if value.is_null() && KEYS.contains(&key.as_str()) {
@@ -165,9 +174,18 @@ impl MoeConfig {
     /// Reads and parses a config file.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        Self::from_json_file_over(path, MoeConfig::default())
+    }
+
+    /// Reads and parses a config file over `defaults` (see [`MoeConfig::from_json_str_over`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_json_file_over(
+        path: impl AsRef<std::path::Path>,
+        defaults: MoeConfig,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| MoeError::file(path, e))?;
-        Self::from_json_str(&text).map_err(|e| match e {
+        Self::from_json_str_over(&text, defaults).map_err(|e| match e {
             MoeError::Config { key, message } => MoeError::Config {
                 key,
                 message: format!("{message} (in {})", path.display()),

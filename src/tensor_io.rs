@@ -129,6 +129,18 @@ pub fn serialize_tensors(tensors: &BTreeMap<String, OwnedTensor>) -> Result<Vec<
         .map_err(|e| MoeError::tensor("<all>", format!("cannot serialize: {e}")))
 }
 
+/// Maps a weight file into memory: its pages are read as the loader touches them and are
+/// not a copy on the heap, so loading a layer out of a large model file holds that layer's
+/// tensors once (the loaders copy what they keep).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn map_file(path: &std::path::Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| MoeError::file(path, e))?;
+    // SAFETY: the map is read-only and lives only while a loader parses it; another
+    // process truncating the file meanwhile is outside what a loader can guard against
+    // (as for every mapped reader, safetensors' own included).
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| MoeError::file(path, e))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename,
 /// so that a failure never leaves a partial or stale-looking output behind.
 #[cfg(not(target_arch = "wasm32"))]
