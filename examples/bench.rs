@@ -14,97 +14,83 @@
 //! GPU times come from timestamp queries when the adapter has them; otherwise from the wall
 //! time of encoding, submitting and waiting for a forward of a batch already on the device.
 //!
+//! With `--formats f32,bf16,q8_0,q4_0,q4_k`, it times instead the same weights stored in
+//! each format (see `format_sweep`).
+//!
 //! cargo run --release --example bench -- [--quick] [--json FILE] [--svg FILE]
 //!     [--experts 1,8,32,64,128] [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4]
-//!     [--d-model 512] [--d-ff 2048] [--runs 5]
+//!     [--d-model 512] [--d-ff 2048] [--runs 5] [--formats f32,bf16,q8_0,q4_0,q4_k]
 //! cargo run --release --example bench -- --replot FILE.json --svg FILE.svg
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use clap::Parser;
+use plotters::prelude::*;
 use switch_moe::rng::SeededRng;
 use switch_moe::{
     cpu_reference, GpuContext, LayerOptions, LayerShape, MoeConfig, MoeLayer, MoeWeights,
+    WeightFormat,
 };
 
-const USAGE: &str = "usage: bench [--quick] [--json FILE] [--svg FILE] [--experts 1,8,32,64,128] \
-                     [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4] [--d-model 512] \
-                     [--d-ff 2048] [--runs 5] | bench --replot FILE.json --svg FILE.svg";
-
+#[derive(Parser)]
+#[command(
+    about = "Times the grouped layer against the per-expert loop, a dense FFN, a buffer \
+                   copy and the CPU reference; or, with --formats, each stored weight format"
+)]
 struct Args {
+    /// A short run (N = 8, 64; T = 2048; d_model 256, d_ff 1024).
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64,128")]
     experts: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "512,4096,16384")]
     tokens: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     top_k: Vec<usize>,
+    /// Expert 0 gets about this many times its share of first choices.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
     skew: Vec<usize>,
+    #[arg(long, default_value_t = 512)]
     d_model: usize,
+    #[arg(long, default_value_t = 2048)]
     d_ff: usize,
+    /// Timed runs per variant (after a warm-up).
+    #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Instead of the sweep: the same weights in each of these formats (f32 first as the
+    /// baseline), decode (T = 1, 4, 16, 64 with N = 8 and 64) and prefill (128 tokens per
+    /// expert) against a buffer copy.
+    #[arg(long, value_delimiter = ',')]
+    formats: Option<Vec<WeightFormat>>,
+    #[arg(long)]
     json: Option<String>,
+    #[arg(long)]
     svg: Option<String>,
     /// Plot the records of this JSON file instead of measuring.
+    #[arg(long)]
     replot: Option<String>,
 }
 
-fn list(value: &str) -> Result<Vec<usize>, String> {
-    value
-        .split(',')
-        .map(|v| {
-            v.trim()
-                .parse::<usize>()
-                .map_err(|e| format!("{value}: {e}"))
-        })
-        .collect()
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        experts: vec![1, 8, 32, 64, 128],
-        tokens: vec![512, 4096, 16384],
-        top_k: vec![1, 2],
-        skew: vec![1, 4],
-        d_model: 512,
-        d_ff: 2048,
-        runs: 5,
-        json: None,
-        svg: None,
-        replot: None,
-    };
-    let mut rest = std::env::args().skip(1);
-    while let Some(flag) = rest.next() {
-        if flag == "--quick" {
-            args.experts = vec![8, 64];
-            args.tokens = vec![2048];
-            args.d_model = 256;
-            args.d_ff = 1024;
-            continue;
+impl Args {
+    /// The arguments with `--quick` applied.
+    fn resolved(mut self) -> Self {
+        if self.quick {
+            self.experts = vec![8, 64];
+            self.tokens = vec![2048];
+            self.d_model = 256;
+            self.d_ff = 1024;
         }
-        let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<usize>()
-                .map_err(|e| format!("{flag} {value}: {e}"))
-        };
-        match flag.as_str() {
-            "--experts" => args.experts = list(&value)?,
-            "--tokens" => args.tokens = list(&value)?,
-            "--top-k" => args.top_k = list(&value)?,
-            "--skew" => args.skew = list(&value)?,
-            "--d-model" => args.d_model = number()?,
-            "--d-ff" => args.d_ff = number()?,
-            "--runs" => args.runs = number()?.max(1),
-            "--json" => args.json = Some(value),
-            "--svg" => args.svg = Some(value),
-            "--replot" => args.replot = Some(value),
-            other => return Err(format!("unknown flag {other}")),
-        }
+        self.runs = self.runs.max(1);
+        self
     }
-    Ok(args)
 }
 
 /// One measured variant of one case.
 struct Record {
     variant: &'static str,
+    /// The expert weights' stored format.
+    format: WeightFormat,
     n_experts: usize,
     tokens: usize,
     top_k: usize,
@@ -264,21 +250,11 @@ fn skew_router(weights: &mut MoeWeights, x: &[f32], skew: usize) {
 
 fn main() {
     env_logger::init();
-    if std::env::args().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return;
-    }
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("error: {message} ({USAGE})");
-            std::process::exit(2);
-        }
-    };
+    let args = Args::parse().resolved();
     if let Some(json) = &args.replot {
         let svg = args.svg.as_deref().unwrap_or("bench.svg");
         let (records, adapter) = read_records(json);
-        std::fs::write(svg, svg_plot(&records, &adapter)).unwrap_or_else(|e| panic!("{svg}: {e}"));
+        write_plot(svg, &records, &adapter).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("wrote {svg} from {json}");
         return;
     }
@@ -296,6 +272,58 @@ fn main() {
         args.d_model, args.d_ff
     );
 
+    let records = match &args.formats {
+        Some(formats) => format_sweep(&context, &args, formats),
+        None => sweep(&context, &args),
+    };
+    let (d_model, d_ff) = (args.d_model, args.d_ff);
+
+    let methods = [
+        (
+            &TIMED_BY_TIMESTAMPS,
+            "GPU timestamps around the forward's compute pass",
+        ),
+        (
+            &TIMED_BY_SUBMIT,
+            "the driver gave no GPU timestamps: wall time of encoding, submitting and waiting \
+             for a forward of a batch already on the device (as the copy is timed)",
+        ),
+        (
+            &TIMED_BY_FORWARD,
+            "batches the layer runs in chunks: wall time of forward(), upload of x and \
+             read-back included",
+        ),
+    ];
+    for (used, method) in methods {
+        if used.load(Ordering::Relaxed) {
+            println!("times: {method}");
+        }
+    }
+    if let Some(path) = &args.json {
+        let list: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "variant": r.variant, "format": r.format.name(), "n_experts": r.n_experts,
+                    "tokens": r.tokens,
+                    "d_model": d_model, "d_ff": d_ff, "top_k": r.top_k, "skew": r.skew,
+                    "ms_median": r.ms_median, "ms_min": r.ms_min, "gflops": r.gflops,
+                    "dispatches": r.dispatches, "adapter": adapter.name, "backend": adapter.backend,
+                })
+            })
+            .collect();
+        let json = serde_json::to_string_pretty(&list).unwrap_or_else(|e| panic!("{path}: {e}"));
+        std::fs::write(path, json).unwrap_or_else(|e| panic!("{path}: {e}"));
+        eprintln!("wrote {path}");
+    }
+    if let Some(path) = &args.svg {
+        write_plot(path, &records, &adapter.name).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("wrote {path}");
+    }
+}
+
+/// The grouped layer against the loop, dense, copy and CPU variants, case by case.
+fn sweep(context: &GpuContext, args: &Args) -> Vec<Record> {
     let (d_model, d_ff) = (args.d_model, args.d_ff);
     let mut records = Vec::new();
     let cases: Vec<(usize, usize, usize, usize)> = args
@@ -343,6 +371,7 @@ fn main() {
         let mut record = |variant, (ms_median, ms_min): (f64, f64), dispatches| {
             case_records.push(Record {
                 variant,
+                format: WeightFormat::F32,
                 n_experts,
                 tokens,
                 top_k,
@@ -354,12 +383,12 @@ fn main() {
             });
         };
 
-        let grouped = MoeLayer::new(&context, config.clone(), &weights).expect("grouped layer");
+        let grouped = MoeLayer::new(context, config.clone(), &weights).expect("grouped layer");
         let per_expert = LayerOptions {
             max_experts_per_shard: Some(1),
             ..Default::default()
         };
-        let looped = MoeLayer::with_options(&context, config.clone(), &weights, per_expert)
+        let looped = MoeLayer::with_options(context, config.clone(), &weights, per_expert)
             .expect("loop layer");
         let dense_weights = MoeWeights::random(
             LayerShape {
@@ -376,22 +405,22 @@ fn main() {
             drop_tokens: false,
             ..MoeConfig::default()
         };
-        let dense = MoeLayer::new(&context, dense_config, &dense_weights).expect("dense layer");
+        let dense = MoeLayer::new(context, dense_config, &dense_weights).expect("dense layer");
 
         let xs = [tokens, d_model];
-        let batch = device_batch(&context, &x, tokens);
+        let batch = device_batch(context, &x, tokens);
         let dense_x = SeededRng::new(5).normal_vec(tokens * top_k * d_model);
         let dense_shape = [tokens * top_k, d_model];
-        let dense_batch = device_batch(&context, &dense_x, tokens * top_k);
+        let dense_batch = device_batch(context, &dense_x, tokens * top_k);
         // Before the timed runs, whose batches on the device take a second set of buffers.
         let output = grouped.forward(&x, &xs).expect("forward");
         let scratch_mib = grouped.scratch_bytes() as f64 / (1 << 20) as f64;
         let timings = time_interleaved(
             args.runs,
             &mut [
-                &mut || time_forward(&context, &grouped, &x, &xs, &batch),
-                &mut || time_forward(&context, &looped, &x, &xs, &batch),
-                &mut || time_forward(&context, &dense, &dense_x, &dense_shape, &dense_batch),
+                &mut || time_forward(context, &grouped, &x, &xs, &batch),
+                &mut || time_forward(context, &looped, &x, &xs, &batch),
+                &mut || time_forward(context, &dense, &dense_x, &dense_shape, &dense_batch),
             ],
         );
         record("grouped", timings[0], grouped.dispatches_per_forward());
@@ -412,7 +441,7 @@ fn main() {
             })
         };
         let (source, target) = (buffer("copy source"), buffer("copy target"));
-        let copy = time_runs(args.runs, || time_copy(&context, &source, &target, bytes));
+        let copy = time_runs(args.runs, || time_copy(context, &source, &target, bytes));
 
         let cpu_estimate_s = flops / 10e9;
         if cpu_estimate_s < 10.0 {
@@ -462,49 +491,141 @@ fn main() {
         );
         records.extend(case_records);
     }
+    records
+}
 
-    let methods = [
-        (
-            &TIMED_BY_TIMESTAMPS,
-            "GPU timestamps around the forward's compute pass",
-        ),
-        (
-            &TIMED_BY_SUBMIT,
-            "the driver gave no GPU timestamps: wall time of encoding, submitting and waiting \
-             for a forward of a batch already on the device (as the copy is timed)",
-        ),
-        (
-            &TIMED_BY_FORWARD,
-            "batches the layer runs in chunks: wall time of forward(), upload of x and \
-             read-back included",
-        ),
-    ];
-    for (used, method) in methods {
-        if used.load(Ordering::Relaxed) {
-            println!("times: {method}");
-        }
-    }
-    if let Some(path) = &args.json {
-        let list: Vec<serde_json::Value> = records
+/// Bytes of one expert's W1 and W2 as stored in `format`.
+fn stored_expert_bytes(format: WeightFormat, d_model: usize, d_ff: usize) -> u64 {
+    (2 * d_model * d_ff / format.block_values() * format.block_bytes()) as u64
+}
+
+/// The same layer with its expert weights in each of `formats` (quantized on upload from
+/// one f32 layer; f32 always runs, as the baseline), formats taking turns run by run:
+/// - decode: T = 1, 4, 16, 64 tokens with N = 8 and 64 (few tokens per expert: a forward
+///   reads each used expert's weights once, so time follows stored bytes), against a copy
+///   of the used experts' f32 bytes timed in the same run;
+/// - prefill: 128 tokens per expert (N = 8, T = 1024): arithmetic-bound, where decoding
+///   must cost little.
+fn format_sweep(context: &GpuContext, args: &Args, formats: &[WeightFormat]) -> Vec<Record> {
+    let (d_model, d_ff) = (args.d_model, args.d_ff);
+    let mut formats = formats.to_vec();
+    formats.retain(|&f| f != WeightFormat::F32);
+    formats.insert(0, WeightFormat::F32);
+    let (experts, tokens): (&[usize], &[usize]) = if args.quick {
+        (&[8], &[1, 16])
+    } else {
+        (&[8, 64], &[1, 4, 16, 64])
+    };
+    let mut cases: Vec<(&'static str, usize, usize)> = experts
+        .iter()
+        .flat_map(|&n| tokens.iter().map(move |&t| ("decode", n, t)))
+        .collect();
+    cases.push(("prefill", 8, 1024));
+    println!(
+        "\n{:>8} {:>4} {:>5} {:>6} {:>6} {:>10} {:>10} {:>9} {:>10} {:>11} {:>7}",
+        "phase",
+        "N",
+        "T",
+        "T/exp",
+        "format",
+        "median ms",
+        "min ms",
+        "read MiB",
+        "read GB/s",
+        "copy GB/s",
+        "/ f32"
+    );
+    let mut records = Vec::new();
+    for (index, &(phase, n_experts, tokens)) in cases.iter().enumerate() {
+        eprintln!(
+            "[{}/{}] {phase} N={n_experts} T={tokens}",
+            index + 1,
+            cases.len()
+        );
+        let shape = LayerShape {
+            num_experts: n_experts,
+            d_model,
+            d_ff,
+        };
+        let weights = MoeWeights::random(shape, false, true, 17);
+        let x = SeededRng::new(tokens as u64).normal_vec(tokens * d_model);
+        let config = MoeConfig {
+            drop_tokens: false,
+            ..MoeConfig::default()
+        };
+        let layers: Vec<MoeLayer> = formats
             .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "variant": r.variant, "n_experts": r.n_experts, "tokens": r.tokens,
-                    "d_model": d_model, "d_ff": d_ff, "top_k": r.top_k, "skew": r.skew,
-                    "ms_median": r.ms_median, "ms_min": r.ms_min, "gflops": r.gflops,
-                    "dispatches": r.dispatches, "adapter": adapter.name, "backend": adapter.backend,
-                })
+            .map(|&format| {
+                let options = LayerOptions {
+                    weight_format: Some(format),
+                    ..Default::default()
+                };
+                MoeLayer::with_options(context, config.clone(), &weights, options)
+                    .unwrap_or_else(|e| panic!("{format} layer: {e}"))
             })
             .collect();
-        let json = serde_json::to_string_pretty(&list).unwrap_or_else(|e| panic!("{path}: {e}"));
-        std::fs::write(path, json).unwrap_or_else(|e| panic!("{path}: {e}"));
-        eprintln!("wrote {path}");
+        let xs = [tokens, d_model];
+        let batch = device_batch(context, &x, tokens);
+        let output = layers[0].forward(&x, &xs).expect("forward");
+        let used = output.kept.iter().filter(|&&k| k > 0).count() as u64;
+        let mut variants: Vec<Box<dyn FnMut() -> f64 + '_>> = layers
+            .iter()
+            .map(|layer| {
+                let (x, xs, batch) = (&x, &xs, &batch);
+                Box::new(move || time_forward(context, layer, x, xs, batch))
+                    as Box<dyn FnMut() -> f64>
+            })
+            .collect();
+        let mut refs: Vec<&mut dyn FnMut() -> f64> = variants
+            .iter_mut()
+            .map(|v| v.as_mut() as &mut dyn FnMut() -> f64)
+            .collect();
+        let timings = time_interleaved(args.runs, &mut refs);
+        drop(refs);
+        drop(variants);
+
+        let f32_bytes = used * stored_expert_bytes(WeightFormat::F32, d_model, d_ff);
+        let buffer = |label| {
+            context.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: f32_bytes,
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let (source, target) = (buffer("copy source"), buffer("copy target"));
+        let copy = time_runs(args.runs, || {
+            time_copy(context, &source, &target, f32_bytes)
+        });
+        let copy_gbs = f32_bytes as f64 / (copy.0 * 1e-3) / 1e9;
+
+        let flops = 2.0 * 2.0 * tokens as f64 * d_model as f64 * d_ff as f64;
+        let f32_ms = timings[0].0;
+        for ((&format, layer), &(ms_median, ms_min)) in formats.iter().zip(&layers).zip(&timings) {
+            let read = used * stored_expert_bytes(format, d_model, d_ff);
+            println!(
+                "{phase:>8} {n_experts:>4} {tokens:>5} {:>6} {:>6} {ms_median:>10.2} {ms_min:>10.2} {:>9.1} {:>10.2} {copy_gbs:>11.2} {:>7.2}",
+                tokens as u64 / used.max(1),
+                format.name(),
+                read as f64 / (1 << 20) as f64,
+                read as f64 / (ms_median * 1e-3) / 1e9,
+                ms_median / f32_ms
+            );
+            records.push(Record {
+                variant: phase,
+                format,
+                n_experts,
+                tokens,
+                top_k: 1,
+                skew: 1,
+                ms_median,
+                ms_min,
+                gflops: flops / (ms_median * 1e-3) / 1e9,
+                dispatches: layer.dispatches_per_forward(),
+            });
+        }
     }
-    if let Some(path) = &args.svg {
-        std::fs::write(path, svg_plot(&records, &adapter.name))
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
-        eprintln!("wrote {path}");
-    }
+    records
 }
 
 /// Records and adapter name from a `--json` file.
@@ -514,7 +635,7 @@ fn read_records(path: &str) -> (Vec<Record>, String) {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     let number = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
     let variant = |name: &str| -> &'static str {
-        ["grouped", "loop", "dense", "cpu"]
+        ["grouped", "loop", "dense", "cpu", "decode", "prefill"]
             .into_iter()
             .find(|v| *v == name)
             .unwrap_or("other")
@@ -528,6 +649,10 @@ fn read_records(path: &str) -> (Vec<Record>, String) {
         .iter()
         .map(|v| Record {
             variant: variant(v["variant"].as_str().unwrap_or("")),
+            format: v["format"]
+                .as_str()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(WeightFormat::F32),
             n_experts: number(v, "n_experts") as usize,
             tokens: number(v, "tokens") as usize,
             top_k: number(v, "top_k") as usize,
@@ -541,122 +666,93 @@ fn read_records(path: &str) -> (Vec<Record>, String) {
     (records, adapter)
 }
 
-/// Time against N (both log scale), one line per variant and token count, for top-1
-/// uniform routing (or the first top-k/skew measured).
-fn svg_plot(records: &[Record], adapter: &str) -> String {
-    // The legend takes a column right of the plot.
-    let (width, height, margin, legend) = (960.0, 460.0, 70.0, 200.0);
+/// The records as a log-log chart of time per forward: for a format sweep, against tokens
+/// (decode cases), one line per format and N; otherwise against N, one line per variant
+/// and token count (top-1 uniform routing, or the first top-k/skew measured).
+fn write_plot(path: &str, records: &[Record], adapter: &str) -> Result<(), String> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut add =
+        |label: String, x: f64, ms: f64| match series.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, points)) => points.push((x, ms)),
+            None => series.push((label, vec![(x, ms)])),
+        };
     let Some(first) = records.first() else {
-        return String::from("<svg xmlns=\"http://www.w3.org/2000/svg\"/>");
+        return Err("no records to plot".to_string());
     };
-    let shown: Vec<&Record> = records
-        .iter()
-        .filter(|r| r.top_k == first.top_k && r.skew == first.skew && r.variant != "cpu")
-        .collect();
-    let log = |v: f64| v.max(1e-9).log10();
-    let (n_min, n_max) = shown.iter().fold((f64::MAX, f64::MIN), |(a, b), r| {
-        (
-            a.min(log(r.n_experts as f64)),
-            b.max(log(r.n_experts as f64)),
-        )
-    });
-    let (t_min, t_max) = shown.iter().fold((f64::MAX, f64::MIN), |(a, b), r| {
-        (a.min(log(r.ms_median)), b.max(log(r.ms_median)))
-    });
-    let span = |lo: f64, hi: f64| if hi - lo < 1e-9 { 1.0 } else { hi - lo };
-    let px =
-        |n: f64| margin + (log(n) - n_min) / span(n_min, n_max) * (width - 2.0 * margin - legend);
-    let py = |ms: f64| {
-        height - margin - (log(ms) - t_min) / span(t_min, t_max) * (height - 2.0 * margin)
-    };
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{margin}\" y=\"24\" font-size=\"15\">Time per forward against experts (top-{}, skew {}) — {}</text>\n\
-         <line x1=\"{margin}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <line x1=\"{margin}\" y1=\"{margin}\" x2=\"{margin}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\">experts N (log)</text>\n\
-         <text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\">ms per forward (log)</text>\n",
-        first.top_k,
-        first.skew,
-        xml_escape(adapter),
-        height - margin,
-        width - margin - legend,
-        height - margin,
-        height - margin,
-        (width - legend) / 2.0,
-        height - 25.0,
-        height / 2.0,
-        height / 2.0,
-    );
-    let mut ns: Vec<usize> = shown.iter().map(|r| r.n_experts).collect();
-    ns.sort_unstable();
-    ns.dedup();
-    for n in &ns {
-        let _ = writeln!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
-            px(*n as f64),
-            height - margin + 16.0
-        );
-    }
-    for ms in [t_min, (t_min + t_max) / 2.0, t_max] {
-        let value = 10f64.powf(ms);
-        let _ = writeln!(
-            svg,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{value:.3}</text>",
-            margin - 6.0,
-            py(value) + 4.0
-        );
-    }
-    let colors = [
-        ("grouped", "#1f77b4"),
-        ("loop", "#d62728"),
-        ("dense", "#2ca02c"),
-    ];
-    let mut token_counts: Vec<usize> = shown.iter().map(|r| r.tokens).collect();
-    token_counts.sort_unstable();
-    token_counts.dedup();
-    let dashes = ["", "6,3", "2,3", "8,2,2,2"];
-    let mut legend_y = margin;
-    for (variant, color) in colors {
-        for (i, tokens) in token_counts.iter().enumerate() {
-            let mut points: Vec<&&Record> = shown
-                .iter()
-                .filter(|r| r.variant == variant && r.tokens == *tokens)
-                .collect();
-            points.sort_by_key(|r| r.n_experts);
-            if points.is_empty() {
-                continue;
-            }
-            let path: Vec<String> = points
-                .iter()
-                .map(|r| format!("{:.1},{:.1}", px(r.n_experts as f64), py(r.ms_median)))
-                .collect();
-            let dash = dashes[i % dashes.len()];
-            let _ = writeln!(
-                svg,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\" points=\"{}\"/>",
-                path.join(" ")
+    let (title, x_label) = if records.iter().any(|r| r.variant == "decode") {
+        for r in records.iter().filter(|r| r.variant == "decode") {
+            add(
+                format!("{} N={}", r.format.name(), r.n_experts),
+                r.tokens as f64,
+                r.ms_median,
             );
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>\
-                 <text x=\"{}\" y=\"{}\">{variant} T={tokens}</text>",
-                width - legend + 10.0,
-                width - legend + 40.0,
-                width - legend + 46.0,
-                legend_y + 4.0
-            );
-            legend_y += 16.0;
         }
+        (
+            "Decode: time per forward by weight format",
+            "tokens T (log)",
+        )
+    } else {
+        let shown = records.iter().filter(|r| {
+            r.top_k == first.top_k && r.skew == first.skew && !matches!(r.variant, "cpu" | "other")
+        });
+        for r in shown {
+            add(
+                format!("{} T={}", r.variant, r.tokens),
+                r.n_experts as f64,
+                r.ms_median,
+            );
+        }
+        ("Time per forward against experts", "experts N (log)")
+    };
+    let points = series.iter().flat_map(|(_, p)| p.iter());
+    let (x_min, x_max, y_min, y_max) = points.fold(
+        (f64::MAX, f64::MIN, f64::MAX, f64::MIN),
+        |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
+    );
+    let error = |e: &dyn std::fmt::Display| format!("{path}: {e}");
+    let root = SVGBackend::new(path, (960, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let caption = format!(
+        "{title} ({}, top-{}, skew {}) — {adapter}",
+        first.variant, first.top_k, first.skew
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (x_min * 0.9..x_max * 1.1).log_scale(),
+            (y_min * 0.8..y_max * 1.25).log_scale(),
+        )
+        .map_err(|e| error(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc("ms per forward (log)")
+        .y_labels(12)
+        .y_label_formatter(&|ms| format!("{ms:.2}"))
+        .draw()
+        .map_err(|e| error(&e))?;
+    for (index, (label, points)) in series.iter_mut().enumerate() {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let color = Palette99::pick(index).to_rgba();
+        chart
+            .draw_series(
+                LineSeries::new(points.iter().copied(), color.stroke_width(2)).point_size(3),
+            )
+            .map_err(|e| error(&e))?
+            .label(label.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
-    svg.push_str("</svg>\n");
-    svg
-}
-
-fn xml_escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| error(&e))?;
+    root.present().map_err(|e| error(&e))
 }

@@ -1,6 +1,6 @@
 //! `forward`: runs the layer on files.
 //!
-//! cargo run --release --example forward -- --weights W.safetensors --input X.safetensors \
+//! cargo run --release --example forward -- --weights W.safetensors|W.gguf --input X.safetensors \
 //!     --config C.json --output Y.safetensors [--prefix P] [--device gpu|cpu]
 //!
 //! Any error prints one line naming the file, tensor or key, exits with code 2, and
@@ -9,66 +9,72 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, ValueEnum};
 use switch_moe::forward_files::{run_forward_files, Device, ForwardRequest};
 
-const USAGE: &str = "usage: forward --weights W.safetensors --input X.safetensors --config C.json \
-                     --output Y.safetensors [--prefix P] [--device gpu|cpu]";
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    /// The best GPU adapter.
+    Gpu,
+    /// The CPU reference.
+    Cpu,
+}
 
-fn parse_args(args: &[String]) -> Result<ForwardRequest, String> {
-    let mut weights = None;
-    let mut input = None;
-    let mut config = None;
-    let mut output = None;
-    let mut prefix = None;
-    let mut device = Device::Gpu;
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let mut value = || {
-            rest.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--weights" => weights = Some(PathBuf::from(value()?)),
-            "--input" => input = Some(PathBuf::from(value()?)),
-            "--config" => config = Some(PathBuf::from(value()?)),
-            "--output" => output = Some(PathBuf::from(value()?)),
-            "--prefix" => prefix = Some(value()?),
-            "--device" => {
-                device = match value()?.as_str() {
-                    "gpu" => Device::Gpu,
-                    "cpu" => Device::Cpu,
-                    other => return Err(format!("--device must be gpu or cpu, not {other:?}")),
-                }
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    let need =
-        |value: Option<PathBuf>, flag: &str| value.ok_or_else(|| format!("{flag} is required"));
-    Ok(ForwardRequest {
-        weights: need(weights, "--weights")?,
-        input: need(input, "--input")?,
-        config: need(config, "--config")?,
-        output: need(output, "--output")?,
-        prefix,
-        device,
-    })
+#[derive(Parser)]
+#[command(
+    about = "Runs the MoE layer on files: weights, input x and config in, every statistic out"
+)]
+struct Args {
+    /// Weights: safetensors (f32, f16 or bf16; any naming) or GGUF (llama.cpp).
+    #[arg(long)]
+    weights: PathBuf,
+    /// safetensors with the tensor `x`, [T, D] or [S, B, D].
+    #[arg(long)]
+    input: PathBuf,
+    /// The config JSON.
+    #[arg(long)]
+    config: PathBuf,
+    /// Where to write every output statistic (safetensors).
+    #[arg(long)]
+    output: PathBuf,
+    /// The layer's prefix: in a whole model's state dict, or `blk.N.` in a GGUF file.
+    #[arg(long)]
+    prefix: Option<String>,
+    #[arg(long, value_enum, default_value = "gpu")]
+    device: DeviceArg,
 }
 
 fn main() -> ExitCode {
     env_logger::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let request = match parse_args(&args) {
-        Ok(request) => request,
-        Err(message) => {
-            eprintln!("error: {message} ({USAGE})");
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // --help prints and succeeds.
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        // A bad command line is one line, like every other error of the tool.
+        Err(error) => {
+            let text = error.to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .collect();
+            eprintln!("{} (see --help)", parts.join(" "));
             return ExitCode::from(2);
         }
+    };
+    let request = ForwardRequest {
+        weights: args.weights,
+        input: args.input,
+        config: args.config,
+        output: args.output,
+        prefix: args.prefix,
+        device: match args.device {
+            DeviceArg::Gpu => Device::Gpu,
+            DeviceArg::Cpu => Device::Cpu,
+        },
     };
     match run_forward_files(&request) {
         Ok(output) => {

@@ -31,9 +31,10 @@ struct Args {
     /// Experts of the seeded layer.
     #[arg(long, default_value_t = 8)]
     experts: usize,
-    /// Tokens in the batch.
-    #[arg(long, default_value_t = 4096)]
-    tokens: usize,
+    /// Tokens in the batch, one capacity group [default: 4096, or the most one pass of
+    /// the device holds when fewer]
+    #[arg(long)]
+    tokens: Option<usize>,
     /// d_model of the seeded layer.
     #[arg(long, default_value_t = 512)]
     d_model: usize,
@@ -133,15 +134,8 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         gated: weights.w3.is_some(),
         ..MoeConfig::default()
     };
-    let x = SeededRng::new(7).normal_vec(args.tokens * d_model);
-    let shape = [args.tokens, d_model];
-
     let context = GpuContext::new()?;
     println!("adapter: {}", context.adapter_summary());
-    println!(
-        "layer: {num_experts} experts, d_model {d_model}, d_ff {d_ff}, {} tokens, top-{}, capacity factor {}",
-        args.tokens, config.top_k, config.capacity_factor
-    );
     // SWITCH_MOE_ROW_LANES, SWITCH_MOE_BLOCK_ROWS and SWITCH_MOE_MATMUL_BLOCK force the
     // matmul tile shape, for tuning.
     let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
@@ -152,6 +146,29 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         ..Default::default()
     };
     let layer = MoeLayer::with_options(&context, config.clone(), &weights, options)?;
+    // All tokens form one capacity group, which cannot be split into chunks: by default,
+    // as many as one pass holds.
+    let tokens = match args.tokens {
+        Some(tokens) => tokens,
+        None => {
+            let fits = layer.max_tokens_per_pass();
+            if fits < 4096 {
+                let tokens = 1 << fits.max(1).ilog2();
+                println!(
+                    "tokens: {tokens} (a capacity group of 4096 would not fit one pass of this device)"
+                );
+                tokens
+            } else {
+                4096
+            }
+        }
+    };
+    println!(
+        "layer: {num_experts} experts, d_model {d_model}, d_ff {d_ff}, {tokens} tokens, top-{}, capacity factor {}",
+        config.top_k, config.capacity_factor
+    );
+    let x = SeededRng::new(7).normal_vec(tokens * d_model);
+    let shape = [tokens, d_model];
     let [w1_format, _, w2_format] = layer.weight_formats();
     let formats = if w1_format == w2_format {
         w1_format.to_string()
@@ -183,7 +200,7 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         let bar = "#".repeat((40.0 * gpu.counts[e] as f64 / widest).round() as usize);
         println!("{e:>6} {:>8} {:>8}  {bar}", gpu.counts[e], gpu.kept[e]);
     }
-    let assignments = args.tokens * config.top_k;
+    let assignments = tokens * config.top_k;
     println!(
         "dropped: {} of {assignments} assignments ({:.2}%)",
         gpu.n_dropped,
@@ -197,8 +214,8 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         * if config.gated { 3.0 } else { 2.0 };
     // The whole batch when the CPU reference can afford it; else its first tokens as a
     // batch of their own (capacity then counts that batch), on the GPU and the CPU alike.
-    let check_tokens = ((FULL_CHECK_FLOPS / flops_per_token) as usize).clamp(1, args.tokens);
-    let (checked, check_x) = if check_tokens == args.tokens {
+    let check_tokens = ((FULL_CHECK_FLOPS / flops_per_token) as usize).clamp(1, tokens);
+    let (checked, check_x) = if check_tokens == tokens {
         (gpu.clone(), &x[..])
     } else {
         let check_x = &x[..check_tokens * d_model];
@@ -207,7 +224,7 @@ fn run(args: Args) -> switch_moe::Result<bool> {
     let start = Instant::now();
     let cpu = cpu_reference::forward(&config, &weights, check_x, &[check_tokens, d_model])?;
     let cpu_seconds = start.elapsed().as_secs_f64();
-    if check_tokens == args.tokens {
+    if check_tokens == tokens {
         println!(
             "aux_loss: {:.6} (CPU {:.6})   z_loss: {:.6} (CPU {:.6})",
             gpu.aux_loss, cpu.aux_loss, gpu.z_loss, cpu.z_loss
@@ -215,15 +232,15 @@ fn run(args: Args) -> switch_moe::Result<bool> {
     } else {
         println!("aux_loss: {:.6}   z_loss: {:.6}", gpu.aux_loss, gpu.z_loss);
     }
-    let cpu_per_batch = cpu_seconds * args.tokens as f64 / check_tokens as f64;
+    let cpu_per_batch = cpu_seconds * tokens as f64 / check_tokens as f64;
     println!(
         "time per forward: GPU {:.2} ms ({} of {}, {:.1} GFLOP/s in the experts), CPU reference {:.2} ms{}",
         gpu_seconds * 1e3,
         if times.len() == 3 { "median" } else { "min" },
         times.len(),
-        flops_per_token * args.tokens as f64 / gpu_seconds / 1e9,
+        flops_per_token * tokens as f64 / gpu_seconds / 1e9,
         cpu_per_batch * 1e3,
-        if check_tokens == args.tokens { "" } else { " (scaled from the checked tokens)" }
+        if check_tokens == tokens { "" } else { " (scaled from the checked tokens)" }
     );
     println!("dispatches per forward: {}", layer.dispatches_per_forward());
     println!(
@@ -243,7 +260,7 @@ fn run(args: Args) -> switch_moe::Result<bool> {
         && checked.kept == cpu.kept
         && checked.n_dropped == cpu.n_dropped
         && (max_rel as f64) <= tolerance;
-    let what = if check_tokens == args.tokens {
+    let what = if check_tokens == tokens {
         String::from("check against the CPU reference")
     } else {
         format!(

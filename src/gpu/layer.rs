@@ -500,6 +500,22 @@ impl MoeLayer {
         Ok(plan)
     }
 
+    /// The most tokens one pass can hold on this device (its binding limits and workgroup
+    /// counts): larger dropless batches, or batches of several capacity groups, run in
+    /// chunks; a single capacity group larger than this is an error.
+    pub fn max_tokens_per_pass(&self) -> usize {
+        let (mut fits, mut too_many) = (0usize, 1usize << 40);
+        while too_many - fits > 1 {
+            let middle = fits + (too_many - fits) / 2;
+            if self.plan(middle).is_ok() {
+                fits = middle;
+            } else {
+                too_many = middle;
+            }
+        }
+        fits
+    }
+
     /// Tokens per chunk for a batch of `num_tokens`: all of them when the batch fits the
     /// device, else the largest halving that fits. Chunks are exact: they hold whole
     /// capacity groups, or any tokens when nothing is dropped (tokens are then
