@@ -3,8 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use safetensors::SafeTensors;
 use switch_moe::tensor_io::{serialize_tensors, OwnedTensor};
-use switch_moe::{ExpertMatrices, LayerShape, MoeConfig, MoeError, MoeWeights, Naming};
+use switch_moe::{
+    ExpertMatrices, LayerShape, MoeConfig, MoeError, MoeWeights, Naming, WeightFormat,
+};
 
 const SHAPE: LayerShape = LayerShape {
     num_experts: 3,
@@ -474,4 +477,135 @@ fn malformed_files_are_file_errors() {
         Err(MoeError::File { path, .. }) => assert!(path.ends_with("weights.safetensors")),
         other => panic!("expected a file error, got {other:?}"),
     }
+}
+
+/// The tensors of `tensors` with every expert matrix re-encoded in `format` (f16 or bf16).
+fn half_precision(
+    tensors: &BTreeMap<String, OwnedTensor>,
+    weights: &MoeWeights,
+    format: WeightFormat,
+) -> (BTreeMap<String, OwnedTensor>, MoeWeights) {
+    let converted = weights.converted(format).unwrap();
+    let mut out = tensors.clone();
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = weights.shape;
+    out.insert(
+        "experts.w1".into(),
+        OwnedTensor::stored("w1", vec![n, f, d], format, converted.w1.stored_vec()).unwrap(),
+    );
+    out.insert(
+        "experts.w2".into(),
+        OwnedTensor::stored("w2", vec![n, d, f], format, converted.w2.stored_vec()).unwrap(),
+    );
+    (out, converted)
+}
+
+#[test]
+fn half_precision_experts_load_as_stored() {
+    let weights = random_weights(false, true);
+    let native = weights.to_safetensors_bytes().unwrap();
+    let file = SafeTensors::deserialize(&native).unwrap();
+    let mut tensors = BTreeMap::new();
+    for (name, view) in file.tensors() {
+        tensors.insert(name, OwnedTensor::f32(view.shape().to_vec(), &read(&view)));
+    }
+    for format in [WeightFormat::F16, WeightFormat::Bf16] {
+        let (half, expected) = half_precision(&tensors, &weights, format);
+        let loaded = load(&half, Naming::Auto, None).unwrap();
+        assert_eq!(loaded.w1.format, format);
+        assert_eq!(loaded, expected);
+        // Saved back in the native naming, in the same dtype.
+        let again = MoeWeights::from_safetensors_bytes(
+            &loaded.to_safetensors_bytes().unwrap(),
+            Naming::Auto,
+            None,
+            "again",
+        )
+        .unwrap();
+        assert_eq!(again, expected);
+    }
+    // labml's per-expert tensors in bf16 stack into one bf16 tensor.
+    let bf16 = weights.converted(WeightFormat::Bf16).unwrap();
+    let mut labml = labml_tensors(&weights);
+    for e in 0..SHAPE.num_experts {
+        let rows = |m: &ExpertMatrices| {
+            let per = m.stored_vec().len() / m.count;
+            m.stored_vec()[e * per..(e + 1) * per].to_vec()
+        };
+        let (f, d) = (SHAPE.d_ff, SHAPE.d_model);
+        labml.insert(
+            format!("experts.{e}.layer1.weight"),
+            OwnedTensor::stored("w1", vec![f, d], WeightFormat::Bf16, rows(&bf16.w1)).unwrap(),
+        );
+        labml.insert(
+            format!("experts.{e}.layer2.weight"),
+            OwnedTensor::stored("w2", vec![d, f], WeightFormat::Bf16, rows(&bf16.w2)).unwrap(),
+        );
+    }
+    assert_eq!(load(&labml, Naming::Auto, None).unwrap(), bf16);
+    // One expert in f16 among bf16 ones: an error naming it.
+    let f16 = weights.converted(WeightFormat::F16).unwrap();
+    let per = f16.w1.stored_vec().len() / SHAPE.num_experts;
+    labml.insert(
+        "experts.1.layer1.weight".into(),
+        OwnedTensor::stored(
+            "w1",
+            vec![SHAPE.d_ff, SHAPE.d_model],
+            WeightFormat::F16,
+            f16.w1.stored_vec()[per..2 * per].to_vec(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        blamed_tensor(load(&labml, Naming::Auto, None)),
+        "experts.1.layer1.weight"
+    );
+}
+
+#[test]
+fn disagreeing_dimensions_name_both_tensors() {
+    let weights = random_weights(false, true);
+    let mut tensors = labml_tensors(&weights);
+    // The router says D = 5, the experts 4.
+    tensors.insert(
+        "switch.weight".into(),
+        f32_tensor(
+            vec![SHAPE.num_experts, 5],
+            &vec![0.1; SHAPE.num_experts * 5],
+        ),
+    );
+    let message = load(&tensors, Naming::Auto, None).unwrap_err().to_string();
+    assert!(
+        message.contains("switch.weight") && message.contains("experts.0.layer1.weight"),
+        "{message}"
+    );
+    let native = weights.to_safetensors_bytes().unwrap();
+    let file = SafeTensors::deserialize(&native).unwrap();
+    let mut tensors: BTreeMap<String, OwnedTensor> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, OwnedTensor::f32(view.shape().to_vec(), &read(&view))))
+        .collect();
+    tensors.insert(
+        "experts.w2".into(),
+        f32_tensor(
+            vec![SHAPE.num_experts, 4, 7],
+            &vec![0.1; SHAPE.num_experts * 28],
+        ),
+    );
+    let message = load(&tensors, Naming::Auto, None).unwrap_err().to_string();
+    for name in ["experts.w2", "router.weight", "experts.w1"] {
+        assert!(message.contains(name), "{name}: {message}");
+    }
+}
+
+/// An F32 tensor's values.
+fn read(view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
+    view.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }

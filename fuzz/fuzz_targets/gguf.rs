@@ -1,14 +1,19 @@
-//! Fuzzes the GGUF container reader: any bytes must parse or give a clean error, never a
-//! panic, a hang or an absurd allocation; and every tensor of a file that parses must have
-//! exactly the bytes its dims and type call for.
+//! Fuzzes the GGUF container reader and the MoE layer loader on top of it: any bytes must
+//! parse or give a clean error, never a panic, a hang or an absurd allocation; every
+//! tensor of a file that parses must have exactly the bytes its dims and type call for; and
+//! a layer that loads must pass its own check.
 //!
 //! RUSTC_BOOTSTRAP=1 cargo fuzz run gguf   (cargo-fuzz needs nightly's -Z flags)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use switch_moe::gguf::{ggml_block_size, GgufFile};
+use switch_moe::MoeWeights;
 
 fuzz_target!(|data: &[u8]| {
+    if let Ok((weights, _)) = MoeWeights::from_gguf_bytes(data, None, "fuzz input") {
+        weights.check().expect("a loaded layer must pass its own check");
+    }
     let Ok(file) = GgufFile::parse(data, "fuzz input") else {
         return;
     };

@@ -9,6 +9,7 @@ use safetensors::tensor::SafeTensors;
 use super::{LayerShape, MoeWeights};
 use crate::config::Naming;
 use crate::error::{MoeError, Result};
+use crate::formats::decode::check_finite;
 use crate::formats::{ExpertMatrices, WeightFormat};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::tensor_io::map_file;
@@ -166,6 +167,23 @@ impl TensorSource<'_> {
                 ),
             ));
         }
+        // Non-finite values are named here, by the file's name for the tensor.
+        match format {
+            WeightFormat::F32 => {
+                let values = view.data().chunks_exact(4);
+                let bad = values
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .enumerate()
+                    .find(|(_, v)| !v.is_finite());
+                if let Some((index, value)) = bad {
+                    return Err(MoeError::tensor(
+                        &name,
+                        format!("non-finite value {value} at flat index {index}"),
+                    ));
+                }
+            }
+            _ => check_finite(format, view.data(), &name)?,
+        }
         self.used.insert(name);
         Ok(Some(StoredTensor {
             shape: view.shape().to_vec(),
@@ -192,12 +210,6 @@ impl TensorSource<'_> {
             &name,
         )?
         .to_f32();
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-            return Err(MoeError::tensor(
-                &name,
-                format!("non-finite value {} at flat index {index}", values[index]),
-            ));
-        }
         Ok(Some(values))
     }
 
