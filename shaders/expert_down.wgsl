@@ -7,8 +7,8 @@
 // invocations laid out ROW_LANES × (LANES / ROW_LANES), a BLOCK_ROWS × BLOCK block of 4×4
 // matrices each; operands read as vec4s along k (hidden rows are F4 long; W2 is texture
 // arrays in quads of rows like expert_up's weights, in its stored format, decoded by
-// weight_quad of weight_formats.wgsl, which the shader registry prepends). The K loop
-// mirrors expert_up's (keep the two in step).
+// weight_quad of expert_matmul.wgsl, which the shader registry prepends, with the
+// accumulate both K loops use; keep this loop in step with expert_up's).
 // Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table, 3-5 w2's quants, high bits and
 // scales ([shard experts][D4 / 4][...]), 6 down_bias [shard experts, D],
 // 7 expert_out [slots, D]; D4 and F4 are D and F rounded up to a multiple of 4.
@@ -32,7 +32,7 @@ override QUADS: u32 = 2u;
 override ROW_QUADS: u32 = 2u;
 // Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (as in expert_up).
 override LANES: u32 = 64u;
-// The stored format of W2 (a code of weight_formats.wgsl).
+// The stored format of W2 (a code of expert_matmul.wgsl).
 override W2_FORMAT: u32 = 0u;
 
 
@@ -53,22 +53,8 @@ fn hidden_quad(rows: vec4<u32>, k4: u32) -> mat4x4<f32> {
 
 // Weight rows 4·quad .. 4·quad + 4 of expert layer `layer` at k4 (floats 4·k4 .. 4·k4 + 4):
 // column j of the result is row 4·quad + j.
-fn w2_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
-    return weight_quad(W2_FORMAT, w2_quants, w2_high, w2_scales, quad, layer, k4);
-}
-
-// One row quad of the block: acc_j += ht·w_j, so that acc_j[c][r] = (row r, column 4j + c).
-fn accumulate(
-    acc0: ptr<function, mat4x4<f32>>, acc1: ptr<function, mat4x4<f32>>,
-    acc2: ptr<function, mat4x4<f32>>, acc3: ptr<function, mat4x4<f32>>,
-    ht: mat4x4<f32>, w0: mat4x4<f32>, w1: mat4x4<f32>, w2q: mat4x4<f32>, w3: mat4x4<f32>,
-) {
-    *acc0 += ht * w0;
-    *acc1 += ht * w1;
-    if (QUADS == 4u) {
-        *acc2 += ht * w2q;
-        *acc3 += ht * w3;
-    }
+fn w2_quad(quad: u32, layer: u32, k4: u32, scales: QuadScales) -> mat4x4<f32> {
+    return weight_quad(W2_FORMAT, w2_quants, w2_high, scales, quad, layer, k4);
 }
 
 // Writes one 4×4 quad at (row, col) plus the bias; rows past the expert's end and columns
@@ -147,14 +133,24 @@ fn main(
     var out10: mat4x4<f32>; var out11: mat4x4<f32>; var out12: mat4x4<f32>; var out13: mat4x4<f32>;
     var out20: mat4x4<f32>; var out21: mat4x4<f32>; var out22: mat4x4<f32>; var out23: mat4x4<f32>;
     var out30: mat4x4<f32>; var out31: mat4x4<f32>; var out32: mat4x4<f32>; var out33: mat4x4<f32>;
+    // A quad's scales change every 32 values: decoded then, not at every step.
+    var s0: QuadScales; var s1: QuadScales; var s2: QuadScales; var s3: QuadScales;
     for (var k4 = 0u; k4 < f4; k4++) {
-        let w0 = w2_quad(wr0, shard_expert, k4);
-        let w1 = w2_quad(wr1, shard_expert, k4);
+        if (k4 % 8u == 0u) {
+            s0 = quad_scales(W2_FORMAT, w2_scales, wr0, shard_expert, k4);
+            s1 = quad_scales(W2_FORMAT, w2_scales, wr1, shard_expert, k4);
+            if (QUADS == 4u) {
+                s2 = quad_scales(W2_FORMAT, w2_scales, wr2, shard_expert, k4);
+                s3 = quad_scales(W2_FORMAT, w2_scales, wr3, shard_expert, k4);
+            }
+        }
+        let w0 = w2_quad(wr0, shard_expert, k4, s0);
+        let w1 = w2_quad(wr1, shard_expert, k4, s1);
         var w2q: mat4x4<f32>;
         var w3: mat4x4<f32>;
         if (QUADS == 4u) {
-            w2q = w2_quad(wr2, shard_expert, k4);
-            w3 = w2_quad(wr3, shard_expert, k4);
+            w2q = w2_quad(wr2, shard_expert, k4, s2);
+            w3 = w2_quad(wr3, shard_expert, k4, s3);
         }
         accumulate(&out00, &out01, &out02, &out03, hidden_quad(hr0, k4), w0, w1, w2q, w3);
         if (ROW_QUADS >= 2u) {

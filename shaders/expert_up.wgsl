@@ -12,7 +12,7 @@
 // storage load is a loop over the SIMD lanes and only a bigger block feeds more FMAs per
 // load), and ROW_LANES and ROW_QUADS from the tokens per expert.
 // Operands are read as vec4s along k from texture arrays: the weights (one layer per expert
-// in quads of rows, in their stored format, decoded by weight_quad of weight_formats.wgsl,
+// in quads of rows, in their stored format, decoded by weight_quad of expert_matmul.wgsl,
 // which the shader registry prepends to this file; zero-padded) and x (its rows as
 // stage_tokens wrote them, zero-padded, token t at row t % height of layer t / height). On CPU adapters a texel fetch is a vector gather while
 // a storage load is a loop over the SIMD lanes; GPUs read them through the texture cache.
@@ -21,7 +21,7 @@
 // expert_down reads them as vec4s too.
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
 // 3 expert_table, 4-6 w1's quants, high bits and scales ([shard experts][F4 / 4][...], see
-// weight_formats.wgsl), 7-9 w3's likewise (dummies unless GATED), 10 up_bias
+// expert_matmul.wgsl), 7-9 w3's likewise (dummies unless GATED), 10 up_bias
 // [shard experts, F] b1, then [shard experts, F] b3 when GATED, 11 hidden [slots, F4]; D4 and
 // F4 are D and F rounded up to a multiple of 4.
 
@@ -39,7 +39,7 @@ struct ExpertParams {
 // Activation codes: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu.
 override ACTIVATION: u32 = 0u;
 override GATED: bool = false;
-// The stored formats of W1 and W3 (codes of weight_formats.wgsl).
+// The stored formats of W1 and W3 (codes of expert_matmul.wgsl).
 override W1_FORMAT: u32 = 0u;
 override W3_FORMAT: u32 = 0u;
 // Lanes along the rows of a tile: 1, 2, 4 or 8.
@@ -105,26 +105,12 @@ fn x_quad(rows: vec4<u32>, layers: vec4<u32>, k4: u32) -> mat4x4<f32> {
 
 // Weight rows 4·quad .. 4·quad + 4 of expert layer `layer` at k4 (floats 4·k4 .. 4·k4 + 4):
 // column j of the result is row 4·quad + j.
-fn w1_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
-    return weight_quad(W1_FORMAT, w1_quants, w1_high, w1_scales, quad, layer, k4);
+fn w1_quad(quad: u32, layer: u32, k4: u32, scales: QuadScales) -> mat4x4<f32> {
+    return weight_quad(W1_FORMAT, w1_quants, w1_high, scales, quad, layer, k4);
 }
 
-fn w3_quad(quad: u32, layer: u32, k4: u32) -> mat4x4<f32> {
-    return weight_quad(W3_FORMAT, w3_quants, w3_high, w3_scales, quad, layer, k4);
-}
-
-// One row quad of the block: acc_j += xt·w_j, so that acc_j[c][r] = (row r, column 4j + c).
-fn accumulate(
-    acc0: ptr<function, mat4x4<f32>>, acc1: ptr<function, mat4x4<f32>>,
-    acc2: ptr<function, mat4x4<f32>>, acc3: ptr<function, mat4x4<f32>>,
-    xt: mat4x4<f32>, w0: mat4x4<f32>, w1q: mat4x4<f32>, w2q: mat4x4<f32>, w3q: mat4x4<f32>,
-) {
-    *acc0 += xt * w0;
-    *acc1 += xt * w1q;
-    if (QUADS == 4u) {
-        *acc2 += xt * w2q;
-        *acc3 += xt * w3q;
-    }
+fn w3_quad(quad: u32, layer: u32, k4: u32, scales: QuadScales) -> mat4x4<f32> {
+    return weight_quad(W3_FORMAT, w3_quants, w3_high, scales, quad, layer, k4);
 }
 
 // Writes one 4×4 quad at (row, col): bias, activation and gate; padding columns F..F4 get
@@ -224,14 +210,33 @@ fn main(
     var gate10: mat4x4<f32>; var gate11: mat4x4<f32>; var gate12: mat4x4<f32>; var gate13: mat4x4<f32>;
     var gate20: mat4x4<f32>; var gate21: mat4x4<f32>; var gate22: mat4x4<f32>; var gate23: mat4x4<f32>;
     var gate30: mat4x4<f32>; var gate31: mat4x4<f32>; var gate32: mat4x4<f32>; var gate33: mat4x4<f32>;
+    // A quad's scales change every 32 values: decoded then, not at every step.
+    var s10: QuadScales; var s11: QuadScales; var s12: QuadScales; var s13: QuadScales;
+    var s30: QuadScales; var s31: QuadScales; var s32: QuadScales; var s33: QuadScales;
     for (var k4 = 0u; k4 < d4; k4++) {
-        var w0 = w1_quad(wr0, shard_expert, k4);
-        var w1q = w1_quad(wr1, shard_expert, k4);
+        if (k4 % 8u == 0u) {
+            s10 = quad_scales(W1_FORMAT, w1_scales, wr0, shard_expert, k4);
+            s11 = quad_scales(W1_FORMAT, w1_scales, wr1, shard_expert, k4);
+            if (QUADS == 4u) {
+                s12 = quad_scales(W1_FORMAT, w1_scales, wr2, shard_expert, k4);
+                s13 = quad_scales(W1_FORMAT, w1_scales, wr3, shard_expert, k4);
+            }
+            if (GATED) {
+                s30 = quad_scales(W3_FORMAT, w3_scales, wr0, shard_expert, k4);
+                s31 = quad_scales(W3_FORMAT, w3_scales, wr1, shard_expert, k4);
+                if (QUADS == 4u) {
+                    s32 = quad_scales(W3_FORMAT, w3_scales, wr2, shard_expert, k4);
+                    s33 = quad_scales(W3_FORMAT, w3_scales, wr3, shard_expert, k4);
+                }
+            }
+        }
+        var w0 = w1_quad(wr0, shard_expert, k4, s10);
+        var w1q = w1_quad(wr1, shard_expert, k4, s11);
         var w2q: mat4x4<f32>;
         var w3q: mat4x4<f32>;
         if (QUADS == 4u) {
-            w2q = w1_quad(wr2, shard_expert, k4);
-            w3q = w1_quad(wr3, shard_expert, k4);
+            w2q = w1_quad(wr2, shard_expert, k4, s12);
+            w3q = w1_quad(wr3, shard_expert, k4, s13);
         }
         let xt0 = x_quad(xr0, xl0, k4);
         var xt1: mat4x4<f32>;
@@ -249,11 +254,11 @@ fn main(
             accumulate(&up30, &up31, &up32, &up33, xt3, w0, w1q, w2q, w3q);
         }
         if (GATED) {
-            w0 = w3_quad(wr0, shard_expert, k4);
-            w1q = w3_quad(wr1, shard_expert, k4);
+            w0 = w3_quad(wr0, shard_expert, k4, s30);
+            w1q = w3_quad(wr1, shard_expert, k4, s31);
             if (QUADS == 4u) {
-                w2q = w3_quad(wr2, shard_expert, k4);
-                w3q = w3_quad(wr3, shard_expert, k4);
+                w2q = w3_quad(wr2, shard_expert, k4, s32);
+                w3q = w3_quad(wr3, shard_expert, k4, s33);
             }
             accumulate(&gate00, &gate01, &gate02, &gate03, xt0, w0, w1q, w2q, w3q);
             if (ROW_QUADS >= 2u) {

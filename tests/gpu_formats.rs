@@ -220,7 +220,7 @@ fn weight_bytes_are_the_stored_size() {
     let f32_bytes = bytes(WeightFormat::F32);
     let matrices = 2.0 * 8.0 * 1024.0 * 1024.0;
     assert!(f32_bytes >= 4.0 * matrices && f32_bytes < 4.01 * matrices);
-    // Bits per weight as stored, and the layouts' few percent (weight_formats.wgsl).
+    // Bits per weight as stored, and the layouts' few percent (expert_matmul.wgsl).
     for (format, bits, padding) in [
         (WeightFormat::F16, 16.0, 1.0),
         (WeightFormat::Bf16, 16.0, 1.0),

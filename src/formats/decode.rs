@@ -1,4 +1,4 @@
-//! Decoding stored rows to f32: the CPU twin of `shaders/weight_formats.wgsl`, value for
+//! Decoding stored rows to f32: the CPU twin of `shaders/expert_matmul.wgsl`, value for
 //! value as ggml's `dequantize_row_*`.
 //!
 //! Every product below is written in ggml's order (`(d·sc)·q`, `d1·q − m1`), and each is

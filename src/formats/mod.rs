@@ -5,7 +5,7 @@
 //! Quantized rows are sequences of ggml blocks, byte for byte as in a GGUF file; a block
 //! covers `block_values` consecutive values of one row, so a row's length must be a whole
 //! number of blocks. [`decode`] turns blocks into f32 exactly as ggml's
-//! `dequantize_row_*` does (the CPU twin of `shaders/weight_formats.wgsl`), [`quantize`]
+//! `dequantize_row_*` does (the CPU twin of `shaders/expert_matmul.wgsl`), [`quantize`]
 //! makes them as ggml's reference quantizers do.
 
 pub mod decode;
@@ -59,7 +59,7 @@ impl WeightFormat {
         }
     }
 
-    /// The code `shaders/weight_formats.wgsl` knows the format by (its place in `ALL`).
+    /// The code `shaders/expert_matmul.wgsl` knows the format by (its place in `ALL`).
     pub fn shader_code(self) -> u32 {
         Self::ALL.iter().position(|&f| f == self).unwrap_or(0) as u32
     }

@@ -382,7 +382,7 @@ impl MoeLayer {
     /// Weight shards (1 unless there are more experts than the device's texture array
     /// layers allow, or `LayerOptions::max_experts_per_shard` asks for fewer).
     /// Device bytes of the weights: the expert matrices in their stored format (with the
-    /// few percent of layout padding of `shaders/weight_formats.wgsl`), the router and the
+    /// few percent of layout padding of `shaders/expert_matmul.wgsl`), the router and the
     /// biases.
     pub fn weight_bytes(&self) -> u64 {
         self.weights.bytes

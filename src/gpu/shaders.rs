@@ -32,9 +32,10 @@ shader!(ROUTE_TOKENS, "route_tokens");
 shader!(COUNT_EXPERTS, "count_experts");
 shader!(SCAN_EXPERT_OFFSETS, "scan_expert_offsets");
 shader!(SCATTER_ASSIGNMENTS, "scatter_assignments");
-// The expert matmuls read every stored weight format through weight_formats.wgsl.
-shader!(EXPERT_UP, "expert_up", prepend "weight_formats");
-shader!(EXPERT_DOWN, "expert_down", prepend "weight_formats");
+// The expert matmuls share expert_matmul.wgsl: the accumulate of their K loops and the
+// decoders of every stored weight format.
+shader!(EXPERT_UP, "expert_up", prepend "expert_matmul");
+shader!(EXPERT_DOWN, "expert_down", prepend "expert_matmul");
 shader!(COMBINE_OUTPUTS, "combine_outputs");
 shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 

@@ -1,6 +1,6 @@
 //! Expert weight matrices on the device in their stored format: each matrix stack becomes
 //! three u32 texture arrays (quants, high bits, scales), one layer per expert, laid out as
-//! `shaders/weight_formats.wgsl` describes and decodes. The repacking moves bits only:
+//! `shaders/expert_matmul.wgsl` describes and decodes. The repacking moves bits only:
 //! every stored value and scale reaches the GPU unchanged, so the kernels decode exactly
 //! what `formats::decode` decodes on the CPU.
 
@@ -60,7 +60,7 @@ impl Plane {
     }
 }
 
-/// A weight tensor's three texture arrays (see weight_formats.wgsl) and their bytes.
+/// A weight tensor's three texture arrays (see expert_matmul.wgsl) and their bytes.
 #[derive(Debug)]
 pub struct WeightTextures {
     pub quants: wgpu::TextureView,
