@@ -731,6 +731,7 @@ fn write_plot(path: &str, records: &[Record], adapter: &str) -> Result<(), Strin
         .x_desc(x_label)
         .y_desc("ms per forward (log)")
         .y_labels(12)
+        .light_line_style(WHITE)
         .y_label_formatter(&|ms| format!("{ms:.2}"))
         .draw()
         .map_err(|e| error(&e))?;

@@ -572,10 +572,7 @@ fn disagreeing_dimensions_name_both_tensors() {
     // The router says D = 5, the experts 4.
     tensors.insert(
         "switch.weight".into(),
-        f32_tensor(
-            vec![SHAPE.num_experts, 5],
-            &vec![0.1; SHAPE.num_experts * 5],
-        ),
+        f32_tensor(vec![SHAPE.num_experts, 5], &[0.1; SHAPE.num_experts * 5]),
     );
     let message = load(&tensors, Naming::Auto, None).unwrap_err().to_string();
     assert!(
@@ -593,7 +590,7 @@ fn disagreeing_dimensions_name_both_tensors() {
         "experts.w2".into(),
         f32_tensor(
             vec![SHAPE.num_experts, 4, 7],
-            &vec![0.1; SHAPE.num_experts * 28],
+            &[0.1; SHAPE.num_experts * 28],
         ),
     );
     let message = load(&tensors, Naming::Auto, None).unwrap_err().to_string();

@@ -252,12 +252,12 @@ fn q6_k_block(x: &[f32], out: &mut Vec<u8>) {
     let mut levels = [0i8; 256];
     let mut scales = [0.0f32; 16];
     let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
-    for ib in 0..16 {
-        let range = 16 * ib..16 * (ib + 1);
-        scales[ib] = make_qx_quants(32, &x[range.clone()], &mut levels[range]);
-        if scales[ib].abs() > max_abs_scale {
-            max_abs_scale = scales[ib].abs();
-            max_scale = scales[ib];
+    let groups = x.chunks_exact(16).zip(levels.chunks_exact_mut(16));
+    for (scale, (group, group_levels)) in scales.iter_mut().zip(groups) {
+        *scale = make_qx_quants(32, group, group_levels);
+        if scale.abs() > max_abs_scale {
+            max_abs_scale = scale.abs();
+            max_scale = *scale;
         }
     }
     if max_abs_scale < 1e-15 {
