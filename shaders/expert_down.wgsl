@@ -136,7 +136,7 @@ fn main(
     // A quad's scales change every 32 values: decoded then, not at every step.
     var s0: QuadScales; var s1: QuadScales; var s2: QuadScales; var s3: QuadScales;
     for (var k4 = 0u; k4 < f4; k4++) {
-        if (k4 % 8u == 0u) {
+        if (has_block_scales(W2_FORMAT, W2_FORMAT) && k4 % 8u == 0u) {
             s0 = quad_scales(W2_FORMAT, w2_scales, wr0, shard_expert, k4);
             s1 = quad_scales(W2_FORMAT, w2_scales, wr1, shard_expert, k4);
             if (QUADS == 4u) {

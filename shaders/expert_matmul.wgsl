@@ -62,6 +62,12 @@ struct QuadScales {
     second: vec4<f32>,
 }
 
+// Whether either format has block scales (the quantized ones): with the kernels' format
+// overrides this is a constant, so f32, f16 and bf16 loops carry no scale loads.
+fn has_block_scales(format: u32, other: u32) -> bool {
+    return format >= 3u || other >= 3u;
+}
+
 // The bytes `byte` of the four components of `packed`, as i8.
 fn signed_byte4(packed: vec4<u32>, byte: u32) -> vec4<f32> {
     return vec4<f32>(bitcast<vec4<i32>>(packed << vec4(24u - 8u * byte)) >> vec4(24u));

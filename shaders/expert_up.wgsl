@@ -214,7 +214,7 @@ fn main(
     var s10: QuadScales; var s11: QuadScales; var s12: QuadScales; var s13: QuadScales;
     var s30: QuadScales; var s31: QuadScales; var s32: QuadScales; var s33: QuadScales;
     for (var k4 = 0u; k4 < d4; k4++) {
-        if (k4 % 8u == 0u) {
+        if (has_block_scales(W1_FORMAT, W3_FORMAT) && k4 % 8u == 0u) {
             s10 = quad_scales(W1_FORMAT, w1_scales, wr0, shard_expert, k4);
             s11 = quad_scales(W1_FORMAT, w1_scales, wr1, shard_expert, k4);
             if (QUADS == 4u) {

@@ -504,7 +504,9 @@ impl MoeLayer {
     /// counts): larger dropless batches, or batches of several capacity groups, run in
     /// chunks; a single capacity group larger than this is an error.
     pub fn max_tokens_per_pass(&self) -> usize {
-        let (mut fits, mut too_many) = (0usize, 1usize << 40);
+        // No pass holds more tokens than the x rows texture.
+        let rows = max_x_rows(&self.limits).saturating_add(1);
+        let (mut fits, mut too_many) = (0usize, usize::try_from(rows).unwrap_or(usize::MAX));
         while too_many - fits > 1 {
             let middle = fits + (too_many - fits) / 2;
             if self.plan(middle).is_ok() {
