@@ -32,6 +32,11 @@ pub enum MoeError {
     #[error("input `x`: token {token} is not finite (or its router logits overflow)")]
     NonFiniteInput { token: usize },
 
+    /// Training was asked of weights stored in another format than f32 (quantized or
+    /// half-precision weights are for inference).
+    #[error("tensor `{tensor}`: stored as {format}; training needs f32 weights")]
+    TrainingNeedsF32 { tensor: String, format: String },
+
     /// A file could not be read or written.
     #[error("file `{path}`: {message}")]
     File { path: PathBuf, message: String },

@@ -6,6 +6,7 @@
 //! the two expert projections, and the combine. See README.md for the architecture.
 
 pub mod config;
+pub mod cpu_backward;
 pub mod cpu_reference;
 pub mod error;
 pub mod formats;

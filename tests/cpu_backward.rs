@@ -1,0 +1,556 @@
+//! The CPU reference backward against central finite differences of the loss, computed by
+//! an independent f64 forward written here (routing decisions and `counts` held constant,
+//! as SPEC "Backward" says, and `stop_gradient` values held at the unperturbed point), on
+//! tiny shapes across activations, gating, top-k, normalisation, dropping, both drop
+//! policies, scaling and the aux and z losses; plus hand-worked cases of the rules.
+
+// Index loops over several arrays at once read like the formulas they implement.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
+mod common;
+
+use common::*;
+use switch_moe::cpu_backward::{activation_derivative, backward, Gradients, LossCoefficients};
+use switch_moe::cpu_reference;
+use switch_moe::{
+    Activation, DropPolicy, ExpertMatrices, MoeConfig, MoeError, MoeWeights, WeightFormat,
+};
+
+/// Every tensor the loss depends on, in f64, in native layout.
+#[derive(Clone)]
+struct Params {
+    x: Vec<f64>,
+    router_weight: Vec<f64>,
+    router_bias: Option<Vec<f64>>,
+    w1: Vec<f64>,
+    b1: Option<Vec<f64>>,
+    w2: Vec<f64>,
+    b2: Option<Vec<f64>>,
+    w3: Option<Vec<f64>>,
+    b3: Option<Vec<f64>>,
+}
+
+fn f64s(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
+
+impl Params {
+    fn new(weights: &MoeWeights, x: &[f32]) -> Self {
+        Params {
+            x: f64s(x),
+            router_weight: f64s(&weights.router_weight),
+            router_bias: weights.router_bias.as_deref().map(f64s),
+            w1: f64s(&weights.w1.to_f32()),
+            b1: weights.b1.as_deref().map(f64s),
+            w2: f64s(&weights.w2.to_f32()),
+            b2: weights.b2.as_deref().map(f64s),
+            w3: weights.w3.as_ref().map(|w| f64s(&w.to_f32())),
+            b3: weights.b3.as_deref().map(f64s),
+        }
+    }
+
+    /// Each tensor, named, mutable.
+    fn tensors(&mut self) -> Vec<(&'static str, &mut Vec<f64>)> {
+        let mut out: Vec<(&'static str, &mut Vec<f64>)> = vec![
+            ("x", &mut self.x),
+            ("router.weight", &mut self.router_weight),
+            ("experts.w1", &mut self.w1),
+            ("experts.w2", &mut self.w2),
+        ];
+        for (name, tensor) in [
+            ("router.bias", self.router_bias.as_mut()),
+            ("experts.b1", self.b1.as_mut()),
+            ("experts.b2", self.b2.as_mut()),
+            ("experts.w3", self.w3.as_mut()),
+            ("experts.b3", self.b3.as_mut()),
+        ] {
+            if let Some(tensor) = tensor {
+                out.push((name, tensor));
+            }
+        }
+        out
+    }
+}
+
+/// The gradient of a named tensor.
+fn gradient<'g>(gradients: &'g Gradients, name: &str) -> &'g [f32] {
+    match name {
+        "x" => &gradients.x,
+        "router.weight" => &gradients.router_weight,
+        "router.bias" => gradients.router_bias.as_deref().unwrap(),
+        "experts.w1" => &gradients.w1,
+        "experts.b1" => gradients.b1.as_deref().unwrap(),
+        "experts.w2" => &gradients.w2,
+        "experts.b2" => gradients.b2.as_deref().unwrap(),
+        "experts.w3" => gradients.w3.as_deref().unwrap(),
+        "experts.b3" => gradients.b3.as_deref().unwrap(),
+        other => panic!("no tensor {other}"),
+    }
+}
+
+fn act(activation: Activation, a: f64) -> f64 {
+    match activation {
+        Activation::Relu => a.max(0.0),
+        Activation::Gelu => 0.5 * a * (1.0 + libm::erf(a / std::f64::consts::SQRT_2)),
+        Activation::GeluTanh => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * a * (1.0 + (k * (a + 0.044715 * a * a * a)).tanh())
+        }
+        Activation::Silu => a / (1.0 + (-a).exp()),
+    }
+}
+
+/// What the forward decided (constants of the backward) and the stop-gradient values.
+struct Decisions {
+    routes: Vec<u32>,
+    kept: Vec<bool>,
+    counts: Vec<u32>,
+    /// g at the unperturbed point, per assignment (for g / stop_gradient(g)).
+    gates: Vec<f64>,
+    /// q_0 at the unperturbed point, per token.
+    first: Vec<f64>,
+}
+
+struct Layer {
+    config: MoeConfig,
+    n: usize,
+    d: usize,
+    f: usize,
+}
+
+impl Layer {
+    /// Router probabilities and logsumexp of every token, in f64.
+    fn route(&self, p: &Params) -> (Vec<f64>, Vec<f64>) {
+        let (n, d) = (self.n, self.d);
+        let tokens = p.x.len() / d;
+        let mut probs = vec![0.0; tokens * n];
+        let mut lse = vec![0.0; tokens];
+        for t in 0..tokens {
+            let logits: Vec<f64> = (0..n)
+                .map(|e| {
+                    let dot: f64 = (0..d)
+                        .map(|i| p.x[t * d + i] * p.router_weight[e * d + i])
+                        .sum();
+                    dot + p.router_bias.as_ref().map_or(0.0, |b| b[e])
+                })
+                .collect();
+            let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = logits.iter().map(|h| (h - max).exp()).sum();
+            for e in 0..n {
+                probs[t * n + e] = (logits[e] - max).exp() / sum;
+            }
+            lse[t] = max + sum.ln();
+        }
+        (probs, lse)
+    }
+
+    /// Gates g of the decided routes from `probs`, and each token's q_0.
+    fn gates(&self, probs: &[f64], routes: &[u32]) -> (Vec<f64>, Vec<f64>) {
+        let k = self.config.top_k;
+        let mut gates = Vec::new();
+        let mut first = Vec::new();
+        for (t, chosen) in routes.chunks(k).enumerate() {
+            let q: Vec<f64> = chosen
+                .iter()
+                .map(|&e| probs[t * self.n + e as usize])
+                .collect();
+            let total: f64 = q.iter().sum();
+            first.push(q[0]);
+            gates.extend(q.iter().map(|v| {
+                if self.config.normalize_top_k {
+                    v / total
+                } else {
+                    *v
+                }
+            }));
+        }
+        (gates, first)
+    }
+
+    /// One expert on one token: E(x) = act(x·W1ᵀ + b1) (⊙ (x·W3ᵀ + b3)) · W2ᵀ + b2.
+    fn expert(&self, p: &Params, e: usize, t: usize) -> Vec<f64> {
+        let (d, f) = (self.d, self.f);
+        let x = &p.x[t * d..(t + 1) * d];
+        let linear = |w: &[f64], b: &Option<Vec<f64>>, row: usize| -> f64 {
+            (0..d).map(|i| x[i] * w[(e * f + row) * d + i]).sum::<f64>()
+                + b.as_ref().map_or(0.0, |b| b[e * f + row])
+        };
+        let h: Vec<f64> = (0..f)
+            .map(|j| {
+                let a = act(self.config.activation, linear(&p.w1, &p.b1, j));
+                match &p.w3 {
+                    Some(w3) => a * linear(w3, &p.b3, j),
+                    None => a,
+                }
+            })
+            .collect();
+        (0..d)
+            .map(|i| {
+                (0..f)
+                    .map(|j| h[j] * p.w2[(e * d + i) * f + j])
+                    .sum::<f64>()
+                    + p.b2.as_ref().map_or(0.0, |b| b[e * d + i])
+            })
+            .collect()
+    }
+
+    /// L = Σ dy ⊙ y + α·aux + β·z with the decisions held constant.
+    fn loss(
+        &self,
+        p: &Params,
+        decisions: &Decisions,
+        dy: &[f64],
+        coefficients: LossCoefficients,
+    ) -> f64 {
+        let (n, d, k) = (self.n, self.d, self.config.top_k);
+        let tokens = p.x.len() / d;
+        let (probs, lse) = self.route(p);
+        let (gates, first) = self.gates(&probs, &decisions.routes);
+        let mut loss = 0.0;
+        for t in 0..tokens {
+            let mut y = vec![0.0; d];
+            let mut any_kept = false;
+            for j in 0..k {
+                let assignment = t * k + j;
+                if !decisions.kept[assignment] {
+                    continue;
+                }
+                any_kept = true;
+                let s = if self.config.scale_by_prob {
+                    gates[assignment]
+                } else {
+                    gates[assignment] / decisions.gates[assignment]
+                };
+                let out = self.expert(p, decisions.routes[assignment] as usize, t);
+                for i in 0..d {
+                    y[i] += s * out[i];
+                }
+            }
+            if !any_kept && self.config.drop_policy == DropPolicy::PassThrough {
+                let pi = if self.config.scale_by_prob {
+                    first[t]
+                } else {
+                    first[t] / decisions.first[t]
+                };
+                for i in 0..d {
+                    y[i] = pi * p.x[t * d + i];
+                }
+            }
+            loss += (0..d).map(|i| dy[t * d + i] * y[i]).sum::<f64>();
+        }
+        let tokens_f = tokens as f64;
+        let aux: f64 = (0..n)
+            .map(|e| {
+                let prob_sum: f64 = (0..tokens).map(|t| probs[t * n + e]).sum();
+                decisions.counts[e] as f64 / tokens_f * prob_sum / tokens_f
+            })
+            .sum::<f64>()
+            * n as f64;
+        let z: f64 = lse.iter().map(|l| l * l).sum::<f64>() / tokens_f;
+        loss + coefficients.aux as f64 * aux + coefficients.z as f64 * z
+    }
+}
+
+/// Seeded weights rounded to f32 (the loss reads them in f64 exactly).
+fn setup(
+    config: &MoeConfig,
+    n: usize,
+    d: usize,
+    f: usize,
+    t: usize,
+    biases: bool,
+    seed: u64,
+) -> (MoeWeights, Vec<f32>, Vec<f32>) {
+    let mut weights = MoeWeights::random(shape(n, d, f), config.gated, biases, seed);
+    // Scale the router up so that probabilities are far from uniform.
+    weights.router_weight.iter_mut().for_each(|w| *w *= 3.0);
+    let x = tokens(t, d, seed);
+    let dy = tokens(t, d, seed + 1000);
+    (weights, x, dy)
+}
+
+/// Checks every element of every gradient against central differences of the f64 loss.
+fn check_finite_differences(
+    config: MoeConfig,
+    n: usize,
+    d: usize,
+    f: usize,
+    t: usize,
+    biases: bool,
+    coefficients: LossCoefficients,
+    seed: u64,
+) {
+    let (weights, x, dy) = setup(&config, n, d, f, t, biases, seed);
+    let shape = [t, d];
+    let gradients = backward(&config, &weights, &x, &shape, &dy, coefficients).expect("backward");
+    let reference = cpu_forward(&config, &weights, &x, &shape);
+    let group_size = config.group_size_for(t).unwrap();
+    let (_, positions) = cpu_reference::assign_positions(&config, &reference.routes, n, group_size);
+    let layer = Layer {
+        config: config.clone(),
+        n,
+        d,
+        f,
+    };
+    let base = Params::new(&weights, &x);
+    let (probs, _) = layer.route(&base);
+    let (gates, first) = layer.gates(&probs, &reference.routes);
+    let decisions = Decisions {
+        routes: reference.routes.clone(),
+        kept: positions.iter().map(|p| p.is_some()).collect(),
+        counts: reference.counts.clone(),
+        gates,
+        first,
+    };
+    // No pre-activation near relu's kink: a step of ε = 1e-5 moves one by far less than 1e-3.
+    if config.activation == Activation::Relu {
+        for (assignment, _) in decisions.kept.iter().enumerate().filter(|(_, kept)| **kept) {
+            let (t, e) = (
+                assignment / config.top_k,
+                decisions.routes[assignment] as usize,
+            );
+            for row in 0..f {
+                let a: f64 = (0..d)
+                    .map(|i| base.x[t * d + i] * base.w1[(e * f + row) * d + i])
+                    .sum::<f64>()
+                    + base.b1.as_ref().map_or(0.0, |b| b[e * f + row]);
+                assert!(
+                    a.abs() > 1e-3,
+                    "pre-activation {a} too close to relu's kink: pick another seed"
+                );
+            }
+        }
+    }
+    let dy64 = f64s(&dy);
+    let epsilon = 1e-5;
+    let mut params = base.clone();
+    let mut checked = 0;
+    let names: Vec<&'static str> = params.tensors().into_iter().map(|(n, _)| n).collect();
+    for name in names {
+        let analytic = gradient(&gradients, name).to_vec();
+        let mut numeric = vec![0.0f64; analytic.len()];
+        for (i, value) in numeric.iter_mut().enumerate() {
+            let original = tensor_of(&mut params, name)[i];
+            tensor_of(&mut params, name)[i] = original + epsilon;
+            let plus = layer.loss(&params, &decisions, &dy64, coefficients);
+            tensor_of(&mut params, name)[i] = original - epsilon;
+            let minus = layer.loss(&params, &decisions, &dy64, coefficients);
+            tensor_of(&mut params, name)[i] = original;
+            *value = (plus - minus) / (2.0 * epsilon);
+        }
+        // The f32 backward reads p, a, h and o as the f32 forward computes them: each is off
+        // by at most (D + F + N)·2⁻²⁴ relative to the magnitudes summed, and products of up
+        // to four such factors enter each term, so 1e-5 of the tensor's largest gradient
+        // bounds the difference; central differences in f64 with ε = 1e-5 err by ~1e-10.
+        let scale = numeric.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (i, (&a, &fd)) in analytic.iter().zip(&numeric).enumerate() {
+            let tolerance = 1e-5 * scale + 1e-7;
+            assert!(
+                (a as f64 - fd).abs() <= tolerance,
+                "{name}[{i}]: backward {a} vs finite differences {fd} (tolerance {tolerance:e}), config {config:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+fn tensor_of<'p>(params: &'p mut Params, name: &str) -> &'p mut Vec<f64> {
+    params
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| t)
+        .unwrap()
+}
+
+const BOTH: LossCoefficients = LossCoefficients { aux: 0.3, z: 0.2 };
+
+#[test]
+fn relu_top1_with_dropping_and_both_losses() {
+    let config = MoeConfig {
+        capacity_factor: 1.0,
+        ..config(1)
+    };
+    check_finite_differences(config, 4, 5, 6, 9, true, BOTH, 1);
+}
+
+#[test]
+fn gelu_gated_top2_normalised_unscaled_with_dropped_choices() {
+    let config = MoeConfig {
+        top_k: 2,
+        gated: true,
+        activation: Activation::Gelu,
+        normalize_top_k: true,
+        scale_by_prob: false,
+        capacity_factor: 0.75,
+        ..MoeConfig::default()
+    };
+    check_finite_differences(config, 4, 5, 6, 8, true, BOTH, 2);
+}
+
+#[test]
+fn silu_gated_top2_zero_policy_without_biases() {
+    let config = MoeConfig {
+        top_k: 2,
+        gated: true,
+        activation: Activation::Silu,
+        drop_policy: DropPolicy::Zero,
+        capacity_factor: 0.5,
+        ..MoeConfig::default()
+    };
+    check_finite_differences(config, 3, 4, 5, 7, false, BOTH, 3);
+}
+
+#[test]
+fn gelu_tanh_top3_groups_and_pass_through_of_everything() {
+    let grouped = MoeConfig {
+        top_k: 3,
+        activation: Activation::GeluTanh,
+        normalize_top_k: true,
+        group_size: Some(3),
+        capacity_factor: 1.0,
+        ..MoeConfig::default()
+    };
+    check_finite_differences(grouped, 4, 4, 5, 6, true, BOTH, 4);
+    for scale_by_prob in [true, false] {
+        let everything_dropped = MoeConfig {
+            expert_capacity: Some(0),
+            scale_by_prob,
+            ..config(2)
+        };
+        check_finite_differences(everything_dropped, 3, 4, 5, 5, true, BOTH, 5);
+    }
+}
+
+#[test]
+fn dropless_without_losses() {
+    let config = MoeConfig {
+        drop_tokens: false,
+        activation: Activation::Silu,
+        ..config(2)
+    };
+    check_finite_differences(config, 4, 6, 7, 6, true, LossCoefficients::default(), 6);
+}
+
+/// N = 2, D = 2, a zero router (p = ½ each, ties to expert 0), capacity 0: every token
+/// passes through. Scaled: y = q₀·x, so dx = q₀·dy and dq₀ = ⟨dy, x⟩; unscaled:
+/// y = x·q₀/sg(q₀), so dx = dy and dq₀ = ⟨dy, x⟩/q₀. Then dh = p ⊙ (dp − ⟨p, dp⟩).
+#[test]
+fn pass_through_by_hand() {
+    let weights = MoeWeights {
+        shape: shape(2, 2, 1),
+        router_weight: vec![0.0; 4],
+        router_bias: Some(vec![0.0; 2]),
+        w1: ExpertMatrices::from_f32(2, 1, 2, vec![1.0; 4]),
+        b1: None,
+        w2: ExpertMatrices::from_f32(2, 2, 1, vec![1.0; 4]),
+        b2: None,
+        w3: None,
+        b3: None,
+    };
+    let (x, dy) = ([1.0f32, 2.0], [1.0f32, 1.0]);
+    for (scale_by_prob, dx, dh0) in [(true, 0.5, 0.75), (false, 1.0, 1.5)] {
+        let config = MoeConfig {
+            expert_capacity: Some(0),
+            scale_by_prob,
+            ..config(1)
+        };
+        let g = backward(
+            &config,
+            &weights,
+            &x,
+            &[1, 2],
+            &dy,
+            LossCoefficients::default(),
+        )
+        .unwrap();
+        assert_eq!(g.x, vec![dx, dx], "scale_by_prob {scale_by_prob}");
+        assert_eq!(g.router_bias, Some(vec![dh0, -dh0]));
+        assert_eq!(g.router_weight, vec![dh0, 2.0 * dh0, -dh0, -2.0 * dh0]);
+        assert!(
+            g.w1.iter().chain(&g.w2).all(|&v| v == 0.0),
+            "dropped: no expert gradient"
+        );
+    }
+}
+
+/// With dy = 0 only the router losses remain: the aux loss gives
+/// dh[t,e] = p·(a − ⟨p, a⟩) with a[e] = α·N·counts[e]/T², the z-loss dh[t,e] = β·2·lse·p/T.
+#[test]
+fn aux_and_z_losses_by_hand() {
+    let config = config(1);
+    let (weights, x, _) = setup(&config, 3, 4, 5, 6, true, 7);
+    let dy = vec![0.0; x.len()];
+    let routing = cpu_reference::route_tokens(&x, &weights, 1, false);
+    let forward = cpu_forward(&config, &weights, &x, &[6, 4]);
+    let (n, tokens) = (3usize, 6.0f64);
+    for (alpha, beta) in [(0.5f32, 0.0f32), (0.0, 0.25)] {
+        let coefficients = LossCoefficients {
+            aux: alpha,
+            z: beta,
+        };
+        let g = backward(&config, &weights, &x, &[6, 4], &dy, coefficients).unwrap();
+        let mut expected = vec![0.0f64; n];
+        for t in 0..6 {
+            let p = &routing.probs[t * n..(t + 1) * n];
+            let a: Vec<f64> = (0..n)
+                .map(|e| alpha as f64 * n as f64 * forward.counts[e] as f64 / (tokens * tokens))
+                .collect();
+            let mean: f64 = (0..n).map(|e| p[e] as f64 * a[e]).sum();
+            for e in 0..n {
+                expected[e] += p[e] as f64 * (a[e] - mean)
+                    + beta as f64 * 2.0 * routing.logsumexp[t] as f64 * p[e] as f64 / tokens;
+            }
+        }
+        let bias = g.router_bias.unwrap();
+        for e in 0..n {
+            assert!(
+                (bias[e] as f64 - expected[e]).abs() <= 1e-6 * expected[e].abs().max(1e-3),
+                "{e}: {} vs {}",
+                bias[e],
+                expected[e]
+            );
+        }
+        assert!(g.w1.iter().chain(&g.w2).all(|&v| v == 0.0));
+    }
+}
+
+#[test]
+fn activation_derivatives_match_differences() {
+    for activation in [
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Silu,
+    ] {
+        for a in [-3.0f32, -0.7, -0.01, 0.02, 0.5, 2.5] {
+            let h = 1e-3f64;
+            let numeric =
+                (act(activation, a as f64 + h) - act(activation, a as f64 - h)) / (2.0 * h);
+            let analytic = activation_derivative(activation, a) as f64;
+            assert!(
+                (analytic - numeric).abs() < 1e-5,
+                "{activation:?}({a}): {analytic} vs {numeric}"
+            );
+        }
+    }
+    assert_eq!(activation_derivative(Activation::Relu, 0.0), 0.0);
+}
+
+#[test]
+fn training_needs_f32_weights_and_a_matching_dy() {
+    let config = config(1);
+    let (weights, x, dy) = setup(&config, 2, 32, 32, 3, true, 8);
+    let quantized = weights.converted(WeightFormat::Q8_0).unwrap();
+    match backward(&config, &quantized, &x, &[3, 32], &dy, BOTH) {
+        Err(MoeError::TrainingNeedsF32 { tensor, format }) => {
+            assert_eq!((tensor.as_str(), format.as_str()), ("experts.w1", "q8_0"));
+        }
+        other => panic!("expected TrainingNeedsF32, got {other:?}"),
+    }
+    match backward(&config, &weights, &x, &[3, 32], &dy[..10], BOTH) {
+        Err(MoeError::Tensor { name, .. }) => assert_eq!(name, "dy"),
+        other => panic!("expected a dy error, got {other:?}"),
+    }
+}
