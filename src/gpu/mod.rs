@@ -1,7 +1,9 @@
 //! The GPU side: device context, kernels, buffers and the layer that runs them.
 
 pub mod buffers;
+mod chunks;
 pub mod context;
+mod forward;
 pub mod kernels;
 pub mod layer;
 pub mod params;
@@ -9,6 +11,8 @@ pub mod plan;
 pub mod readback;
 pub mod shaders;
 pub mod weight_textures;
+mod workspace;
 
 pub use context::{AdapterSummary, GpuContext};
-pub use layer::{ForwardTrace, LayerOptions, MoeLayer, StatisticsLayout};
+pub use forward::{ForwardTrace, StatisticsLayout};
+pub use layer::{LayerOptions, MoeLayer};

@@ -79,9 +79,9 @@ pub fn widest_row(format: WeightFormat, cols: usize) -> usize {
     }
 }
 
-/// A dummy plane for formats that have no high bits or scales.
-fn dummy(experts: usize) -> Plane {
-    Plane::new(wgpu::TextureFormat::R32Uint, 1, 1, experts.min(1))
+/// A one-texel plane standing in for the high bits or scales a format does not have.
+fn dummy() -> Plane {
+    Plane::new(wgpu::TextureFormat::R32Uint, 1, 1, 1)
 }
 
 /// Packs matrices `experts` of `matrices` and uploads them.
@@ -99,27 +99,27 @@ pub fn upload_weight_textures(
     let (mut quants, mut high, mut scales) = match format {
         WeightFormat::F32 => (
             Plane::new(Rgba32Uint, padded_to_vec4(cols), quads, count),
-            dummy(count),
-            dummy(count),
+            dummy(),
+            dummy(),
         ),
         WeightFormat::F16 | WeightFormat::Bf16 => (
             Plane::new(Rgba16Uint, padded_to_vec4(cols), quads, count),
-            dummy(count),
-            dummy(count),
+            dummy(),
+            dummy(),
         ),
         WeightFormat::Q8_0 => (
             Plane::new(Rgba32Uint, cols / 4, quads, count),
-            dummy(count),
+            dummy(),
             Plane::new(Rgba16Uint, cols / 32, quads, count),
         ),
         WeightFormat::Q4_0 => (
             Plane::new(Rgba16Uint, cols / 4, quads, count),
-            dummy(count),
+            dummy(),
             Plane::new(Rgba16Uint, cols / 32, quads, count),
         ),
         WeightFormat::Q4K => (
             Plane::new(Rgba16Uint, cols / 4, quads, count),
-            dummy(count),
+            dummy(),
             Plane::new(Rgba32Uint, 5 * cols / 256, quads, count),
         ),
         WeightFormat::Q6K => (
