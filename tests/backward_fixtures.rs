@@ -1,6 +1,7 @@
 //! Third-party gradient fixtures (tests/fixtures/<case>/grads.safetensors, made by
-//! make_grad_fixtures.sh with torch autograd in float64 through the labml_nn and Hugging Face
-//! modules themselves): the CPU reference backward must reproduce them.
+//! make_fixtures.sh through make_grad_fixtures.py with torch autograd in float64 through
+//! the labml_nn and Hugging Face modules themselves): the CPU reference backward must
+//! reproduce them.
 //!
 //! Tolerance: the crate recomputes the forward in f32, so each value it differentiates carries a
 //! relative error of order (D + F + N)·2⁻²⁴ ≈ 3e-6 of the magnitudes summed into it (D=16, F=32,
