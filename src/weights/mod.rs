@@ -9,6 +9,7 @@
 
 mod gguf_layer;
 mod namings;
+mod tensor_source;
 
 pub use gguf_layer::{is_gguf, GgufLayerInfo};
 
