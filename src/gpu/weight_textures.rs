@@ -70,6 +70,18 @@ pub struct WeightTextures {
     pub bytes: u64,
 }
 
+impl WeightTextures {
+    /// The three planes as bound to an expert matmul, in binding order (quants, high
+    /// bits, scales).
+    pub fn bindings(&self) -> [wgpu::BindingResource<'_>; 3] {
+        [
+            wgpu::BindingResource::TextureView(&self.quants),
+            wgpu::BindingResource::TextureView(&self.high),
+            wgpu::BindingResource::TextureView(&self.scales),
+        ]
+    }
+}
+
 /// The widest texture row (in texels) a tensor of `format` with rows of `cols` values
 /// needs: what must fit the device's `max_texture_dimension_2d`.
 pub fn widest_row(format: WeightFormat, cols: usize) -> usize {

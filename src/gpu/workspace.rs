@@ -196,20 +196,20 @@ impl MoeLayer {
                         device,
                         "expert_up",
                         &k.expert_matmuls.up_layout,
-                        vec![
+                        [
                             shard.params.as_entire_binding(),
                             wgpu::BindingResource::TextureView(&s.x_rows),
                             s.slot_token.as_entire_binding(),
                             s.expert_table.as_entire_binding(),
-                            wgpu::BindingResource::TextureView(&shard.w1.quants),
-                            wgpu::BindingResource::TextureView(&shard.w1.high),
-                            wgpu::BindingResource::TextureView(&shard.w1.scales),
-                            wgpu::BindingResource::TextureView(&shard.w3.quants),
-                            wgpu::BindingResource::TextureView(&shard.w3.high),
-                            wgpu::BindingResource::TextureView(&shard.w3.scales),
+                        ]
+                        .into_iter()
+                        .chain(shard.w1.bindings())
+                        .chain(shard.w3.bindings())
+                        .chain([
                             shard.up_bias.as_entire_binding(),
                             s.hidden.as_entire_binding(),
-                        ],
+                        ])
+                        .collect(),
                     )
                 })
                 .collect(),
@@ -222,16 +222,18 @@ impl MoeLayer {
                         device,
                         "expert_down",
                         &k.expert_matmuls.down_layout,
-                        vec![
+                        [
                             shard.params.as_entire_binding(),
                             s.hidden.as_entire_binding(),
                             s.expert_table.as_entire_binding(),
-                            wgpu::BindingResource::TextureView(&shard.w2.quants),
-                            wgpu::BindingResource::TextureView(&shard.w2.high),
-                            wgpu::BindingResource::TextureView(&shard.w2.scales),
+                        ]
+                        .into_iter()
+                        .chain(shard.w2.bindings())
+                        .chain([
                             shard.down_bias.as_entire_binding(),
                             s.expert_out.as_entire_binding(),
-                        ],
+                        ])
+                        .collect(),
                     )
                 })
                 .collect(),
