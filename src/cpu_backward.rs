@@ -13,7 +13,7 @@
 use crate::config::{Activation, DropPolicy, MoeConfig};
 use crate::cpu_reference::{activate, assign_positions, dot, first_non_finite_token, route_tokens};
 use crate::error::{MoeError, Result};
-use crate::formats::WeightFormat;
+use crate::formats::{ExpertMatrices, WeightFormat};
 use crate::output::num_tokens_of;
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -87,6 +87,11 @@ struct Sums {
     b2: Vec<f64>,
     w3: Vec<f64>,
     b3: Vec<f64>,
+}
+
+/// The values of f32 matrices (training checks the format first).
+fn f32_values(matrices: &ExpertMatrices) -> &[f32] {
+    matrices.f32_values().unwrap_or_default()
 }
 
 fn to_f32(values: &[f64]) -> Vec<f32> {
@@ -194,8 +199,9 @@ pub fn backward(
         return Err(MoeError::NonFiniteInput { token });
     }
     let (loads, positions) = assign_positions(config, &routing.routes, n, group_size);
-    let (w1, w2) = (weights.w1.to_f32(), weights.w2.to_f32());
-    let w3 = weights.w3.as_ref().map(|w3| w3.to_f32());
+    // f32 weights (checked above) are read in place.
+    let (w1, w2) = (f32_values(&weights.w1), f32_values(&weights.w2));
+    let w3 = weights.w3.as_ref().map(f32_values);
 
     let mut sums = Sums {
         x: vec![0.0; x.len()],
