@@ -36,8 +36,6 @@ struct ExpertParams {
     _pad2: u32,
 }
 
-// Activation codes: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu.
-override ACTIVATION: u32 = 0u;
 override GATED: bool = false;
 // The stored formats of W1 and W3 (codes of expert_matmul.wgsl).
 override W1_FORMAT: u32 = 0u;
@@ -64,35 +62,6 @@ override LANES: u32 = 64u;
 @group(0) @binding(9) var w3_scales: texture_2d_array<u32>;
 @group(0) @binding(10) var<storage, read> up_bias: array<f32>;
 @group(0) @binding(11) var<storage, read_write> hidden: array<f32>;
-
-// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, below f32 resolution of 1 + erf).
-fn erf_approx(v: f32) -> f32 {
-    let a = abs(v);
-    let t = 1.0 / (1.0 + 0.3275911 * a);
-    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
-        + t * (-1.453152027 + t * 1.061405429))));
-    return sign(v) * (1.0 - poly * exp(-a * a));
-}
-
-fn activate(a: f32) -> f32 {
-    switch ACTIVATION {
-        case 1u: {
-            return 0.5 * a * (1.0 + erf_approx(a * 0.70710678));
-        }
-        case 2u: {
-            // tanh saturates to ±1 in f32 beyond |u| = 9; the clamp keeps exp-based
-            // tanh implementations from producing inf/inf.
-            let u = clamp(0.7978845608 * (a + 0.044715 * a * a * a), -9.0, 9.0);
-            return 0.5 * a * (1.0 + tanh(u));
-        }
-        case 3u: {
-            return a / (1.0 + exp(-a));
-        }
-        default: {
-            return max(a, 0.0);
-        }
-    }
-}
 
 // Four x rows (texture rows `rows` of layers `layers`) at texel k4, transposed: row i of the
 // result is x row i.

@@ -37,6 +37,28 @@ pub struct Gradients {
     pub b3: Option<Vec<f32>>,
 }
 
+impl Gradients {
+    /// Every gradient under its native name (SPEC "Backward"), `x` first, absent biases
+    /// and `experts.w3` of ungated layers left out.
+    pub fn named(&self) -> Vec<(&'static str, &[f32])> {
+        let tensors: [(&'static str, Option<&Vec<f32>>); 9] = [
+            ("x", Some(&self.x)),
+            ("router.weight", Some(&self.router_weight)),
+            ("router.bias", self.router_bias.as_ref()),
+            ("experts.w1", Some(&self.w1)),
+            ("experts.b1", self.b1.as_ref()),
+            ("experts.w2", Some(&self.w2)),
+            ("experts.b2", self.b2.as_ref()),
+            ("experts.w3", self.w3.as_ref()),
+            ("experts.b3", self.b3.as_ref()),
+        ];
+        tensors
+            .into_iter()
+            .filter_map(|(name, tensor)| tensor.map(|t| (name, t.as_slice())))
+            .collect()
+    }
+}
+
 /// The loss terms beyond `Σ dy ⊙ y`: `α·aux_loss + β·z_loss`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossCoefficients {

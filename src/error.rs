@@ -37,6 +37,11 @@ pub enum MoeError {
     #[error("tensor `{tensor}`: stored as {format}; training needs f32 weights")]
     TrainingNeedsF32 { tensor: String, format: String },
 
+    /// A training call out of turn: on a layer built without `LayerOptions::trainable`,
+    /// a backward before any training forward, an optimizer step before any backward.
+    #[error("training: {message}")]
+    Training { message: String },
+
     /// A file could not be read or written.
     #[error("file `{path}`: {message}")]
     File { path: PathBuf, message: String },

@@ -132,7 +132,8 @@ fn texture(
     })
 }
 
-/// A read-only texture array of `format` holding `data` (see `texture`).
+/// A texture array of `format` holding `data` (see `texture`), read by the kernels and,
+/// when `writable`, also written (a trainable layer's weights after an optimizer step).
 pub fn texture_array(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
@@ -140,8 +141,11 @@ pub fn texture_array(
     format: wgpu::TextureFormat,
     extent: (usize, usize, usize),
     data: &[u8],
+    writable: bool,
 ) -> wgpu::TextureView {
-    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING
+        | wgpu::TextureUsages::COPY_DST
+        | written_usage(writable);
     texture(
         device,
         label,
@@ -173,17 +177,28 @@ fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu:
     )
 }
 
+/// STORAGE_BINDING for textures the kernels write, nothing otherwise.
+fn written_usage(writable: bool) -> wgpu::TextureUsages {
+    if writable {
+        wgpu::TextureUsages::STORAGE_BINDING
+    } else {
+        wgpu::TextureUsages::empty()
+    }
+}
+
 /// The router weight `[experts, d_model]` as an rgba32float texture (one row per expert,
-/// rows zero-padded to whole texels).
+/// rows zero-padded to whole texels); `writable` for a trainable layer.
 fn router_texture(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     router_weight: &[f32],
-    num_experts: usize,
-    d_model: usize,
+    (num_experts, d_model): (usize, usize),
+    writable: bool,
 ) -> wgpu::TextureView {
     let extent = (padded_to_vec4(d_model) / 4, num_experts, 1);
-    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING
+        | wgpu::TextureUsages::COPY_DST
+        | written_usage(writable);
     let data = pad_rows(router_weight, d_model);
     let contents = Some((queue, bytemuck::cast_slice(&data)));
     texture(
@@ -231,13 +246,15 @@ pub struct GpuWeights {
 impl GpuWeights {
     /// Uploads `weights`, splitting the experts into shards of at most
     /// `max_experts_per_shard`, and no more than the device's texture array layers allow
-    /// or than fit one bias binding of `max_binding_bytes`.
+    /// or than fit one bias binding of `max_binding_bytes`. `writable`: a trainable layer,
+    /// whose textures and biases an optimizer step rewrites.
     pub fn upload(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
         weights: &MoeWeights,
         max_binding_bytes: u64,
         max_experts_per_shard: Option<usize>,
+        writable: bool,
     ) -> Result<Self> {
         let LayerShape {
             num_experts,
@@ -273,7 +290,13 @@ impl GpuWeights {
             .min(usable_layers(&limits) as u64)
             .min(max_experts_per_shard.unwrap_or(usize::MAX) as u64)
             .max(1) as usize;
-        let router = router_texture(device, queue, &weights.router_weight, num_experts, d_model);
+        let router = router_texture(
+            device,
+            queue,
+            &weights.router_weight,
+            (num_experts, d_model),
+            writable,
+        );
         let mut router_bias = vec![0.0f32; MAX_EXPERTS as usize];
         if let Some(bias) = &weights.router_bias {
             router_bias[..num_experts].copy_from_slice(bias);
@@ -281,7 +304,7 @@ impl GpuWeights {
         let router_bias = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("router bias"),
             contents: bytemuck::cast_slice(&router_bias),
-            usage: wgpu::BufferUsages::UNIFORM,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         });
 
         let num_shards = div_ceil(num_experts, experts_per_shard);
@@ -303,13 +326,13 @@ impl GpuWeights {
             if weights.w3.is_some() {
                 up_bias.extend(bias_or_zeros(&weights.b3, d_ff));
             }
-            let no_usage = wgpu::BufferUsages::empty();
+            let bias_usage = wgpu::BufferUsages::COPY_DST;
             let experts = first..end;
             let w3 = match &weights.w3 {
-                Some(w3) => upload_weight_textures(device, queue, "w3", w3, experts.clone()),
+                Some(w3) => upload_weight_textures(device, queue, "w3", w3, experts.clone(), writable),
                 None => {
                     let unused = ExpertMatrices::from_f32(1, 1, 4, vec![0.0; 4]);
-                    upload_weight_textures(device, queue, "w3 (unused)", &unused, 0..1)
+                    upload_weight_textures(device, queue, "w3 (unused)", &unused, 0..1, false)
                 }
             };
             let params = ExpertParams {
@@ -324,11 +347,18 @@ impl GpuWeights {
             let shard = WeightShard {
                 first_expert: first,
                 num_experts: count,
-                w1: upload_weight_textures(device, queue, "w1", &weights.w1, experts.clone()),
+                w1: upload_weight_textures(
+                    device,
+                    queue,
+                    "w1",
+                    &weights.w1,
+                    experts.clone(),
+                    writable,
+                ),
                 w3,
-                up_bias: storage_buffer_init(device, "up_bias", &up_bias, no_usage),
-                w2: upload_weight_textures(device, queue, "w2", &weights.w2, experts),
-                down_bias: storage_buffer_init(device, "down_bias", &down_bias, no_usage),
+                up_bias: storage_buffer_init(device, "up_bias", &up_bias, bias_usage),
+                w2: upload_weight_textures(device, queue, "w2", &weights.w2, experts, writable),
+                down_bias: storage_buffer_init(device, "down_bias", &down_bias, bias_usage),
                 params: uniform_buffer(device, "expert params", &params),
             };
             bytes += shard.w1.bytes + shard.w2.bytes + 4 * (up_bias.len() + down_bias.len()) as u64;

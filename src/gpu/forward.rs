@@ -99,14 +99,33 @@ impl MoeLayer {
         wait: Wait,
     ) -> Result<Run> {
         let plan = self.plan(num_tokens_of(shape, x.len(), self.shape.d_model)?)?;
-        let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let idle = self.pool.lock().ok().and_then(|mut pool| pool.pop());
-        let lease = Lease {
-            workspace: Some(self.fitted(idle, &plan)),
+        let mut lease = Lease {
+            workspace: None,
             pool: &self.pool,
         };
-        let workspace = lease.get();
+        self.run_in(&mut lease.workspace, idle, &plan, x, shape, with_trace, wait)
+            .await
+    }
+
+    /// One pass of `plan` over `x` in the workspace `idle` (or a new one) fitted to the
+    /// plan, left in `kept` whatever happens: the pool lease puts it back, a training
+    /// forward keeps it for the backward.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn run_in(
+        &self,
+        kept: &mut Option<Workspace>,
+        idle: Option<Workspace>,
+        plan: &ForwardPlan,
+        x: &[f32],
+        shape: &[usize],
+        with_trace: bool,
+        wait: Wait,
+    ) -> Result<Run> {
+        let plan = *plan;
+        let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let workspace = &*kept.insert(self.fitted(idle, &plan));
         self.write_inputs(workspace, &plan, x);
         let mut encoder = self
             .device

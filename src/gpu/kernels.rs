@@ -29,6 +29,12 @@ pub enum Binding {
     UintTextureArray,
     /// `texture_storage_2d_array<rgba32float, write>` (x's rows, written by stage_tokens).
     StorageTextureArray,
+    /// `texture_storage_2d_array<rgba32uint, write>` (an f32 expert tensor's plane, written
+    /// by refresh_expert_weights).
+    UintStorageTextureArray,
+    /// `texture_storage_2d<rgba32float, write>` (the router, written by
+    /// refresh_router_weights).
+    StorageTexture,
 }
 
 fn buffer_binding(ty: wgpu::BufferBindingType) -> wgpu::BindingType {
@@ -78,6 +84,16 @@ fn bind_group_layout(
                     access: wgpu::StorageTextureAccess::WriteOnly,
                     format: wgpu::TextureFormat::Rgba32Float,
                     view_dimension: wgpu::TextureViewDimension::D2Array,
+                },
+                Binding::UintStorageTextureArray => wgpu::BindingType::StorageTexture {
+                    access: wgpu::StorageTextureAccess::WriteOnly,
+                    format: wgpu::TextureFormat::Rgba32Uint,
+                    view_dimension: wgpu::TextureViewDimension::D2Array,
+                },
+                Binding::StorageTexture => wgpu::BindingType::StorageTexture {
+                    access: wgpu::StorageTextureAccess::WriteOnly,
+                    format: wgpu::TextureFormat::Rgba32Float,
+                    view_dimension: wgpu::TextureViewDimension::D2,
                 },
             },
             count: None,
@@ -167,9 +183,19 @@ pub struct Kernel {
 impl Kernel {
     /// Builds the pipeline of `shader`'s `main` with `bindings` in binding order.
     pub fn new(device: &wgpu::Device, shader: ShaderSource, bindings: &[Binding]) -> Self {
+        Self::with_constants(device, shader, bindings, &[])
+    }
+
+    /// Like [`Kernel::new`], with the shader's overrides set to `constants`.
+    pub fn with_constants(
+        device: &wgpu::Device,
+        shader: ShaderSource,
+        bindings: &[Binding],
+        constants: &[(&str, f64)],
+    ) -> Self {
         let layout = bind_group_layout(device, shader.name, bindings);
         let module = shader_module(device, shader);
-        let pipeline = compute_pipeline(device, shader.name, &module, &layout, &[]);
+        let pipeline = compute_pipeline(device, shader.name, &module, &layout, constants);
         Kernel {
             name: shader.name,
             layout,
@@ -326,6 +352,77 @@ impl Kernels {
                 device,
                 shaders::COMBINE_OUTPUTS,
                 &[U, Ro, Ro, Ro, Ro, Ro, Rw],
+            ),
+        }
+    }
+}
+
+/// The pipelines of training (trainable layers only): the backward's seven kernels in
+/// dispatch order, the optimizer step and the refresh of the forward's weight textures.
+#[derive(Debug)]
+pub struct TrainingKernels {
+    pub gate_backward: Kernel,
+    pub expert_hidden_backward: Kernel,
+    pub expert_down_backward: Kernel,
+    pub expert_up_backward: Kernel,
+    pub expert_input_backward: Kernel,
+    pub router_backward: Kernel,
+    pub combine_backward: Kernel,
+    pub optimizer_step: Kernel,
+    pub refresh_expert_weights: Kernel,
+    pub refresh_router_weights: Kernel,
+}
+
+impl TrainingKernels {
+    pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+        use Binding::{
+            Storage as Rw, StorageReadOnly as Ro, StorageTexture as St,
+            UintStorageTextureArray as Su, Uniform as U,
+        };
+        let activation = [("ACTIVATION", config.activation.shader_code() as f64)];
+        TrainingKernels {
+            gate_backward: Kernel::new(
+                device,
+                shaders::GATE_BACKWARD,
+                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw, Rw],
+            ),
+            expert_hidden_backward: Kernel::with_constants(
+                device,
+                shaders::EXPERT_HIDDEN_BACKWARD,
+                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw],
+                &activation,
+            ),
+            expert_down_backward: Kernel::new(
+                device,
+                shaders::EXPERT_DOWN_BACKWARD,
+                &[U, Ro, Ro, Ro, Ro, Ro, Rw],
+            ),
+            expert_up_backward: Kernel::new(
+                device,
+                shaders::EXPERT_UP_BACKWARD,
+                &[U, Ro, Ro, Ro, Ro, Ro, Rw],
+            ),
+            expert_input_backward: Kernel::new(
+                device,
+                shaders::EXPERT_INPUT_BACKWARD,
+                &[U, Ro, Ro, Ro, Ro, Rw],
+            ),
+            router_backward: Kernel::new(device, shaders::ROUTER_BACKWARD, &[U, Ro, Ro, Rw]),
+            combine_backward: Kernel::new(
+                device,
+                shaders::COMBINE_BACKWARD,
+                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw],
+            ),
+            optimizer_step: Kernel::new(device, shaders::OPTIMIZER_STEP, &[U, Rw, Ro, Rw, Rw]),
+            refresh_expert_weights: Kernel::new(
+                device,
+                shaders::REFRESH_EXPERT_WEIGHTS,
+                &[U, Ro, Su],
+            ),
+            refresh_router_weights: Kernel::new(
+                device,
+                shaders::REFRESH_ROUTER_WEIGHTS,
+                &[U, Ro, St],
             ),
         }
     }

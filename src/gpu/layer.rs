@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::formats::WeightFormat;
+use crate::gpu::backward::Training;
 use crate::gpu::buffers::GpuWeights;
 use crate::gpu::context::GpuContext;
 #[cfg(not(target_arch = "wasm32"))]
@@ -43,6 +44,11 @@ pub struct LayerOptions {
     /// ggml does), so that they take its size on the device. Quantized weights convert only
     /// to their own format.
     pub weight_format: Option<WeightFormat>,
+    /// Keeps the layer's parameters trainable on the device: a flat f32 copy of every
+    /// tensor (and as much again for the gradients) that `forward_train`, `backward` and
+    /// `step` use, and forward weights an optimizer step can rewrite. Needs f32 expert
+    /// weights.
+    pub trainable: bool,
 }
 
 /// The matmul block for a device: CPU adapters (lavapipe, llvmpipe, SwiftShader) run each
@@ -79,6 +85,8 @@ pub struct MoeLayer {
     pub(super) encoded: Mutex<Option<Workspace>>,
     /// How many times the scratch buffers were (re)allocated.
     pub(super) scratch_allocations: AtomicUsize,
+    /// The parameters, gradients and state of training (trainable layers only).
+    pub(super) training: Option<Training>,
 }
 
 impl MoeLayer {
@@ -201,7 +209,13 @@ impl MoeLayer {
             weights,
             device_binding,
             options.max_experts_per_shard,
+            options.trainable,
         )?;
+        let training = if options.trainable {
+            Some(Training::new(device, queue, &config, weights, device_binding)?)
+        } else {
+            None
+        };
         if let Some(error) = scope.pop().await {
             return Err(MoeError::Device {
                 message: format!("building the layer: {error}"),
@@ -223,6 +237,7 @@ impl MoeLayer {
             pool: Mutex::new(Vec::new()),
             encoded: Mutex::new(None),
             scratch_allocations: AtomicUsize::new(0),
+            training,
         })
     }
 

@@ -1,11 +1,14 @@
 //! The GPU side: device context, kernels, buffers and the layer that runs them.
 
+mod backward;
 pub mod buffers;
 mod chunks;
 pub mod context;
 mod forward;
 pub mod kernels;
 pub mod layer;
+mod optimizer;
+pub mod parameters;
 pub mod params;
 pub mod plan;
 pub mod readback;
@@ -16,3 +19,4 @@ mod workspace;
 pub use context::{AdapterSummary, GpuContext};
 pub use forward::{ForwardTrace, StatisticsLayout};
 pub use layer::{LayerOptions, MoeLayer};
+pub use optimizer::Optimizer;

@@ -67,3 +67,68 @@ pub struct StatsParams {
     pub num_blocks: u32,
     pub _pad: u32,
 }
+
+/// `BackwardParams` of every backward kernel (backward_common.wgsl). Offsets are in floats
+/// into the flat parameter and gradient buffers, `u32::MAX` for an absent tensor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct BackwardParams {
+    pub num_tokens: u32,
+    pub d_model: u32,
+    pub d_ff: u32,
+    pub num_experts: u32,
+    pub top_k: u32,
+    pub row_tile: u32,
+    pub max_slots: u32,
+    pub gated: u32,
+    pub scale_by_prob: u32,
+    pub normalize_top_k: u32,
+    pub pass_through: u32,
+    pub hidden_stride: u32,
+    pub aux_coef: f32,
+    pub z_coef: f32,
+    pub router_weight_at: u32,
+    pub router_bias_at: u32,
+    pub w1_at: u32,
+    pub b1_at: u32,
+    pub w2_at: u32,
+    pub b2_at: u32,
+    pub w3_at: u32,
+    pub b3_at: u32,
+    pub _pad: [u32; 2],
+}
+
+/// `OptimizerParams` of optimizer_step.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct OptimizerParams {
+    pub count: u32,
+    /// 0 SGD, 1 AdamW.
+    pub kind: u32,
+    pub learning_rate: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub epsilon: f32,
+    /// lr / (1 − β1^t).
+    pub step_size: f32,
+    /// √(1 − β2^t).
+    pub second_moment_correction: f32,
+    pub _pad: [u32; 3],
+}
+
+/// `RefreshParams` of refresh_expert_weights.wgsl and refresh_router_weights.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RefreshParams {
+    pub rows: u32,
+    pub cols: u32,
+    /// Texels per row quad (experts) or 4 × texels per row (router): `cols` rounded up
+    /// to a multiple of 4.
+    pub width: u32,
+    pub quads: u32,
+    pub first_expert: u32,
+    pub num_experts: u32,
+    pub tensor_at: u32,
+    pub _pad: u32,
+}

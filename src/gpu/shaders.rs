@@ -15,12 +15,12 @@ macro_rules! shader {
             source: include_str!(concat!("../../shaders/", $name, ".wgsl")),
         };
     };
-    // A kernel with a shared file prepended (WGSL has no includes): one module each.
-    ($ident:ident, $name:literal, prepend $shared:literal) => {
+    // A kernel with shared files prepended (WGSL has no includes): one module each.
+    ($ident:ident, $name:literal, prepend $($shared:literal),+) => {
         pub const $ident: ShaderSource = ShaderSource {
             name: $name,
             source: concat!(
-                include_str!(concat!("../../shaders/", $shared, ".wgsl")),
+                $(include_str!(concat!("../../shaders/", $shared, ".wgsl")),)+
                 include_str!(concat!("../../shaders/", $name, ".wgsl"))
             ),
         };
@@ -34,12 +34,25 @@ shader!(SCAN_EXPERT_OFFSETS, "scan_expert_offsets");
 shader!(SCATTER_ASSIGNMENTS, "scatter_assignments");
 // The expert matmuls share expert_matmul.wgsl: the accumulate of their K loops and the
 // decoders of every stored weight format.
-shader!(EXPERT_UP, "expert_up", prepend "expert_matmul");
+shader!(EXPERT_UP, "expert_up", prepend "expert_matmul", "activation");
 shader!(EXPERT_DOWN, "expert_down", prepend "expert_matmul");
 shader!(COMBINE_OUTPUTS, "combine_outputs");
 shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 
-/// All kernels, in the order a forward dispatches them.
+// The backward's kernels share their Params and parameter layout (backward_common); those
+// working per slot also share slot_expert (backward_slots).
+shader!(GATE_BACKWARD, "gate_backward", prepend "backward_common");
+shader!(EXPERT_HIDDEN_BACKWARD, "expert_hidden_backward", prepend "backward_common", "backward_slots", "activation");
+shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common");
+shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common");
+shader!(EXPERT_INPUT_BACKWARD, "expert_input_backward", prepend "backward_common", "backward_slots");
+shader!(ROUTER_BACKWARD, "router_backward", prepend "backward_common");
+shader!(COMBINE_BACKWARD, "combine_backward", prepend "backward_common");
+shader!(OPTIMIZER_STEP, "optimizer_step");
+shader!(REFRESH_EXPERT_WEIGHTS, "refresh_expert_weights");
+shader!(REFRESH_ROUTER_WEIGHTS, "refresh_router_weights");
+
+/// All kernels of a forward, in the order a forward dispatches them.
 pub const ALL: [ShaderSource; 9] = [
     STAGE_TOKENS,
     ROUTE_TOKENS,
@@ -51,6 +64,24 @@ pub const ALL: [ShaderSource; 9] = [
     EXPERT_DOWN,
     COMBINE_OUTPUTS,
 ];
+
+/// The kernels of training: the backward's in the order it dispatches them, then the
+/// optimizer step and the refresh of the forward's weight textures.
+pub const TRAINING: [ShaderSource; 10] = [
+    GATE_BACKWARD,
+    EXPERT_HIDDEN_BACKWARD,
+    EXPERT_DOWN_BACKWARD,
+    EXPERT_UP_BACKWARD,
+    EXPERT_INPUT_BACKWARD,
+    ROUTER_BACKWARD,
+    COMBINE_BACKWARD,
+    OPTIMIZER_STEP,
+    REFRESH_EXPERT_WEIGHTS,
+    REFRESH_ROUTER_WEIGHTS,
+];
+
+/// Invocations per workgroup of every training kernel.
+pub const TRAINING_WORKGROUP: u32 = 64;
 
 /// Tokens per block in stage_tokens, route_tokens, count_experts and scatter_assignments.
 pub const BLOCK_TOKENS: u32 = 128;

@@ -52,11 +52,17 @@ impl Plane {
         }
     }
 
-    fn upload(&self, device: &wgpu::Device, queue: &wgpu::Queue, label: &str) -> wgpu::TextureView {
+    fn upload(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        label: &str,
+        writable: bool,
+    ) -> wgpu::TextureView {
         let layers =
             self.data.len() / (self.quads * self.width * self.channels * self.component_bytes);
         let extent = (self.width, self.quads, layers);
-        texture_array(device, queue, label, self.format, extent, &self.data)
+        texture_array(device, queue, label, self.format, extent, &self.data, writable)
     }
 }
 
@@ -96,13 +102,15 @@ fn dummy() -> Plane {
     Plane::new(wgpu::TextureFormat::R32Uint, 1, 1, 1)
 }
 
-/// Packs matrices `experts` of `matrices` and uploads them.
+/// Packs matrices `experts` of `matrices` and uploads them; `writable`: the quants plane of
+/// a trainable layer's f32 tensor, which refresh_expert_weights rewrites.
 pub fn upload_weight_textures(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     label: &str,
     matrices: &ExpertMatrices,
     experts: Range<usize>,
+    writable: bool,
 ) -> WeightTextures {
     let (rows, cols, count) = (matrices.rows, matrices.cols, experts.len());
     let quads = padded_to_vec4(rows) / 4;
@@ -224,9 +232,9 @@ pub fn upload_weight_textures(
         .map(|p| p.data.len() as u64)
         .sum();
     WeightTextures {
-        quants: quants.upload(device, queue, &format!("{label} quants")),
-        high: high.upload(device, queue, &format!("{label} high bits")),
-        scales: scales.upload(device, queue, &format!("{label} scales")),
+        quants: quants.upload(device, queue, &format!("{label} quants"), writable),
+        high: high.upload(device, queue, &format!("{label} high bits"), false),
+        scales: scales.upload(device, queue, &format!("{label} scales"), false),
         bytes,
     }
 }

@@ -39,20 +39,11 @@ pub(super) struct Workspace {
     pub(super) timer: Option<PassTimer>,
 }
 
-/// A workspace taken from the pool for one forward; dropping it puts it back, on success
-/// and on every error path alike.
+/// A workspace taken from the pool for one forward (filled in once fitted to the batch);
+/// dropping the lease puts it back, on success and on every error path alike.
 pub(super) struct Lease<'a> {
     pub(super) workspace: Option<Workspace>,
     pub(super) pool: &'a Mutex<Vec<Workspace>>,
-}
-
-impl Lease<'_> {
-    pub(super) fn get(&self) -> &Workspace {
-        // Present from construction until drop.
-        self.workspace
-            .as_ref()
-            .expect("a lease holds its workspace until dropped")
-    }
 }
 
 impl Drop for Lease<'_> {

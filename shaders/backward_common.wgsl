@@ -1,0 +1,48 @@
+// backward_common: what every kernel of the backward shares (the shader registry prepends
+// this file to each): their one Params struct, the flat parameter and gradient layout, and
+// the invocation index of their 2-D grids. See src/gpu/backward.rs for the order of the
+// dispatches and cpu_backward.rs for the sums they compute.
+//
+// The layer's trainable tensors live in ONE f32 buffer `parameters` (and their gradients in
+// `gradients`, laid out alike): router.weight [N, D] at router_weight_at, router.bias [N],
+// w1 [N, F, D], b1 [N, F], w2 [N, D, F], b2 [N, D], w3 [N, F, D], b3 [N, F] at their `_at`
+// offsets (in floats); an absent tensor's offset is ABSENT. Every gradient element is
+// written by one invocation that sums its terms in a fixed order: no atomics, the same
+// bits on every run.
+
+struct BackwardParams {
+    num_tokens: u32,
+    d_model: u32,
+    d_ff: u32,
+    num_experts: u32,
+    top_k: u32,
+    row_tile: u32,
+    max_slots: u32,
+    gated: u32,
+    scale_by_prob: u32,
+    normalize_top_k: u32,
+    pass_through: u32,
+    hidden_stride: u32,
+    aux_coef: f32,
+    z_coef: f32,
+    router_weight_at: u32,
+    router_bias_at: u32,
+    w1_at: u32,
+    b1_at: u32,
+    w2_at: u32,
+    b2_at: u32,
+    w3_at: u32,
+    b3_at: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const ABSENT: u32 = 0xffffffffu;
+const DROPPED: u32 = 0xffffffffu;
+const WORKGROUP: u32 = 64u;
+
+// The linear index of an invocation in a 2-D grid of WORKGROUP-wide workgroups
+// (x + y·num_workgroups.x, as plan::grid_2d lays them out).
+fn linear_index(workgroup_id: vec3<u32>, num_workgroups: vec3<u32>, lane: u32) -> u32 {
+    return (workgroup_id.x + workgroup_id.y * num_workgroups.x) * WORKGROUP + lane;
+}

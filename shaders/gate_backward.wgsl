@@ -1,0 +1,139 @@
+// gate_backward: per token, dL/dh (h = the router logits) from the gates, the pass-through,
+// the aux loss and the z-loss (SPEC "Backward"; CPU twin: the per-token part of
+// cpu_backward::backward), and the scales the expert backward needs:
+//   G_j = dy[t]·O[slot_j] for each kept choice j (O = the expert's output, before the gate),
+//   dg_j = G_j (scale_by_prob) or G_j / g_j (the unscaled gate g / stop_gradient(g)),
+//   dq = dg through the top-k normalisation over ALL choices (dropped ones too), plus the
+//   pass-through's dot(dy, x) on choice 0 when every choice was dropped,
+//   dp[e] = Σ_j dq_j [route_j = e] + α·N·counts[e] / T²   (aux through route_prob_sum),
+//   dh[e] = p[e]·(dp[e] − Σ_e' p[e']·dp[e']) + β·2·lse·p[e] / T   (softmax, z-loss).
+// p is recomputed from the saved logits as route_tokens computed it. dh is built in place in
+// the token's row of d_logits (routes of a token are distinct experts, so each dq_j has its
+// own element).
+//
+// Dispatch: one invocation per token, workgroups of 64 in 2-D.
+// Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 logits [T, N], 4 routes [T, k],
+// 5 gates [T, k], 6 assignment_slot [T, k], 7 expert_out [slots, D], 8 expert_table,
+// 9 d_logits [T, N], 10 slot_scale [slots] (s_j: dO[slot] = s_j·dy[t]),
+// 11 pass_scale [T] (π when the token passed through, else 0).
+
+@group(0) @binding(0) var<uniform> params: BackwardParams;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> logits: array<f32>;
+@group(0) @binding(4) var<storage, read> routes: array<u32>;
+@group(0) @binding(5) var<storage, read> gates: array<f32>;
+@group(0) @binding(6) var<storage, read> assignment_slot: array<u32>;
+@group(0) @binding(7) var<storage, read> expert_out: array<f32>;
+@group(0) @binding(8) var<storage, read> expert_table: array<u32>;
+@group(0) @binding(9) var<storage, read_write> d_logits: array<f32>;
+@group(0) @binding(10) var<storage, read_write> slot_scale: array<f32>;
+@group(0) @binding(11) var<storage, read_write> pass_scale: array<f32>;
+
+// dy[token]·x[token].
+fn dot_dy_x(token: u32) -> f32 {
+    let d_model = params.d_model;
+    var sum = 0.0;
+    for (var d = 0u; d < d_model; d++) {
+        sum += dy[token * d_model + d] * x[token * d_model + d];
+    }
+    return sum;
+}
+
+// dy[token]·O[slot].
+fn dot_dy_out(token: u32, slot: u32) -> f32 {
+    let d_model = params.d_model;
+    var sum = 0.0;
+    for (var d = 0u; d < d_model; d++) {
+        sum += dy[token * d_model + d] * expert_out[slot * d_model + d];
+    }
+    return sum;
+}
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(num_workgroups) num_workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let token = linear_index(workgroup_id, num_workgroups, lane);
+    if (token >= params.num_tokens) {
+        return;
+    }
+    let n = params.num_experts;
+    let k = params.top_k;
+    let row = token * n;
+    let scale_by_prob = params.scale_by_prob != 0u;
+    let tokens = f32(params.num_tokens);
+
+    // The softmax as route_tokens computed it.
+    var max_logit = logits[row];
+    for (var e = 1u; e < n; e++) {
+        max_logit = max(max_logit, logits[row + e]);
+    }
+    var sum = 0.0;
+    for (var e = 0u; e < n; e++) {
+        sum += exp(logits[row + e] - max_logit);
+    }
+    let lse = max_logit + log(sum);
+
+    // dp starts as the aux loss's term: α·N·counts[e] / T².
+    let aux_scale = params.aux_coef * f32(n) / (tokens * tokens);
+    for (var e = 0u; e < n; e++) {
+        d_logits[row + e] = aux_scale * f32(expert_table[e]);
+    }
+
+    // Σ_j q_j over all choices, for the normalisation.
+    var q_total = 0.0;
+    for (var j = 0u; j < k; j++) {
+        q_total += exp(logits[row + routes[token * k + j]] - max_logit) / sum;
+    }
+    let normalize = params.normalize_top_k != 0u;
+    let inverse_total = select(1.0, 1.0 / q_total, normalize);
+
+    // dq_j = dg_j / Σq − (Σ_i dg_i·q_i) / (Σq)² when normalising, else dg_j.
+    var weighted = 0.0;
+    var any_kept = false;
+    for (var j = 0u; j < k; j++) {
+        let assignment = token * k + j;
+        let slot = assignment_slot[assignment];
+        if (slot == DROPPED) {
+            continue;
+        }
+        any_kept = true;
+        let gate = gates[assignment];
+        let q = exp(logits[row + routes[assignment]] - max_logit) / sum;
+        let g_dot = dot_dy_out(token, slot);
+        let dg = select(g_dot / gate, g_dot, scale_by_prob);
+        slot_scale[slot] = select(1.0, gate, scale_by_prob);
+        d_logits[row + routes[assignment]] += dg * inverse_total;
+        weighted += dg * q;
+    }
+    if (normalize) {
+        let shift = weighted * inverse_total * inverse_total;
+        for (var j = 0u; j < k; j++) {
+            d_logits[row + routes[token * k + j]] -= shift;
+        }
+    }
+
+    // Every choice dropped: y = π·x with π = q_0 (scaling) or q_0 / stop_gradient(q_0).
+    var pi = 0.0;
+    if (!any_kept && params.pass_through != 0u) {
+        let q0 = exp(logits[row + routes[token * k]] - max_logit) / sum;
+        pi = select(1.0, q0, scale_by_prob);
+        let g_dot = dot_dy_x(token);
+        d_logits[row + routes[token * k]] += select(g_dot / q0, g_dot, scale_by_prob);
+    }
+    pass_scale[token] = pi;
+
+    // Softmax backward plus the z-loss: dh = p·(dp − Σ p·dp) + β·2·lse·p / T.
+    var mean = 0.0;
+    for (var e = 0u; e < n; e++) {
+        mean += exp(logits[row + e] - max_logit) / sum * d_logits[row + e];
+    }
+    let z_scale = params.z_coef * 2.0 * lse / tokens;
+    for (var e = 0u; e < n; e++) {
+        let p = exp(logits[row + e] - max_logit) / sum;
+        d_logits[row + e] = p * (d_logits[row + e] - mean) + z_scale * p;
+    }
+}

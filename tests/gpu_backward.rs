@@ -1,0 +1,313 @@
+//! The GPU backward against the CPU reference backward (f64) on awkward shapes, every
+//! activation, gating, top-k with and without normalisation, heavy dropping with both drop
+//! policies, unscaled gates, the aux and z losses; reruns bit-identical; the optimizer step
+//! and the refreshed forward; and the errors of training out of turn.
+
+mod common;
+
+use common::*;
+use switch_moe::cpu_backward::{self, Gradients, LossCoefficients};
+use switch_moe::rng::SeededRng;
+use switch_moe::{
+    Activation, DropPolicy, LayerOptions, MoeConfig, MoeError, MoeLayer, MoeWeights, Optimizer,
+    WeightFormat,
+};
+
+fn trainable(context: &switch_moe::GpuContext, config: &MoeConfig, weights: &MoeWeights) -> MoeLayer {
+    let options = LayerOptions {
+        trainable: true,
+        ..LayerOptions::default()
+    };
+    MoeLayer::with_options(context, config.clone(), weights, options).unwrap()
+}
+
+/// GPU gradients against the f64 reference. Each gradient element is a chain of f32 sums
+/// (a dot of D or F terms, then a sum over up to T·k rows or N experts), every term with
+/// a few roundings: its error is at most about (D + F + T·k + N)·u times the sum of the
+/// magnitudes of its terms, bounded here by 8 × the largest magnitude in its tensor times
+/// the chain's length.
+fn assert_gradients_close(what: &str, gpu: &Gradients, cpu: &Gradients, depth: usize) {
+    let gpu_named = gpu.named();
+    let cpu_named = cpu.named();
+    let names = |n: &[(&'static str, &[f32])]| n.iter().map(|(name, _)| *name).collect::<Vec<_>>();
+    assert_eq!(names(&gpu_named), names(&cpu_named), "{what}: tensors");
+    for ((name, actual), (_, expected)) in gpu_named.iter().zip(&cpu_named) {
+        let largest = expected.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+        let tolerance = 8.0 * depth as f64 * U * largest + 1e-30;
+        assert_close(&format!("{what}: {name}"), actual, expected, |_| tolerance);
+    }
+}
+
+struct Case {
+    config: MoeConfig,
+    num_experts: usize,
+    d_model: usize,
+    d_ff: usize,
+    num_tokens: usize,
+    biases: bool,
+    coefficients: LossCoefficients,
+}
+
+fn case(config: MoeConfig, (n, d, f): (usize, usize, usize), t: usize) -> Case {
+    Case {
+        config,
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+        num_tokens: t,
+        biases: true,
+        coefficients: LossCoefficients { aux: 0.01, z: 0.001 },
+    }
+}
+
+fn run_case(context: &switch_moe::GpuContext, c: &Case, seed: u64) {
+    let what = format!(
+        "N={} D={} F={} T={} k={} {:?} gated={} normalize={} scale={} drop={:?}/{} bias={}",
+        c.num_experts,
+        c.d_model,
+        c.d_ff,
+        c.num_tokens,
+        c.config.top_k,
+        c.config.activation,
+        c.config.gated,
+        c.config.normalize_top_k,
+        c.config.scale_by_prob,
+        c.config.drop_policy,
+        c.config.drop_tokens,
+        c.biases
+    );
+    let weights = MoeWeights::random(
+        shape(c.num_experts, c.d_model, c.d_ff),
+        c.config.gated,
+        c.biases,
+        seed,
+    );
+    let x = tokens(c.num_tokens, c.d_model, seed);
+    let dy = SeededRng::new(seed ^ 0xD1).normal_vec(x.len());
+    let shape = [c.num_tokens, c.d_model];
+    let layer = trainable(context, &c.config, &weights);
+    let output = layer.forward_train(&x, &shape).unwrap();
+    let reference = cpu_forward(&c.config, &weights, &x, &shape);
+    assert_eq!(output.routes, reference.routes, "{what}: routes");
+    assert_eq!(output.kept, reference.kept, "{what}: kept");
+    let gpu = layer.backward(&dy, c.coefficients).unwrap();
+    let cpu =
+        cpu_backward::backward(&c.config, &weights, &x, &shape, &dy, c.coefficients).unwrap();
+    let depth = c.d_model + c.d_ff + c.num_tokens * c.config.top_k + c.num_experts;
+    assert_gradients_close(&what, &gpu, &cpu, depth);
+    // The same backward again, and a fresh forward and backward: the same bits.
+    assert_eq!(layer.backward(&dy, c.coefficients).unwrap(), gpu, "{what}: rerun");
+    layer.forward_train(&x, &shape).unwrap();
+    assert_eq!(
+        layer.backward(&dy, c.coefficients).unwrap(),
+        gpu,
+        "{what}: rerun after a new forward"
+    );
+}
+
+#[test]
+fn gpu_backward_matches_the_reference_across_configs() {
+    let context = gpu();
+    let mut cases = Vec::new();
+    for activation in [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu] {
+        for gated in [false, true] {
+            let config = MoeConfig {
+                activation,
+                gated,
+                ..config(1)
+            };
+            cases.push(case(config, (4, 12, 20), 24));
+        }
+    }
+    // Top-k, normalised or not, with heavy dropping and both policies; unscaled gates.
+    for (top_k, normalize) in [(2, true), (2, false), (3, true)] {
+        for policy in [DropPolicy::PassThrough, DropPolicy::Zero] {
+            cases.push(case(
+                MoeConfig {
+                    normalize_top_k: normalize,
+                    drop_tokens: true,
+                    capacity_factor: 0.5,
+                    drop_policy: policy,
+                    gated: true,
+                    activation: Activation::Silu,
+                    ..config(top_k)
+                },
+                (5, 9, 7),
+                33,
+            ));
+        }
+    }
+    cases.push(case(
+        MoeConfig {
+            scale_by_prob: false,
+            drop_tokens: true,
+            capacity_factor: 0.7,
+            ..config(1)
+        },
+        (3, 10, 6),
+        17,
+    ));
+    // Awkward sizes: T = 1, N = 1, dims off every tile, no biases, losses off.
+    cases.push(case(config(1), (1, 5, 3), 1));
+    cases.push(case(config(1), (6, 13, 35), 1));
+    let mut plain = case(config(2), (7, 17, 9), 50);
+    plain.biases = false;
+    plain.coefficients = LossCoefficients::default();
+    cases.push(plain);
+    for (i, c) in cases.iter().enumerate() {
+        run_case(&context, c, 100 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_backward_with_all_tokens_on_one_expert_and_many_experts() {
+    let context = gpu();
+    // A router that sends every token to expert 2: one hot expert, the rest empty.
+    let mut weights = MoeWeights::random(shape(4, 8, 12), false, true, 7);
+    weights.router_weight.iter_mut().for_each(|w| *w = 0.0);
+    if let Some(bias) = weights.router_bias.as_mut() {
+        bias.copy_from_slice(&[0.0, 0.0, 5.0, 0.0]);
+    }
+    let config = config(1);
+    let x = tokens(40, 8, 7);
+    let dy = SeededRng::new(71).normal_vec(x.len());
+    let layer = trainable(&context, &config, &weights);
+    let output = layer.forward_train(&x, &[40, 8]).unwrap();
+    assert_eq!(output.counts, vec![0, 0, 40, 0]);
+    let coefficients = LossCoefficients { aux: 0.1, z: 0.01 };
+    let gpu = layer.backward(&dy, coefficients).unwrap();
+    let cpu = cpu_backward::backward(&config, &weights, &x, &[40, 8], &dy, coefficients).unwrap();
+    assert_gradients_close("one hot expert", &gpu, &cpu, 8 + 12 + 40 + 4);
+
+    // N = 128 experts, top-2, 3-D input.
+    let config = MoeConfig {
+        normalize_top_k: true,
+        ..common::config(2)
+    };
+    let weights = MoeWeights::random(shape(128, 8, 8), false, true, 9);
+    let x = tokens(64, 8, 9);
+    let dy = SeededRng::new(91).normal_vec(x.len());
+    let layer = trainable(&context, &config, &weights);
+    layer.forward_train(&x, &[16, 4, 8]).unwrap();
+    let gpu = layer.backward(&dy, coefficients).unwrap();
+    let cpu = cpu_backward::backward(&config, &weights, &x, &[16, 4, 8], &dy, coefficients).unwrap();
+    assert_gradients_close("N = 128", &gpu, &cpu, 8 + 8 + 128 + 128);
+}
+
+#[test]
+fn an_sgd_step_updates_the_weights_and_the_forward_uses_them() {
+    let context = gpu();
+    let config = MoeConfig {
+        gated: true,
+        ..common::config(2)
+    };
+    let weights = MoeWeights::random(shape(4, 10, 6), true, true, 21);
+    let x = tokens(20, 10, 21);
+    let dy = SeededRng::new(22).normal_vec(x.len());
+    let layer = trainable(&context, &config, &weights);
+    layer.forward_train(&x, &[20, 10]).unwrap();
+    let gradients = layer.backward(&dy, LossCoefficients::default()).unwrap();
+    let (learning_rate, weight_decay) = (0.1f32, 0.01f32);
+    layer
+        .step(&Optimizer::Sgd {
+            learning_rate,
+            weight_decay,
+        })
+        .unwrap();
+    let trained = layer.trained_weights().unwrap();
+    // p − lr·(g + wd·p), element by element (within an FMA's rounding).
+    let expected: Vec<f32> = weights
+        .router_weight
+        .iter()
+        .zip(&gradients.router_weight)
+        .map(|(&p, &g)| p - learning_rate * (g + weight_decay * p))
+        .collect();
+    assert_close("router.weight after SGD", &trained.router_weight, &expected, |i| {
+        4.0 * U * (expected[i].abs() as f64 + 1.0)
+    });
+    let expected_w2: Vec<f32> = weights
+        .w2
+        .to_f32()
+        .iter()
+        .zip(&gradients.w2)
+        .map(|(&p, &g)| p - learning_rate * (g + weight_decay * p))
+        .collect();
+    assert_close("w2 after SGD", &trained.w2.to_f32(), &expected_w2, |i| {
+        4.0 * U * (expected_w2[i].abs() as f64 + 1.0)
+    });
+    // The forward after the step equals a fresh layer built from the trained weights, bit
+    // for bit: the refreshed textures and biases are the upload's.
+    let fresh = MoeLayer::new(&context, config.clone(), &trained).unwrap();
+    assert_eq!(
+        layer.forward(&x, &[20, 10]).unwrap(),
+        fresh.forward(&x, &[20, 10]).unwrap()
+    );
+}
+
+#[test]
+fn adam_w_steps_lower_the_loss_and_rerun_bit_identically() {
+    let context = gpu();
+    let config = common::config(1);
+    let weights = MoeWeights::random(shape(4, 8, 16), false, true, 31);
+    let x = tokens(32, 8, 31);
+    let target = SeededRng::new(32).normal_vec(x.len());
+    let train = || {
+        let layer = trainable(&context, &config, &weights);
+        let mut losses = Vec::new();
+        for _ in 0..20 {
+            let y = layer.forward_train(&x, &[32, 8]).unwrap().y;
+            // L = ½‖y − target‖²: dy = y − target.
+            let dy: Vec<f32> = y.iter().zip(&target).map(|(a, b)| a - b).collect();
+            losses.push(dy.iter().map(|v| 0.5 * v * v).sum::<f32>());
+            layer.backward(&dy, LossCoefficients::default()).unwrap();
+            layer.step(&Optimizer::adam_w(0.01)).unwrap();
+        }
+        (losses, layer.trained_weights().unwrap())
+    };
+    let (losses, trained) = train();
+    assert!(
+        losses[19] < 0.8 * losses[0],
+        "loss should fall: {:?}",
+        losses
+    );
+    let (again, trained_again) = train();
+    assert_eq!(losses, again, "losses differ between identical runs");
+    assert_eq!(trained, trained_again, "weights differ between identical runs");
+}
+
+#[test]
+fn training_out_of_turn_is_an_error() {
+    let context = gpu();
+    let config = common::config(1);
+    let weights = MoeWeights::random(shape(2, 4, 4), false, true, 41);
+    let x = tokens(3, 4, 41);
+    // Not trainable.
+    let layer = MoeLayer::new(&context, config.clone(), &weights).unwrap();
+    let error = layer.forward_train(&x, &[3, 4]).unwrap_err();
+    assert!(matches!(error, MoeError::Training { .. }), "{error}");
+    assert!(error.to_string().contains("trainable"), "{error}");
+    // Backward before forward_train, step before backward, dy of the wrong size.
+    let layer = trainable(&context, &config, &weights);
+    let error = layer.backward(&x, LossCoefficients::default()).unwrap_err();
+    assert!(error.to_string().contains("forward_train first"), "{error}");
+    layer.forward_train(&x, &[3, 4]).unwrap();
+    let error = layer.step(&Optimizer::adam_w(0.1)).unwrap_err();
+    assert!(error.to_string().contains("backward first"), "{error}");
+    let error = layer.backward(&x[..8], LossCoefficients::default()).unwrap_err();
+    assert!(error.to_string().contains("`dy`"), "{error}");
+    let mut bad = x.clone();
+    bad[5] = f32::NAN;
+    let error = layer.backward(&bad, LossCoefficients::default()).unwrap_err();
+    assert!(error.to_string().contains("non-finite"), "{error}");
+    // Quantized weights cannot train.
+    let options = LayerOptions {
+        trainable: true,
+        weight_format: Some(WeightFormat::Q8_0),
+        ..LayerOptions::default()
+    };
+    let weights = MoeWeights::random(shape(2, 32, 32), false, true, 42);
+    let error = MoeLayer::with_options(&context, config, &weights, options)
+        .err()
+        .expect("a Q8_0 layer cannot be trainable");
+    assert!(matches!(error, MoeError::TrainingNeedsF32 { .. }), "{error}");
+}
