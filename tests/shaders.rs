@@ -6,10 +6,16 @@ use std::collections::BTreeMap;
 
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use switch_moe::gpu::params::{
-    AssignParams, CombineParams, ExpertParams, RouteParams, StatsParams,
+    AssignParams, BackwardParams, CombineParams, ExpertParams, OptimizerParams, RefreshParams,
+    RouteParams, StatsParams,
 };
 use switch_moe::gpu::shaders::{self, ShaderSource};
 use switch_moe::WeightFormat;
+
+/// The forward's kernels and those of training.
+fn every_shader() -> impl Iterator<Item = ShaderSource> {
+    shaders::ALL.into_iter().chain(shaders::TRAINING)
+}
 
 fn parse_and_validate(shader: ShaderSource) -> (naga::Module, ModuleInfo) {
     let module = naga::front::wgsl::parse_str(shader.source)
@@ -49,7 +55,7 @@ fn params_size(module: &naga::Module) -> u32 {
 
 #[test]
 fn every_shader_parses_and_validates() {
-    for shader in shaders::ALL {
+    for shader in every_shader() {
         let (module, _) = parse_and_validate(shader);
         assert_eq!(
             module.entry_points.len(),
@@ -73,9 +79,19 @@ fn params_structs_match_their_rust_mirrors() {
         ("expert_down", size_of::<ExpertParams>()),
         ("combine_outputs", size_of::<CombineParams>()),
         ("reduce_router_stats", size_of::<StatsParams>()),
+        ("gate_backward", size_of::<BackwardParams>()),
+        ("expert_hidden_backward", size_of::<BackwardParams>()),
+        ("expert_down_backward", size_of::<BackwardParams>()),
+        ("expert_up_backward", size_of::<BackwardParams>()),
+        ("expert_input_backward", size_of::<BackwardParams>()),
+        ("router_backward", size_of::<BackwardParams>()),
+        ("combine_backward", size_of::<BackwardParams>()),
+        ("optimizer_step", size_of::<OptimizerParams>()),
+        ("refresh_expert_weights", size_of::<RefreshParams>()),
+        ("refresh_router_weights", size_of::<RefreshParams>()),
     ]
     .into();
-    for shader in shaders::ALL {
+    for shader in every_shader() {
         let (module, _) = parse_and_validate(shader);
         let rust = expected[shader.name];
         assert_eq!(
@@ -108,9 +124,11 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
         ("expert_up", shaders::MATMUL_LANES[0]),
         ("expert_down", shaders::MATMUL_LANES[0]),
     ]
-    .into();
+    .into_iter()
+    .chain(shaders::TRAINING.map(|s| (s.name, shaders::TRAINING_WORKGROUP)))
+    .collect();
     let mut seen = 0;
-    for shader in shaders::ALL {
+    for shader in every_shader() {
         let (module, info) = parse_and_validate(shader);
         // Workgroup sizes set by overrides resolve to their defaults here.
         let entry = Some((naga::ShaderStage::Compute, "main"));
@@ -172,6 +190,13 @@ fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
                 all.push(constants);
             }
         }
+        "expert_hidden_backward" => {
+            for activation in 0..4 {
+                let mut constants = naga::back::PipelineConstants::default();
+                constants.insert("ACTIVATION".to_string(), activation as f64);
+                all.push(constants);
+            }
+        }
         _ => all.push(Default::default()),
     }
     // Every stored weight format (its code), once per kernel.
@@ -213,7 +238,7 @@ fn tilings() -> impl Iterator<Item = (u32, u32, u32)> {
 
 #[test]
 fn every_shader_translates_to_spirv_msl_hlsl_and_glsl() {
-    for shader in shaders::ALL {
+    for shader in every_shader() {
         let (module, info) = parse_and_validate(shader);
         for constants in specializations(shader) {
             let entry = Some((naga::ShaderStage::Compute, "main"));
