@@ -1,8 +1,12 @@
 //! `forward`: runs the layer on files.
 //!
 //! cargo run --release --example forward -- --weights W.safetensors|W.gguf --input X.safetensors \
-//!     --config C.json --output Y.safetensors [--prefix P] [--device gpu|cpu]
+//!     --config C.json --output Y.safetensors [--prefix P] [--device gpu|cpu] \
+//!     [--grad-output DY.safetensors --grads-output G.safetensors [--aux-loss-coef A] \
+//!      [--z-loss-coef B]]
 //!
+//! With `--grad-output` it also differentiates `L = Σ dy ⊙ y + A·aux_loss + B·z_loss` and
+//! writes `x`'s and every weight tensor's gradient (native names, f32) to `--grads-output`.
 //! Any error prints one line naming the file, tensor or key, exits with code 2, and
 //! writes nothing.
 
@@ -10,7 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use switch_moe::forward_files::{run_forward_files, Device, ForwardRequest};
+use switch_moe::forward_files::{run_forward_files, Device, ForwardRequest, GradientRequest};
+use switch_moe::LossCoefficients;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
@@ -42,6 +47,18 @@ struct Args {
     prefix: Option<String>,
     #[arg(long, value_enum, default_value = "gpu")]
     device: DeviceArg,
+    /// safetensors with the tensor `dy` (the shape of x): also run the backward.
+    #[arg(long, requires = "grads_output")]
+    grad_output: Option<PathBuf>,
+    /// Where to write the gradients (safetensors; with --grad-output).
+    #[arg(long, requires = "grad_output")]
+    grads_output: Option<PathBuf>,
+    /// α, the weight of aux_loss in the differentiated loss.
+    #[arg(long, default_value_t = 0.0, requires = "grad_output")]
+    aux_loss_coef: f32,
+    /// β, the weight of z_loss in the differentiated loss.
+    #[arg(long, default_value_t = 0.0, requires = "grad_output")]
+    z_loss_coef: f32,
 }
 
 fn main() -> ExitCode {
@@ -75,9 +92,26 @@ fn main() -> ExitCode {
             DeviceArg::Gpu => Device::Gpu,
             DeviceArg::Cpu => Device::Cpu,
         },
+        gradients: args
+            .grad_output
+            .zip(args.grads_output)
+            .map(|(grad_output, grads_output)| GradientRequest {
+                grad_output,
+                grads_output,
+                coefficients: LossCoefficients {
+                    aux: args.aux_loss_coef,
+                    z: args.z_loss_coef,
+                },
+            }),
     };
     match run_forward_files(&request) {
         Ok(output) => {
+            if let Some(g) = &request.gradients {
+                println!(
+                    "wrote {}: gradients of x and every weight",
+                    g.grads_output.display()
+                );
+            }
             println!(
                 "wrote {}: {} tokens, {} experts, top-{}, {} dropped, aux_loss {:.6}, z_loss {:.6}",
                 request.output.display(),

@@ -15,6 +15,7 @@ use crate::cpu_reference::{activate, assign_positions, dot, first_non_finite_tok
 use crate::error::{MoeError, Result};
 use crate::formats::{ExpertMatrices, WeightFormat};
 use crate::output::num_tokens_of;
+use crate::tensor_io::{serialize_tensors, OwnedTensor};
 use crate::weights::{LayerShape, MoeWeights};
 
 /// dL/d of every tensor the layer holds (native names and shapes), and of `x`.
@@ -56,6 +57,32 @@ impl Gradients {
             .into_iter()
             .filter_map(|(name, tensor)| tensor.map(|t| (name, t.as_slice())))
             .collect()
+    }
+
+    /// The gradients as safetensors bytes (f32, native names; `x` of `x_shape`).
+    pub fn to_safetensors_bytes(&self, x_shape: &[usize], shape: LayerShape) -> Result<Vec<u8>> {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        } = shape;
+        let tensors = self
+            .named()
+            .into_iter()
+            .map(|(name, values)| {
+                let dims = match name {
+                    "x" => x_shape.to_vec(),
+                    "router.weight" => vec![n, d],
+                    "router.bias" => vec![n],
+                    "experts.w1" | "experts.w3" => vec![n, f, d],
+                    "experts.w2" => vec![n, d, f],
+                    "experts.b2" => vec![n, d],
+                    _ => vec![n, f],
+                };
+                (name.to_string(), OwnedTensor::f32(dims, values))
+            })
+            .collect();
+        serialize_tensors(&tensors)
     }
 }
 

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{MoeConfig, Naming};
+use crate::cpu_backward::{self, LossCoefficients};
 use crate::cpu_reference;
 use crate::error::{MoeError, Result};
-use crate::gpu::{GpuContext, MoeLayer};
+use crate::gpu::{GpuContext, LayerOptions, MoeLayer};
 use crate::output::MoeOutput;
 use crate::tensor_io::{parse_safetensors, read_f32_values, write_file_atomically, F32Tensor};
 use crate::weights::{is_gguf, MoeWeights};
@@ -31,16 +32,33 @@ pub struct ForwardRequest {
     /// layer in a GGUF file (`blk.3.`).
     pub prefix: Option<String>,
     pub device: Device,
+    /// Also differentiate: read `dy` and write the gradients (SPEC "Backward").
+    pub gradients: Option<GradientRequest>,
+}
+
+/// The backward part of a `forward` run.
+#[derive(Clone, Debug)]
+pub struct GradientRequest {
+    /// safetensors with the tensor `dy`, the shape of `x`.
+    pub grad_output: PathBuf,
+    /// Where to write `x`'s and every weight tensor's gradient (native names, f32).
+    pub grads_output: PathBuf,
+    pub coefficients: LossCoefficients,
 }
 
 /// Reads tensor `x` of an input file.
 pub fn read_input(path: &Path) -> Result<F32Tensor> {
+    read_named(path, "x")
+}
+
+/// Reads the f32 tensor `name` of a safetensors file.
+fn read_named(path: &Path, name: &str) -> Result<F32Tensor> {
     let bytes = std::fs::read(path).map_err(|e| MoeError::file(path, e))?;
     let file = parse_safetensors(&bytes, &path.display().to_string())?;
     let view = file
-        .tensor("x")
-        .map_err(|_| MoeError::tensor("x", format!("missing from {}", path.display())))?;
-    read_f32_values(&view, "x")
+        .tensor(name)
+        .map_err(|_| MoeError::tensor(name, format!("missing from {}", path.display())))?;
+    read_f32_values(&view, name)
 }
 
 /// Reads the config and the weights of a layer: a GGUF file (recognised by its magic),
@@ -80,18 +98,75 @@ pub fn load_layer(
     Ok((config, weights))
 }
 
-/// Runs the request and writes its output file; on any error nothing is written.
+/// Runs the request and writes its output file (and the gradients' file, when asked); on
+/// any error nothing is written.
 pub fn run_forward_files(request: &ForwardRequest) -> Result<MoeOutput> {
     let (config, weights) =
         load_layer(&request.weights, &request.config, request.prefix.as_deref())?;
     let input = read_input(&request.input)?;
-    let output = match request.device {
-        Device::Cpu => cpu_reference::forward(&config, &weights, &input.data, &input.shape)?,
+    let dy = match &request.gradients {
+        Some(g) => {
+            let dy = read_named(&g.grad_output, "dy")?;
+            if dy.shape != input.shape {
+                return Err(MoeError::tensor(
+                    "dy",
+                    format!(
+                        "shape {:?} in {}, expected x's {:?}",
+                        dy.shape,
+                        g.grad_output.display(),
+                        input.shape
+                    ),
+                ));
+            }
+            Some((dy, g))
+        }
+        None => None,
+    };
+    let (x, shape) = (&input.data, &input.shape);
+    let (output, gradients) = match request.device {
+        Device::Cpu => {
+            let output = cpu_reference::forward(&config, &weights, x, shape)?;
+            let gradients = match &dy {
+                Some((dy, g)) => Some(cpu_backward::backward(
+                    &config,
+                    &weights,
+                    x,
+                    shape,
+                    &dy.data,
+                    g.coefficients,
+                )?),
+                None => None,
+            };
+            (output, gradients)
+        }
         Device::Gpu => {
             let context = GpuContext::new()?;
-            MoeLayer::new(&context, config, &weights)?.forward(&input.data, &input.shape)?
+            let options = LayerOptions {
+                trainable: dy.is_some(),
+                ..LayerOptions::default()
+            };
+            let layer = MoeLayer::with_options(&context, config, &weights, options)?;
+            match &dy {
+                Some((dy, g)) => {
+                    let output = layer.forward_train(x, shape)?;
+                    let gradients = layer.backward(&dy.data, g.coefficients)?;
+                    (output, Some(gradients))
+                }
+                None => (layer.forward(x, shape)?, None),
+            }
         }
     };
-    write_file_atomically(&request.output, &output.to_safetensors_bytes()?)?;
+    let output_bytes = output.to_safetensors_bytes()?;
+    if let (Some(gradients), Some((_, g))) = (gradients, &dy) {
+        let bytes = gradients.to_safetensors_bytes(shape, weights.shape)?;
+        write_file_atomically(&g.grads_output, &bytes)?;
+        // Both files or neither.
+        if let Err(error) = write_file_atomically(&request.output, &output_bytes) {
+            let _ = std::fs::remove_file(&g.grads_output);
+            return Err(error);
+        }
+        return Ok(output);
+    }
+    write_file_atomically(&request.output, &output_bytes)?;
     Ok(output)
 }

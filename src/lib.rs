@@ -22,9 +22,9 @@ pub mod web;
 pub mod weights;
 
 pub use config::{Activation, DropPolicy, MoeConfig, Naming};
+pub use cpu_backward::{Gradients, LossCoefficients};
 pub use error::{MoeError, Result};
 pub use formats::{ExpertMatrices, WeightFormat};
-pub use cpu_backward::{Gradients, LossCoefficients};
 pub use gpu::{GpuContext, LayerOptions, MoeLayer, Optimizer};
 pub use output::MoeOutput;
 pub use weights::{LayerShape, MoeWeights};

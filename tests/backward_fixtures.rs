@@ -1,16 +1,19 @@
 //! Third-party gradient fixtures (tests/fixtures/<case>/grads.safetensors, made by
 //! make_fixtures.sh through make_grad_fixtures.py with torch autograd in float64 through
 //! the labml_nn and Hugging Face modules themselves): the CPU reference backward must
-//! reproduce them.
+//! reproduce them, and so must the GPU backward run through the `forward` tool's file
+//! contract (`--grad-output` / `--grads-output`).
 //!
 //! Tolerance: the crate recomputes the forward in f32, so each value it differentiates carries a
 //! relative error of order (D + F + N)·2⁻²⁴ ≈ 3e-6 of the magnitudes summed into it (D=16, F=32,
-//! N=4), while the gradient sums themselves run in f64. Hence, per tensor,
-//! |a − b| ≤ 1e-5 · max|b| + 1e-6.
+//! N=4), while the CPU's gradient sums run in f64: per tensor |a − b| ≤ 1e-5 · max|b| + 1e-6.
+//! The GPU also sums the gradients in f32, over up to T·k rows: its bound adds
+//! 8·(T·k)·2⁻²⁴ · max|b|.
 
 use std::path::{Path, PathBuf};
 
-use switch_moe::cpu_backward::{backward, Gradients, LossCoefficients};
+use switch_moe::cpu_backward::{backward, LossCoefficients};
+use switch_moe::forward_files::{run_forward_files, Device, ForwardRequest, GradientRequest};
 use switch_moe::tensor_io::{parse_safetensors, read_f32, F32Tensor};
 use switch_moe::{MoeConfig, MoeWeights, Naming};
 
@@ -33,7 +36,7 @@ fn tensor(bytes: &[u8], case: &str, file: &str, name: &str) -> Option<F32Tensor>
     Some(read_f32(&view, name).unwrap_or_else(|e| panic!("{origin}: {e}")))
 }
 
-fn check_tensor(case: &str, name: &str, actual: &[f32], expected: &F32Tensor) {
+fn check_tensor(case: &str, name: &str, actual: &[f32], expected: &F32Tensor, relative: f64) {
     assert_eq!(
         actual.len(),
         expected.data.len(),
@@ -45,7 +48,7 @@ fn check_tensor(case: &str, name: &str, actual: &[f32], expected: &F32Tensor) {
         .data
         .iter()
         .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
-    let tol = 1e-5 * max_abs + 1e-6;
+    let tol = relative * max_abs + 1e-6;
     let mut worst = (0.0f64, 0usize);
     for (i, (&a, &b)) in actual.iter().zip(&expected.data).enumerate() {
         let diff = (a as f64 - b as f64).abs();
@@ -93,26 +96,104 @@ fn check_case(case: &str) {
         z: scalar("z_loss_coef"),
     };
 
-    let g: Gradients = backward(&config, &weights, &x.data, &x.shape, &dy.data, coefficients)
+    let cpu = backward(&config, &weights, &x.data, &x.shape, &dy.data, coefficients)
         .unwrap_or_else(|e| panic!("{case}: backward: {e}"));
+    check_gradients(case, &cpu.named(), &grad, 1e-5);
 
-    let ours: [(&str, Option<&Vec<f32>>); 9] = [
-        ("x", Some(&g.x)),
-        ("router.weight", Some(&g.router_weight)),
-        ("router.bias", g.router_bias.as_ref()),
-        ("experts.w1", Some(&g.w1)),
-        ("experts.b1", g.b1.as_ref()),
-        ("experts.w2", Some(&g.w2)),
-        ("experts.b2", g.b2.as_ref()),
-        ("experts.w3", g.w3.as_ref()),
-        ("experts.b3", g.b3.as_ref()),
+    // The GPU through the files: the fixture's dy in a file of its own, the gradients out.
+    let dir = std::env::temp_dir().join(format!("switch-moe-grads-{case}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dy_file = dir.join("dy.safetensors");
+    let mut dy_tensors = std::collections::BTreeMap::new();
+    dy_tensors.insert(
+        "dy".to_string(),
+        switch_moe::tensor_io::OwnedTensor::f32(dy.shape.clone(), &dy.data),
+    );
+    std::fs::write(
+        &dy_file,
+        switch_moe::tensor_io::serialize_tensors(&dy_tensors).unwrap(),
+    )
+    .unwrap();
+    let request = ForwardRequest {
+        weights: fixture_dir(case).join("weights_native.safetensors"),
+        input: fixture_dir(case).join("input.safetensors"),
+        config: fixture_dir(case).join("config.json"),
+        output: dir.join("out.safetensors"),
+        prefix: None,
+        device: Device::Gpu,
+        gradients: Some(GradientRequest {
+            grad_output: dy_file,
+            grads_output: dir.join("grads.safetensors"),
+            coefficients,
+        }),
+    };
+    run_forward_files(&request).unwrap_or_else(|e| panic!("{case}: GPU backward: {e}"));
+    let written = std::fs::read(dir.join("grads.safetensors")).unwrap();
+    let names: Vec<String> = parse_safetensors(&written, "grads")
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let gpu: Vec<(String, Vec<f32>)> = names
+        .iter()
+        .map(|name| {
+            (
+                name.clone(),
+                tensor(&written, case, "GPU grads", name).unwrap().data,
+            )
+        })
+        .collect();
+    let gpu_named: Vec<(&str, &[f32])> = gpu
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let rows = x.data.len() / x.shape[x.shape.len() - 1] * config.top_k;
+    check_gradients(
+        &format!("{case} (GPU)"),
+        &gpu_named,
+        &grad,
+        1e-5 + 8.0 * rows as f64 * f32::EPSILON as f64 / 2.0,
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every gradient the fixture has against `ours` (name, values), and none missing on
+/// either side.
+fn check_gradients(
+    case: &str,
+    ours: &[(&str, &[f32])],
+    grad: &dyn Fn(&str) -> Option<F32Tensor>,
+    relative: f64,
+) {
+    const NAMES: [&str; 9] = [
+        "x",
+        "router.weight",
+        "router.bias",
+        "experts.w1",
+        "experts.b1",
+        "experts.w2",
+        "experts.b2",
+        "experts.w3",
+        "experts.b3",
     ];
+    for (name, _) in ours {
+        assert!(NAMES.contains(name), "{case}: unexpected gradient {name}");
+    }
+    let ours = NAMES.map(|name| {
+        (
+            name,
+            ours.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, values)| *values),
+        )
+    });
     let mut compared = 0;
     for (name, actual) in ours {
         let expected = grad(name);
         match (actual, expected) {
             (Some(actual), Some(expected)) => {
-                check_tensor(case, name, actual, &expected);
+                check_tensor(case, name, actual, &expected, relative);
                 compared += 1;
             }
             (None, None) => {}

@@ -92,6 +92,7 @@ fn check_case(case: &str, weight_files: &[&str]) {
                 output: out_dir.join("out.safetensors"),
                 prefix: None,
                 device,
+                gradients: None,
             };
             let output = run_forward_files(&request)
                 .unwrap_or_else(|e| panic!("{case} {weights} {device:?}: {e}"));

@@ -41,6 +41,7 @@ fn write_case(dir: &Path, config_json: &str) -> ForwardRequest {
         output: dir.join("out.safetensors"),
         prefix: None,
         device: Device::Gpu,
+        gradients: None,
     }
 }
 

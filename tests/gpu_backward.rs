@@ -13,7 +13,11 @@ use switch_moe::{
     WeightFormat,
 };
 
-fn trainable(context: &switch_moe::GpuContext, config: &MoeConfig, weights: &MoeWeights) -> MoeLayer {
+fn trainable(
+    context: &switch_moe::GpuContext,
+    config: &MoeConfig,
+    weights: &MoeWeights,
+) -> MoeLayer {
     let options = LayerOptions {
         trainable: true,
         ..LayerOptions::default()
@@ -56,7 +60,10 @@ fn case(config: MoeConfig, (n, d, f): (usize, usize, usize), t: usize) -> Case {
         d_ff: f,
         num_tokens: t,
         biases: true,
-        coefficients: LossCoefficients { aux: 0.01, z: 0.001 },
+        coefficients: LossCoefficients {
+            aux: 0.01,
+            z: 0.001,
+        },
     }
 }
 
@@ -91,12 +98,15 @@ fn run_case(context: &switch_moe::GpuContext, c: &Case, seed: u64) {
     assert_eq!(output.routes, reference.routes, "{what}: routes");
     assert_eq!(output.kept, reference.kept, "{what}: kept");
     let gpu = layer.backward(&dy, c.coefficients).unwrap();
-    let cpu =
-        cpu_backward::backward(&c.config, &weights, &x, &shape, &dy, c.coefficients).unwrap();
+    let cpu = cpu_backward::backward(&c.config, &weights, &x, &shape, &dy, c.coefficients).unwrap();
     let depth = c.d_model + c.d_ff + c.num_tokens * c.config.top_k + c.num_experts;
     assert_gradients_close(&what, &gpu, &cpu, depth);
     // The same backward again, and a fresh forward and backward: the same bits.
-    assert_eq!(layer.backward(&dy, c.coefficients).unwrap(), gpu, "{what}: rerun");
+    assert_eq!(
+        layer.backward(&dy, c.coefficients).unwrap(),
+        gpu,
+        "{what}: rerun"
+    );
     layer.forward_train(&x, &shape).unwrap();
     assert_eq!(
         layer.backward(&dy, c.coefficients).unwrap(),
@@ -109,7 +119,12 @@ fn run_case(context: &switch_moe::GpuContext, c: &Case, seed: u64) {
 fn gpu_backward_matches_the_reference_across_configs() {
     let context = gpu();
     let mut cases = Vec::new();
-    for activation in [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu] {
+    for activation in [
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Silu,
+    ] {
         for gated in [false, true] {
             let config = MoeConfig {
                 activation,
@@ -190,7 +205,8 @@ fn gpu_backward_with_all_tokens_on_one_expert_and_many_experts() {
     let layer = trainable(&context, &config, &weights);
     layer.forward_train(&x, &[16, 4, 8]).unwrap();
     let gpu = layer.backward(&dy, coefficients).unwrap();
-    let cpu = cpu_backward::backward(&config, &weights, &x, &[16, 4, 8], &dy, coefficients).unwrap();
+    let cpu =
+        cpu_backward::backward(&config, &weights, &x, &[16, 4, 8], &dy, coefficients).unwrap();
     assert_gradients_close("N = 128", &gpu, &cpu, 8 + 8 + 128 + 128);
 }
 
@@ -222,9 +238,12 @@ fn an_sgd_step_updates_the_weights_and_the_forward_uses_them() {
         .zip(&gradients.router_weight)
         .map(|(&p, &g)| p - learning_rate * (g + weight_decay * p))
         .collect();
-    assert_close("router.weight after SGD", &trained.router_weight, &expected, |i| {
-        4.0 * U * (expected[i].abs() as f64 + 1.0)
-    });
+    assert_close(
+        "router.weight after SGD",
+        &trained.router_weight,
+        &expected,
+        |i| 4.0 * U * (expected[i].abs() as f64 + 1.0),
+    );
     let expected_w2: Vec<f32> = weights
         .w2
         .to_f32()
@@ -272,7 +291,10 @@ fn adam_w_steps_lower_the_loss_and_rerun_bit_identically() {
     );
     let (again, trained_again) = train();
     assert_eq!(losses, again, "losses differ between identical runs");
-    assert_eq!(trained, trained_again, "weights differ between identical runs");
+    assert_eq!(
+        trained, trained_again,
+        "weights differ between identical runs"
+    );
 }
 
 #[test]
@@ -293,11 +315,15 @@ fn training_out_of_turn_is_an_error() {
     layer.forward_train(&x, &[3, 4]).unwrap();
     let error = layer.step(&Optimizer::adam_w(0.1)).unwrap_err();
     assert!(error.to_string().contains("backward first"), "{error}");
-    let error = layer.backward(&x[..8], LossCoefficients::default()).unwrap_err();
+    let error = layer
+        .backward(&x[..8], LossCoefficients::default())
+        .unwrap_err();
     assert!(error.to_string().contains("`dy`"), "{error}");
     let mut bad = x.clone();
     bad[5] = f32::NAN;
-    let error = layer.backward(&bad, LossCoefficients::default()).unwrap_err();
+    let error = layer
+        .backward(&bad, LossCoefficients::default())
+        .unwrap_err();
     assert!(error.to_string().contains("non-finite"), "{error}");
     // Quantized weights cannot train.
     let options = LayerOptions {
@@ -309,5 +335,8 @@ fn training_out_of_turn_is_an_error() {
     let error = MoeLayer::with_options(&context, config, &weights, options)
         .err()
         .expect("a Q8_0 layer cannot be trainable");
-    assert!(matches!(error, MoeError::TrainingNeedsF32 { .. }), "{error}");
+    assert!(
+        matches!(error, MoeError::TrainingNeedsF32 { .. }),
+        "{error}"
+    );
 }

@@ -192,7 +192,12 @@ impl MoeLayer {
         self.forward_train_with(x, shape, Wait::Yield).await
     }
 
-    async fn forward_train_with(&self, x: &[f32], shape: &[usize], wait: Wait) -> Result<MoeOutput> {
+    async fn forward_train_with(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        wait: Wait,
+    ) -> Result<MoeOutput> {
         let mut state = self.training_state()?;
         let plan = self.plan(num_tokens_of(shape, x.len(), self.shape.d_model)?)?;
         // The previous record's workspace is reused; a failed forward keeps no record.
@@ -251,7 +256,10 @@ impl MoeLayer {
                 format!("non-finite value at flat index {index}"),
             ));
         }
-        for (key, value) in [("aux_loss_coef", coefficients.aux), ("z_loss_coef", coefficients.z)] {
+        for (key, value) in [
+            ("aux_loss_coef", coefficients.aux),
+            ("z_loss_coef", coefficients.z),
+        ] {
             if !value.is_finite() {
                 return Err(MoeError::config(key, format!("{value} is not finite")));
             }

@@ -329,7 +329,9 @@ impl GpuWeights {
             let bias_usage = wgpu::BufferUsages::COPY_DST;
             let experts = first..end;
             let w3 = match &weights.w3 {
-                Some(w3) => upload_weight_textures(device, queue, "w3", w3, experts.clone(), writable),
+                Some(w3) => {
+                    upload_weight_textures(device, queue, "w3", w3, experts.clone(), writable)
+                }
                 None => {
                     let unused = ExpertMatrices::from_f32(1, 1, 4, vec![0.0; 4]);
                     upload_weight_textures(device, queue, "w3 (unused)", &unused, 0..1, false)

@@ -104,8 +104,16 @@ impl MoeLayer {
             workspace: None,
             pool: &self.pool,
         };
-        self.run_in(&mut lease.workspace, idle, &plan, x, shape, with_trace, wait)
-            .await
+        self.run_in(
+            &mut lease.workspace,
+            idle,
+            &plan,
+            x,
+            shape,
+            with_trace,
+            wait,
+        )
+        .await
     }
 
     /// One pass of `plan` over `x` in the workspace `idle` (or a new one) fitted to the

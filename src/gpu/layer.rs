@@ -212,7 +212,13 @@ impl MoeLayer {
             options.trainable,
         )?;
         let training = if options.trainable {
-            Some(Training::new(device, queue, &config, weights, device_binding)?)
+            Some(Training::new(
+                device,
+                queue,
+                &config,
+                weights,
+                device_binding,
+            )?)
         } else {
             None
         };

@@ -71,7 +71,10 @@ impl Optimizer {
         };
         for (key, value) in values {
             if !value.is_finite() || *value < 0.0 {
-                return Err(MoeError::config(key, format!("{value}: must be finite and ≥ 0")));
+                return Err(MoeError::config(
+                    key,
+                    format!("{value}: must be finite and ≥ 0"),
+                ));
             }
         }
         if let Optimizer::AdamW { beta1, beta2, .. } = self {
@@ -223,7 +226,11 @@ impl MoeLayer {
 
     /// Rewrites the forward's operands from the parameter buffer: the router texture and
     /// bias, each shard's expert textures, and its bias buffers.
-    fn encode_refresh(&self, encoder: &mut wgpu::CommandEncoder, training: &Training) -> Result<()> {
+    fn encode_refresh(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        training: &Training,
+    ) -> Result<()> {
         let LayerShape {
             num_experts: n,
             d_model: d,
@@ -234,20 +241,24 @@ impl MoeLayer {
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let k = &training.kernels;
         // (kernel, params, target texture, texels)
-        let mut jobs: Vec<(&crate::gpu::kernels::Kernel, RefreshParams, &wgpu::TextureView, usize)> =
-            vec![(
-                &k.refresh_router_weights,
-                RefreshParams {
-                    rows: n as u32,
-                    cols: d as u32,
-                    width: padded_to_vec4(d) as u32,
-                    num_experts: n as u32,
-                    tensor_at: layout.router_weight as u32,
-                    ..Default::default()
-                },
-                &self.weights.router,
-                n * padded_to_vec4(d) / 4,
-            )];
+        let mut jobs: Vec<(
+            &crate::gpu::kernels::Kernel,
+            RefreshParams,
+            &wgpu::TextureView,
+            usize,
+        )> = vec![(
+            &k.refresh_router_weights,
+            RefreshParams {
+                rows: n as u32,
+                cols: d as u32,
+                width: padded_to_vec4(d) as u32,
+                num_experts: n as u32,
+                tensor_at: layout.router_weight as u32,
+                ..Default::default()
+            },
+            &self.weights.router,
+            n * padded_to_vec4(d) / 4,
+        )];
         for shard in &self.weights.shards {
             let tensors = [
                 (Some(layout.w1), &shard.w1, f, d),

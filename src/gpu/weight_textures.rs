@@ -62,7 +62,15 @@ impl Plane {
         let layers =
             self.data.len() / (self.quads * self.width * self.channels * self.component_bytes);
         let extent = (self.width, self.quads, layers);
-        texture_array(device, queue, label, self.format, extent, &self.data, writable)
+        texture_array(
+            device,
+            queue,
+            label,
+            self.format,
+            extent,
+            &self.data,
+            writable,
+        )
     }
 }
 
