@@ -184,3 +184,68 @@ fn errors_exit_2_name_the_culprit_and_write_nothing() {
     assert_fails(&case, &[("--device", "tpu")], "--device");
     assert_fails(&case, &[("--bogus", "1")], "--bogus");
 }
+
+#[test]
+fn gradients_on_files_on_both_devices_and_their_errors() {
+    let case = Case::new("grads");
+    let dy = switch_moe::rng::SeededRng::new(5).normal_vec(20 * 8);
+    let write_dy = |name: &str, shape: Vec<usize>, values: &[f32]| {
+        let tensors = [("dy".to_string(), OwnedTensor::f32(shape, values))].into();
+        std::fs::write(case.dir.join(name), serialize_tensors(&tensors).unwrap()).unwrap();
+    };
+    write_dy("dy.safetensors", vec![20, 8], &dy);
+    write_dy("dy_wrong.safetensors", vec![10, 16], &dy);
+    let grads = case.path("g.safetensors");
+    let flags = |dy_file: &str| {
+        vec![
+            ("--grad-output", case.path(dy_file)),
+            ("--grads-output", grads.clone()),
+            ("--aux-loss-coef", "0.01".to_string()),
+            ("--z-loss-coef", "0.001".to_string()),
+        ]
+    };
+    let mut names_by_device = Vec::new();
+    for device in ["cpu", "gpu"] {
+        let _ = std::fs::remove_file(&grads);
+        let owned = flags("dy.safetensors");
+        let overrides: Vec<(&str, &str)> = owned.iter().map(|(f, v)| (*f, v.as_str())).collect();
+        let output = case.run(&overrides, device);
+        assert!(
+            output.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let bytes = std::fs::read(&grads).unwrap();
+        let file = switch_moe::tensor_io::parse_safetensors(&bytes, "g").unwrap();
+        let mut names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        assert_eq!(file.tensor("x").unwrap().shape(), &[20, 8]);
+        assert_eq!(file.tensor("experts.w2").unwrap().shape(), &[4, 8, 12]);
+        names_by_device.push(names);
+    }
+    assert_eq!(
+        names_by_device[0],
+        [
+            "experts.b1",
+            "experts.b2",
+            "experts.w1",
+            "experts.w2",
+            "router.bias",
+            "router.weight",
+            "x"
+        ]
+    );
+    assert_eq!(names_by_device[0], names_by_device[1]);
+
+    // dy of the wrong shape, or missing: one line, and neither file written.
+    let _ = std::fs::remove_file(&grads);
+    let owned = flags("dy_wrong.safetensors");
+    let overrides: Vec<(&str, &str)> = owned.iter().map(|(f, v)| (*f, v.as_str())).collect();
+    assert_fails(&case, &overrides, "`dy`");
+    let owned = flags("x.safetensors");
+    let overrides: Vec<(&str, &str)> = owned.iter().map(|(f, v)| (*f, v.as_str())).collect();
+    assert_fails(&case, &overrides, "`dy`");
+    assert!(!case.dir.join("g.safetensors").exists(), "gradients written on error");
+    // --grad-output without --grads-output is a command-line error.
+    assert_fails(&case, &[("--grad-output", &case.path("dy.safetensors"))], "--grads-output");
+}
