@@ -174,6 +174,21 @@ impl MoeLayer {
             })
     }
 
+    /// Bytes of the backward's own scratch (0 before the first backward): dy, dx and the
+    /// per-token router gradients, and per slot the gate scale, dA (dV) and the input
+    /// gradient: O(T·(D + N) + T·k·(D + F)).
+    pub fn training_scratch_bytes(&self) -> u64 {
+        let Ok(state) = self.training_state() else {
+            return 0;
+        };
+        state.scratch.as_ref().map_or(0, |s| {
+            [&s.dy, &s.dx, &s.d_logits, &s.slot_scale, &s.pass_scale, &s.d_a, &s.d_v, &s.d_x_slot]
+                .iter()
+                .map(|b| b.size())
+                .sum()
+        })
+    }
+
     /// Dispatches of one backward: seven, whatever the number of experts.
     pub fn dispatches_per_backward(&self) -> usize {
         7

@@ -15,12 +15,15 @@
 //! time of encoding, submitting and waiting for a forward of a batch already on the device.
 //!
 //! With `--formats f32,bf16,q8_0,q4_0,q4_k`, it times instead the same weights stored in
-//! each format (see `format_sweep`).
+//! each format (see `format_sweep`); with `--train`, a training step's forward and backward
+//! against a dense FFN's (see train.rs).
 //!
 //! cargo run --release --example bench -- [--quick] [--json FILE] [--svg FILE]
 //!     [--experts 1,8,32,64,128] [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4]
-//!     [--d-model 512] [--d-ff 2048] [--runs 5] [--formats f32,bf16,q8_0,q4_0,q4_k]
+//!     [--d-model 512] [--d-ff 2048] [--runs 5] [--formats f32,bf16,q8_0,q4_0,q4_k] [--train]
 //! cargo run --release --example bench -- --replot FILE.json --svg FILE.svg
+
+mod train;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -63,6 +66,9 @@ struct Args {
     /// expert) against a buffer copy.
     #[arg(long, value_delimiter = ',')]
     formats: Option<Vec<WeightFormat>>,
+    /// Instead of the sweep: forward_train and backward against a dense FFN's (train.rs).
+    #[arg(long)]
+    train: bool,
     #[arg(long)]
     json: Option<String>,
     #[arg(long)]
@@ -75,7 +81,13 @@ struct Args {
 impl Args {
     /// The arguments with `--quick` applied.
     fn resolved(mut self) -> Self {
-        if self.quick {
+        if self.quick && self.train {
+            self.experts = vec![8];
+            self.tokens = vec![512];
+            self.top_k = vec![1];
+            self.d_model = 128;
+            self.d_ff = 512;
+        } else if self.quick {
             self.experts = vec![8, 64];
             self.tokens = vec![2048];
             self.d_model = 256;
@@ -272,6 +284,16 @@ fn main() {
         args.d_model, args.d_ff
     );
 
+    if args.train {
+        let records = train::train_sweep(&context, &args);
+        if let Some(path) = &args.json {
+            let json = serde_json::json!({ "adapter": adapter.to_string(), "train": records });
+            std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            println!("wrote {path}");
+        }
+        return;
+    }
     let records = match &args.formats {
         Some(formats) => format_sweep(&context, &args, formats),
         None => sweep(&context, &args),
