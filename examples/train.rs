@@ -100,7 +100,10 @@ impl Task {
     /// `tokens` tokens (x) and their targets, clusters drawn uniformly.
     fn batch(&mut self, tokens: usize) -> (Vec<f32>, Vec<f32>) {
         let d = self.d_model;
-        let (mut x, mut target) = (Vec::with_capacity(tokens * d), Vec::with_capacity(tokens * d));
+        let (mut x, mut target) = (
+            Vec::with_capacity(tokens * d),
+            Vec::with_capacity(tokens * d),
+        );
         for _ in 0..tokens {
             let cluster = (self.rng.next_u64() % self.centres.len() as u64) as usize;
             let noise = self.rng.normal_vec(d);
@@ -111,7 +114,9 @@ impl Task {
                 .collect();
             let map = &self.maps[cluster];
             target.extend((0..d).map(|row| {
-                (0..d).map(|col| map[row * d + col] * token[col]).sum::<f32>()
+                (0..d)
+                    .map(|col| map[row * d + col] * token[col])
+                    .sum::<f32>()
             }));
             x.extend(token);
         }
@@ -131,8 +136,16 @@ fn plot(path: &PathBuf, losses: &[f32], title: &str) -> Result<(), String> {
     let error = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| error(&e))?;
-    let lowest = losses.iter().copied().fold(f32::INFINITY, f32::min).max(1e-6);
-    let highest = losses.iter().copied().fold(0.0f32, f32::max).max(lowest * 1.01);
+    let lowest = losses
+        .iter()
+        .copied()
+        .fold(f32::INFINITY, f32::min)
+        .max(1e-6);
+    let highest = losses
+        .iter()
+        .copied()
+        .fold(0.0f32, f32::max)
+        .max(lowest * 1.01);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 16))
         .margin(12)
@@ -188,7 +201,8 @@ fn train(args: &Args) -> Result<(), String> {
         trainable: true,
         ..LayerOptions::default()
     };
-    let layer = MoeLayer::with_options(&context, config.clone(), &weights, options).map_err(error)?;
+    let layer =
+        MoeLayer::with_options(&context, config.clone(), &weights, options).map_err(error)?;
     println!(
         "training a Switch layer: {} experts, d_model {}, d_ff {}, batch {}, {} steps on {}",
         num_experts,
@@ -216,8 +230,7 @@ fn train(args: &Args) -> Result<(), String> {
             .forward_train(&x, &[args.batch, d_model])
             .map_err(error)?;
         let (squared, dy) = squared_error(&output.y, &target);
-        let loss =
-            squared + coefficients.aux * output.aux_loss + coefficients.z * output.z_loss;
+        let loss = squared + coefficients.aux * output.aux_loss + coefficients.z * output.z_loss;
         layer.backward(&dy, coefficients).map_err(error)?;
         layer.step(&optimizer).map_err(error)?;
         losses.push(loss);
@@ -244,7 +257,10 @@ fn train(args: &Args) -> Result<(), String> {
     // The load of a held-out batch, per expert.
     let (x, _) = task.batch(args.batch);
     let output = layer.forward(&x, &[args.batch, d_model]).map_err(error)?;
-    println!("per-expert load of a held-out batch ({} tokens):", args.batch);
+    println!(
+        "per-expert load of a held-out batch ({} tokens):",
+        args.batch
+    );
     let most = output.counts.iter().copied().max().unwrap_or(1).max(1);
     for (expert, (&count, &kept)) in output.counts.iter().zip(&output.kept).enumerate() {
         let bar = "#".repeat((40 * count as usize).div_ceil(most as usize));

@@ -13,7 +13,7 @@
 use crate::config::{Activation, DropPolicy, MoeConfig};
 use crate::cpu_reference::{activate, assign_positions, dot, first_non_finite_token, route_tokens};
 use crate::error::{MoeError, Result};
-use crate::formats::{ExpertMatrices, WeightFormat};
+use crate::formats::ExpertMatrices;
 use crate::output::num_tokens_of;
 use crate::tensor_io::{serialize_tensors, OwnedTensor};
 use crate::weights::{LayerShape, MoeWeights};
@@ -209,18 +209,7 @@ pub fn backward(
     } = weights.shape;
     weights.check()?;
     config.validate_for_weights(weights)?;
-    for (tensor, matrices) in [
-        ("experts.w1", Some(&weights.w1)),
-        ("experts.w2", Some(&weights.w2)),
-        ("experts.w3", weights.w3.as_ref()),
-    ] {
-        if let Some(m) = matrices.filter(|m| m.format != WeightFormat::F32) {
-            return Err(MoeError::TrainingNeedsF32 {
-                tensor: tensor.to_string(),
-                format: m.format.name().to_string(),
-            });
-        }
-    }
+    weights.check_trainable()?;
     let num_tokens = num_tokens_of(shape, x.len(), d)?;
     if dy.len() != x.len() {
         return Err(MoeError::tensor(

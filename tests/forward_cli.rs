@@ -245,7 +245,14 @@ fn gradients_on_files_on_both_devices_and_their_errors() {
     let owned = flags("x.safetensors");
     let overrides: Vec<(&str, &str)> = owned.iter().map(|(f, v)| (*f, v.as_str())).collect();
     assert_fails(&case, &overrides, "`dy`");
-    assert!(!case.dir.join("g.safetensors").exists(), "gradients written on error");
+    assert!(
+        !case.dir.join("g.safetensors").exists(),
+        "gradients written on error"
+    );
     // --grad-output without --grads-output is a command-line error.
-    assert_fails(&case, &[("--grad-output", &case.path("dy.safetensors"))], "--grads-output");
+    assert_fails(
+        &case,
+        &[("--grad-output", &case.path("dy.safetensors"))],
+        "--grads-output",
+    );
 }

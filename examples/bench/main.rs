@@ -288,8 +288,11 @@ fn main() {
         let records = train::train_sweep(&context, &args);
         if let Some(path) = &args.json {
             let json = serde_json::json!({ "adapter": adapter.to_string(), "train": records });
-            std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default())
-                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            std::fs::write(
+                path,
+                serde_json::to_string_pretty(&json).unwrap_or_default(),
+            )
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
             println!("wrote {path}");
         }
         return;

@@ -101,7 +101,10 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                 let dense_tokens = tokens * top_k;
                 let dense_x = SeededRng::new(9).normal_vec(dense_tokens * d_model);
                 let dense_dy = SeededRng::new(10).normal_vec(dense_tokens * d_model);
-                let coefficients = LossCoefficients { aux: 0.01, z: 0.001 };
+                let coefficients = LossCoefficients {
+                    aux: 0.01,
+                    z: 0.001,
+                };
                 let seconds = |run: &mut dyn FnMut()| {
                     let start = Instant::now();
                     run();
@@ -123,11 +126,15 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     };
                     let mut dense_forward = || {
                         seconds(&mut || {
-                            dense.forward_train(&dense_x, &shape_of(dense_tokens)).unwrap();
+                            dense
+                                .forward_train(&dense_x, &shape_of(dense_tokens))
+                                .unwrap();
                         })
                     };
                     let mut dense_backward = || {
-                        dense.forward_train(&dense_x, &shape_of(dense_tokens)).unwrap();
+                        dense
+                            .forward_train(&dense_x, &shape_of(dense_tokens))
+                            .unwrap();
                         seconds(&mut || {
                             dense.backward(&dense_dy, coefficients).unwrap();
                         })

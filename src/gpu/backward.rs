@@ -182,10 +182,19 @@ impl MoeLayer {
             return 0;
         };
         state.scratch.as_ref().map_or(0, |s| {
-            [&s.dy, &s.dx, &s.d_logits, &s.slot_scale, &s.pass_scale, &s.d_a, &s.d_v, &s.d_x_slot]
-                .iter()
-                .map(|b| b.size())
-                .sum()
+            [
+                &s.dy,
+                &s.dx,
+                &s.d_logits,
+                &s.slot_scale,
+                &s.pass_scale,
+                &s.d_a,
+                &s.d_v,
+                &s.d_x_slot,
+            ]
+            .iter()
+            .map(|b| b.size())
+            .sum()
         })
     }
 
@@ -213,17 +222,20 @@ impl MoeLayer {
         shape: &[usize],
         wait: Wait,
     ) -> Result<MoeOutput> {
-        let mut state = self.training_state()?;
         let plan = self.plan(num_tokens_of(shape, x.len(), self.shape.d_model)?)?;
-        // The previous record's workspace is reused; a failed forward keeps no record.
-        let previous = state.record.take().map(|record| record.workspace);
-        state.has_gradients = false;
+        // The previous record's workspace is reused; a failed forward keeps no record. No
+        // lock is held while the GPU works.
+        let previous = {
+            let mut state = self.training_state()?;
+            state.has_gradients = false;
+            state.record.take().map(|record| record.workspace)
+        };
         let mut kept = None;
         let run = self
             .run_in(&mut kept, previous, &plan, x, shape, false, wait)
             .await?;
         if let Some(workspace) = kept {
-            state.record = Some(TrainingRecord { workspace, plan });
+            self.training_state()?.record = Some(TrainingRecord { workspace, plan });
         }
         Ok(run.output)
     }
@@ -252,70 +264,80 @@ impl MoeLayer {
         wait: Wait,
     ) -> Result<Gradients> {
         let training = self.training()?;
-        let mut guard = self.training_state()?;
-        let state = &mut *guard;
-        let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
-            message: "backward needs a forward_train first".to_string(),
-        })?;
-        let plan = record.plan;
-        let values = plan.num_tokens * self.shape.d_model;
-        if dy.len() != values {
-            return Err(MoeError::tensor(
-                "dy",
-                format!("{} values, expected {values} (the shape of y)", dy.len()),
-            ));
-        }
-        if let Some(index) = dy.iter().position(|v| !v.is_finite()) {
-            return Err(MoeError::tensor(
-                "dy",
-                format!("non-finite value at flat index {index}"),
-            ));
-        }
-        for (key, value) in [
-            ("aux_loss_coef", coefficients.aux),
-            ("z_loss_coef", coefficients.z),
-        ] {
-            if !value.is_finite() {
-                return Err(MoeError::config(key, format!("{value} is not finite")));
+        // The lock is held while encoding, not while the GPU works: the submitted commands
+        // keep their buffers.
+        let (scratch, validation, values) = {
+            let mut guard = self.training_state()?;
+            let state = &mut *guard;
+            let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
+                message: "backward needs a forward_train first".to_string(),
+            })?;
+            let plan = record.plan;
+            let values = plan.num_tokens * self.shape.d_model;
+            if dy.len() != values {
+                return Err(MoeError::tensor(
+                    "dy",
+                    format!("{} values, expected {values} (the shape of y)", dy.len()),
+                ));
             }
-        }
-        let needed = (plan.num_tokens, plan.max_slots());
-        let gated = self.config.gated;
-        let scratch = match state.scratch.take() {
-            Some(s) if s.capacity.0 >= needed.0 && s.capacity.1 >= needed.1 => s,
-            previous => {
-                let capacity = previous.map_or(needed, |s| {
-                    (s.capacity.0.max(needed.0), s.capacity.1.max(needed.1))
+            if let Some(index) = dy.iter().position(|v| !v.is_finite()) {
+                return Err(MoeError::tensor(
+                    "dy",
+                    format!("non-finite value at flat index {index}"),
+                ));
+            }
+            for (key, value) in [
+                ("aux_loss_coef", coefficients.aux),
+                ("z_loss_coef", coefficients.z),
+            ] {
+                if !value.is_finite() {
+                    return Err(MoeError::config(key, format!("{value} is not finite")));
+                }
+            }
+            let needed = (plan.num_tokens, plan.max_slots());
+            let gated = self.config.gated;
+            let scratch = match state.scratch.take() {
+                Some(s) if s.capacity.0 >= needed.0 && s.capacity.1 >= needed.1 => s,
+                previous => {
+                    let capacity = previous.map_or(needed, |s| {
+                        (s.capacity.0.max(needed.0), s.capacity.1.max(needed.1))
+                    });
+                    let parameters = training.layout.total;
+                    BackwardScratch::new(&self.device, self.shape, gated, capacity, parameters)
+                }
+            };
+            let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            self.queue
+                .write_buffer(&scratch.dy, 0, bytemuck::cast_slice(dy));
+            let params = self.backward_params(&plan, coefficients, &training.layout);
+            self.queue
+                .write_buffer(&scratch.params, 0, bytemuck::bytes_of(&params));
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("moe backward"),
                 });
-                let parameters = training.layout.total;
-                BackwardScratch::new(&self.device, self.shape, gated, capacity, parameters)
-            }
+            self.encode_backward_passes(
+                &mut encoder,
+                training,
+                &record.workspace,
+                &scratch,
+                &plan,
+            )?;
+            let dx_bytes = (values * 4) as u64;
+            encoder.copy_buffer_to_buffer(&scratch.dx, 0, &scratch.readback, 0, dx_bytes);
+            encoder.copy_buffer_to_buffer(
+                &training.gradients,
+                0,
+                &scratch.readback,
+                dx_bytes,
+                training.layout.bytes(),
+            );
+            self.queue.submit([encoder.finish()]);
+            let validation = validation_scope.pop();
+            (scratch, validation, values)
         };
-        let scratch = &*state.scratch.insert(scratch);
-        let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        self.queue
-            .write_buffer(&scratch.dy, 0, bytemuck::cast_slice(dy));
-        let params = self.backward_params(&plan, coefficients, &training.layout);
-        self.queue
-            .write_buffer(&scratch.params, 0, bytemuck::bytes_of(&params));
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("moe backward"),
-            });
-        self.encode_backward_passes(&mut encoder, training, &record.workspace, scratch, &plan)?;
-        let dx_bytes = (values * 4) as u64;
-        encoder.copy_buffer_to_buffer(&scratch.dx, 0, &scratch.readback, 0, dx_bytes);
-        encoder.copy_buffer_to_buffer(
-            &training.gradients,
-            0,
-            &scratch.readback,
-            dx_bytes,
-            training.layout.bytes(),
-        );
-        self.queue.submit([encoder.finish()]);
-        let validation = validation_scope.pop();
-        let total = dx_bytes + training.layout.bytes();
+        let total = (values * 4) as u64 + training.layout.bytes();
         let words = read_mapped(&self.device, &scratch.readback, total, wait).await;
         if let Some(error) = validation.await {
             return Err(MoeError::Device {
@@ -324,6 +346,8 @@ impl MoeLayer {
         }
         let floats: Vec<f32> = bytemuck::cast_slice(&words?).to_vec();
         let (dx, flat) = floats.split_at(values);
+        let mut state = self.training_state()?;
+        state.scratch = Some(scratch);
         state.has_gradients = true;
         Ok(training.layout.gradients(flat, dx.to_vec()))
     }

@@ -147,75 +147,79 @@ impl MoeLayer {
     pub async fn step_async(&self, optimizer: &Optimizer) -> Result<()> {
         optimizer.check()?;
         let training = self.training()?;
-        let mut state = self.training_state()?;
-        if !state.has_gradients {
-            return Err(MoeError::Training {
-                message: "an optimizer step needs a backward first".to_string(),
-            });
-        }
-        let count = training.layout.total;
-        let device = &self.device;
-        // AdamW keeps two moments per parameter; SGD none (4-byte stand-ins for the
-        // bindings). Switching to AdamW starts its moments and step count afresh.
-        let floats = match optimizer {
-            Optimizer::AdamW { .. } => count,
-            Optimizer::Sgd { .. } => 1,
-        };
-        if state
-            .optimizer
-            .as_ref()
-            .is_none_or(|m| m.first_moments.size() < floats as u64 * 4)
-        {
-            let zeros = |label| {
-                let usage = wgpu::BufferUsages::COPY_DST;
-                let buffer = storage_buffer(device, label, floats as u64 * 4, usage);
-                let values = vec![0.0f32; floats];
-                self.queue
-                    .write_buffer(&buffer, 0, bytemuck::cast_slice(&values));
-                buffer
+        // The lock is held while encoding, not while waiting.
+        let scope = {
+            let mut state = self.training_state()?;
+            if !state.has_gradients {
+                return Err(MoeError::Training {
+                    message: "an optimizer step needs a backward first".to_string(),
+                });
+            }
+            let count = training.layout.total;
+            let device = &self.device;
+            // AdamW keeps two moments per parameter; SGD none (4-byte stand-ins for the
+            // bindings). Switching to AdamW starts its moments and step count afresh.
+            let floats = match optimizer {
+                Optimizer::AdamW { .. } => count,
+                Optimizer::Sgd { .. } => 1,
             };
-            state.optimizer = Some(OptimizerState {
-                first_moments: zeros("first moments"),
-                second_moments: zeros("second moments"),
-                steps: 0,
-                params: uniform_buffer(device, "optimizer params", &OptimizerParams::default()),
-            });
-        }
-        let Some(moments) = state.optimizer.as_mut() else {
-            return Err(MoeError::Training {
-                message: "optimizer state missing".to_string(),
-            });
-        };
-        moments.steps += 1;
-        let params = optimizer.params(moments.steps, count);
-        self.queue
-            .write_buffer(&moments.params, 0, bytemuck::bytes_of(&params));
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("optimizer step"),
-        });
-        let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let k = &training.kernels;
-        let step_group = k.optimizer_step.bind(
-            device,
-            &[
-                &moments.params,
-                &training.parameters,
-                &training.gradients,
-                &moments.first_moments,
-                &moments.second_moments,
-            ],
-        );
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            if state
+                .optimizer
+                .as_ref()
+                .is_none_or(|m| m.first_moments.size() < floats as u64 * 4)
+            {
+                let zeros = |label| {
+                    let usage = wgpu::BufferUsages::COPY_DST;
+                    let buffer = storage_buffer(device, label, floats as u64 * 4, usage);
+                    let values = vec![0.0f32; floats];
+                    self.queue
+                        .write_buffer(&buffer, 0, bytemuck::cast_slice(&values));
+                    buffer
+                };
+                state.optimizer = Some(OptimizerState {
+                    first_moments: zeros("first moments"),
+                    second_moments: zeros("second moments"),
+                    steps: 0,
+                    params: uniform_buffer(device, "optimizer params", &OptimizerParams::default()),
+                });
+            }
+            let Some(moments) = state.optimizer.as_mut() else {
+                return Err(MoeError::Training {
+                    message: "optimizer state missing".to_string(),
+                });
+            };
+            moments.steps += 1;
+            let params = optimizer.params(moments.steps, count);
+            self.queue
+                .write_buffer(&moments.params, 0, bytemuck::bytes_of(&params));
+            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("optimizer step"),
-                timestamp_writes: None,
             });
-            let grid = grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim)?;
-            dispatch(&mut pass, &k.optimizer_step, &step_group, grid);
-        }
-        self.encode_refresh(&mut encoder, training)?;
-        self.queue.submit([encoder.finish()]);
+            let max_dim = self.limits.max_compute_workgroups_per_dimension;
+            let k = &training.kernels;
+            let step_group = k.optimizer_step.bind(
+                device,
+                &[
+                    &moments.params,
+                    &training.parameters,
+                    &training.gradients,
+                    &moments.first_moments,
+                    &moments.second_moments,
+                ],
+            );
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("optimizer step"),
+                    timestamp_writes: None,
+                });
+                let grid = grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim)?;
+                dispatch(&mut pass, &k.optimizer_step, &step_group, grid);
+            }
+            self.encode_refresh(&mut encoder, training)?;
+            self.queue.submit([encoder.finish()]);
+            scope
+        };
         if let Some(error) = scope.pop().await {
             return Err(MoeError::Device {
                 message: format!("optimizer step failed: {error}"),

@@ -6,7 +6,7 @@
 
 use crate::cpu_backward::Gradients;
 use crate::error::{MoeError, Result};
-use crate::formats::{ExpertMatrices, WeightFormat};
+use crate::formats::ExpertMatrices;
 use crate::gpu::params::BackwardParams;
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -35,18 +35,7 @@ fn kernel_offset(at: Option<usize>) -> u32 {
 impl ParameterLayout {
     /// The layout of `weights`' tensors; training needs f32 expert matrices.
     pub fn new(weights: &MoeWeights) -> Result<Self> {
-        for (tensor, matrices) in [
-            ("experts.w1", Some(&weights.w1)),
-            ("experts.w2", Some(&weights.w2)),
-            ("experts.w3", weights.w3.as_ref()),
-        ] {
-            if let Some(m) = matrices.filter(|m| m.format != WeightFormat::F32) {
-                return Err(MoeError::TrainingNeedsF32 {
-                    tensor: tensor.to_string(),
-                    format: m.format.name().to_string(),
-                });
-            }
-        }
+        weights.check_trainable()?;
         let LayerShape {
             num_experts: n,
             d_model: d,

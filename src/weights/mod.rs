@@ -169,6 +169,24 @@ impl MoeWeights {
         })
     }
 
+    /// Training needs f32 expert matrices: the first one stored otherwise is an error
+    /// naming the tensor and its format.
+    pub fn check_trainable(&self) -> Result<()> {
+        for (tensor, matrices) in [
+            ("experts.w1", Some(&self.w1)),
+            ("experts.w2", Some(&self.w2)),
+            ("experts.w3", self.w3.as_ref()),
+        ] {
+            if let Some(m) = matrices.filter(|m| m.format != crate::formats::WeightFormat::F32) {
+                return Err(MoeError::TrainingNeedsF32 {
+                    tensor: tensor.to_string(),
+                    format: m.format.name().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The weights as safetensors bytes in the native naming, expert matrices in their
     /// stored dtype (F32, F16 or BF16; a quantized format is an error naming the tensor).
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
