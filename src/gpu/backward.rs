@@ -13,53 +13,22 @@
 //!
 //! Semantics: SPEC "Backward"; the CPU reference is `cpu_backward::backward`.
 
-use std::sync::Mutex;
-
 use crate::cpu_backward::{Gradients, LossCoefficients};
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
 use crate::gpu::forward::{dispatch, read_mapped};
-use crate::gpu::kernels::TrainingKernels;
 use crate::gpu::layer::MoeLayer;
-use crate::gpu::parameters::ParameterLayout;
+use crate::gpu::parameters::{ParameterLayout, Training, TrainingRecord, TrainingState};
 use crate::gpu::params::BackwardParams;
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
 use crate::gpu::readback::Wait;
 use crate::gpu::shaders::TRAINING_WORKGROUP;
 use crate::gpu::workspace::Workspace;
 use crate::output::{num_tokens_of, MoeOutput};
-use crate::weights::{LayerShape, MoeWeights};
-
-/// What a trainable layer holds besides the forward's state.
-pub(super) struct Training {
-    pub(super) kernels: TrainingKernels,
-    pub(super) layout: ParameterLayout,
-    /// Every trainable tensor, flat (see parameters.rs).
-    pub(super) parameters: wgpu::Buffer,
-    /// Their gradients from the last backward, laid out alike.
-    pub(super) gradients: wgpu::Buffer,
-    pub(super) state: Mutex<TrainingState>,
-}
-
-#[derive(Default)]
-pub(super) struct TrainingState {
-    /// The last training forward, which the next backward differentiates.
-    pub(super) record: Option<TrainingRecord>,
-    scratch: Option<BackwardScratch>,
-    /// The optimizer's moments and step count (see optimizer.rs).
-    pub(super) optimizer: Option<crate::gpu::optimizer::OptimizerState>,
-    /// Whether `gradients` holds a backward's result (an optimizer step needs one).
-    pub(super) has_gradients: bool,
-}
-
-/// A training forward's workspace, kept for its backward.
-pub(super) struct TrainingRecord {
-    pub(super) workspace: Workspace,
-    pub(super) plan: ForwardPlan,
-}
+use crate::weights::LayerShape;
 
 /// The backward's own buffers, sized for the largest batch seen.
-struct BackwardScratch {
+pub(super) struct BackwardScratch {
     /// (tokens, slots) they hold room for.
     capacity: (usize, usize),
     dy: wgpu::Buffer,
@@ -110,39 +79,6 @@ impl BackwardScratch {
                 mapped_at_creation: false,
             }),
         }
-    }
-}
-
-impl Training {
-    pub(super) fn new(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        config: &crate::config::MoeConfig,
-        weights: &MoeWeights,
-        max_binding_bytes: u64,
-    ) -> Result<Self> {
-        let layout = ParameterLayout::new(weights)?;
-        if layout.bytes() > max_binding_bytes {
-            return Err(MoeError::DeviceLimit {
-                limit: "max_storage_buffer_binding_size (the trainable parameters)",
-                needed: layout.bytes(),
-                allowed: max_binding_bytes,
-            });
-        }
-        let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let parameters = storage_buffer(device, "parameters", layout.bytes(), usage);
-        queue.write_buffer(
-            &parameters,
-            0,
-            bytemuck::cast_slice(&layout.flatten(weights)),
-        );
-        Ok(Training {
-            kernels: TrainingKernels::new(device, config),
-            layout,
-            parameters,
-            gradients: storage_buffer(device, "gradients", layout.bytes(), usage),
-            state: Mutex::new(TrainingState::default()),
-        })
     }
 }
 

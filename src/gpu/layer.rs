@@ -1,7 +1,9 @@
 //! `MoeLayer`: a layer on the GPU, built once (weights uploaded, pipelines compiled, the
 //! device's limits checked), and its public forward API. A forward is followed through
 //! `forward.rs` (encoding, submitting, reading back), `workspace.rs` (the scratch buffers it
-//! leases) and `chunks.rs` (batches beyond a device limit).
+//! leases) and `chunks.rs` (batches beyond a device limit); training through `backward.rs`
+//! (the training forward and the backward), `parameters.rs` (the flat parameter layout) and
+//! `optimizer.rs` (steps, and the forward's weights rewritten after them).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -9,12 +11,12 @@ use std::sync::Mutex;
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::formats::WeightFormat;
-use crate::gpu::backward::Training;
 use crate::gpu::buffers::GpuWeights;
 use crate::gpu::context::GpuContext;
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::forward::{ForwardTrace, Run};
 use crate::gpu::kernels::Kernels;
+use crate::gpu::parameters::Training;
 use crate::gpu::readback::Wait;
 use crate::gpu::shaders::{MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MAX_EXPERTS, ROW_LANES_CHOICES};
 use crate::gpu::workspace::Workspace;

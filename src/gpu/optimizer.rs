@@ -4,10 +4,10 @@
 //! expert texture, the bias buffers), all in one submission.
 
 use crate::error::{MoeError, Result};
-use crate::gpu::backward::Training;
 use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
 use crate::gpu::forward::{dispatch, read_mapped};
 use crate::gpu::layer::MoeLayer;
+use crate::gpu::parameters::Training;
 use crate::gpu::params::{OptimizerParams, RefreshParams};
 use crate::gpu::plan::{div_ceil, grid_2d};
 use crate::gpu::readback::Wait;
