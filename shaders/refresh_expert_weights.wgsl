@@ -6,23 +6,6 @@
 // Dispatch: one invocation per texel of the shard's layers, workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 parameters, 2 the tensor's quants plane (rgba32uint, write).
 
-struct RefreshParams {
-    rows: u32,
-    cols: u32,
-    // Texels per row quad: cols rounded up to a multiple of 4.
-    width: u32,
-    // Row quads per layer.
-    quads: u32,
-    // The shard's first expert and its count.
-    first_expert: u32,
-    num_experts: u32,
-    // Offset of the tensor [N, rows, cols] in `parameters`.
-    tensor_at: u32,
-    _pad0: u32,
-}
-
-const WORKGROUP: u32 = 64u;
-
 @group(0) @binding(0) var<uniform> params: RefreshParams;
 @group(0) @binding(1) var<storage, read> parameters: array<f32>;
 @group(0) @binding(2) var quants: texture_storage_2d_array<rgba32uint, write>;

@@ -5,19 +5,6 @@
 // Dispatch: one invocation per texel, workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 parameters, 2 the router texture (rgba32float, write).
 
-struct RefreshParams {
-    rows: u32,
-    cols: u32,
-    width: u32,
-    quads: u32,
-    first_expert: u32,
-    num_experts: u32,
-    tensor_at: u32,
-    _pad0: u32,
-}
-
-const WORKGROUP: u32 = 64u;
-
 @group(0) @binding(0) var<uniform> params: RefreshParams;
 @group(0) @binding(1) var<storage, read> parameters: array<f32>;
 @group(0) @binding(2) var router: texture_storage_2d<rgba32float, write>;

@@ -340,3 +340,40 @@ fn training_out_of_turn_is_an_error() {
         "{error}"
     );
 }
+
+#[test]
+fn batches_of_changing_size_reuse_or_grow_the_workspace_and_stay_exact() {
+    let context = gpu();
+    let config = common::config(2);
+    let weights = MoeWeights::random(shape(5, 12, 10), false, true, 51);
+    let layer = trainable(&context, &config, &weights);
+    let coefficients = LossCoefficients {
+        aux: 0.01,
+        z: 0.001,
+    };
+    // Small, larger (new buffers), small again (the larger ones reused), then after a
+    // failed training forward (which keeps no workspace: the next one builds its own while
+    // the backward's scratch stays): each backward against the reference of its own batch.
+    for (i, num_tokens) in [9usize, 60, 9, 33, 0, 20].into_iter().enumerate() {
+        if num_tokens == 0 {
+            let mut bad = tokens(40, 12, 50);
+            bad[7] = f32::NAN;
+            let error = layer.forward_train(&bad, &[40, 12]).unwrap_err();
+            assert!(
+                matches!(error, MoeError::NonFiniteInput { token: 0 }),
+                "{error}"
+            );
+            let error = layer.backward(&bad, coefficients).unwrap_err();
+            assert!(error.to_string().contains("forward_train first"), "{error}");
+            continue;
+        }
+        let x = tokens(num_tokens, 12, 52 + i as u64);
+        let dy = SeededRng::new(53 + i as u64).normal_vec(x.len());
+        let shape = [num_tokens, 12];
+        layer.forward_train(&x, &shape).unwrap();
+        let gpu = layer.backward(&dy, coefficients).unwrap();
+        let cpu = cpu_backward::backward(&config, &weights, &x, &shape, &dy, coefficients).unwrap();
+        let depth = 12 + 10 + num_tokens * 2 + 5;
+        assert_gradients_close(&format!("T = {num_tokens}"), &gpu, &cpu, depth);
+    }
+}

@@ -41,6 +41,9 @@ pub(super) struct BackwardScratch {
     d_x_slot: wgpu::Buffer,
     params: wgpu::Buffer,
     readback: wgpu::Buffer,
+    /// The seven bind groups and the id of the workspace they were built over (rebuilt
+    /// only when the training forward needed a new workspace).
+    bound: Option<(usize, Vec<wgpu::BindGroup>)>,
 }
 
 impl BackwardScratch {
@@ -78,6 +81,7 @@ impl BackwardScratch {
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
+            bound: None,
         }
     }
 }
@@ -232,7 +236,7 @@ impl MoeLayer {
             }
             let needed = (plan.num_tokens, plan.max_slots());
             let gated = self.config.gated;
-            let scratch = match state.scratch.take() {
+            let mut scratch = match state.scratch.take() {
                 Some(s) if s.capacity.0 >= needed.0 && s.capacity.1 >= needed.1 => s,
                 previous => {
                     let capacity = previous.map_or(needed, |s| {
@@ -257,7 +261,7 @@ impl MoeLayer {
                 &mut encoder,
                 training,
                 &record.workspace,
-                &scratch,
+                &mut scratch,
                 &plan,
             )?;
             let dx_bytes = (values * 4) as u64;
@@ -322,7 +326,7 @@ impl MoeLayer {
         encoder: &mut wgpu::CommandEncoder,
         training: &Training,
         workspace: &Workspace,
-        scratch: &BackwardScratch,
+        scratch: &mut BackwardScratch,
         plan: &ForwardPlan,
     ) -> Result<()> {
         let LayerShape {
@@ -335,7 +339,7 @@ impl MoeLayer {
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let k = &training.kernels;
         let w = &workspace.scratch;
-        let s = scratch;
+        let s = &*scratch;
         let device = &self.device;
         let steps = [
             (
@@ -429,17 +433,30 @@ impl MoeLayer {
                 t * d,
             ),
         ];
-        let mut prepared = Vec::with_capacity(steps.len());
-        for (kernel, buffers, invocations) in steps {
-            let grid = training_grid(invocations, max_dim)?;
-            prepared.push((kernel, kernel.bind(device, &buffers), grid));
+        let fresh = s.bound.as_ref().is_some_and(|(id, _)| *id == workspace.id);
+        let rebound: Option<Vec<wgpu::BindGroup>> = (!fresh).then(|| {
+            steps
+                .iter()
+                .map(|(kernel, buffers, _)| kernel.bind(device, buffers))
+                .collect()
+        });
+        let mut dispatches = Vec::with_capacity(steps.len());
+        for (kernel, _, invocations) in &steps {
+            dispatches.push((*kernel, training_grid(*invocations, max_dim)?));
         }
+        if let Some(groups) = rebound {
+            scratch.bound = Some((workspace.id, groups));
+        }
+        let groups = scratch
+            .bound
+            .as_ref()
+            .map_or(&[][..], |(_, g)| g.as_slice());
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("moe backward"),
             timestamp_writes: None,
         });
-        for (kernel, bind_group, grid) in &prepared {
-            dispatch(&mut pass, kernel, bind_group, *grid);
+        for ((kernel, grid), bind_group) in dispatches.into_iter().zip(groups) {
+            dispatch(&mut pass, kernel, bind_group, grid);
         }
         Ok(())
     }

@@ -219,6 +219,7 @@ impl MoeLayer {
                 queue,
                 &config,
                 weights,
+                &weights_on_device,
                 device_binding,
             )?)
         } else {

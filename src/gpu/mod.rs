@@ -12,6 +12,7 @@ pub mod parameters;
 pub mod params;
 pub mod plan;
 pub mod readback;
+mod refresh;
 pub mod shaders;
 pub mod weight_textures;
 mod workspace;

@@ -4,15 +4,15 @@
 //! expert texture, the bias buffers), all in one submission.
 
 use crate::error::{MoeError, Result};
-use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
+use crate::gpu::buffers::{storage_buffer, uniform_buffer};
 use crate::gpu::forward::{dispatch, read_mapped};
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::Training;
-use crate::gpu::params::{OptimizerParams, RefreshParams};
+use crate::gpu::params::OptimizerParams;
 use crate::gpu::plan::{div_ceil, grid_2d};
 use crate::gpu::readback::Wait;
 use crate::gpu::shaders::TRAINING_WORKGROUP;
-use crate::weights::{LayerShape, MoeWeights};
+use crate::weights::MoeWeights;
 
 /// An optimizer and its hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -125,12 +125,51 @@ impl Optimizer {
     }
 }
 
-/// The optimizer's moments (AdamW; dummies for SGD) and its step count.
+/// The optimizer's moments (AdamW; dummies for SGD), its AdamW step count (for the bias
+/// corrections), and the step's params and bind group, built once.
 pub(super) struct OptimizerState {
     first_moments: wgpu::Buffer,
-    second_moments: wgpu::Buffer,
-    steps: u64,
+    adam_w_steps: u64,
     params: wgpu::Buffer,
+    bind_group: wgpu::BindGroup,
+}
+
+impl OptimizerState {
+    /// Zero moments of `floats` floats each.
+    fn new(layer: &MoeLayer, training: &Training, floats: usize) -> Self {
+        let device = &layer.device;
+        let zeros = |label| {
+            let buffer = storage_buffer(
+                device,
+                label,
+                floats as u64 * 4,
+                wgpu::BufferUsages::COPY_DST,
+            );
+            let values = vec![0.0f32; floats];
+            layer
+                .queue
+                .write_buffer(&buffer, 0, bytemuck::cast_slice(&values));
+            buffer
+        };
+        let (first_moments, second_moments) = (zeros("first moments"), zeros("second moments"));
+        let params = uniform_buffer(device, "optimizer params", &OptimizerParams::default());
+        let bind_group = training.kernels.optimizer_step.bind(
+            device,
+            &[
+                &params,
+                &training.parameters,
+                &training.gradients,
+                &first_moments,
+                &second_moments,
+            ],
+        );
+        OptimizerState {
+            first_moments,
+            adam_w_steps: 0,
+            params,
+            bind_group,
+        }
+    }
 }
 
 impl MoeLayer {
@@ -166,30 +205,17 @@ impl MoeLayer {
             if state
                 .optimizer
                 .as_ref()
-                .is_none_or(|m| m.first_moments.size() < floats as u64 * 4)
+                .is_some_and(|m| m.first_moments.size() < floats as u64 * 4)
             {
-                let zeros = |label| {
-                    let usage = wgpu::BufferUsages::COPY_DST;
-                    let buffer = storage_buffer(device, label, floats as u64 * 4, usage);
-                    let values = vec![0.0f32; floats];
-                    self.queue
-                        .write_buffer(&buffer, 0, bytemuck::cast_slice(&values));
-                    buffer
-                };
-                state.optimizer = Some(OptimizerState {
-                    first_moments: zeros("first moments"),
-                    second_moments: zeros("second moments"),
-                    steps: 0,
-                    params: uniform_buffer(device, "optimizer params", &OptimizerParams::default()),
-                });
+                state.optimizer = None;
             }
-            let Some(moments) = state.optimizer.as_mut() else {
-                return Err(MoeError::Training {
-                    message: "optimizer state missing".to_string(),
-                });
-            };
-            moments.steps += 1;
-            let params = optimizer.params(moments.steps, count);
+            let moments = state
+                .optimizer
+                .get_or_insert_with(|| OptimizerState::new(self, training, floats));
+            if matches!(optimizer, Optimizer::AdamW { .. }) {
+                moments.adam_w_steps += 1;
+            }
+            let params = optimizer.params(moments.adam_w_steps, count);
             self.queue
                 .write_buffer(&moments.params, 0, bytemuck::bytes_of(&params));
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -198,25 +224,17 @@ impl MoeLayer {
             });
             let max_dim = self.limits.max_compute_workgroups_per_dimension;
             let k = &training.kernels;
-            let step_group = k.optimizer_step.bind(
-                device,
-                &[
-                    &moments.params,
-                    &training.parameters,
-                    &training.gradients,
-                    &moments.first_moments,
-                    &moments.second_moments,
-                ],
-            );
             {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("optimizer step"),
                     timestamp_writes: None,
                 });
                 let grid = grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim)?;
-                dispatch(&mut pass, &k.optimizer_step, &step_group, grid);
+                dispatch(&mut pass, &k.optimizer_step, &moments.bind_group, grid);
             }
-            self.encode_refresh(&mut encoder, training)?;
+            training
+                .refresh
+                .encode(&mut encoder, &training.kernels, &training.parameters);
             self.queue.submit([encoder.finish()]);
             scope
         };
@@ -224,122 +242,6 @@ impl MoeLayer {
             return Err(MoeError::Device {
                 message: format!("optimizer step failed: {error}"),
             });
-        }
-        Ok(())
-    }
-
-    /// Rewrites the forward's operands from the parameter buffer: the router texture and
-    /// bias, each shard's expert textures, and its bias buffers.
-    fn encode_refresh(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        training: &Training,
-    ) -> Result<()> {
-        let LayerShape {
-            num_experts: n,
-            d_model: d,
-            d_ff: f,
-        } = self.shape;
-        let layout = &training.layout;
-        let device = &self.device;
-        let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let k = &training.kernels;
-        // (kernel, params, target texture, texels)
-        let mut jobs: Vec<(
-            &crate::gpu::kernels::Kernel,
-            RefreshParams,
-            &wgpu::TextureView,
-            usize,
-        )> = vec![(
-            &k.refresh_router_weights,
-            RefreshParams {
-                rows: n as u32,
-                cols: d as u32,
-                width: padded_to_vec4(d) as u32,
-                num_experts: n as u32,
-                tensor_at: layout.router_weight as u32,
-                ..Default::default()
-            },
-            &self.weights.router,
-            n * padded_to_vec4(d) / 4,
-        )];
-        for shard in &self.weights.shards {
-            let tensors = [
-                (Some(layout.w1), &shard.w1, f, d),
-                (layout.w3, &shard.w3, f, d),
-                (Some(layout.w2), &shard.w2, d, f),
-            ];
-            for (at, textures, rows, cols) in tensors {
-                let Some(at) = at else { continue };
-                let (width, quads) = (padded_to_vec4(cols), padded_to_vec4(rows) / 4);
-                let params = RefreshParams {
-                    rows: rows as u32,
-                    cols: cols as u32,
-                    width: width as u32,
-                    quads: quads as u32,
-                    first_expert: shard.first_expert as u32,
-                    num_experts: shard.num_experts as u32,
-                    tensor_at: at as u32,
-                    _pad: 0,
-                };
-                let texels = shard.num_experts * quads * width;
-                jobs.push((&k.refresh_expert_weights, params, &textures.quants, texels));
-            }
-        }
-        let mut prepared = Vec::with_capacity(jobs.len());
-        for (kernel, params, texture, texels) in jobs {
-            let uniform = uniform_buffer(device, "refresh params", &params);
-            let bind_group = crate::gpu::kernels::bind_resources(
-                device,
-                kernel.name,
-                &kernel.layout,
-                vec![
-                    uniform.as_entire_binding(),
-                    training.parameters.as_entire_binding(),
-                    wgpu::BindingResource::TextureView(texture),
-                ],
-            );
-            let grid = grid_2d(div_ceil(texels, TRAINING_WORKGROUP as usize), max_dim)?;
-            prepared.push((kernel, bind_group, grid, uniform));
-        }
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("refresh weights"),
-                timestamp_writes: None,
-            });
-            for (kernel, bind_group, grid, _) in &prepared {
-                dispatch(&mut pass, kernel, bind_group, *grid);
-            }
-        }
-        // Biases: the router's, then per shard b1 (and b3 after it) and b2.
-        let floats = |count: usize| (count * 4) as u64;
-        if let Some(at) = layout.router_bias {
-            encoder.copy_buffer_to_buffer(
-                &training.parameters,
-                floats(at),
-                &self.weights.router_bias,
-                0,
-                floats(n),
-            );
-        }
-        for shard in &self.weights.shards {
-            let (first, count) = (shard.first_expert, shard.num_experts);
-            let copies = [
-                (layout.b1, &shard.up_bias, 0, f),
-                (layout.b3, &shard.up_bias, count * f, f),
-                (layout.b2, &shard.down_bias, 0, d),
-            ];
-            for (at, target, offset, per_expert) in copies {
-                if let Some(at) = at {
-                    encoder.copy_buffer_to_buffer(
-                        &training.parameters,
-                        floats(at + first * per_expert),
-                        target,
-                        floats(offset),
-                        floats(count * per_expert),
-                    );
-                }
-            }
         }
         Ok(())
     }

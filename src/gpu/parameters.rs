@@ -12,10 +12,11 @@ use crate::cpu_backward::Gradients;
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
 use crate::gpu::backward::BackwardScratch;
-use crate::gpu::buffers::storage_buffer;
+use crate::gpu::buffers::{storage_buffer, GpuWeights};
 use crate::gpu::kernels::TrainingKernels;
 use crate::gpu::params::BackwardParams;
 use crate::gpu::plan::ForwardPlan;
+use crate::gpu::refresh::WeightRefresh;
 use crate::gpu::workspace::Workspace;
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -177,6 +178,8 @@ pub(super) struct Training {
     pub(super) parameters: wgpu::Buffer,
     /// Their gradients from the last backward, laid out alike.
     pub(super) gradients: wgpu::Buffer,
+    /// What a step records to rewrite the forward's operands from `parameters`.
+    pub(super) refresh: WeightRefresh,
     pub(super) state: Mutex<TrainingState>,
 }
 
@@ -203,6 +206,7 @@ impl Training {
         queue: &wgpu::Queue,
         config: &crate::config::MoeConfig,
         weights: &MoeWeights,
+        on_device: &GpuWeights,
         max_binding_bytes: u64,
     ) -> Result<Self> {
         let layout = ParameterLayout::new(weights)?;
@@ -220,11 +224,16 @@ impl Training {
             0,
             bytemuck::cast_slice(&layout.flatten(weights)),
         );
+        let kernels = TrainingKernels::new(device, config);
+        let max_dim = device.limits().max_compute_workgroups_per_dimension;
+        let refresh =
+            WeightRefresh::new(device, &kernels, &layout, &parameters, on_device, max_dim)?;
         Ok(Training {
-            kernels: TrainingKernels::new(device, config),
+            kernels,
             layout,
             parameters,
             gradients: storage_buffer(device, "gradients", layout.bytes(), usage),
+            refresh,
             state: Mutex::new(TrainingState::default()),
         })
     }

@@ -49,8 +49,8 @@ shader!(EXPERT_INPUT_BACKWARD, "expert_input_backward", prepend "backward_common
 shader!(ROUTER_BACKWARD, "router_backward", prepend "backward_common");
 shader!(COMBINE_BACKWARD, "combine_backward", prepend "backward_common");
 shader!(OPTIMIZER_STEP, "optimizer_step");
-shader!(REFRESH_EXPERT_WEIGHTS, "refresh_expert_weights");
-shader!(REFRESH_ROUTER_WEIGHTS, "refresh_router_weights");
+shader!(REFRESH_EXPERT_WEIGHTS, "refresh_expert_weights", prepend "refresh_params");
+shader!(REFRESH_ROUTER_WEIGHTS, "refresh_router_weights", prepend "refresh_params");
 
 /// All kernels of a forward, in the order a forward dispatches them.
 pub const ALL: [ShaderSource; 9] = [

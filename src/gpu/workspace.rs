@@ -23,6 +23,9 @@ pub(super) struct KernelParams {
 
 /// Scratch buffers with the bind groups that reference them.
 pub(super) struct Workspace {
+    /// Unique per allocation: bind groups built over this workspace elsewhere (the
+    /// backward's) know whether they still refer to it.
+    pub(super) id: usize,
     pub(super) scratch: Scratch,
     pub(super) stage_tokens: wgpu::BindGroup,
     pub(super) route_tokens: wgpu::BindGroup,
@@ -78,13 +81,14 @@ impl MoeLayer {
             Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
             previous => {
                 let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
-                self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
-                self.build_workspace(sizes)
+                let id = self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
+                self.build_workspace(sizes, id)
             }
         }
     }
 
-    pub(super) fn build_workspace(&self, sizes: ScratchSizes) -> Workspace {
+    /// A workspace for `sizes`; `id` tells it apart from every other of the layer.
+    pub(super) fn build_workspace(&self, sizes: ScratchSizes, id: usize) -> Workspace {
         let device = &self.device;
         let scratch = Scratch::new(device, sizes, self.shape, self.weights.shards.len());
         let k = &self.kernels;
@@ -114,6 +118,7 @@ impl MoeLayer {
             });
         let u = &uniforms;
         Workspace {
+            id,
             stage_tokens: bind_resources(
                 device,
                 k.stage_tokens.name,
