@@ -255,51 +255,62 @@ impl MoeLayer {
         statistics: Option<&wgpu::Buffer>,
         num_tokens: usize,
     ) -> Result<()> {
-        let plan = self.plan(num_tokens)?;
-        let values = (num_tokens * self.shape.d_model * 4) as u64;
-        let layout = StatisticsLayout::new(num_tokens, self.config.top_k, self.shape.num_experts);
-        let too_small = |name: &str, buffer: &wgpu::Buffer, bytes: u64| {
-            (buffer.size() < bytes).then(|| MoeError::InputShape {
-                message: format!(
-                    "buffer `{name}` holds {} bytes, the forward needs {bytes}",
-                    buffer.size()
-                ),
-            })
-        };
-        let statistics_error = statistics.and_then(|s| too_small("statistics", s, layout.bytes()));
-        if let Some(error) = too_small("x", x, values)
-            .or(too_small("y", y, values))
-            .or(statistics_error)
-        {
-            return Err(error);
-        }
+        let plan = self.plan_encoded(x, y, statistics, num_tokens)?;
         let mut guard = self.encoded.lock().map_err(|_| MoeError::Device {
             message: "a previous encode_forward panicked while holding its workspace".to_string(),
         })?;
         let fitted = self.fitted(guard.take(), &plan);
         let workspace = guard.insert(fitted);
-        // The Params travel inside the caller's command stream (a queue write would land at
-        // the next submit, whoever makes it), from one small buffer: route, assign, combine,
-        // stats, then the flag's initial value.
-        let params = self.params_for(&plan);
-        let writes = initial_writes(workspace, &params);
-        let staging = wgpu::util::DeviceExt::create_buffer_init(
-            &self.device,
-            &wgpu::util::BufferInitDescriptor {
-                label: Some("encoded forward params"),
-                contents: &writes.map(|(_, bytes)| bytes).concat(),
-                usage: wgpu::BufferUsages::COPY_SRC,
-            },
-        );
-        let mut offset = 0u64;
-        for (target, bytes) in writes {
-            let size = bytes.len() as u64;
-            encoder.copy_buffer_to_buffer(&staging, offset, target, 0, size);
-            offset += size;
+        self.encode_forward_in(encoder, workspace, &plan, x, y, statistics)
+    }
+
+    /// Checks the caller's buffers of an encoded forward of `num_tokens` tokens and returns
+    /// its plan.
+    pub(super) fn plan_encoded(
+        &self,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        statistics: Option<&wgpu::Buffer>,
+        num_tokens: usize,
+    ) -> Result<ForwardPlan> {
+        let plan = self.plan(num_tokens)?;
+        let values = (num_tokens * self.shape.d_model * 4) as u64;
+        let layout = StatisticsLayout::new(num_tokens, self.config.top_k, self.shape.num_experts);
+        let statistics_error = statistics.and_then(|s| too_small("statistics", s, layout.bytes()));
+        match too_small("x", x, values)
+            .or(too_small("y", y, values))
+            .or(statistics_error)
+        {
+            Some(error) => Err(error),
+            None => Ok(plan),
         }
+    }
+
+    /// Records a forward of `plan` in `workspace` into the caller's encoder (see
+    /// [`MoeLayer::encode_forward`]; the buffers are checked).
+    pub(super) fn encode_forward_in(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &Workspace,
+        plan: &ForwardPlan,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        statistics: Option<&wgpu::Buffer>,
+    ) -> Result<()> {
+        let num_tokens = plan.num_tokens;
+        let values = (num_tokens * self.shape.d_model * 4) as u64;
+        let layout = StatisticsLayout::new(num_tokens, self.config.top_k, self.shape.num_experts);
+        // The Params: route, assign, combine, stats, then the flag's initial value.
+        let params = self.params_for(plan);
+        encode_writes(
+            &self.device,
+            encoder,
+            "encoded forward params",
+            &initial_writes(workspace, &params),
+        );
         let scratch = &workspace.scratch;
         encoder.copy_buffer_to_buffer(x, 0, &scratch.x, 0, values);
-        self.encode(encoder, workspace, &plan)?;
+        self.encode(encoder, workspace, plan)?;
         encoder.copy_buffer_to_buffer(&scratch.y, 0, y, 0, values);
         if let Some(statistics) = statistics {
             let n = self.shape.num_experts as u64;
@@ -430,6 +441,42 @@ impl MoeLayer {
         }
         self.queue.submit([encoder.finish()]);
         offset
+    }
+}
+
+/// A caller's buffer smaller than what an encoded pass needs, as an error.
+pub(super) fn too_small(name: &str, buffer: &wgpu::Buffer, bytes: u64) -> Option<MoeError> {
+    (buffer.size() < bytes).then(|| MoeError::InputShape {
+        message: format!(
+            "buffer `{name}` holds {} bytes, the pass needs {bytes}",
+            buffer.size()
+        ),
+    })
+}
+
+/// Records `writes` (target buffer, bytes at its start) into `encoder` as copies from one
+/// small staging buffer: an encoded pass's Params travel inside the caller's command stream
+/// (a queue write would land at the next submit, whoever makes it).
+pub(super) fn encode_writes(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    label: &str,
+    writes: &[(&wgpu::Buffer, &[u8])],
+) {
+    let contents: Vec<u8> = writes.iter().flat_map(|(_, bytes)| bytes.iter().copied()).collect();
+    let staging = wgpu::util::DeviceExt::create_buffer_init(
+        device,
+        &wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &contents,
+            usage: wgpu::BufferUsages::COPY_SRC,
+        },
+    );
+    let mut offset = 0u64;
+    for (target, bytes) in writes {
+        let size = bytes.len() as u64;
+        encoder.copy_buffer_to_buffer(&staging, offset, target, 0, size);
+        offset += size;
     }
 }
 
