@@ -120,43 +120,6 @@ fn soak_allocates_nothing_in_steady_state() {
 }
 
 /// Reads a buffer back (test helper; the layer's buffer-level forward reads nothing back).
-fn read_words(context: &switch_moe::GpuContext, buffer: &wgpu::Buffer) -> Vec<u32> {
-    let staging = context.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("test read-back"),
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = context.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    context.queue.submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |result| result.unwrap());
-    context
-        .device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .unwrap();
-    let words = bytemuck::pod_collect_to_vec(&staging.slice(..).get_mapped_range().unwrap()[..]);
-    staging.unmap();
-    words
-}
-
-fn buffer_with(
-    context: &switch_moe::GpuContext,
-    values: &[f32],
-    usage: wgpu::BufferUsages,
-) -> wgpu::Buffer {
-    wgpu::util::DeviceExt::create_buffer_init(
-        &context.device,
-        &wgpu::util::BufferInitDescriptor {
-            label: Some("caller buffer"),
-            contents: bytemuck::cast_slice(values),
-            usage,
-        },
-    )
-}
-
 #[test]
 fn buffer_level_forward_into_the_callers_encoder() {
     use switch_moe::gpu::StatisticsLayout;

@@ -377,3 +377,87 @@ fn batches_of_changing_size_reuse_or_grow_the_workspace_and_stay_exact() {
         assert_gradients_close(&format!("T = {num_tokens}"), &gpu, &cpu, depth);
     }
 }
+
+#[test]
+fn encoded_training_steps_equal_the_host_ones_bit_for_bit() {
+    let context = gpu();
+    let config = MoeConfig {
+        gated: true,
+        ..common::config(2)
+    };
+    let weights = MoeWeights::random(shape(4, 12, 8), true, true, 61);
+    let (t, d) = (30usize, 12usize);
+    let x_values = tokens(t, d, 61);
+    let dy_values = SeededRng::new(62).normal_vec(t * d);
+    let coefficients = LossCoefficients {
+        aux: 0.01,
+        z: 0.001,
+    };
+    let optimizer = Optimizer::adam_w(0.01);
+
+    // Two steps through the host API.
+    let host = trainable(&context, &config, &weights);
+    let mut host_steps = Vec::new();
+    for _ in 0..2 {
+        let y = host.forward_train(&x_values, &[t, d]).unwrap().y;
+        let dx = host.backward(&dy_values, coefficients).unwrap().x;
+        host.step(&optimizer).unwrap();
+        host_steps.push((y, dx));
+    }
+
+    // The same two steps recorded into ONE caller encoder: each forward must see the
+    // weights the step before it wrote.
+    let encoded = trainable(&context, &config, &weights);
+    let usage =
+        wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::STORAGE;
+    let x = buffer_with(&context, &x_values, usage);
+    let dy = buffer_with(&context, &dy_values, usage);
+    let outputs: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..2)
+        .map(|_| {
+            (
+                buffer_with(&context, &vec![0.0; t * d], usage),
+                buffer_with(&context, &vec![0.0; t * d], usage),
+            )
+        })
+        .collect();
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    for (y, dx) in &outputs {
+        encoded
+            .encode_forward_train(&mut encoder, &x, y, None, t)
+            .unwrap();
+        encoded
+            .encode_backward(&mut encoder, &dy, dx, coefficients)
+            .unwrap();
+        encoded.encode_step(&mut encoder, &optimizer).unwrap();
+    }
+    context.queue.submit([encoder.finish()]);
+    let floats = |b: &wgpu::Buffer| {
+        read_words(&context, b)
+            .into_iter()
+            .map(f32::from_bits)
+            .collect::<Vec<_>>()
+    };
+    for (step, ((y, dx), (host_y, host_dx))) in outputs.iter().zip(&host_steps).enumerate() {
+        assert_eq!(&floats(y), host_y, "step {step}: y");
+        assert_eq!(&floats(dx), host_dx, "step {step}: dx");
+    }
+    assert_eq!(
+        encoded.trained_weights().unwrap(),
+        host.trained_weights().unwrap()
+    );
+
+    // Caller buffers too small are errors naming them.
+    let small = buffer_with(&context, &[0.0; 4], usage);
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    encoded
+        .encode_forward_train(&mut encoder, &x, &outputs[0].0, None, t)
+        .unwrap();
+    let error = encoded
+        .encode_backward(&mut encoder, &small, &outputs[0].1, coefficients)
+        .unwrap_err();
+    assert!(error.to_string().contains("`dy`"), "{error}");
+    let error = encoded
+        .encode_backward(&mut encoder, &dy, &small, coefficients)
+        .unwrap_err();
+    assert!(error.to_string().contains("`dx`"), "{error}");
+}

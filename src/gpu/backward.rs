@@ -15,88 +15,12 @@
 
 use crate::cpu_backward::{Gradients, LossCoefficients};
 use crate::error::{MoeError, Result};
-use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
-use crate::gpu::forward::{dispatch, read_mapped};
+use crate::gpu::backward_passes::{BackwardScratch, DyFrom};
+use crate::gpu::forward::{read_mapped, too_small};
 use crate::gpu::layer::MoeLayer;
-use crate::gpu::parameters::{ParameterLayout, Training, TrainingRecord, TrainingState};
-use crate::gpu::params::BackwardParams;
-use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
+use crate::gpu::parameters::{Training, TrainingRecord, TrainingState};
 use crate::gpu::readback::Wait;
-use crate::gpu::shaders::TRAINING_WORKGROUP;
-use crate::gpu::workspace::Workspace;
 use crate::output::{num_tokens_of, MoeOutput};
-use crate::weights::LayerShape;
-
-/// The backward's own buffers, sized for the largest batch seen.
-pub(super) struct BackwardScratch {
-    /// (tokens, slots) they hold room for.
-    capacity: (usize, usize),
-    dy: wgpu::Buffer,
-    dx: wgpu::Buffer,
-    d_logits: wgpu::Buffer,
-    slot_scale: wgpu::Buffer,
-    pass_scale: wgpu::Buffer,
-    d_a: wgpu::Buffer,
-    d_v: wgpu::Buffer,
-    d_x_slot: wgpu::Buffer,
-    params: wgpu::Buffer,
-    readback: wgpu::Buffer,
-    /// The seven bind groups and the id of the workspace they were built over (rebuilt
-    /// only when the training forward needed a new workspace).
-    bound: Option<(usize, Vec<wgpu::BindGroup>)>,
-}
-
-impl BackwardScratch {
-    /// Room for `tokens` and `slots`, and `parameters` floats of gradients to read back.
-    fn new(
-        device: &wgpu::Device,
-        shape: LayerShape,
-        gated: bool,
-        (tokens, slots): (usize, usize),
-        parameters: usize,
-    ) -> Self {
-        let LayerShape {
-            num_experts: n,
-            d_model: d,
-            d_ff: f,
-        } = shape;
-        let none = wgpu::BufferUsages::empty();
-        let buffer = |label: &str, floats: usize, usage| {
-            storage_buffer(device, label, floats as u64 * 4, usage)
-        };
-        BackwardScratch {
-            capacity: (tokens, slots),
-            dy: buffer("dy", tokens * d, wgpu::BufferUsages::COPY_DST),
-            dx: buffer("dx", tokens * d, wgpu::BufferUsages::COPY_SRC),
-            d_logits: buffer("d_logits", tokens * n, none),
-            slot_scale: buffer("slot_scale", slots, none),
-            pass_scale: buffer("pass_scale", tokens, none),
-            d_a: buffer("d_a", slots * f, none),
-            d_v: buffer("d_v", if gated { slots * f } else { 1 }, none),
-            d_x_slot: buffer("d_x_slot", slots * d, none),
-            params: uniform_buffer(device, "backward params", &BackwardParams::default()),
-            readback: device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("backward readback"),
-                size: ((tokens * d + parameters).max(1) * 4) as u64,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }),
-            bound: None,
-        }
-    }
-}
-
-/// Workgroups of TRAINING_WORKGROUP for `invocations`, laid out in 2-D.
-fn training_grid(invocations: usize, max_dim: u32) -> Result<(u32, u32)> {
-    if invocations > u32::MAX as usize {
-        return Err(MoeError::DeviceLimit {
-            limit: "invocations of one backward dispatch (u32 indices)",
-            needed: invocations as u64,
-            allowed: u32::MAX as u64,
-        });
-    }
-    grid_2d(div_ceil(invocations, TRAINING_WORKGROUP as usize), max_dim)
-}
 
 impl MoeLayer {
     pub(super) fn training(&self) -> Result<&Training> {
@@ -121,21 +45,7 @@ impl MoeLayer {
         let Ok(state) = self.training_state() else {
             return 0;
         };
-        state.scratch.as_ref().map_or(0, |s| {
-            [
-                &s.dy,
-                &s.dx,
-                &s.d_logits,
-                &s.slot_scale,
-                &s.pass_scale,
-                &s.d_a,
-                &s.d_v,
-                &s.d_x_slot,
-            ]
-            .iter()
-            .map(|b| b.size())
-            .sum()
-        })
+        state.scratch.as_ref().map_or(0, BackwardScratch::bytes)
     }
 
     /// Dispatches of one backward: seven, whatever the number of experts.
@@ -207,63 +117,22 @@ impl MoeLayer {
         // The lock is held while encoding, not while the GPU works: the submitted commands
         // keep their buffers.
         let (scratch, validation, values) = {
-            let mut guard = self.training_state()?;
-            let state = &mut *guard;
-            let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
-                message: "backward needs a forward_train first".to_string(),
-            })?;
-            let plan = record.plan;
-            let values = plan.num_tokens * self.shape.d_model;
-            if dy.len() != values {
-                return Err(MoeError::tensor(
-                    "dy",
-                    format!("{} values, expected {values} (the shape of y)", dy.len()),
-                ));
-            }
-            if let Some(index) = dy.iter().position(|v| !v.is_finite()) {
-                return Err(MoeError::tensor(
-                    "dy",
-                    format!("non-finite value at flat index {index}"),
-                ));
-            }
-            for (key, value) in [
-                ("aux_loss_coef", coefficients.aux),
-                ("z_loss_coef", coefficients.z),
-            ] {
-                if !value.is_finite() {
-                    return Err(MoeError::config(key, format!("{value} is not finite")));
-                }
-            }
-            let needed = (plan.num_tokens, plan.max_slots());
-            let gated = self.config.gated;
-            let mut scratch = match state.scratch.take() {
-                Some(s) if s.capacity.0 >= needed.0 && s.capacity.1 >= needed.1 => s,
-                previous => {
-                    let capacity = previous.map_or(needed, |s| {
-                        (s.capacity.0.max(needed.0), s.capacity.1.max(needed.1))
-                    });
-                    let parameters = training.layout.total;
-                    BackwardScratch::new(&self.device, self.shape, gated, capacity, parameters)
-                }
-            };
+            let mut state = self.training_state()?;
             let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-            self.queue
-                .write_buffer(&scratch.dy, 0, bytemuck::cast_slice(dy));
-            let params = self.backward_params(&plan, coefficients, &training.layout);
-            self.queue
-                .write_buffer(&scratch.params, 0, bytemuck::bytes_of(&params));
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("moe backward"),
                 });
-            self.encode_backward_passes(
-                &mut encoder,
+            let recorded = self.record_backward(
                 training,
-                &record.workspace,
-                &mut scratch,
-                &plan,
-            )?;
+                &mut state,
+                &mut encoder,
+                DyFrom::Host(dy),
+                coefficients,
+            );
+            let validation = validation_scope.pop();
+            let (scratch, values) = recorded?;
             let dx_bytes = (values * 4) as u64;
             encoder.copy_buffer_to_buffer(&scratch.dx, 0, &scratch.readback, 0, dx_bytes);
             encoder.copy_buffer_to_buffer(
@@ -274,7 +143,6 @@ impl MoeLayer {
                 training.layout.bytes(),
             );
             self.queue.submit([encoder.finish()]);
-            let validation = validation_scope.pop();
             (scratch, validation, values)
         };
         let total = (values * 4) as u64 + training.layout.bytes();
@@ -292,172 +160,57 @@ impl MoeLayer {
         Ok(training.layout.gradients(flat, dx.to_vec()))
     }
 
-    fn backward_params(
-        &self,
-        plan: &ForwardPlan,
-        coefficients: LossCoefficients,
-        layout: &ParameterLayout,
-    ) -> BackwardParams {
-        let config = &self.config;
-        let mut params = BackwardParams {
-            num_tokens: plan.num_tokens as u32,
-            d_model: self.shape.d_model as u32,
-            d_ff: self.shape.d_ff as u32,
-            num_experts: self.shape.num_experts as u32,
-            top_k: plan.top_k as u32,
-            row_tile: plan.tiling.row_tile() as u32,
-            max_slots: plan.max_slots() as u32,
-            gated: config.gated as u32,
-            scale_by_prob: config.scale_by_prob as u32,
-            normalize_top_k: config.normalize_top_k as u32,
-            pass_through: (config.drop_policy == crate::config::DropPolicy::PassThrough) as u32,
-            hidden_stride: padded_to_vec4(self.shape.d_ff) as u32,
-            aux_coef: coefficients.aux,
-            z_coef: coefficients.z,
-            ..Default::default()
-        };
-        layout.kernel_offsets(&mut params);
-        params
-    }
-
-    /// The seven dispatches of a backward, in one compute pass.
-    fn encode_backward_passes(
+    /// [`MoeLayer::forward_train`] recorded into the caller's encoder, like
+    /// [`MoeLayer::encode_forward`] (caller-owned `x`, `y` and statistics buffers, nothing
+    /// read back). The layer keeps the pass for the next backward; a non-finite input shows
+    /// only in the statistics, and its backward is then meaningless.
+    pub fn encode_forward_train(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        training: &Training,
-        workspace: &Workspace,
-        scratch: &mut BackwardScratch,
-        plan: &ForwardPlan,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        statistics: Option<&wgpu::Buffer>,
+        num_tokens: usize,
     ) -> Result<()> {
-        let LayerShape {
-            num_experts: n,
-            d_model: d,
-            d_ff: f,
-        } = self.shape;
-        let (t, slots) = (plan.num_tokens, plan.max_slots());
-        let projections = if self.config.gated { 2 } else { 1 };
-        let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let k = &training.kernels;
-        let w = &workspace.scratch;
-        let s = &*scratch;
-        let device = &self.device;
-        let steps = [
-            (
-                &k.gate_backward,
-                vec![
-                    &s.params,
-                    &s.dy,
-                    &w.x,
-                    &w.logits,
-                    &w.routes,
-                    &w.gates,
-                    &w.assignment_slot,
-                    &w.expert_out,
-                    &w.expert_table,
-                    &s.d_logits,
-                    &s.slot_scale,
-                    &s.pass_scale,
-                ],
-                t,
-            ),
-            (
-                &k.expert_hidden_backward,
-                vec![
-                    &s.params,
-                    &s.dy,
-                    &w.x,
-                    &w.slot_token,
-                    &w.expert_table,
-                    &s.slot_scale,
-                    &training.parameters,
-                    &s.d_a,
-                    &s.d_v,
-                ],
-                slots * f,
-            ),
-            (
-                &k.expert_down_backward,
-                vec![
-                    &s.params,
-                    &s.dy,
-                    &w.slot_token,
-                    &w.expert_table,
-                    &s.slot_scale,
-                    &w.hidden,
-                    &training.gradients,
-                ],
-                n * d * (f + 1),
-            ),
-            (
-                &k.expert_up_backward,
-                vec![
-                    &s.params,
-                    &w.x,
-                    &w.slot_token,
-                    &w.expert_table,
-                    &s.d_a,
-                    &s.d_v,
-                    &training.gradients,
-                ],
-                projections * n * f * (d + 1),
-            ),
-            (
-                &k.expert_input_backward,
-                vec![
-                    &s.params,
-                    &w.expert_table,
-                    &s.d_a,
-                    &s.d_v,
-                    &training.parameters,
-                    &s.d_x_slot,
-                ],
-                slots * d,
-            ),
-            (
-                &k.router_backward,
-                vec![&s.params, &w.x, &s.d_logits, &training.gradients],
-                n * (d + 1),
-            ),
-            (
-                &k.combine_backward,
-                vec![
-                    &s.params,
-                    &s.dy,
-                    &s.d_logits,
-                    &w.assignment_slot,
-                    &s.d_x_slot,
-                    &s.pass_scale,
-                    &training.parameters,
-                    &s.dx,
-                ],
-                t * d,
-            ),
-        ];
-        let fresh = s.bound.as_ref().is_some_and(|(id, _)| *id == workspace.id);
-        let rebound: Option<Vec<wgpu::BindGroup>> = (!fresh).then(|| {
-            steps
-                .iter()
-                .map(|(kernel, buffers, _)| kernel.bind(device, buffers))
-                .collect()
-        });
-        let mut dispatches = Vec::with_capacity(steps.len());
-        for (kernel, _, invocations) in &steps {
-            dispatches.push((*kernel, training_grid(*invocations, max_dim)?));
+        let plan = self.plan_encoded(x, y, statistics, num_tokens)?;
+        let mut state = self.training_state()?;
+        state.has_gradients = false;
+        let previous = state.record.take().map(|record| record.workspace);
+        let workspace = self.fitted(previous, &plan);
+        let recorded = self.encode_forward_in(encoder, &workspace, &plan, x, y, statistics);
+        state.record = Some(TrainingRecord { workspace, plan });
+        recorded
+    }
+
+    /// [`MoeLayer::backward`] recorded into the caller's encoder after an encoded (or host)
+    /// training forward: `dy` (`[T, D]` f32, `COPY_SRC`) in, `x`'s gradient to `dx`
+    /// (`COPY_DST`); the weights' gradients stay on the device for
+    /// [`MoeLayer::encode_step`]. Nothing is read back.
+    pub fn encode_backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+        coefficients: LossCoefficients,
+    ) -> Result<()> {
+        let training = self.training()?;
+        let mut state = self.training_state()?;
+        if let Some(plan) = state.record.as_ref().map(|record| record.plan) {
+            let bytes = (plan.num_tokens * self.shape.d_model * 4) as u64;
+            if let Some(error) = too_small("dx", dx, bytes) {
+                return Err(error);
+            }
         }
-        if let Some(groups) = rebound {
-            scratch.bound = Some((workspace.id, groups));
-        }
-        let groups = scratch
-            .bound
-            .as_ref()
-            .map_or(&[][..], |(_, g)| g.as_slice());
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("moe backward"),
-            timestamp_writes: None,
-        });
-        for ((kernel, grid), bind_group) in dispatches.into_iter().zip(groups) {
-            dispatch(&mut pass, kernel, bind_group, grid);
-        }
+        let (scratch, values) = self.record_backward(
+            training,
+            &mut state,
+            encoder,
+            DyFrom::Buffer(dy),
+            coefficients,
+        )?;
+        encoder.copy_buffer_to_buffer(&scratch.dx, 0, dx, 0, (values * 4) as u64);
+        state.scratch = Some(scratch);
+        state.has_gradients = true;
         Ok(())
     }
 }

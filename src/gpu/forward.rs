@@ -463,7 +463,10 @@ pub(super) fn encode_writes(
     label: &str,
     writes: &[(&wgpu::Buffer, &[u8])],
 ) {
-    let contents: Vec<u8> = writes.iter().flat_map(|(_, bytes)| bytes.iter().copied()).collect();
+    let contents: Vec<u8> = writes
+        .iter()
+        .flat_map(|(_, bytes)| bytes.iter().copied())
+        .collect();
     let staging = wgpu::util::DeviceExt::create_buffer_init(
         device,
         &wgpu::util::BufferInitDescriptor {

@@ -1,6 +1,7 @@
 //! The GPU side: device context, kernels, buffers and the layer that runs them.
 
 mod backward;
+mod backward_passes;
 pub mod buffers;
 mod chunks;
 pub mod context;

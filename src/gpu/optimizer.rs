@@ -5,7 +5,7 @@
 
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{storage_buffer, uniform_buffer};
-use crate::gpu::forward::{dispatch, read_mapped};
+use crate::gpu::forward::{dispatch, encode_writes, read_mapped};
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::Training;
 use crate::gpu::params::OptimizerParams;
@@ -184,65 +184,90 @@ impl MoeLayer {
     /// [`MoeLayer::step`] without blocking on the host (the work is submitted; the next
     /// forward runs after it).
     pub async fn step_async(&self, optimizer: &Optimizer) -> Result<()> {
-        optimizer.check()?;
-        let training = self.training()?;
         // The lock is held while encoding, not while waiting.
         let scope = {
-            let mut state = self.training_state()?;
-            if !state.has_gradients {
-                return Err(MoeError::Training {
-                    message: "an optimizer step needs a backward first".to_string(),
-                });
-            }
-            let count = training.layout.total;
-            let device = &self.device;
-            // AdamW keeps two moments per parameter; SGD none (4-byte stand-ins for the
-            // bindings). Switching to AdamW starts its moments and step count afresh.
-            let floats = match optimizer {
-                Optimizer::AdamW { .. } => count,
-                Optimizer::Sgd { .. } => 1,
-            };
-            if state
-                .optimizer
-                .as_ref()
-                .is_some_and(|m| m.first_moments.size() < floats as u64 * 4)
-            {
-                state.optimizer = None;
-            }
-            let moments = state
-                .optimizer
-                .get_or_insert_with(|| OptimizerState::new(self, training, floats));
-            if matches!(optimizer, Optimizer::AdamW { .. }) {
-                moments.adam_w_steps += 1;
-            }
-            let params = optimizer.params(moments.adam_w_steps, count);
-            self.queue
-                .write_buffer(&moments.params, 0, bytemuck::bytes_of(&params));
-            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("optimizer step"),
-            });
-            let max_dim = self.limits.max_compute_workgroups_per_dimension;
-            let k = &training.kernels;
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("optimizer step"),
-                    timestamp_writes: None,
                 });
-                let grid = grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim)?;
-                dispatch(&mut pass, &k.optimizer_step, &moments.bind_group, grid);
+            let recorded = self.encode_step(&mut encoder, optimizer);
+            if recorded.is_ok() {
+                self.queue.submit([encoder.finish()]);
             }
-            training
-                .refresh
-                .encode(&mut encoder, &training.kernels, &training.parameters);
-            self.queue.submit([encoder.finish()]);
+            let scope = scope.pop();
+            recorded?;
             scope
         };
-        if let Some(error) = scope.pop().await {
+        if let Some(error) = scope.await {
             return Err(MoeError::Device {
                 message: format!("optimizer step failed: {error}"),
             });
         }
+        Ok(())
+    }
+
+    /// [`MoeLayer::step`] recorded into the caller's encoder (after an encoded or host
+    /// backward): its Params travel inside the command stream, so it runs in the order
+    /// the caller submits.
+    pub fn encode_step(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        optimizer: &Optimizer,
+    ) -> Result<()> {
+        optimizer.check()?;
+        let training = self.training()?;
+        let mut state = self.training_state()?;
+        if !state.has_gradients {
+            return Err(MoeError::Training {
+                message: "an optimizer step needs a backward first".to_string(),
+            });
+        }
+        let count = training.layout.total;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let grid = grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim)?;
+        // AdamW keeps two moments per parameter; SGD none (4-byte stand-ins for the
+        // bindings). Switching to AdamW starts its moments and step count afresh.
+        let floats = match optimizer {
+            Optimizer::AdamW { .. } => count,
+            Optimizer::Sgd { .. } => 1,
+        };
+        if state
+            .optimizer
+            .as_ref()
+            .is_some_and(|m| m.first_moments.size() < floats as u64 * 4)
+        {
+            state.optimizer = None;
+        }
+        let moments = state
+            .optimizer
+            .get_or_insert_with(|| OptimizerState::new(self, training, floats));
+        if matches!(optimizer, Optimizer::AdamW { .. }) {
+            moments.adam_w_steps += 1;
+        }
+        let params = optimizer.params(moments.adam_w_steps, count);
+        encode_writes(
+            &self.device,
+            encoder,
+            "optimizer params",
+            &[(&moments.params, bytemuck::bytes_of(&params))],
+        );
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("optimizer step"),
+                timestamp_writes: None,
+            });
+            dispatch(
+                &mut pass,
+                &training.kernels.optimizer_step,
+                &moments.bind_group,
+                grid,
+            );
+        }
+        training
+            .refresh
+            .encode(encoder, &training.kernels, &training.parameters);
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use crate::cpu_backward::Gradients;
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
-use crate::gpu::backward::BackwardScratch;
+use crate::gpu::backward_passes::BackwardScratch;
 use crate::gpu::buffers::{storage_buffer, GpuWeights};
 use crate::gpu::kernels::TrainingKernels;
 use crate::gpu::params::BackwardParams;

@@ -231,3 +231,42 @@ pub fn router_logit_magnitude(weights: &MoeWeights, x: &[f32]) -> f64 {
     }
     largest
 }
+
+/// The words of a caller's buffer (it needs `COPY_SRC`), read back blocking.
+pub fn read_words(context: &switch_moe::GpuContext, buffer: &wgpu::Buffer) -> Vec<u32> {
+    let staging = context.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test read-back"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = context.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    context.queue.submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |result| result.unwrap());
+    context
+        .device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .unwrap();
+    let words = bytemuck::pod_collect_to_vec(&staging.slice(..).get_mapped_range().unwrap()[..]);
+    staging.unmap();
+    words
+}
+
+/// A caller's buffer holding `values`.
+pub fn buffer_with(
+    context: &switch_moe::GpuContext,
+    values: &[f32],
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    wgpu::util::DeviceExt::create_buffer_init(
+        &context.device,
+        &wgpu::util::BufferInitDescriptor {
+            label: Some("caller buffer"),
+            contents: bytemuck::cast_slice(values),
+            usage,
+        },
+    )
+}
