@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod cpu_backward;
+pub mod cpu_backward_kernels;
 pub mod cpu_reference;
 pub mod error;
 pub mod formats;

@@ -16,11 +16,43 @@
 use crate::cpu_backward::{Gradients, LossCoefficients};
 use crate::error::{MoeError, Result};
 use crate::gpu::backward_passes::{BackwardScratch, DyFrom};
-use crate::gpu::forward::{read_mapped, too_small};
+use crate::gpu::buffers::padded_to_vec4;
+use crate::gpu::forward::{read_mapped, split_words, too_small};
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::{Training, TrainingRecord, TrainingState};
 use crate::gpu::readback::Wait;
 use crate::output::{num_tokens_of, MoeOutput};
+
+/// The buffers one backward read and wrote, read back for tests and debugging (slots:
+/// the training forward's slot bound; only kept slots hold meaningful values).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackwardTrace {
+    /// Of the training forward: `[T, N]` router logits.
+    pub logits: Vec<f32>,
+    /// `[T, k]`: the slot of every assignment, or `u32::MAX` if dropped.
+    pub assignment_slot: Vec<u32>,
+    /// `[slots]`: the token of every slot.
+    pub slot_token: Vec<u32>,
+    /// counts [N] | kept [N] | tile_start [N + 1] | n_dropped | tile_expert [tiles].
+    pub expert_table: Vec<u32>,
+    /// Rows of a matmul tile: expert e's slots are `tile_start[e]·row_tile + [0, kept[e])`.
+    pub row_tile: usize,
+    /// `[slots, F]`: the expert hidden rows H.
+    pub hidden: Vec<f32>,
+    /// `[slots, D]`: the expert outputs O (before the gate).
+    pub expert_out: Vec<f32>,
+    /// Of the backward: `[T, N]` dL/dh of the logits (gate_backward).
+    pub d_logits: Vec<f32>,
+    /// `[slots]`: each kept slot's gate scale s (dO = s·dy).
+    pub slot_scale: Vec<f32>,
+    /// `[T]`: π of a token that passed through, else 0.
+    pub pass_scale: Vec<f32>,
+    /// `[slots, F]`: dA (expert_hidden_backward), and dV when gated.
+    pub d_a: Vec<f32>,
+    pub d_v: Option<Vec<f32>>,
+    /// `[slots, D]`: each slot's input gradient (expert_input_backward).
+    pub d_x_slot: Vec<f32>,
+}
 
 impl MoeLayer {
     pub(super) fn training(&self) -> Result<&Training> {
@@ -107,16 +139,43 @@ impl MoeLayer {
         self.backward_with(dy, coefficients, Wait::Yield).await
     }
 
+    /// Like [`MoeLayer::backward`], also reading back the backward's intermediate buffers
+    /// and the training forward's tables they used.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward_with_trace(
+        &self,
+        dy: &[f32],
+        coefficients: LossCoefficients,
+    ) -> Result<(Gradients, BackwardTrace)> {
+        let (gradients, trace) =
+            pollster::block_on(self.run_backward(dy, coefficients, true, Wait::Block))?;
+        let trace = trace.ok_or_else(|| MoeError::Device {
+            message: "trace requested but not read back".to_string(),
+        })?;
+        Ok((gradients, trace))
+    }
+
     async fn backward_with(
         &self,
         dy: &[f32],
         coefficients: LossCoefficients,
         wait: Wait,
     ) -> Result<Gradients> {
+        Ok(self.run_backward(dy, coefficients, false, wait).await?.0)
+    }
+
+    async fn run_backward(
+        &self,
+        dy: &[f32],
+        coefficients: LossCoefficients,
+        with_trace: bool,
+        wait: Wait,
+    ) -> Result<(Gradients, Option<BackwardTrace>)> {
         let training = self.training()?;
+        let words = training.layout.total;
         // The lock is held while encoding, not while the GPU works: the submitted commands
         // keep their buffers.
-        let (scratch, validation, values) = {
+        let (scratch, staging, validation, plan, lengths, total) = {
             let mut state = self.training_state()?;
             let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
             let mut encoder = self
@@ -131,33 +190,93 @@ impl MoeLayer {
                 DyFrom::Host(dy),
                 coefficients,
             );
+            let (scratch, values) = match recorded {
+                Ok(recorded) => recorded,
+                Err(error) => {
+                    drop(validation_scope.pop());
+                    return Err(error);
+                }
+            };
+            let mut sources = vec![(&scratch.dx, values), (&training.gradients, words)];
+            let record = state.record.as_ref();
+            let plan = record.map(|r| r.plan);
+            if let (true, Some(record), Some(plan)) = (with_trace, record, plan) {
+                let w = &record.workspace.scratch;
+                let n = self.shape.num_experts;
+                let (t, slots) = (plan.num_tokens, plan.max_slots());
+                let (d, f4) = (self.shape.d_model, padded_to_vec4(self.shape.d_ff));
+                let f = self.shape.d_ff;
+                let gated = if self.config.gated { slots * f } else { 0 };
+                sources.extend([
+                    (&w.logits, t * n),
+                    (&w.assignment_slot, plan.num_assignments()),
+                    (&w.slot_token, slots),
+                    (&w.expert_table, plan.expert_table_len()),
+                    (&w.hidden, slots * f4),
+                    (&w.expert_out, slots * d),
+                    (&scratch.d_logits, t * n),
+                    (&scratch.slot_scale, slots),
+                    (&scratch.pass_scale, t),
+                    (&scratch.d_a, slots * f),
+                    (&scratch.d_v, gated),
+                    (&scratch.d_x_slot, slots * d),
+                ]);
+            }
+            let lengths: Vec<usize> = sources.iter().map(|(_, words)| *words).collect();
+            let all: usize = lengths.iter().sum();
+            let staging = with_trace.then(|| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("backward trace readback"),
+                    size: (all.max(1) * 4) as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            });
+            let target = staging.as_ref().unwrap_or(&scratch.readback);
+            let total = self.copy_and_submit(encoder, target, &sources);
+            // Popped after the read-back copies, so that their errors are caught too.
             let validation = validation_scope.pop();
-            let (scratch, values) = recorded?;
-            let dx_bytes = (values * 4) as u64;
-            encoder.copy_buffer_to_buffer(&scratch.dx, 0, &scratch.readback, 0, dx_bytes);
-            encoder.copy_buffer_to_buffer(
-                &training.gradients,
-                0,
-                &scratch.readback,
-                dx_bytes,
-                training.layout.bytes(),
-            );
-            self.queue.submit([encoder.finish()]);
-            (scratch, validation, values)
+            drop(sources);
+            (scratch, staging, validation, plan, lengths, total)
         };
-        let total = (values * 4) as u64 + training.layout.bytes();
-        let words = read_mapped(&self.device, &scratch.readback, total, wait).await;
+        let target = staging.as_ref().unwrap_or(&scratch.readback);
+        let read = read_mapped(&self.device, target, total, wait).await;
         if let Some(error) = validation.await {
             return Err(MoeError::Device {
                 message: format!("backward failed: {error}"),
             });
         }
-        let floats: Vec<f32> = bytemuck::cast_slice(&words?).to_vec();
-        let (dx, flat) = floats.split_at(values);
+        let read = read?;
+        let parts = split_words(&read, &lengths);
+        let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
+        let gradients = training
+            .layout
+            .gradients(&floats(parts[1]), floats(parts[0]));
+        let trace = match (with_trace, plan) {
+            (true, Some(plan)) => Some(BackwardTrace {
+                logits: floats(parts[2]),
+                assignment_slot: parts[3].to_vec(),
+                slot_token: parts[4].to_vec(),
+                expert_table: parts[5].to_vec(),
+                row_tile: plan.tiling.row_tile(),
+                hidden: floats(parts[6])
+                    .chunks(padded_to_vec4(self.shape.d_ff).max(1))
+                    .flat_map(|row| row[..self.shape.d_ff].to_vec())
+                    .collect(),
+                expert_out: floats(parts[7]),
+                d_logits: floats(parts[8]),
+                slot_scale: floats(parts[9]),
+                pass_scale: floats(parts[10]),
+                d_a: floats(parts[11]),
+                d_v: self.config.gated.then(|| floats(parts[12])),
+                d_x_slot: floats(parts[13]),
+            }),
+            _ => None,
+        };
         let mut state = self.training_state()?;
         state.scratch = Some(scratch);
         state.has_gradients = true;
-        Ok(training.layout.gradients(flat, dx.to_vec()))
+        Ok((gradients, trace))
     }
 
     /// [`MoeLayer::forward_train`] recorded into the caller's encoder, like

@@ -20,12 +20,12 @@ pub(super) struct BackwardScratch {
     capacity: (usize, usize),
     dy: wgpu::Buffer,
     pub(super) dx: wgpu::Buffer,
-    d_logits: wgpu::Buffer,
-    slot_scale: wgpu::Buffer,
-    pass_scale: wgpu::Buffer,
-    d_a: wgpu::Buffer,
-    d_v: wgpu::Buffer,
-    d_x_slot: wgpu::Buffer,
+    pub(super) d_logits: wgpu::Buffer,
+    pub(super) slot_scale: wgpu::Buffer,
+    pub(super) pass_scale: wgpu::Buffer,
+    pub(super) d_a: wgpu::Buffer,
+    pub(super) d_v: wgpu::Buffer,
+    pub(super) d_x_slot: wgpu::Buffer,
     params: wgpu::Buffer,
     pub(super) readback: wgpu::Buffer,
     /// The seven bind groups and the id of the workspace they were built over (rebuilt
@@ -47,7 +47,8 @@ impl BackwardScratch {
             d_model: d,
             d_ff: f,
         } = shape;
-        let none = wgpu::BufferUsages::empty();
+        // COPY_SRC: a traced backward reads them back.
+        let traced = wgpu::BufferUsages::COPY_SRC;
         let buffer = |label: &str, floats: usize, usage| {
             storage_buffer(device, label, floats as u64 * 4, usage)
         };
@@ -55,12 +56,12 @@ impl BackwardScratch {
             capacity: (tokens, slots),
             dy: buffer("dy", tokens * d, wgpu::BufferUsages::COPY_DST),
             dx: buffer("dx", tokens * d, wgpu::BufferUsages::COPY_SRC),
-            d_logits: buffer("d_logits", tokens * n, none),
-            slot_scale: buffer("slot_scale", slots, none),
-            pass_scale: buffer("pass_scale", tokens, none),
-            d_a: buffer("d_a", slots * f, none),
-            d_v: buffer("d_v", if gated { slots * f } else { 1 }, none),
-            d_x_slot: buffer("d_x_slot", slots * d, none),
+            d_logits: buffer("d_logits", tokens * n, traced),
+            slot_scale: buffer("slot_scale", slots, traced),
+            pass_scale: buffer("pass_scale", tokens, traced),
+            d_a: buffer("d_a", slots * f, traced),
+            d_v: buffer("d_v", if gated { slots * f } else { 1 }, traced),
+            d_x_slot: buffer("d_x_slot", slots * d, traced),
             params: uniform_buffer(device, "backward params", &BackwardParams::default()),
             readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("backward readback"),

@@ -561,7 +561,7 @@ impl Scratch {
             sizes,
             x: buffer("x", sizes.x, copy_dst),
             x_rows: x_rows_texture(device, shape.d_model, sizes.tokens),
-            logits: buffer("logits", sizes.logits, none),
+            logits: buffer("logits", sizes.logits, copy_src),
             routes: buffer("routes", sizes.assignments, copy_src),
             gates: buffer("gates", sizes.assignments, copy_src),
             route_prob_max: buffer("route_prob_max", sizes.tokens, copy_src),

@@ -192,7 +192,8 @@ impl MoeLayer {
             });
         }
         let words = words?;
-        let parts = split_words(&words, &sources);
+        let lengths: Vec<usize> = sources.iter().map(|(_, length)| *length).collect();
+        let parts = split_words(&words, &lengths);
         let (y, routes, gates, route_prob_max) = (parts[0], parts[1], parts[2], parts[3]);
         let (table, stats, flags, ticks) = (parts[4], parts[5], parts[6], parts[7]);
         let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
@@ -495,15 +496,12 @@ pub(super) fn dispatch(
     pass.dispatch_workgroups(grid.0, grid.1, 1);
 }
 
-/// Splits `words` into consecutive pieces of the sources' lengths.
-pub(super) fn split_words<'a>(
-    words: &'a [u32],
-    sources: &[(&wgpu::Buffer, usize)],
-) -> Vec<&'a [u32]> {
+/// Splits `words` into consecutive pieces of `lengths`.
+pub(super) fn split_words<'a>(words: &'a [u32], lengths: &[usize]) -> Vec<&'a [u32]> {
     let mut rest = words;
-    sources
+    lengths
         .iter()
-        .map(|(_, length)| {
+        .map(|length| {
             let (head, tail) = rest.split_at((*length).min(rest.len()));
             rest = tail;
             head

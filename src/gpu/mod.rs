@@ -18,6 +18,7 @@ pub mod shaders;
 pub mod weight_textures;
 mod workspace;
 
+pub use backward::BackwardTrace;
 pub use context::{AdapterSummary, GpuContext};
 pub use forward::{ForwardTrace, StatisticsLayout};
 pub use layer::{LayerOptions, MoeLayer};

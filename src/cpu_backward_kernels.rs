@@ -1,0 +1,344 @@
+//! The CPU twins of the backward's kernels, one function per shader of the same name, in
+//! f32 with each sum in the shader's order: they take the tables and buffers a kernel
+//! reads (a traced backward's, in tests) and return what it writes, so each kernel is
+//! judged alone. `cpu_backward::backward` is the reference of the whole (in f64).
+
+// Index loops over several arrays at once read like the shaders they mirror.
+#![allow(clippy::needless_range_loop)]
+
+use crate::config::{DropPolicy, MoeConfig};
+use crate::cpu_backward::{activation_derivative, LossCoefficients};
+use crate::cpu_reference::activate;
+use crate::weights::{LayerShape, MoeWeights};
+
+/// A slot's mark in `assignment_slot` when its assignment was dropped.
+const DROPPED: u32 = u32::MAX;
+
+/// The training forward's slot tables: which expert and token each slot holds.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotTables<'a> {
+    pub num_experts: usize,
+    /// `[slots]`.
+    pub slot_token: &'a [u32],
+    /// counts [N] | kept [N] | tile_start [N + 1] | n_dropped | tile_expert [tiles].
+    pub expert_table: &'a [u32],
+    pub row_tile: usize,
+}
+
+impl SlotTables<'_> {
+    /// Expert `e`'s kept slots.
+    pub fn expert_slots(&self, e: usize) -> std::ops::Range<usize> {
+        let n = self.num_experts;
+        let first = self.expert_table[2 * n + e] as usize * self.row_tile;
+        first..first + self.expert_table[n + e] as usize
+    }
+
+    /// The expert owning `slot`, or `None` for a padding slot (backward_slots.wgsl).
+    pub fn slot_expert(&self, slot: usize) -> Option<usize> {
+        let n = self.num_experts;
+        let tile = slot / self.row_tile;
+        if tile >= self.expert_table[3 * n] as usize {
+            return None;
+        }
+        let e = self.expert_table[3 * n + 2 + tile] as usize;
+        self.expert_slots(e).contains(&slot).then_some(e)
+    }
+}
+
+/// What gate_backward writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GateGradients {
+    /// `[T, N]`: dL/dh of the router logits.
+    pub d_logits: Vec<f32>,
+    /// `[slots]`: each kept slot's gate scale (0 where no kept assignment wrote one).
+    pub slot_scale: Vec<f32>,
+    /// `[T]`: π of a token that passed through, else 0.
+    pub pass_scale: Vec<f32>,
+}
+
+/// gate_backward.wgsl: per token, dL/dh from the gates, pass-through, aux and z losses.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_backward(
+    config: &MoeConfig,
+    coefficients: LossCoefficients,
+    (x, dy): (&[f32], &[f32]),
+    logits: &[f32],
+    (routes, gates): (&[u32], &[f32]),
+    assignment_slot: &[u32],
+    expert_out: &[f32],
+    counts: &[u32],
+    (d_model, num_slots): (usize, usize),
+) -> GateGradients {
+    let n = counts.len();
+    let k = config.top_k;
+    let num_tokens = x.len() / d_model;
+    let tokens = num_tokens as f32;
+    let mut out = GateGradients {
+        d_logits: vec![0.0; num_tokens * n],
+        slot_scale: vec![0.0; num_slots],
+        pass_scale: vec![0.0; num_tokens],
+    };
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0.0f32, |s, (p, q)| s + p * q);
+    for token in 0..num_tokens {
+        let row = &logits[token * n..(token + 1) * n];
+        let dy_row = &dy[token * d_model..(token + 1) * d_model];
+        let max_logit = row[1..].iter().fold(row[0], |m, &v| m.max(v));
+        let sum = row.iter().fold(0.0f32, |s, &h| s + (h - max_logit).exp());
+        let lse = max_logit + sum.ln();
+        let p = |e: usize| (row[e] - max_logit).exp() / sum;
+        let dp = &mut out.d_logits[token * n..(token + 1) * n];
+        let aux_scale = coefficients.aux * n as f32 / (tokens * tokens);
+        for e in 0..n {
+            dp[e] = aux_scale * counts[e] as f32;
+        }
+        let choices = &routes[token * k..(token + 1) * k];
+        let q_total = choices.iter().fold(0.0f32, |s, &e| s + p(e as usize));
+        let inverse_total = if config.normalize_top_k {
+            1.0 / q_total
+        } else {
+            1.0
+        };
+        let mut weighted = 0.0f32;
+        let mut any_kept = false;
+        for j in 0..k {
+            let slot = assignment_slot[token * k + j];
+            if slot == DROPPED {
+                continue;
+            }
+            any_kept = true;
+            let slot = slot as usize;
+            let gate = gates[token * k + j];
+            let e = choices[j] as usize;
+            let g_dot = dot(dy_row, &expert_out[slot * d_model..(slot + 1) * d_model]);
+            let dg = if config.scale_by_prob {
+                g_dot
+            } else {
+                g_dot / gate
+            };
+            out.slot_scale[slot] = if config.scale_by_prob { gate } else { 1.0 };
+            dp[e] += dg * inverse_total;
+            weighted += dg * p(e);
+        }
+        if config.normalize_top_k {
+            let shift = weighted * inverse_total * inverse_total;
+            for &e in choices {
+                dp[e as usize] -= shift;
+            }
+        }
+        if !any_kept && config.drop_policy == DropPolicy::PassThrough {
+            let e0 = choices[0] as usize;
+            let q0 = p(e0);
+            out.pass_scale[token] = if config.scale_by_prob { q0 } else { 1.0 };
+            let g_dot = dot(dy_row, &x[token * d_model..(token + 1) * d_model]);
+            dp[e0] += if config.scale_by_prob {
+                g_dot
+            } else {
+                g_dot / q0
+            };
+        }
+        let mean = (0..n).fold(0.0f32, |s, e| s + p(e) * dp[e]);
+        let z_scale = coefficients.z * 2.0 * lse / tokens;
+        for e in 0..n {
+            dp[e] = p(e) * (dp[e] - mean) + z_scale * p(e);
+        }
+    }
+    out
+}
+
+/// f32 expert matrices in place (training weights are f32).
+fn values(m: &crate::formats::ExpertMatrices) -> &[f32] {
+    m.f32_values().unwrap_or_default()
+}
+
+/// expert_hidden_backward.wgsl: dA (and dV) per kept slot, pre-activations recomputed.
+pub fn expert_hidden_backward(
+    config: &MoeConfig,
+    weights: &MoeWeights,
+    tables: SlotTables<'_>,
+    (x, dy): (&[f32], &[f32]),
+    slot_scale: &[f32],
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let LayerShape {
+        d_model: d,
+        d_ff: f,
+        ..
+    } = weights.shape;
+    let slots = tables.slot_token.len();
+    let mut d_a = vec![0.0f32; slots * f];
+    let mut d_v = weights.w3.as_ref().map(|_| vec![0.0f32; slots * f]);
+    let (w1, w2) = (values(&weights.w1), values(&weights.w2));
+    let w3 = weights.w3.as_ref().map(values);
+    let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map(|b| b[i]);
+    for slot in 0..slots {
+        let Some(e) = tables.slot_expert(slot) else {
+            continue;
+        };
+        let token = tables.slot_token[slot] as usize;
+        let x_row = &x[token * d..(token + 1) * d];
+        for unit in 0..f {
+            let mut dh = 0.0f32;
+            for dd in 0..d {
+                dh += dy[token * d + dd] * w2[(e * d + dd) * f + unit];
+            }
+            dh *= slot_scale[slot];
+            let pre = |w: &[f32], b: Option<f32>| {
+                let row = &w[(e * f + unit) * d..(e * f + unit + 1) * d];
+                let sum = x_row.iter().zip(row).fold(0.0f32, |s, (p, q)| s + p * q);
+                b.map_or(sum, |b| sum + b)
+            };
+            let a = pre(w1, bias(&weights.b1, e * f + unit));
+            let slope = activation_derivative(config.activation, a);
+            match (&mut d_v, w3) {
+                (Some(d_v), Some(w3)) => {
+                    let v = pre(w3, bias(&weights.b3, e * f + unit));
+                    d_a[slot * f + unit] = dh * v * slope;
+                    d_v[slot * f + unit] = dh * activate(config.activation, a);
+                }
+                _ => d_a[slot * f + unit] = dh * slope,
+            }
+        }
+    }
+    (d_a, d_v)
+}
+
+/// expert_down_backward.wgsl: dW2 `[N, D, F]` and db2 `[N, D]` over each expert's slots.
+pub fn expert_down_backward(
+    shape: LayerShape,
+    tables: SlotTables<'_>,
+    dy: &[f32],
+    slot_scale: &[f32],
+    hidden: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = shape;
+    let (mut dw2, mut db2) = (vec![0.0f32; n * d * f], vec![0.0f32; n * d]);
+    for e in 0..n {
+        for slot in tables.expert_slots(e) {
+            let token = tables.slot_token[slot] as usize;
+            for dd in 0..d {
+                let d_out = slot_scale[slot] * dy[token * d + dd];
+                db2[e * d + dd] += d_out;
+                for unit in 0..f {
+                    dw2[(e * d + dd) * f + unit] += d_out * hidden[slot * f + unit];
+                }
+            }
+        }
+    }
+    (dw2, db2)
+}
+
+/// expert_up_backward.wgsl: (dW, db) of the up-projection whose pre-activation gradient
+/// is `d_pre` (dA for W1, dV for W3): dW `[N, F, D]`, db `[N, F]`.
+pub fn expert_up_backward(
+    shape: LayerShape,
+    tables: SlotTables<'_>,
+    x: &[f32],
+    d_pre: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = shape;
+    let (mut dw, mut db) = (vec![0.0f32; n * f * d], vec![0.0f32; n * f]);
+    for e in 0..n {
+        for slot in tables.expert_slots(e) {
+            let token = tables.slot_token[slot] as usize;
+            for unit in 0..f {
+                let g = d_pre[slot * f + unit];
+                db[e * f + unit] += g;
+                for dd in 0..d {
+                    dw[(e * f + unit) * d + dd] += g * x[token * d + dd];
+                }
+            }
+        }
+    }
+    (dw, db)
+}
+
+/// expert_input_backward.wgsl: each kept slot's input gradient `[slots, D]`.
+pub fn expert_input_backward(
+    weights: &MoeWeights,
+    tables: SlotTables<'_>,
+    d_a: &[f32],
+    d_v: Option<&[f32]>,
+) -> Vec<f32> {
+    let LayerShape {
+        d_model: d,
+        d_ff: f,
+        ..
+    } = weights.shape;
+    let slots = tables.slot_token.len();
+    let mut out = vec![0.0f32; slots * d];
+    let w1 = values(&weights.w1);
+    let w3 = weights.w3.as_ref().map(values);
+    for slot in 0..slots {
+        let Some(e) = tables.slot_expert(slot) else {
+            continue;
+        };
+        for dd in 0..d {
+            let mut sum = 0.0f32;
+            for unit in 0..f {
+                sum += d_a[slot * f + unit] * w1[(e * f + unit) * d + dd];
+            }
+            if let (Some(d_v), Some(w3)) = (d_v, w3) {
+                for unit in 0..f {
+                    sum += d_v[slot * f + unit] * w3[(e * f + unit) * d + dd];
+                }
+            }
+            out[slot * d + dd] = sum;
+        }
+    }
+    out
+}
+
+/// router_backward.wgsl: dWr `[N, D]` and dbr `[N]` over the tokens.
+pub fn router_backward(x: &[f32], d_logits: &[f32], n: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let num_tokens = x.len() / d;
+    let (mut dw, mut db) = (vec![0.0f32; n * d], vec![0.0f32; n]);
+    for t in 0..num_tokens {
+        for e in 0..n {
+            let dh = d_logits[t * n + e];
+            db[e] += dh;
+            for dd in 0..d {
+                dw[e * d + dd] += dh * x[t * d + dd];
+            }
+        }
+    }
+    (dw, db)
+}
+
+/// combine_backward.wgsl: dx `[T, D]` gathered per token — the router's term in expert
+/// order, the kept choices in choice order, then the pass-through.
+pub fn combine_backward(
+    router_weight: &[f32],
+    d_logits: &[f32],
+    (assignment_slot, top_k): (&[u32], usize),
+    d_x_slot: &[f32],
+    pass_scale: &[f32],
+    dy: &[f32],
+) -> Vec<f32> {
+    let num_tokens = pass_scale.len();
+    let d = dy.len() / num_tokens.max(1);
+    let n = router_weight.len() / d.max(1);
+    let mut dx = vec![0.0f32; num_tokens * d];
+    for t in 0..num_tokens {
+        for dd in 0..d {
+            let mut sum = 0.0f32;
+            for e in 0..n {
+                sum += router_weight[e * d + dd] * d_logits[t * n + e];
+            }
+            for j in 0..top_k {
+                let slot = assignment_slot[t * top_k + j];
+                if slot != DROPPED {
+                    sum += d_x_slot[slot as usize * d + dd];
+                }
+            }
+            dx[t * d + dd] = sum + pass_scale[t] * dy[t * d + dd];
+        }
+    }
+    dx
+}

@@ -1,0 +1,302 @@
+//! Each backward kernel against its CPU twin of the same name (`cpu_backward_kernels`),
+//! through the buffers of a traced backward: every twin is fed the GPU's own inputs (the
+//! training forward's tables, and the upstream kernels' outputs), so each kernel is judged
+//! alone. Linear kernels get element-wise bounds from the magnitudes of their terms (the
+//! twin run on absolute values: |error| ≤ (L + 2)·u·Σ|terms| for a sum of L products, for
+//! each side); the gate and hidden kernels, whose exp and activations WGSL computes to a
+//! few ulp, bounds relative to the largest value of their tensor.
+
+mod common;
+
+use common::*;
+use switch_moe::cpu_backward_kernels::{self as twins, SlotTables};
+use switch_moe::gpu::shaders::DROPPED;
+use switch_moe::rng::SeededRng;
+use switch_moe::{
+    Activation, DropPolicy, LayerOptions, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
+};
+
+fn abs(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|v| v.abs()).collect()
+}
+
+/// `|a − b| ≤ 2·(length + 2)·u·magnitude` element-wise.
+fn assert_sum_close(what: &str, gpu: &[f32], cpu: &[f32], magnitude: &[f32], length: usize) {
+    assert_close(what, gpu, cpu, |i| {
+        2.0 * (length + 2) as f64 * U * magnitude[i] as f64 + 1e-30
+    });
+}
+
+/// `|a − b| ≤ c·u·max|b|` over the tensor, at the elements `keep` selects.
+fn assert_norm_close(what: &str, gpu: &[f32], cpu: &[f32], c: f64, keep: impl Fn(usize) -> bool) {
+    let largest = cpu.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    let pick = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, v)| *v)
+            .collect::<Vec<_>>()
+    };
+    assert_close(what, &pick(gpu), &pick(cpu), |_| c * U * largest + 1e-30);
+}
+
+fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, seed: u64) {
+    let context = gpu();
+    let what = format!("N={n} D={d} F={f} T={t} {config:?}");
+    let weights = MoeWeights::random(shape(n, d, f), config.gated, true, seed);
+    let options = LayerOptions {
+        trainable: true,
+        ..LayerOptions::default()
+    };
+    let layer = MoeLayer::with_options(&context, config.clone(), &weights, options).unwrap();
+    let x = tokens(t, d, seed);
+    let dy = SeededRng::new(seed ^ 0xB0).normal_vec(t * d);
+    let coefficients = LossCoefficients {
+        aux: 0.02,
+        z: 0.003,
+    };
+    let output = layer.forward_train(&x, &[t, d]).unwrap();
+    let (gradients, trace) = layer.backward_with_trace(&dy, coefficients).unwrap();
+    let slots = trace.slot_token.len();
+    let tables = SlotTables {
+        num_experts: n,
+        slot_token: &trace.slot_token,
+        expert_table: &trace.expert_table,
+        row_tile: trace.row_tile,
+    };
+    let kept_slot = |slot: usize| tables.slot_expert(slot).is_some();
+    let k = config.top_k;
+
+    // gate_backward
+    let gate = twins::gate_backward(
+        config,
+        coefficients,
+        (&x, &dy),
+        &trace.logits,
+        (&output.routes, &output.gates),
+        &trace.assignment_slot,
+        &trace.expert_out,
+        &output.counts,
+        (d, slots),
+    );
+    assert_norm_close(
+        &format!("{what}: gate_backward d_logits"),
+        &trace.d_logits,
+        &gate.d_logits,
+        64.0 * (d + n + k) as f64,
+        |_| true,
+    );
+    for slot in (0..slots).filter(|&s| kept_slot(s)) {
+        assert_eq!(
+            trace.slot_scale[slot], gate.slot_scale[slot],
+            "{what}: gate_backward slot_scale[{slot}]"
+        );
+    }
+    assert_close(
+        &format!("{what}: gate_backward pass_scale"),
+        &trace.pass_scale,
+        &gate.pass_scale,
+        |i| GATE_RELATIVE * gate.pass_scale[i] as f64,
+    );
+
+    // expert_hidden_backward (fed the GPU's slot scales)
+    let (d_a, d_v) =
+        twins::expert_hidden_backward(config, &weights, tables, (&x, &dy), &trace.slot_scale);
+    let keep = |i: usize| kept_slot(i / f);
+    assert_norm_close(
+        &format!("{what}: expert_hidden_backward dA"),
+        &trace.d_a,
+        &d_a,
+        32.0 * (d + 4) as f64,
+        keep,
+    );
+    if let (Some(gpu), Some(cpu)) = (&trace.d_v, &d_v) {
+        assert_norm_close(
+            &format!("{what}: expert_hidden_backward dV"),
+            gpu,
+            cpu,
+            32.0 * (d + 4) as f64,
+            keep,
+        );
+    }
+
+    // expert_down_backward (fed the GPU's hidden rows and scales)
+    let layer_shape = shape(n, d, f);
+    let (dw2, db2) =
+        twins::expert_down_backward(layer_shape, tables, &dy, &trace.slot_scale, &trace.hidden);
+    let (dw2_abs, db2_abs) = twins::expert_down_backward(
+        layer_shape,
+        tables,
+        &abs(&dy),
+        &abs(&trace.slot_scale),
+        &abs(&trace.hidden),
+    );
+    let rows = t * k;
+    assert_sum_close(
+        &format!("{what}: expert_down_backward dW2"),
+        &gradients.w2,
+        &dw2,
+        &dw2_abs,
+        rows,
+    );
+    assert_sum_close(
+        &format!("{what}: expert_down_backward db2"),
+        gradients.b2.as_ref().unwrap(),
+        &db2,
+        &db2_abs,
+        rows,
+    );
+
+    // expert_up_backward (fed the GPU's dA and dV)
+    let (dw1, db1) = twins::expert_up_backward(layer_shape, tables, &x, &trace.d_a);
+    let (dw1_abs, db1_abs) =
+        twins::expert_up_backward(layer_shape, tables, &abs(&x), &abs(&trace.d_a));
+    assert_sum_close(
+        &format!("{what}: expert_up_backward dW1"),
+        &gradients.w1,
+        &dw1,
+        &dw1_abs,
+        rows,
+    );
+    assert_sum_close(
+        &format!("{what}: expert_up_backward db1"),
+        gradients.b1.as_ref().unwrap(),
+        &db1,
+        &db1_abs,
+        rows,
+    );
+    if let Some(gpu_d_v) = &trace.d_v {
+        let (dw3, db3) = twins::expert_up_backward(layer_shape, tables, &x, gpu_d_v);
+        let (dw3_abs, db3_abs) =
+            twins::expert_up_backward(layer_shape, tables, &abs(&x), &abs(gpu_d_v));
+        assert_sum_close(
+            &format!("{what}: expert_up_backward dW3"),
+            gradients.w3.as_ref().unwrap(),
+            &dw3,
+            &dw3_abs,
+            rows,
+        );
+        assert_sum_close(
+            &format!("{what}: expert_up_backward db3"),
+            gradients.b3.as_ref().unwrap(),
+            &db3,
+            &db3_abs,
+            rows,
+        );
+    }
+
+    // expert_input_backward (fed the GPU's dA and dV)
+    let d_x_slot = twins::expert_input_backward(&weights, tables, &trace.d_a, trace.d_v.as_deref());
+    let d_x_slot_abs = twins::expert_input_backward(
+        &absolute(&weights),
+        tables,
+        &abs(&trace.d_a),
+        trace.d_v.as_deref().map(abs).as_deref(),
+    );
+    assert_sum_close(
+        &format!("{what}: expert_input_backward"),
+        &trace.d_x_slot,
+        &d_x_slot,
+        &d_x_slot_abs,
+        2 * f,
+    );
+
+    // router_backward (fed the GPU's d_logits)
+    let (dwr, dbr) = twins::router_backward(&x, &trace.d_logits, n, d);
+    let (dwr_abs, dbr_abs) = twins::router_backward(&abs(&x), &abs(&trace.d_logits), n, d);
+    assert_sum_close(
+        &format!("{what}: router_backward dWr"),
+        &gradients.router_weight,
+        &dwr,
+        &dwr_abs,
+        t,
+    );
+    assert_sum_close(
+        &format!("{what}: router_backward dbr"),
+        gradients.router_bias.as_ref().unwrap(),
+        &dbr,
+        &dbr_abs,
+        t,
+    );
+
+    // combine_backward (fed the GPU's d_logits, slot gradients and pass scales)
+    let dx = twins::combine_backward(
+        &weights.router_weight,
+        &trace.d_logits,
+        (&trace.assignment_slot, k),
+        &trace.d_x_slot,
+        &trace.pass_scale,
+        &dy,
+    );
+    let dx_abs = twins::combine_backward(
+        &abs(&weights.router_weight),
+        &abs(&trace.d_logits),
+        (&trace.assignment_slot, k),
+        &abs(&trace.d_x_slot),
+        &abs(&trace.pass_scale),
+        &abs(&dy),
+    );
+    assert_sum_close(
+        &format!("{what}: combine_backward"),
+        &gradients.x,
+        &dx,
+        &dx_abs,
+        n + k + 1,
+    );
+    // The trace is the run's: dropped assignments have no slot.
+    assert!(trace
+        .assignment_slot
+        .iter()
+        .zip(&output.routes)
+        .all(|(&slot, &e)| slot == DROPPED || (e as usize) < n));
+}
+
+#[test]
+fn every_backward_kernel_matches_its_cpu_twin() {
+    let cases: Vec<(MoeConfig, (usize, usize, usize), usize)> = vec![
+        (config(1), (4, 12, 20), 24),
+        (
+            MoeConfig {
+                activation: Activation::Gelu,
+                gated: true,
+                ..config(1)
+            },
+            (3, 9, 14),
+            17,
+        ),
+        (
+            MoeConfig {
+                activation: Activation::Silu,
+                gated: true,
+                normalize_top_k: true,
+                capacity_factor: 0.5,
+                ..config(2)
+            },
+            (5, 10, 7),
+            33,
+        ),
+        (
+            MoeConfig {
+                scale_by_prob: false,
+                capacity_factor: 0.6,
+                ..config(1)
+            },
+            (3, 8, 6),
+            21,
+        ),
+        (
+            MoeConfig {
+                activation: Activation::GeluTanh,
+                drop_policy: DropPolicy::Zero,
+                capacity_factor: 0.5,
+                ..config(3)
+            },
+            (6, 7, 9),
+            26,
+        ),
+        (config(1), (1, 5, 3), 1),
+    ];
+    for (i, (config, dims, t)) in cases.iter().enumerate() {
+        kernels_case(config, *dims, *t, 300 + i as u64);
+    }
+}
