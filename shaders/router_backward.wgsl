@@ -1,10 +1,13 @@
 // router_backward: the router's weight gradients from dL/dh (gate_backward):
 //   dWr[e, d] = Σ_t dh[t, e]·x[t, d],   dbr[e] = Σ_t dh[t, e]
-// each summed over the tokens in order: the same bits on every run. CPU twin: the router
-// sums of cpu_backward::backward.
+// each summed over the tokens in order: the same bits on every run. CPU twin:
+// cpu_backward_kernels::router_backward.
 //
-// Dispatch: one invocation per element of [N, D + 1] (d = D is the bias), workgroups of 64
-// in 2-D. Bindings: 0 params, 1 x [T, D], 2 d_logits [T, N], 3 gradients.
+// Dispatch: one invocation per block of 4 experts × 4 columns of D (the last column block
+// of each expert block holds the 4 biases), workgroups of 64 in 2-D. A block keeps its 16
+// sums in registers and loads 8 values per token for them (one per output, unblocked).
+// Loads past a tensor's edge feed only sums that are not written.
+// Bindings: 0 params, 1 x [T, D], 2 d_logits [T, N], 3 gradients.
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -20,28 +23,43 @@ fn main(
     let index = linear_index(workgroup_id, num_workgroups, lane);
     let n = params.num_experts;
     let d_model = params.d_model;
-    let columns = d_model + 1u;
-    if (index >= n * columns) {
+    let column_blocks = (d_model + 3u) / 4u + 1u;
+    if (index >= (n + 3u) / 4u * column_blocks) {
         return;
     }
-    let e = index / columns;
-    let d = index % columns;
-    let is_bias = d == d_model;
+    let e0 = index / column_blocks * 4u;
+    let d0 = index % column_blocks * 4u;
+    let is_bias = d0 >= d_model;
     if (is_bias && params.router_bias_at == ABSENT) {
         return;
     }
-    var sum = 0.0;
+    // acc[i][c]: expert e0 + i, column d0 + c (biases: component 0).
+    var acc = array<vec4<f32>, 4>();
     for (var t = 0u; t < params.num_tokens; t++) {
-        let dh = d_logits[t * n + e];
-        if (is_bias) {
-            sum += dh;
-        } else {
-            sum += dh * x[t * d_model + d];
+        let at = t * n + e0;
+        let dh = vec4(d_logits[at], d_logits[at + 1u], d_logits[at + 2u], d_logits[at + 3u]);
+        var xs = vec4(1.0, 0.0, 0.0, 0.0);
+        if (!is_bias) {
+            let row = t * d_model + d0;
+            xs = vec4(x[row], x[row + 1u], x[row + 2u], x[row + 3u]);
+        }
+        for (var i = 0u; i < 4u; i++) {
+            acc[i] += dh[i] * xs;
         }
     }
-    if (is_bias) {
-        gradients[params.router_bias_at + e] = sum;
-    } else {
-        gradients[params.router_weight_at + e * d_model + d] = sum;
+    for (var i = 0u; i < 4u; i++) {
+        let e = e0 + i;
+        if (e >= n) {
+            break;
+        }
+        if (is_bias) {
+            gradients[params.router_bias_at + e] = acc[i].x;
+            continue;
+        }
+        for (var c = 0u; c < 4u; c++) {
+            if (d0 + c < d_model) {
+                gradients[params.router_weight_at + e * d_model + d0 + c] = acc[i][c];
+            }
+        }
     }
 }

@@ -289,7 +289,7 @@ impl MoeLayer {
                     &w.hidden,
                     &training.gradients,
                 ],
-                n * d * (f + 1),
+                n * d.div_ceil(4) * (f.div_ceil(4) + 1),
             ),
             (
                 &k.expert_up_backward,
@@ -319,7 +319,7 @@ impl MoeLayer {
             (
                 &k.router_backward,
                 vec![&s.params, &w.x, &s.d_logits, &training.gradients],
-                n * (d + 1),
+                n.div_ceil(4) * (d.div_ceil(4) + 1),
             ),
             (
                 &k.combine_backward,
