@@ -302,7 +302,7 @@ impl MoeLayer {
                     &s.d_v,
                     &training.gradients,
                 ],
-                projections * n * f * (d + 1),
+                projections * n * f.div_ceil(4) * (d.div_ceil(4) + 1),
             ),
             (
                 &k.expert_input_backward,
