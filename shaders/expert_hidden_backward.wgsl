@@ -3,9 +3,13 @@
 //   dh  = s·dy[t]·W2[e][:, f]          (dO = s·dy[t], s from gate_backward)
 //   a   = x[t]·W1[e][f] + b1[e][f],    v = x[t]·W3[e][f] + b3[e][f] when gated
 //   dA  = dh·v·act′(a),                dV = dh·act(a)       (dA = dh·act′(a) ungated)
-// CPU twin: the expert part of cpu_backward::backward. Padding slots get zeros.
+// CPU twin: cpu_backward_kernels::expert_hidden_backward. Padding slots get zeros.
 //
-// Dispatch: one invocation per (slot, f) of the slot bound, workgroups of 64 in 2-D.
+// Dispatch: one invocation per block of 4 slots × 4 units of F, workgroups of 64 in 2-D.
+// The 4 slots of a block lie in one row tile, so one expert holds them all (a padding slot
+// computes from a clamped token and writes zeros). Per step along D a block loads 4 values
+// of dy and of x and 4 of each weight matrix for its 32 (48 gated) multiply-adds. Loads
+// past a tensor's edge feed only values that are not written.
 // Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 slot_token [slots], 4 expert_table,
 // 5 slot_scale [slots], 6 parameters, 7 d_a [slots, F], 8 d_v [slots, F] (gated).
 
@@ -19,17 +23,30 @@
 @group(0) @binding(7) var<storage, read_write> d_a: array<f32>;
 @group(0) @binding(8) var<storage, read_write> d_v: array<f32>;
 
-// x[token]·row `row` of the [rows, D] matrix at `at`, plus the bias at `bias_at` (if any).
-fn x_dot_row(token: u32, at: u32, row: u32, bias_at: u32) -> f32 {
+// Column d of rows f0 .. f0 + 4 of the [F, D] matrix at `at`.
+fn column4(at: u32, f0: u32, d: u32) -> vec4<f32> {
     let d_model = params.d_model;
-    var sum = 0.0;
-    for (var d = 0u; d < d_model; d++) {
-        sum += x[token * d_model + d] * parameters[at + row * d_model + d];
+    let base = at + f0 * d_model + d;
+    return vec4(parameters[base], parameters[base + d_model],
+        parameters[base + 2u * d_model], parameters[base + 3u * d_model]);
+}
+
+// Element d of the rows of `values` ([T, D]) of the four tokens.
+fn gather4(values_are_dy: bool, tokens: vec4<u32>, d: u32) -> vec4<f32> {
+    let at = tokens * params.d_model + vec4(d);
+    if (values_are_dy) {
+        return vec4(dy[at.x], dy[at.y], dy[at.z], dy[at.w]);
     }
-    if (bias_at != ABSENT) {
-        sum += parameters[bias_at + row];
+    return vec4(x[at.x], x[at.y], x[at.z], x[at.w]);
+}
+
+// The bias at `bias_at` (if any) of units f0 .. f0 + 4 of expert e.
+fn bias4(bias_at: u32, e: u32, f0: u32) -> vec4<f32> {
+    if (bias_at == ABSENT) {
+        return vec4(0.0);
     }
-    return sum;
+    let at = bias_at + e * params.d_ff + f0;
+    return vec4(parameters[at], parameters[at + 1u], parameters[at + 2u], parameters[at + 3u]);
 }
 
 @compute @workgroup_size(64)
@@ -40,39 +57,84 @@ fn main(
 ) {
     let index = linear_index(workgroup_id, num_workgroups, lane);
     let d_ff = params.d_ff;
-    if (index >= params.max_slots * d_ff) {
+    let unit_blocks = (d_ff + 3u) / 4u;
+    if (index >= params.max_slots / 4u * unit_blocks) {
         return;
     }
-    let slot = index / d_ff;
-    let f = index % d_ff;
+    let slot0 = index / unit_blocks * 4u;
+    let f0 = index % unit_blocks * 4u;
     let gated = params.gated != 0u;
-    let e = slot_expert(slot);
+    // The block's expert: its first slot's, or its tile's when that slot is padding.
+    var valid = vec4<bool>(false);
+    var e = ABSENT;
+    for (var i = 0u; i < 4u; i++) {
+        let owner = slot_expert(slot0 + i);
+        valid[i] = owner != ABSENT;
+        if (owner != ABSENT) {
+            e = owner;
+        }
+    }
     if (e == ABSENT) {
-        d_a[index] = 0.0;
-        if (gated) {
-            d_v[index] = 0.0;
+        for (var i = 0u; i < 4u; i++) {
+            for (var c = 0u; c < 4u; c++) {
+                if (f0 + c < d_ff) {
+                    d_a[(slot0 + i) * d_ff + f0 + c] = 0.0;
+                    if (gated) {
+                        d_v[(slot0 + i) * d_ff + f0 + c] = 0.0;
+                    }
+                }
+            }
         }
         return;
     }
-    let token = slot_token[slot];
+    let last_token = params.num_tokens - 1u;
+    let tokens = min(vec4(slot_token[slot0], slot_token[slot0 + 1u], slot_token[slot0 + 2u],
+        slot_token[slot0 + 3u]), vec4(last_token));
     let d_model = params.d_model;
+    let w1_at = params.w1_at + e * d_ff * d_model;
+    let w3_at = params.w3_at + e * d_ff * d_model;
+    let w2_at = params.w2_at + e * d_model * d_ff + f0;
 
-    // dh = s·Σ_d dy[t, d]·W2[e, d, f].
-    let w2_at = params.w2_at + e * d_model * d_ff + f;
-    var dh = 0.0;
+    // dh[i][c], a[i][c], v[i][c]: slot slot0 + i, unit f0 + c; sums along D in order.
+    var dh = array<vec4<f32>, 4>();
+    var a = array<vec4<f32>, 4>();
+    var v = array<vec4<f32>, 4>();
     for (var d = 0u; d < d_model; d++) {
-        dh += dy[token * d_model + d] * parameters[w2_at + d * d_ff];
+        let dys = gather4(true, tokens, d);
+        let xs = gather4(false, tokens, d);
+        let w2_row = w2_at + d * d_ff;
+        let w2 = vec4(parameters[w2_row], parameters[w2_row + 1u], parameters[w2_row + 2u],
+            parameters[w2_row + 3u]);
+        let w1 = column4(w1_at, f0, d);
+        for (var i = 0u; i < 4u; i++) {
+            dh[i] += dys[i] * w2;
+            a[i] += xs[i] * w1;
+        }
+        if (gated) {
+            let w3 = column4(w3_at, f0, d);
+            for (var i = 0u; i < 4u; i++) {
+                v[i] += xs[i] * w3;
+            }
+        }
     }
-    dh *= slot_scale[slot];
-
-    let b1_at = select(ABSENT, params.b1_at + e * d_ff, params.b1_at != ABSENT);
-    let a = x_dot_row(token, params.w1_at + e * d_ff * d_model, f, b1_at);
-    if (gated) {
-        let b3_at = select(ABSENT, params.b3_at + e * d_ff, params.b3_at != ABSENT);
-        let v = x_dot_row(token, params.w3_at + e * d_ff * d_model, f, b3_at);
-        d_a[index] = dh * v * activation_derivative(a);
-        d_v[index] = dh * activate(a);
-    } else {
-        d_a[index] = dh * activation_derivative(a);
+    let b1 = bias4(params.b1_at, e, f0);
+    let b3 = bias4(params.b3_at, e, f0);
+    for (var i = 0u; i < 4u; i++) {
+        let slot = slot0 + i;
+        let scale = select(0.0, slot_scale[slot], valid[i]);
+        for (var c = 0u; c < 4u; c++) {
+            if (f0 + c >= d_ff) {
+                break;
+            }
+            let at = slot * d_ff + f0 + c;
+            let grad_h = dh[i][c] * scale;
+            let pre = a[i][c] + b1[c];
+            if (gated) {
+                d_a[at] = grad_h * (v[i][c] + b3[c]) * activation_derivative(pre);
+                d_v[at] = grad_h * activate(pre);
+            } else {
+                d_a[at] = grad_h * activation_derivative(pre);
+            }
+        }
     }
 }

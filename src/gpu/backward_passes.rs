@@ -276,7 +276,7 @@ impl MoeLayer {
                     &s.d_a,
                     &s.d_v,
                 ],
-                slots * f,
+                slots / 4 * f.div_ceil(4),
             ),
             (
                 &k.expert_down_backward,
