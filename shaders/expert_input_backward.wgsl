@@ -1,10 +1,13 @@
 // expert_input_backward: per kept slot, the gradient of the expert's input row through the
 // transposed up-projections:
-//   dXslot[slot, d] = Σ_f dA[slot, f]·W1[e, f, d] (+ dV[slot, f]·W3[e, f, d] when gated)
-// in f order; combine_backward gathers the slots of each token. Padding slots get zeros.
-// CPU twin: the x terms of the expert part of cpu_backward::backward.
+//   dXslot[slot, d] = Σ_f dA[slot, f]·W1[e, f, d] (+ Σ_f dV[slot, f]·W3[e, f, d] when gated)
+// in f order, W1's terms before W3's; combine_backward gathers the slots of each token.
+// Padding slots get zeros. CPU twin: cpu_backward_kernels::expert_input_backward.
 //
-// Dispatch: one invocation per (slot, d) of the slot bound, workgroups of 64 in 2-D.
+// Dispatch: one invocation per block of 4 slots × 4 columns of D, workgroups of 64 in 2-D.
+// The 4 slots of a block lie in one row tile, so one expert holds them all. Per unit of F
+// a block loads 4 values of dA (dV) and 4 of the weight row for its 16 multiply-adds.
+// Loads past a tensor's edge feed only values that are not written.
 // Bindings: 0 params, 1 expert_table, 2 d_a [slots, F], 3 d_v [slots, F], 4 parameters,
 // 5 d_x_slot [slots, D].
 
@@ -15,6 +18,16 @@
 @group(0) @binding(4) var<storage, read> parameters: array<f32>;
 @group(0) @binding(5) var<storage, read_write> d_x_slot: array<f32>;
 
+// Unit f of the pre-activation gradients of slots slot0 .. slot0 + 4 (dV's or dA's).
+fn d_pre4(of_w3: bool, slot0: u32, f: u32) -> vec4<f32> {
+    let d_ff = params.d_ff;
+    let at = slot0 * d_ff + f;
+    if (of_w3) {
+        return vec4(d_v[at], d_v[at + d_ff], d_v[at + 2u * d_ff], d_v[at + 3u * d_ff]);
+    }
+    return vec4(d_a[at], d_a[at + d_ff], d_a[at + 2u * d_ff], d_a[at + 3u * d_ff]);
+}
+
 @compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
@@ -23,27 +36,45 @@ fn main(
 ) {
     let index = linear_index(workgroup_id, num_workgroups, lane);
     let d_model = params.d_model;
-    if (index >= params.max_slots * d_model) {
+    let column_blocks = (d_model + 3u) / 4u;
+    if (index >= params.max_slots / 4u * column_blocks) {
         return;
     }
-    let slot = index / d_model;
-    let d = index % d_model;
-    let e = slot_expert(slot);
-    if (e == ABSENT) {
-        d_x_slot[index] = 0.0;
-        return;
-    }
-    let d_ff = params.d_ff;
-    let w1_at = params.w1_at + e * d_ff * d_model + d;
-    var sum = 0.0;
-    for (var f = 0u; f < d_ff; f++) {
-        sum += d_a[slot * d_ff + f] * parameters[w1_at + f * d_model];
-    }
-    if (params.gated != 0u) {
-        let w3_at = params.w3_at + e * d_ff * d_model + d;
-        for (var f = 0u; f < d_ff; f++) {
-            sum += d_v[slot * d_ff + f] * parameters[w3_at + f * d_model];
+    let slot0 = index / column_blocks * 4u;
+    let d0 = index % column_blocks * 4u;
+    var valid = vec4<bool>(false);
+    var e = ABSENT;
+    for (var i = 0u; i < 4u; i++) {
+        let owner = slot_expert(slot0 + i);
+        valid[i] = owner != ABSENT;
+        if (owner != ABSENT) {
+            e = owner;
         }
     }
-    d_x_slot[index] = sum;
+    // acc[i][c]: slot slot0 + i, column d0 + c.
+    var acc = array<vec4<f32>, 4>();
+    if (e != ABSENT) {
+        let d_ff = params.d_ff;
+        let projections = select(1u, 2u, params.gated != 0u);
+        for (var p = 0u; p < projections; p++) {
+            let of_w3 = p == 1u;
+            let w_at = select(params.w1_at, params.w3_at, of_w3) + e * d_ff * d_model + d0;
+            for (var f = 0u; f < d_ff; f++) {
+                let g = d_pre4(of_w3, slot0, f);
+                let row = w_at + f * d_model;
+                let w = vec4(parameters[row], parameters[row + 1u], parameters[row + 2u],
+                    parameters[row + 3u]);
+                for (var i = 0u; i < 4u; i++) {
+                    acc[i] += g[i] * w;
+                }
+            }
+        }
+    }
+    for (var i = 0u; i < 4u; i++) {
+        for (var c = 0u; c < 4u; c++) {
+            if (d0 + c < d_model) {
+                d_x_slot[(slot0 + i) * d_model + d0 + c] = select(0.0, acc[i][c], valid[i]);
+            }
+        }
+    }
 }

@@ -314,7 +314,7 @@ impl MoeLayer {
                     &training.parameters,
                     &s.d_x_slot,
                 ],
-                slots * d,
+                slots / 4 * d.div_ceil(4),
             ),
             (
                 &k.router_backward,
