@@ -461,3 +461,47 @@ fn encoded_training_steps_equal_the_host_ones_bit_for_bit() {
         .unwrap_err();
     assert!(error.to_string().contains("`dx`"), "{error}");
 }
+
+#[test]
+fn resuming_from_saved_weights_and_adam_w_state_continues_exactly() {
+    let context = gpu();
+    let config = common::config(1);
+    let weights = MoeWeights::random(shape(4, 8, 12), false, true, 71);
+    let x = tokens(24, 8, 71);
+    let dy = SeededRng::new(72).normal_vec(x.len());
+    let optimizer = Optimizer::adam_w(0.01);
+    let step = |layer: &MoeLayer| {
+        layer.forward_train(&x, &[24, 8]).unwrap();
+        layer.backward(&dy, LossCoefficients::default()).unwrap();
+        layer.step(&optimizer).unwrap();
+    };
+    let unbroken = trainable(&context, &config, &weights);
+    assert_eq!(unbroken.adam_w_state().unwrap(), None);
+    for _ in 0..3 {
+        step(&unbroken);
+    }
+    let saved = unbroken
+        .adam_w_state()
+        .unwrap()
+        .expect("AdamW steps were taken");
+    assert_eq!(saved.steps, 3);
+    let resumed = trainable(&context, &config, &unbroken.trained_weights().unwrap());
+    resumed.set_adam_w_state(&saved).unwrap();
+    for _ in 0..2 {
+        step(&unbroken);
+        step(&resumed);
+    }
+    assert_eq!(
+        resumed.trained_weights().unwrap(),
+        unbroken.trained_weights().unwrap()
+    );
+    assert_eq!(
+        resumed.adam_w_state().unwrap(),
+        unbroken.adam_w_state().unwrap()
+    );
+    // A state of another layer's size is an error naming it.
+    let mut wrong = saved.clone();
+    wrong.first_moments.pop();
+    let error = resumed.set_adam_w_state(&wrong).unwrap_err();
+    assert!(error.to_string().contains("first_moments"), "{error}");
+}

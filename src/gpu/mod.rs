@@ -22,4 +22,4 @@ pub use backward::BackwardTrace;
 pub use context::{AdapterSummary, GpuContext};
 pub use forward::{ForwardTrace, StatisticsLayout};
 pub use layer::{LayerOptions, MoeLayer};
-pub use optimizer::Optimizer;
+pub use optimizer::{AdamWState, Optimizer};

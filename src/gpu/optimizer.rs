@@ -125,10 +125,22 @@ impl Optimizer {
     }
 }
 
+/// AdamW's state on a layer, to save and to resume training exactly: both moments in the
+/// layer's flat parameter order (router.weight, router.bias, w1, b1, w2, b2, w3, b3, each
+/// present tensor in its native layout: `gpu::parameters::ParameterLayout`) and the steps
+/// taken (for the bias corrections).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWState {
+    pub first_moments: Vec<f32>,
+    pub second_moments: Vec<f32>,
+    pub steps: u64,
+}
+
 /// The optimizer's moments (AdamW; dummies for SGD), its AdamW step count (for the bias
 /// corrections), and the step's params and bind group, built once.
 pub(super) struct OptimizerState {
     first_moments: wgpu::Buffer,
+    second_moments: wgpu::Buffer,
     adam_w_steps: u64,
     params: wgpu::Buffer,
     bind_group: wgpu::BindGroup,
@@ -137,21 +149,28 @@ pub(super) struct OptimizerState {
 impl OptimizerState {
     /// Zero moments of `floats` floats each.
     fn new(layer: &MoeLayer, training: &Training, floats: usize) -> Self {
+        let zeros = vec![0.0f32; floats];
+        Self::with_moments(layer, training, (&zeros, &zeros), 0)
+    }
+
+    /// The given moments, after `adam_w_steps` AdamW steps.
+    fn with_moments(
+        layer: &MoeLayer,
+        training: &Training,
+        (first, second): (&[f32], &[f32]),
+        adam_w_steps: u64,
+    ) -> Self {
         let device = &layer.device;
-        let zeros = |label| {
-            let buffer = storage_buffer(
-                device,
-                label,
-                floats as u64 * 4,
-                wgpu::BufferUsages::COPY_DST,
-            );
-            let values = vec![0.0f32; floats];
+        let holding = |label, values: &[f32]| {
+            let usage = wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+            let buffer = storage_buffer(device, label, values.len() as u64 * 4, usage);
             layer
                 .queue
-                .write_buffer(&buffer, 0, bytemuck::cast_slice(&values));
+                .write_buffer(&buffer, 0, bytemuck::cast_slice(values));
             buffer
         };
-        let (first_moments, second_moments) = (zeros("first moments"), zeros("second moments"));
+        let first_moments = holding("first moments", first);
+        let second_moments = holding("second moments", second);
         let params = uniform_buffer(device, "optimizer params", &OptimizerParams::default());
         let bind_group = training.kernels.optimizer_step.bind(
             device,
@@ -165,7 +184,8 @@ impl OptimizerState {
         );
         OptimizerState {
             first_moments,
-            adam_w_steps: 0,
+            second_moments,
+            adam_w_steps,
             params,
             bind_group,
         }
@@ -271,6 +291,78 @@ impl MoeLayer {
         Ok(())
     }
 
+    /// AdamW's state (`None` before the first AdamW step), read back from the device.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn adam_w_state(&self) -> Result<Option<AdamWState>> {
+        let training = self.training()?;
+        let (buffers, steps) = {
+            let state = self.training_state()?;
+            match state.optimizer.as_ref() {
+                Some(m) if m.adam_w_steps > 0 => (
+                    [m.first_moments.clone(), m.second_moments.clone()],
+                    m.adam_w_steps,
+                ),
+                _ => return Ok(None),
+            }
+        };
+        let total = training.layout.total;
+        let [first, second] =
+            buffers.map(|buffer| pollster::block_on(self.read_floats(&buffer, total, Wait::Block)));
+        Ok(Some(AdamWState {
+            first_moments: first?,
+            second_moments: second?,
+            steps,
+        }))
+    }
+
+    /// Resumes AdamW from a saved state: the next AdamW step continues it exactly.
+    pub fn set_adam_w_state(&self, saved: &AdamWState) -> Result<()> {
+        let training = self.training()?;
+        let total = training.layout.total;
+        for (name, moments) in [
+            ("first_moments", &saved.first_moments),
+            ("second_moments", &saved.second_moments),
+        ] {
+            if moments.len() != total {
+                return Err(MoeError::Training {
+                    message: format!(
+                        "AdamW state: {name} holds {} values, the layer has {total} parameters",
+                        moments.len()
+                    ),
+                });
+            }
+        }
+        let moments = (&saved.first_moments[..], &saved.second_moments[..]);
+        let state = OptimizerState::with_moments(self, training, moments, saved.steps);
+        self.training_state()?.optimizer = Some(state);
+        Ok(())
+    }
+
+    /// The first `floats` floats of `buffer` (which needs COPY_SRC), read back.
+    async fn read_floats(
+        &self,
+        buffer: &wgpu::Buffer,
+        floats: usize,
+        wait: Wait,
+    ) -> Result<Vec<f32>> {
+        let bytes = (floats * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("training read-back"),
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("training read-back"),
+            });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let words = read_mapped(&self.device, &staging, bytes, wait).await?;
+        Ok(bytemuck::cast_slice(&words).to_vec())
+    }
+
     /// The layer's current weights (after any optimizer steps), read back from the device.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn trained_weights(&self) -> Result<MoeWeights> {
@@ -284,21 +376,9 @@ impl MoeLayer {
 
     async fn trained_weights_with(&self, wait: Wait) -> Result<MoeWeights> {
         let training = self.training()?;
-        let bytes = training.layout.bytes();
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("parameters readback"),
-            size: bytes.max(4),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("parameters readback"),
-            });
-        encoder.copy_buffer_to_buffer(&training.parameters, 0, &staging, 0, bytes);
-        self.queue.submit([encoder.finish()]);
-        let words = read_mapped(&self.device, &staging, bytes, wait).await?;
-        Ok(training.layout.weights(bytemuck::cast_slice(&words)))
+        let flat = self
+            .read_floats(&training.parameters, training.layout.total, wait)
+            .await?;
+        Ok(training.layout.weights(&flat))
     }
 }
