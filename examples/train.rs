@@ -11,17 +11,21 @@
 //! loss curve as SVG, and the trained weights as native safetensors with their config
 //! JSON, which the `forward` example loads. The LAST line is `loss: first A last B`.
 //!
-//! `--resume FILE` starts from saved weights, with their shape (the data is regenerated
-//! from `--seed`). AdamW's moments are not saved: they start afresh, so the first resumed
-//! steps take larger updates than an unbroken run would.
+//! Beside the weights it saves AdamW's state and how many tokens the run drew
+//! (`FILE.optimizer.safetensors`). `--resume FILE` continues from them, with the weights'
+//! shape: the data is regenerated from `--seed` and the tokens already drawn are skipped,
+//! so `--steps 200` then `--resume … --steps 200` ends with the same weights, bit for bit,
+//! as `--steps 400`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
+use switch_moe::gpu::AdamWState;
 use switch_moe::rng::SeededRng;
+use switch_moe::tensor_io::{parse_safetensors, read_f32, serialize_tensors, OwnedTensor};
 use switch_moe::{
     GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
     Naming, Optimizer,
@@ -54,7 +58,8 @@ struct Args {
     z_loss_coef: f32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Start from these weights (native safetensors, as this example saves them).
+    /// Continue from these weights (native safetensors, as this example saves them) and
+    /// the optimizer state saved beside them.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Where to save the trained weights (their config goes next to them, `.json`).
@@ -70,7 +75,6 @@ struct Task {
     d_model: usize,
     centres: Vec<Vec<f32>>,
     maps: Vec<Vec<f32>>,
-    rng: SeededRng,
 }
 
 impl Task {
@@ -93,20 +97,20 @@ impl Task {
             d_model,
             centres,
             maps,
-            rng,
         }
     }
 
-    /// `tokens` tokens (x) and their targets, clusters drawn uniformly.
-    fn batch(&mut self, tokens: usize) -> (Vec<f32>, Vec<f32>) {
+    /// `tokens` tokens (x) and their targets drawn from `rng`, one token after another
+    /// (so drawing a + b tokens is drawing a, then b), clusters uniformly.
+    fn batch(&self, rng: &mut SeededRng, tokens: usize) -> (Vec<f32>, Vec<f32>) {
         let d = self.d_model;
         let (mut x, mut target) = (
             Vec::with_capacity(tokens * d),
             Vec::with_capacity(tokens * d),
         );
         for _ in 0..tokens {
-            let cluster = (self.rng.next_u64() % self.centres.len() as u64) as usize;
-            let noise = self.rng.normal_vec(d);
+            let cluster = (rng.next_u64() % self.centres.len() as u64) as usize;
+            let noise = rng.normal_vec(d);
             let token: Vec<f32> = self.centres[cluster]
                 .iter()
                 .zip(&noise)
@@ -212,7 +216,16 @@ fn train(args: &Args) -> Result<(), String> {
         args.steps,
         context.adapter_summary()
     );
-    let mut task = Task::new(num_experts, d_model, args.seed);
+    let task = Task::new(num_experts, d_model, args.seed);
+    let mut batches = SeededRng::new(args.seed ^ 0xDA7A);
+    // A resumed run skips the tokens its predecessors drew and continues AdamW.
+    let mut tokens_drawn = 0u64;
+    if let Some(path) = &args.resume {
+        let saved = load_optimizer_state(&optimizer_path(path))?;
+        layer.set_adam_w_state(&saved.0).map_err(error)?;
+        tokens_drawn = saved.1;
+        task.batch(&mut batches, tokens_drawn as usize);
+    }
     let coefficients = LossCoefficients {
         aux: args.aux_loss_coef,
         z: args.z_loss_coef,
@@ -225,7 +238,8 @@ fn train(args: &Args) -> Result<(), String> {
     );
     let mut losses = Vec::with_capacity(args.steps);
     for step in 0..args.steps {
-        let (x, target) = task.batch(args.batch);
+        let (x, target) = task.batch(&mut batches, args.batch);
+        tokens_drawn += args.batch as u64;
         let output = layer
             .forward_train(&x, &[args.batch, d_model])
             .map_err(error)?;
@@ -255,7 +269,7 @@ fn train(args: &Args) -> Result<(), String> {
     }
 
     // The load of a held-out batch, per expert.
-    let (x, _) = task.batch(args.batch);
+    let (x, _) = task.batch(&mut SeededRng::new(args.seed ^ 0x4E1D), args.batch);
     let output = layer.forward(&x, &[args.batch, d_model]).map_err(error)?;
     println!(
         "per-expert load of a held-out batch ({} tokens):",
@@ -274,10 +288,16 @@ fn train(args: &Args) -> Result<(), String> {
     let config_json = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
     std::fs::write(&config_path, config_json)
         .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let state = layer
+        .adam_w_state()
+        .map_err(error)?
+        .ok_or("no AdamW step was taken")?;
+    save_optimizer_state(&optimizer_path(&args.output), &state, tokens_drawn)?;
     println!(
-        "saved {} (config {}); the forward example loads them",
+        "saved {} (config {}, optimizer state {}); the forward example loads them",
         args.output.display(),
-        config_path.display()
+        config_path.display(),
+        optimizer_path(&args.output).display()
     );
     plot(&args.svg, &losses, "training loss")?;
     println!("loss curve: {}", args.svg.display());
@@ -287,6 +307,61 @@ fn train(args: &Args) -> Result<(), String> {
         losses[losses.len() - 1]
     );
     Ok(())
+}
+
+/// Where the optimizer state of the weights at `weights` goes.
+fn optimizer_path(weights: &Path) -> PathBuf {
+    weights.with_extension("optimizer.safetensors")
+}
+
+fn save_optimizer_state(path: &Path, state: &AdamWState, tokens_drawn: u64) -> Result<(), String> {
+    let floats = |values: &[f32]| OwnedTensor::f32(vec![values.len()], values);
+    let tensors = [
+        ("first_moments".to_string(), floats(&state.first_moments)),
+        ("second_moments".to_string(), floats(&state.second_moments)),
+        (
+            "steps".to_string(),
+            OwnedTensor::i64(vec![], [state.steps as i64]),
+        ),
+        (
+            "tokens_drawn".to_string(),
+            OwnedTensor::i64(vec![], [tokens_drawn as i64]),
+        ),
+    ]
+    .into();
+    let bytes = serialize_tensors(&tensors).map_err(|e| e.to_string())?;
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// AdamW's state and the tokens drawn, as `save_optimizer_state` wrote them.
+fn load_optimizer_state(path: &Path) -> Result<(AdamWState, u64), String> {
+    let error = |message: String| format!("{}: {message}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    let file = parse_safetensors(&bytes, &path.display().to_string()).map_err(|e| e.to_string())?;
+    let floats = |name: &str| {
+        let view = file
+            .tensor(name)
+            .map_err(|_| error(format!("no tensor `{name}`")))?;
+        read_f32(&view, name)
+            .map(|t| t.data)
+            .map_err(|e| e.to_string())
+    };
+    let count = |name: &str| {
+        let view = file
+            .tensor(name)
+            .map_err(|_| error(format!("no tensor `{name}`")))?;
+        let data: [u8; 8] = view
+            .data()
+            .try_into()
+            .map_err(|_| error(format!("`{name}` is not one i64")))?;
+        u64::try_from(i64::from_le_bytes(data)).map_err(|_| error(format!("`{name}` < 0")))
+    };
+    let state = AdamWState {
+        first_moments: floats("first_moments")?,
+        second_moments: floats("second_moments")?,
+        steps: count("steps")?,
+    };
+    Ok((state, count("tokens_drawn")?))
 }
 
 fn main() -> ExitCode {
