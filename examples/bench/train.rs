@@ -4,13 +4,14 @@
 //! - `dense`: one FFN (the same kernels, one expert) over the T·k tokens: the same expert
 //!   FLOPs forward and backward with no routing spread, the floor an MoE layer should reach.
 //!
-//! Both are host calls timed on the wall clock: x or dy uploaded, the dispatches, and the
-//! read-back (y and the statistics; x's and every weight's gradient), so the grouped
-//! backward reads back N experts' gradients where the dense one reads back one. Every case
-//! runs dropless, so both do the same expert FLOPs. Each variant's forward and backward
-//! take turns with the other's, run by run.
+//! Both run through the encoded calls (`encode_forward_train`, `encode_backward`) on
+//! tensors already on the device, timed on the wall clock from encoding to the GPU being
+//! done, with nothing read back (the host `backward` would also read back every weight's
+//! gradient: N experts' for the MoE, one for the dense FFN). Every case runs dropless, so
+//! both do the same expert FLOPs. The four timings take turns, run by run.
 
 use std::time::Instant;
+
 
 use switch_moe::rng::SeededRng;
 use switch_moe::{
@@ -46,10 +47,90 @@ fn trainable(context: &GpuContext, config: &MoeConfig, weights: &MoeWeights) -> 
         .unwrap_or_else(|e| panic!("building a trainable layer: {e}"))
 }
 
+/// A layer's training calls recorded into an encoder of the bench's own, with its tensors
+/// on the device: a timing is encoding, submitting and waiting, with nothing read back.
+struct Encoded<'a> {
+    context: &'a GpuContext,
+    layer: &'a MoeLayer,
+    tokens: usize,
+    x: wgpu::Buffer,
+    y: wgpu::Buffer,
+    dy: wgpu::Buffer,
+    dx: wgpu::Buffer,
+}
+
+impl<'a> Encoded<'a> {
+    fn new(
+        context: &'a GpuContext,
+        layer: &'a MoeLayer,
+        tokens: usize,
+        d_model: usize,
+        seed: u64,
+    ) -> Self {
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        let buffer = |values: Vec<f32>| {
+            wgpu::util::DeviceExt::create_buffer_init(
+                &context.device,
+                &wgpu::util::BufferInitDescriptor {
+                    label: Some("bench tensor"),
+                    contents: bytemuck::cast_slice(&values),
+                    usage,
+                },
+            )
+        };
+        let values = tokens * d_model;
+        Encoded {
+            context,
+            layer,
+            tokens,
+            x: buffer(SeededRng::new(seed).normal_vec(values)),
+            y: buffer(vec![0.0; values]),
+            dy: buffer(SeededRng::new(seed + 1).normal_vec(values)),
+            dx: buffer(vec![0.0; values]),
+        }
+    }
+
+    /// Seconds of recording with `record`, submitting and waiting.
+    fn run(&self, record: impl FnOnce(&mut wgpu::CommandEncoder)) -> f64 {
+        let start = Instant::now();
+        let mut encoder = self
+            .context
+            .device
+            .create_command_encoder(&Default::default());
+        record(&mut encoder);
+        self.context.queue.submit([encoder.finish()]);
+        self.context
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .unwrap_or_else(|e| panic!("waiting for the GPU: {e}"));
+        start.elapsed().as_secs_f64()
+    }
+
+    fn forward_seconds(&self) -> f64 {
+        self.run(|encoder| {
+            self.layer
+                .encode_forward_train(encoder, &self.x, &self.y, None, self.tokens)
+                .unwrap_or_else(|e| panic!("forward_train: {e}"));
+        })
+    }
+
+    /// A training forward (not timed), then the backward (timed).
+    fn backward_seconds(&self, coefficients: LossCoefficients) -> f64 {
+        self.forward_seconds();
+        self.run(|encoder| {
+            self.layer
+                .encode_backward(encoder, &self.dy, &self.dx, coefficients)
+                .unwrap_or_else(|e| panic!("backward: {e}"));
+        })
+    }
+}
+
 pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
     let (d_model, d_ff) = (args.d_model, args.d_ff);
     println!(
-        "training step: forward_train and backward (wall time with transfers), dropless; \
+        "training step: encoded forward_train and backward (submit to done, nothing read back), dropless; \
          dense = one expert over T·k tokens"
     );
     println!(
@@ -96,49 +177,17 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     6,
                 );
                 let dense = trainable(context, &dense_config, &dense_weights);
-                let x = SeededRng::new(7).normal_vec(tokens * d_model);
-                let dy = SeededRng::new(8).normal_vec(tokens * d_model);
-                let dense_tokens = tokens * top_k;
-                let dense_x = SeededRng::new(9).normal_vec(dense_tokens * d_model);
-                let dense_dy = SeededRng::new(10).normal_vec(dense_tokens * d_model);
                 let coefficients = LossCoefficients {
                     aux: 0.01,
                     z: 0.001,
                 };
-                let seconds = |run: &mut dyn FnMut()| {
-                    let start = Instant::now();
-                    run();
-                    start.elapsed().as_secs_f64()
-                };
-                let shape_of = |t: usize| [t, d_model];
+                let grouped = Encoded::new(context, &layer, tokens, d_model, 7);
+                let floor = Encoded::new(context, &dense, tokens * top_k, d_model, 9);
                 let mut times = {
-                    let mut forward = || {
-                        seconds(&mut || {
-                            layer.forward_train(&x, &shape_of(tokens)).unwrap();
-                        })
-                    };
-                    // Each backward needs its own forward just before it: timed apart.
-                    let mut backward = || {
-                        layer.forward_train(&x, &shape_of(tokens)).unwrap();
-                        seconds(&mut || {
-                            layer.backward(&dy, coefficients).unwrap();
-                        })
-                    };
-                    let mut dense_forward = || {
-                        seconds(&mut || {
-                            dense
-                                .forward_train(&dense_x, &shape_of(dense_tokens))
-                                .unwrap();
-                        })
-                    };
-                    let mut dense_backward = || {
-                        dense
-                            .forward_train(&dense_x, &shape_of(dense_tokens))
-                            .unwrap();
-                        seconds(&mut || {
-                            dense.backward(&dense_dy, coefficients).unwrap();
-                        })
-                    };
+                    let mut forward = || grouped.forward_seconds();
+                    let mut backward = || grouped.backward_seconds(coefficients);
+                    let mut dense_forward = || floor.forward_seconds();
+                    let mut dense_backward = || floor.backward_seconds(coefficients);
                     time_interleaved(
                         args.runs,
                         &mut [

@@ -10,7 +10,7 @@ use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::{ParameterLayout, Training, TrainingState};
 use crate::gpu::params::BackwardParams;
 use crate::gpu::plan::{div_ceil, grid_2d, ForwardPlan};
-use crate::gpu::shaders::TRAINING_WORKGROUP;
+use crate::gpu::shaders::{MATMUL_BLOCK_ROWS, TRAINING_WORKGROUP};
 use crate::gpu::workspace::Workspace;
 use crate::weights::LayerShape;
 
@@ -102,6 +102,16 @@ fn training_grid(invocations: usize, max_dim: u32) -> Result<(u32, u32)> {
     }
     grid_2d(div_ceil(invocations, TRAINING_WORKGROUP as usize), max_dim)
 }
+
+// expert_hidden_backward and expert_input_backward take 4 slots of one row tile at a time:
+// every row tile must be a whole number of 4-slot blocks.
+const _: () = {
+    let mut i = 0;
+    while i < MATMUL_BLOCK_ROWS.len() {
+        assert!(MATMUL_BLOCK_ROWS[i].is_multiple_of(4));
+        i += 1;
+    }
+};
 
 /// Where a backward's `dy` comes from.
 pub(super) enum DyFrom<'a> {
