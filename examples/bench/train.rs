@@ -12,7 +12,6 @@
 
 use std::time::Instant;
 
-
 use switch_moe::rng::SeededRng;
 use switch_moe::{
     GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
