@@ -2,7 +2,7 @@
 //   dx[t, d] = Σ_e Wr[e, d]·dh[t, e] + Σ_{kept j} dXslot[assignment_slot[t, j], d]
 //              + π[t]·dy[t, d]
 // the router's term in expert order, then the choices in choice order, then the
-// pass-through. CPU twin: the x sums of cpu_backward::backward.
+// pass-through. CPU twin: cpu_backward_kernels::combine_backward.
 //
 // Dispatch: one invocation per element of [T, D], workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 dy [T, D], 2 d_logits [T, N], 3 assignment_slot [T, k],

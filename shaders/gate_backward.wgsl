@@ -1,6 +1,6 @@
 // gate_backward: per token, dL/dh (h = the router logits) from the gates, the pass-through,
-// the aux loss and the z-loss (SPEC "Backward"; CPU twin: the per-token part of
-// cpu_backward::backward), and the scales the expert backward needs:
+// the aux loss and the z-loss (SPEC "Backward"; CPU twin:
+// cpu_backward_kernels::gate_backward), and the scales the expert backward needs:
 //   G_j = dy[t]·O[slot_j] for each kept choice j (O = the expert's output, before the gate),
 //   dg_j = G_j (scale_by_prob) or G_j / g_j (the unscaled gate g / stop_gradient(g)),
 //   dq = dg through the top-k normalisation over ALL choices (dropped ones too), plus the

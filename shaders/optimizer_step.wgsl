@@ -4,7 +4,7 @@
 //   p ← p·(1 − lr·wd);  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²;
 //   p ← p − (lr / (1 − β1^t))·m / (√v / √(1 − β2^t) + ε)
 // SGD: p ← p − lr·(g + wd·p). The bias corrections come from the host for step t.
-// CPU twin: optimizer::cpu_step.
+// CPU twin: cpu_backward_kernels::optimizer_step.
 //
 // Dispatch: one invocation per parameter, workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 parameters, 2 gradients, 3 first moments m, 4 second moments v

@@ -9,6 +9,7 @@
 use crate::config::{DropPolicy, MoeConfig};
 use crate::cpu_backward::{activation_derivative, LossCoefficients};
 use crate::cpu_reference::activate;
+use crate::gpu::params::OptimizerParams;
 use crate::weights::{LayerShape, MoeWeights};
 
 /// A slot's mark in `assignment_slot` when its assignment was dropped.
@@ -341,4 +342,27 @@ pub fn combine_backward(
         }
     }
     dx
+}
+
+/// optimizer_step.wgsl: one step on `parameters` in place, with the kernel's `params`
+/// (SGD, or AdamW with its moments `first` and `second`, updated in place too).
+pub fn optimizer_step(
+    params: &OptimizerParams,
+    parameters: &mut [f32],
+    gradients: &[f32],
+    (first, second): (&mut [f32], &mut [f32]),
+) {
+    for (i, (p, &g)) in parameters.iter_mut().zip(gradients).enumerate() {
+        if params.kind == 0 {
+            *p -= params.learning_rate * (g + params.weight_decay * *p);
+            continue;
+        }
+        let decayed = *p * (1.0 - params.learning_rate * params.weight_decay);
+        let m = params.beta1 * first[i] + (1.0 - params.beta1) * g;
+        let v = params.beta2 * second[i] + (1.0 - params.beta2) * g * g;
+        first[i] = m;
+        second[i] = v;
+        let denominator = v.sqrt() / params.second_moment_correction + params.epsilon;
+        *p = decayed - params.step_size * m / denominator;
+    }
 }

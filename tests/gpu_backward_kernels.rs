@@ -300,3 +300,61 @@ fn every_backward_kernel_matches_its_cpu_twin() {
         kernels_case(config, *dims, *t, 300 + i as u64);
     }
 }
+
+#[test]
+fn optimizer_step_matches_its_cpu_twin() {
+    use switch_moe::gpu::parameters::ParameterLayout;
+    use switch_moe::Optimizer;
+    let context = gpu();
+    let config = MoeConfig {
+        gated: true,
+        ..config(2)
+    };
+    let weights = MoeWeights::random(shape(3, 8, 6), true, true, 81);
+    let options = LayerOptions {
+        trainable: true,
+        ..LayerOptions::default()
+    };
+    let layout = ParameterLayout::new(&weights).unwrap();
+    for optimizer in [
+        Optimizer::adam_w(0.01),
+        Optimizer::Sgd {
+            learning_rate: 0.05,
+            weight_decay: 0.1,
+        },
+    ] {
+        let layer =
+            MoeLayer::with_options(&context, config.clone(), &weights, options.clone()).unwrap();
+        let x = tokens(20, 8, 82);
+        let dy = SeededRng::new(83).normal_vec(x.len());
+        let mut parameters = layout.flatten(&weights);
+        let mut first = vec![0.0f32; layout.total];
+        let mut second = vec![0.0f32; layout.total];
+        for step in 1..=3u64 {
+            layer.forward_train(&x, &[20, 8]).unwrap();
+            let gradients = layer.backward(&dy, LossCoefficients::default()).unwrap();
+            // The flat layout's order is the native names' after x.
+            let flat: Vec<f32> = gradients.named()[1..]
+                .iter()
+                .flat_map(|(_, values)| values.iter().copied())
+                .collect();
+            layer.step(&optimizer).unwrap();
+            let params = optimizer.kernel_params(step, layout.total);
+            twins::optimizer_step(&params, &mut parameters, &flat, (&mut first, &mut second));
+            let gpu = layout.flatten(&layer.trained_weights().unwrap());
+            // A few roundings per step (sqrt and the division to within an ulp or two).
+            assert_close(
+                &format!("{optimizer:?} step {step}"),
+                &gpu,
+                &parameters,
+                |i| 16.0 * U * (parameters[i].abs() as f64 + 0.05),
+            );
+            // Continue from the GPU's values, so each step is judged alone.
+            parameters = gpu;
+            if let Some(state) = layer.adam_w_state().unwrap() {
+                first = state.first_moments;
+                second = state.second_moments;
+            }
+        }
+    }
+}

@@ -85,8 +85,9 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The kernel's params for step `step` (1-based) over `count` parameters.
-    fn params(&self, step: u64, count: usize) -> OptimizerParams {
+    /// optimizer_step's params for AdamW step `step` (1-based) over `count` parameters:
+    /// the bias corrections computed here, in f64, once per step.
+    pub fn kernel_params(&self, step: u64, count: usize) -> OptimizerParams {
         match *self {
             Optimizer::Sgd {
                 learning_rate,
@@ -266,7 +267,7 @@ impl MoeLayer {
         if matches!(optimizer, Optimizer::AdamW { .. }) {
             moments.adam_w_steps += 1;
         }
-        let params = optimizer.params(moments.adam_w_steps, count);
+        let params = optimizer.kernel_params(moments.adam_w_steps, count);
         encode_writes(
             &self.device,
             encoder,
