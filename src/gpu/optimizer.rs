@@ -295,23 +295,31 @@ impl MoeLayer {
     /// AdamW's state (`None` before the first AdamW step), read back from the device.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn adam_w_state(&self) -> Result<Option<AdamWState>> {
+        pollster::block_on(self.adam_w_state_with(Wait::Block))
+    }
+
+    /// [`MoeLayer::adam_w_state`] without blocking.
+    pub async fn adam_w_state_async(&self) -> Result<Option<AdamWState>> {
+        self.adam_w_state_with(Wait::Yield).await
+    }
+
+    async fn adam_w_state_with(&self, wait: Wait) -> Result<Option<AdamWState>> {
         let training = self.training()?;
-        let (buffers, steps) = {
+        let (first, second, steps) = {
             let state = self.training_state()?;
             match state.optimizer.as_ref() {
                 Some(m) if m.adam_w_steps > 0 => (
-                    [m.first_moments.clone(), m.second_moments.clone()],
+                    m.first_moments.clone(),
+                    m.second_moments.clone(),
                     m.adam_w_steps,
                 ),
                 _ => return Ok(None),
             }
         };
         let total = training.layout.total;
-        let [first, second] =
-            buffers.map(|buffer| pollster::block_on(self.read_floats(&buffer, total, Wait::Block)));
         Ok(Some(AdamWState {
-            first_moments: first?,
-            second_moments: second?,
+            first_moments: self.read_floats(&first, total, wait).await?,
+            second_moments: self.read_floats(&second, total, wait).await?,
             steps,
         }))
     }
