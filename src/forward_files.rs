@@ -61,6 +61,24 @@ fn read_named(path: &Path, name: &str) -> Result<F32Tensor> {
     read_f32_values(&view, name)
 }
 
+/// Where a layer's config comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum ConfigSource<'a> {
+    /// A config JSON file (errors name it).
+    File(&'a Path),
+    /// Config JSON text.
+    Json(&'a str),
+}
+
+impl ConfigSource<'_> {
+    fn parse_over(self, defaults: MoeConfig) -> Result<MoeConfig> {
+        match self {
+            ConfigSource::File(path) => MoeConfig::from_json_file_over(path, defaults),
+            ConfigSource::Json(text) => MoeConfig::from_json_str_over(text, defaults),
+        }
+    }
+}
+
 /// Reads the config and the weights of a layer: a GGUF file (recognised by its magic),
 /// whose metadata gives `n_experts` and `top_k` where the config does not, or safetensors
 /// in any naming.
@@ -69,13 +87,22 @@ pub fn load_layer(
     config_path: &Path,
     prefix: Option<&str>,
 ) -> Result<(MoeConfig, MoeWeights)> {
+    load_layer_with(weights_path, ConfigSource::File(config_path), prefix)
+}
+
+/// [`load_layer`] with the config from `config`.
+pub fn load_layer_with(
+    weights_path: &Path,
+    config: ConfigSource<'_>,
+    prefix: Option<&str>,
+) -> Result<(MoeConfig, MoeWeights)> {
     let mut magic = [0u8; 4];
     let is_gguf = std::fs::File::open(weights_path)
         .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic))
         .map(|()| is_gguf(&magic))
         .unwrap_or(false);
     if !is_gguf {
-        let config = MoeConfig::from_json_file(config_path)?;
+        let config = config.parse_over(MoeConfig::default())?;
         let weights = MoeWeights::from_safetensors(weights_path, config.naming, prefix)?;
         return Ok((config, weights));
     }
@@ -85,7 +112,7 @@ pub fn load_layer(
         top_k: info.expert_used_count.unwrap_or(1),
         ..MoeConfig::default()
     };
-    let config = MoeConfig::from_json_file_over(config_path, defaults)?;
+    let config = config.parse_over(defaults)?;
     if !matches!(config.naming, Naming::Auto | Naming::Gguf) {
         return Err(MoeError::Naming {
             message: format!(
