@@ -285,8 +285,7 @@ fn train(args: &Args) -> Result<(), String> {
     let bytes = trained.to_safetensors_bytes().map_err(error)?;
     std::fs::write(&args.output, bytes).map_err(|e| format!("{}: {e}", args.output.display()))?;
     let config_path = args.output.with_extension("json");
-    let config_json = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
-    std::fs::write(&config_path, config_json)
+    std::fs::write(&config_path, config.to_json_string())
         .map_err(|e| format!("{}: {e}", config_path.display()))?;
     let state = layer
         .adam_w_state()

@@ -171,6 +171,12 @@ impl MoeConfig {
         Ok(config)
     }
 
+    /// The config as JSON text with every key (what `from_json_str` reads back).
+    pub fn to_json_string(&self) -> String {
+        // Plain data with string keys: serializing cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
     /// Reads and parses a config file.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self> {

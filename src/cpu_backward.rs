@@ -59,15 +59,19 @@ impl Gradients {
             .collect()
     }
 
-    /// The gradients as safetensors bytes (f32, native names; `x` of `x_shape`).
-    pub fn to_safetensors_bytes(&self, x_shape: &[usize], shape: LayerShape) -> Result<Vec<u8>> {
+    /// Every gradient as [`Gradients::named`] lists them, with its shape (`x`'s is
+    /// `x_shape`; the weights' are the native ones).
+    pub fn named_with_shapes(
+        &self,
+        x_shape: &[usize],
+        shape: LayerShape,
+    ) -> Vec<(&'static str, &[f32], Vec<usize>)> {
         let LayerShape {
             num_experts: n,
             d_model: d,
             d_ff: f,
         } = shape;
-        let tensors = self
-            .named()
+        self.named()
             .into_iter()
             .map(|(name, values)| {
                 let dims = match name {
@@ -79,8 +83,17 @@ impl Gradients {
                     "experts.b2" => vec![n, d],
                     _ => vec![n, f],
                 };
-                (name.to_string(), OwnedTensor::f32(dims, values))
+                (name, values, dims)
             })
+            .collect()
+    }
+
+    /// The gradients as safetensors bytes (f32, native names; `x` of `x_shape`).
+    pub fn to_safetensors_bytes(&self, x_shape: &[usize], shape: LayerShape) -> Result<Vec<u8>> {
+        let tensors = self
+            .named_with_shapes(x_shape, shape)
+            .into_iter()
+            .map(|(name, values, dims)| (name.to_string(), OwnedTensor::f32(dims, values)))
             .collect();
         serialize_tensors(&tensors)
     }

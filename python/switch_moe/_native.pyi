@@ -1,0 +1,42 @@
+import os
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+class MoeLayer:
+    """A Mixture-of-Experts layer on the GPU."""
+
+    def __init__(
+        self,
+        weights: Union[str, "os.PathLike[str]", Mapping[str, npt.ArrayLike]],
+        config: Optional[Dict[str, Any]] = None,
+        *,
+        prefix: Optional[str] = None,
+    ) -> None: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def d_ff(self) -> int: ...
+    @property
+    def config(self) -> Dict[str, Any]: ...
+    @property
+    def weight_formats(self) -> List[str]: ...
+    def forward(self, x: npt.ArrayLike) -> Dict[str, Any]:
+        """y (shape of x), routes [T, k] int64, gates [T, k], route_prob_max [T],
+        counts [N] int64, kept [N] int64, route_prob_sum [N], n_dropped (int),
+        aux_loss and z_loss (float)."""
+        ...
+    def backward(
+        self, dy: npt.ArrayLike, aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0
+    ) -> Dict[str, np.ndarray]:
+        """The gradients for the last forward: "x" and every weight tensor under its
+        native name (router.weight, router.bias, experts.w1, experts.b1, experts.w2,
+        experts.b2, experts.w3, experts.b3)."""
+        ...
+
+def adapter() -> Dict[str, str]:
+    """The GPU adapter: name, backend, device_type, driver."""
+    ...
