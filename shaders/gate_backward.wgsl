@@ -5,7 +5,8 @@
 //   dg_j = G_j (scale_by_prob) or G_j / g_j (the unscaled gate g / stop_gradient(g)),
 //   dq = dg through the top-k normalisation over ALL choices (dropped ones too), plus the
 //   pass-through's dot(dy, x) on choice 0 when every choice was dropped,
-//   dp[e] = Σ_j dq_j [route_j = e] + α·N·counts[e] / T²   (aux through route_prob_sum),
+//   dp[e] = Σ_j dq_j [route_j = e] + α·N·counts[e] / T² + g[e]   (aux through
+//           route_prob_sum, and g the caller's own gradient of route_prob_sum),
 //   dh[e] = p[e]·(dp[e] − Σ_e' p[e']·dp[e']) + β·2·lse·p[e] / T   (softmax, z-loss).
 // p is recomputed from the saved logits as route_tokens computed it. dh is built in place in
 // the token's row of d_logits (routes of a token are distinct experts, so each dq_j has its
@@ -15,7 +16,7 @@
 // Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 logits [T, N], 4 routes [T, k],
 // 5 gates [T, k], 6 assignment_slot [T, k], 7 expert_out [slots, D], 8 expert_table,
 // 9 d_logits [T, N], 10 slot_scale [slots] (s_j: dO[slot] = s_j·dy[t]),
-// 11 pass_scale [T] (π when the token passed through, else 0).
+// 11 pass_scale [T] (π when the token passed through, else 0), 12 prob_sum_grad [N] (g).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
@@ -29,6 +30,7 @@
 @group(0) @binding(9) var<storage, read_write> d_logits: array<f32>;
 @group(0) @binding(10) var<storage, read_write> slot_scale: array<f32>;
 @group(0) @binding(11) var<storage, read_write> pass_scale: array<f32>;
+@group(0) @binding(12) var<storage, read> prob_sum_grad: array<f32>;
 
 // dy[token]·x[token].
 fn dot_dy_x(token: u32) -> f32 {
@@ -77,10 +79,10 @@ fn main(
     }
     let lse = max_logit + log(sum);
 
-    // dp starts as the aux loss's term: α·N·counts[e] / T².
+    // dp starts as route_prob_sum's terms: the aux loss's α·N·counts[e] / T², plus g[e].
     let aux_scale = params.aux_coef * f32(n) / (tokens * tokens);
     for (var e = 0u; e < n; e++) {
-        d_logits[row + e] = aux_scale * f32(expert_table[e]);
+        d_logits[row + e] = aux_scale * f32(expert_table[e]) + prob_sum_grad[e];
     }
 
     // Σ_j q_j over all choices, for the normalisation.

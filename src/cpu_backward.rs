@@ -151,6 +151,29 @@ struct Sums {
     b3: Vec<f64>,
 }
 
+/// An upstream gradient of `route_prob_sum` must hold N finite values.
+pub(crate) fn check_prob_sum_grad(gradient: Option<&[f32]>, num_experts: usize) -> Result<()> {
+    let Some(gradient) = gradient else {
+        return Ok(());
+    };
+    if gradient.len() != num_experts {
+        return Err(MoeError::tensor(
+            "route_prob_sum_grad",
+            format!(
+                "{} values, expected {num_experts} (one per expert)",
+                gradient.len()
+            ),
+        ));
+    }
+    match gradient.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(MoeError::tensor(
+            "route_prob_sum_grad",
+            format!("non-finite value at index {index}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The values of f32 matrices (training checks the format first).
 fn f32_values(matrices: &ExpertMatrices) -> &[f32] {
     matrices.f32_values().unwrap_or_default()
@@ -215,6 +238,20 @@ pub fn backward(
     dy: &[f32],
     coefficients: LossCoefficients,
 ) -> Result<Gradients> {
+    backward_with_prob_sum_grad(config, weights, x, shape, dy, None, coefficients)
+}
+
+/// [`backward`] with an upstream gradient of `route_prob_sum` too (`[N]`, when the caller's
+/// own loss uses it, as a torch graph does): `L` gains `Σ_e g[e]·route_prob_sum[e]`.
+pub fn backward_with_prob_sum_grad(
+    config: &MoeConfig,
+    weights: &MoeWeights,
+    x: &[f32],
+    shape: &[usize],
+    dy: &[f32],
+    route_prob_sum_grad: Option<&[f32]>,
+    coefficients: LossCoefficients,
+) -> Result<Gradients> {
     let LayerShape {
         num_experts: n,
         d_model: d,
@@ -234,6 +271,7 @@ pub fn backward(
             ),
         ));
     }
+    check_prob_sum_grad(route_prob_sum_grad, n)?;
     if let Some(token) = first_non_finite_token(x, d) {
         return Err(MoeError::NonFiniteInput { token });
     }
@@ -367,12 +405,14 @@ pub fn backward(
             dp[token * n + expert as usize] += dq[choice];
         }
     }
-    // aux = N·Σ_e (counts[e]/T)·(Σ_t p[t,e] / T): ∂/∂p[t,e] = N·counts[e] / T².
+    // aux = N·Σ_e (counts[e]/T)·(Σ_t p[t,e] / T): ∂/∂p[t,e] = N·counts[e] / T²; and
+    // route_prob_sum[e] = Σ_t p[t,e] passes its upstream gradient to every p[t,e].
     let tokens = num_tokens as f64;
     for token in 0..num_tokens {
         for e in 0..n {
-            dp[token * n + e] +=
-                coefficients.aux as f64 * n as f64 * loads.counts[e] as f64 / (tokens * tokens);
+            dp[token * n + e] += coefficients.aux as f64 * n as f64 * loads.counts[e] as f64
+                / (tokens * tokens)
+                + route_prob_sum_grad.map_or(0.0, |g| g[e] as f64);
         }
     }
     // Softmax backward, plus z = mean_t lse_t²: ∂/∂h[t,e] = 2·lse_t·p[t,e] / T.

@@ -67,7 +67,7 @@ pub fn gate_backward(
     (routes, gates): (&[u32], &[f32]),
     assignment_slot: &[u32],
     expert_out: &[f32],
-    counts: &[u32],
+    (counts, prob_sum_grad): (&[u32], &[f32]),
     (d_model, num_slots): (usize, usize),
 ) -> GateGradients {
     let n = counts.len();
@@ -90,7 +90,7 @@ pub fn gate_backward(
         let dp = &mut out.d_logits[token * n..(token + 1) * n];
         let aux_scale = coefficients.aux * n as f32 / (tokens * tokens);
         for e in 0..n {
-            dp[e] = aux_scale * counts[e] as f32;
+            dp[e] = aux_scale * counts[e] as f32 + prob_sum_grad[e];
         }
         let choices = &routes[token * k..(token + 1) * k];
         let q_total = choices.iter().fold(0.0f32, |s, &e| s + p(e as usize));

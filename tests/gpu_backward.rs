@@ -505,3 +505,43 @@ fn resuming_from_saved_weights_and_adam_w_state_continues_exactly() {
     let error = resumed.set_adam_w_state(&wrong).unwrap_err();
     assert!(error.to_string().contains("first_moments"), "{error}");
 }
+
+#[test]
+fn an_upstream_gradient_of_route_prob_sum_reaches_the_router() {
+    let context = gpu();
+    let config = MoeConfig {
+        capacity_factor: 0.8,
+        ..common::config(2)
+    };
+    let weights = MoeWeights::random(shape(5, 9, 7), false, true, 91);
+    let x = tokens(30, 9, 91);
+    let dy = SeededRng::new(92).normal_vec(x.len());
+    let g = [0.3f32, -1.2, 0.0, 2.5, -0.4];
+    let coefficients = LossCoefficients { aux: 0.01, z: 0.0 };
+    let layer = trainable(&context, &config, &weights);
+    layer.forward_train(&x, &[30, 9]).unwrap();
+    let gpu = layer
+        .backward_with_prob_sum_grad(&dy, &g, coefficients)
+        .unwrap();
+    let cpu = cpu_backward::backward_with_prob_sum_grad(
+        &config,
+        &weights,
+        &x,
+        &[30, 9],
+        &dy,
+        Some(&g),
+        coefficients,
+    )
+    .unwrap();
+    assert_gradients_close("route_prob_sum gradient", &gpu, &cpu, 9 + 7 + 60 + 5);
+    // It changes the router's and x's gradients (and nothing else).
+    let without = layer.backward(&dy, coefficients).unwrap();
+    assert_ne!(gpu.router_weight, without.router_weight);
+    assert_ne!(gpu.x, without.x);
+    assert_eq!(gpu.w1, without.w1);
+    // One value per expert, finite.
+    let error = layer
+        .backward_with_prob_sum_grad(&dy, &g[..4], coefficients)
+        .unwrap_err();
+    assert!(error.to_string().contains("route_prob_sum_grad"), "{error}");
+}

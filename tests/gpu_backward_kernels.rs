@@ -76,7 +76,7 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
         (&output.routes, &output.gates),
         &trace.assignment_slot,
         &trace.expert_out,
-        &output.counts,
+        (&output.counts, &vec![0.0; n]),
         (d, slots),
     );
     assert_norm_close(

@@ -127,7 +127,22 @@ impl MoeLayer {
     /// (native names and shapes). They also stay on the device for [`MoeLayer::step`].
     #[cfg(not(target_arch = "wasm32"))]
     pub fn backward(&self, dy: &[f32], coefficients: LossCoefficients) -> Result<Gradients> {
-        pollster::block_on(self.backward_with(dy, coefficients, Wait::Block))
+        let run = self.run_backward(dy, None, coefficients, false, Wait::Block);
+        Ok(pollster::block_on(run)?.0)
+    }
+
+    /// [`MoeLayer::backward`] with the caller's gradient of `route_prob_sum` too (`[N]`:
+    /// `L` gains `Σ_e g[e]·route_prob_sum[e]`), as a torch graph that uses it passes it.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward_with_prob_sum_grad(
+        &self,
+        dy: &[f32],
+        route_prob_sum_grad: &[f32],
+        coefficients: LossCoefficients,
+    ) -> Result<Gradients> {
+        let gradient = Some(route_prob_sum_grad);
+        let run = self.run_backward(dy, gradient, coefficients, false, Wait::Block);
+        Ok(pollster::block_on(run)?.0)
     }
 
     /// [`MoeLayer::backward`] without blocking.
@@ -136,7 +151,8 @@ impl MoeLayer {
         dy: &[f32],
         coefficients: LossCoefficients,
     ) -> Result<Gradients> {
-        self.backward_with(dy, coefficients, Wait::Yield).await
+        let run = self.run_backward(dy, None, coefficients, false, Wait::Yield);
+        Ok(run.await?.0)
     }
 
     /// Like [`MoeLayer::backward`], also reading back the backward's intermediate buffers
@@ -148,25 +164,17 @@ impl MoeLayer {
         coefficients: LossCoefficients,
     ) -> Result<(Gradients, BackwardTrace)> {
         let (gradients, trace) =
-            pollster::block_on(self.run_backward(dy, coefficients, true, Wait::Block))?;
+            pollster::block_on(self.run_backward(dy, None, coefficients, true, Wait::Block))?;
         let trace = trace.ok_or_else(|| MoeError::Device {
             message: "trace requested but not read back".to_string(),
         })?;
         Ok((gradients, trace))
     }
 
-    async fn backward_with(
-        &self,
-        dy: &[f32],
-        coefficients: LossCoefficients,
-        wait: Wait,
-    ) -> Result<Gradients> {
-        Ok(self.run_backward(dy, coefficients, false, wait).await?.0)
-    }
-
     async fn run_backward(
         &self,
         dy: &[f32],
+        route_prob_sum_grad: Option<&[f32]>,
         coefficients: LossCoefficients,
         with_trace: bool,
         wait: Wait,
@@ -188,6 +196,7 @@ impl MoeLayer {
                 &mut state,
                 &mut encoder,
                 DyFrom::Host(dy),
+                route_prob_sum_grad,
                 coefficients,
             );
             let (scratch, values) = match recorded {
@@ -325,6 +334,7 @@ impl MoeLayer {
             &mut state,
             encoder,
             DyFrom::Buffer(dy),
+            None,
             coefficients,
         )?;
         encoder.copy_buffer_to_buffer(&scratch.dx, 0, dx, 0, (values * 4) as u64);

@@ -2,7 +2,7 @@
 //! (see backward.rs for the order and what each computes), shared by the host backward and
 //! the encoded one.
 
-use crate::cpu_backward::LossCoefficients;
+use crate::cpu_backward::{check_prob_sum_grad, LossCoefficients};
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
 use crate::gpu::forward::{dispatch, encode_writes, too_small};
@@ -26,6 +26,8 @@ pub(super) struct BackwardScratch {
     pub(super) d_a: wgpu::Buffer,
     pub(super) d_v: wgpu::Buffer,
     pub(super) d_x_slot: wgpu::Buffer,
+    /// `[N]`: the caller's gradient of route_prob_sum (zeros when none).
+    prob_sum_grad: wgpu::Buffer,
     params: wgpu::Buffer,
     pub(super) readback: wgpu::Buffer,
     /// The seven bind groups and the id of the workspace they were built over (rebuilt
@@ -62,6 +64,7 @@ impl BackwardScratch {
             d_a: buffer("d_a", slots * f, traced),
             d_v: buffer("d_v", if gated { slots * f } else { 1 }, traced),
             d_x_slot: buffer("d_x_slot", slots * d, traced),
+            prob_sum_grad: buffer("prob_sum_grad", n, wgpu::BufferUsages::COPY_DST),
             params: uniform_buffer(device, "backward params", &BackwardParams::default()),
             readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("backward readback"),
@@ -132,6 +135,7 @@ impl MoeLayer {
         state: &mut TrainingState,
         encoder: &mut wgpu::CommandEncoder,
         dy: DyFrom<'_>,
+        route_prob_sum_grad: Option<&[f32]>,
         coefficients: LossCoefficients,
     ) -> Result<(BackwardScratch, usize)> {
         let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
@@ -160,6 +164,7 @@ impl MoeLayer {
                 }
             }
         }
+        check_prob_sum_grad(route_prob_sum_grad, self.shape.num_experts)?;
         for (key, value) in [
             ("aux_loss_coef", coefficients.aux),
             ("z_loss_coef", coefficients.z),
@@ -180,11 +185,16 @@ impl MoeLayer {
             }
         };
         let params = self.backward_params(&plan, coefficients, &training.layout);
+        let zeros = vec![0.0f32; self.shape.num_experts];
+        let prob_sum_grad = route_prob_sum_grad.unwrap_or(&zeros);
         encode_writes(
             &self.device,
             encoder,
             "backward params",
-            &[(&scratch.params, bytemuck::bytes_of(&params))],
+            &[
+                (&scratch.params, bytemuck::bytes_of(&params)),
+                (&scratch.prob_sum_grad, bytemuck::cast_slice(prob_sum_grad)),
+            ],
         );
         match dy {
             DyFrom::Host(dy) => self
@@ -270,6 +280,7 @@ impl MoeLayer {
                     &s.d_logits,
                     &s.slot_scale,
                     &s.pass_scale,
+                    &s.prob_sum_grad,
                 ],
                 t,
             ),

@@ -384,7 +384,7 @@ impl TrainingKernels {
             gate_backward: Kernel::new(
                 device,
                 shaders::GATE_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw, Rw],
+                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw, Rw, Ro],
             ),
             expert_hidden_backward: Kernel::with_constants(
                 device,
