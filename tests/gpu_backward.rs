@@ -545,3 +545,30 @@ fn an_upstream_gradient_of_route_prob_sum_reaches_the_router() {
         .unwrap_err();
     assert!(error.to_string().contains("route_prob_sum_grad"), "{error}");
 }
+
+#[test]
+fn set_weights_replaces_a_trainable_layers_weights_in_place() {
+    let context = gpu();
+    let config = MoeConfig {
+        gated: true,
+        ..common::config(2)
+    };
+    let first = MoeWeights::random(shape(4, 10, 6), true, true, 101);
+    let second = MoeWeights::random(shape(4, 10, 6), true, true, 102);
+    let x = tokens(25, 10, 103);
+    let layer = trainable(&context, &config, &first);
+    layer.forward(&x, &[25, 10]).unwrap();
+    layer.set_weights(&second).unwrap();
+    let fresh = MoeLayer::new(&context, config.clone(), &second).unwrap();
+    assert_eq!(
+        layer.forward(&x, &[25, 10]).unwrap(),
+        fresh.forward(&x, &[25, 10]).unwrap()
+    );
+    assert_eq!(layer.trained_weights().unwrap(), second);
+    // Another shape or another set of tensors is an error naming the weights.
+    let other = MoeWeights::random(shape(4, 10, 8), true, true, 104);
+    let error = layer.set_weights(&other).unwrap_err();
+    assert!(error.to_string().contains("`weights`"), "{error}");
+    let no_biases = MoeWeights::random(shape(4, 10, 6), true, false, 105);
+    assert!(layer.set_weights(&no_biases).is_err());
+}

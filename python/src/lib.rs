@@ -220,17 +220,29 @@ impl PyMoeLayer {
         output_dict(py, &output)
     }
 
-    /// The gradients of `Σ dy ⊙ y + aux_loss_coef·aux_loss + z_loss_coef·z_loss` for the
-    /// last forward (SPEC "Backward"): `x`, and every weight tensor under its native name.
-    #[pyo3(signature = (dy, aux_loss_coef = 0.0, z_loss_coef = 0.0))]
+    /// The gradients of `Σ dy ⊙ y + aux_loss_coef·aux_loss + z_loss_coef·z_loss` (plus
+    /// `Σ route_prob_sum_grad ⊙ route_prob_sum` when given) for the last forward (SPEC
+    /// "Backward"): `x`, and every weight tensor under its native name.
+    #[pyo3(signature = (dy, aux_loss_coef = 0.0, z_loss_coef = 0.0, route_prob_sum_grad = None))]
     fn backward<'py>(
         &self,
         py: Python<'py>,
         dy: &Bound<'py, PyAny>,
         aux_loss_coef: f32,
         z_loss_coef: f32,
+        route_prob_sum_grad: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let dy = float32(dy, "dy")?;
+        let prob_sum_grad: Option<Vec<f32>> = match route_prob_sum_grad {
+            Some(g) => Some(
+                float32(g, "route_prob_sum_grad")?
+                    .as_array()
+                    .iter()
+                    .copied()
+                    .collect(),
+            ),
+            None => None,
+        };
         let shape = {
             let last = self
                 .last
@@ -275,7 +287,12 @@ impl PyMoeLayer {
             aux: aux_loss_coef,
             z: z_loss_coef,
         };
-        let run = py.detach(|| self.layer.backward(&values, coefficients));
+        let run = py.detach(|| match &prob_sum_grad {
+            Some(g) => self
+                .layer
+                .backward_with_prob_sum_grad(&values, g, coefficients),
+            None => self.layer.backward(&values, coefficients),
+        });
         let gradients = run.map_err(|e| to_py(py, e))?;
         gradients_dict(py, gradients, &shape, self.shape)
     }

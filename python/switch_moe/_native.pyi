@@ -30,11 +30,16 @@ class MoeLayer:
         aux_loss and z_loss (float)."""
         ...
     def backward(
-        self, dy: npt.ArrayLike, aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0
+        self,
+        dy: npt.ArrayLike,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        route_prob_sum_grad: Optional[npt.ArrayLike] = None,
     ) -> Dict[str, np.ndarray]:
-        """The gradients for the last forward: "x" and every weight tensor under its
-        native name (router.weight, router.bias, experts.w1, experts.b1, experts.w2,
-        experts.b2, experts.w3, experts.b3)."""
+        """The gradients of sum(dy * y) + aux_loss_coef * aux_loss + z_loss_coef *
+        z_loss (+ sum(route_prob_sum_grad * route_prob_sum)) for the last forward: "x"
+        and every weight tensor under its native name (router.weight, router.bias,
+        experts.w1, experts.b1, experts.w2, experts.b2, experts.w3, experts.b3)."""
         ...
 
 def adapter() -> Dict[str, str]:

@@ -7,7 +7,7 @@ use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{storage_buffer, uniform_buffer};
 use crate::gpu::forward::{dispatch, encode_writes, read_mapped};
 use crate::gpu::layer::MoeLayer;
-use crate::gpu::parameters::Training;
+use crate::gpu::parameters::{ParameterLayout, Training};
 use crate::gpu::params::OptimizerParams;
 use crate::gpu::plan::{div_ceil, grid_2d};
 use crate::gpu::readback::Wait;
@@ -370,6 +370,39 @@ impl MoeLayer {
         self.queue.submit([encoder.finish()]);
         let words = read_mapped(&self.device, &staging, bytes, wait).await?;
         Ok(bytemuck::cast_slice(&words).to_vec())
+    }
+
+    /// Replaces a trainable layer's weights in place (the same shape and tensors): the
+    /// flat parameters uploaded and the forward's operands rewritten from them, as after
+    /// a step. For training driven by another optimizer (a torch one, say).
+    pub fn set_weights(&self, weights: &MoeWeights) -> Result<()> {
+        let training = self.training()?;
+        weights.check()?;
+        let layout = ParameterLayout::new(weights)?;
+        if layout != training.layout {
+            return Err(MoeError::tensor(
+                "weights",
+                format!(
+                    "{:?} with {} parameters, but the layer holds {:?} with {}",
+                    layout.shape, layout.total, training.layout.shape, training.layout.total
+                ),
+            ));
+        }
+        self.queue.write_buffer(
+            &training.parameters,
+            0,
+            bytemuck::cast_slice(&layout.flatten(weights)),
+        );
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("set weights"),
+            });
+        training
+            .refresh
+            .encode(&mut encoder, &training.kernels, &training.parameters);
+        self.queue.submit([encoder.finish()]);
+        Ok(())
     }
 
     /// The layer's current weights (after any optimizer steps), read back from the device.
