@@ -197,6 +197,24 @@ impl PyMoeLayer {
             .collect()
     }
 
+    /// Whether the layer trains (f32 weights): `backward` and `set_weights` work.
+    #[getter]
+    fn trainable(&self) -> bool {
+        self.layer.weight_formats() == [WeightFormat::F32; 3]
+    }
+
+    /// Replaces the weights of a trainable layer in place (a dict of numpy arrays in any
+    /// naming, the same shapes and tensors).
+    fn set_weights(&self, py: Python<'_>, weights: &Bound<'_, PyDict>) -> PyResult<()> {
+        let bytes = dict_to_safetensors(weights)?;
+        let naming = self.config.naming;
+        let run = py.detach(|| {
+            let weights = MoeWeights::from_safetensors_bytes(&bytes, naming, None, "weights dict")?;
+            self.layer.set_weights(&weights)
+        });
+        run.map_err(|e| to_py(py, e))
+    }
+
     /// Runs the layer on `x` (`[T, D]` or `[S, B, D]`, float32) and returns every output
     /// (SPEC): y, routes, gates, route_prob_max, counts, kept, route_prob_sum, n_dropped,
     /// aux_loss, z_loss.
