@@ -88,6 +88,30 @@ fn dict_to_safetensors(weights: &Bound<'_, PyDict>) -> PyResult<Vec<u8>> {
     serialize_tensors(&tensors).map_err(|e| value_error(e.to_string()))
 }
 
+/// A layer's config (from `json`) and weights: a path (safetensors or GGUF, read with the
+/// GIL released) or a dict of numpy arrays in any naming.
+fn load(
+    py: Python<'_>,
+    weights: &Bound<'_, PyAny>,
+    json: &str,
+    prefix: Option<&str>,
+) -> PyResult<(MoeConfig, MoeWeights)> {
+    let loaded = if let Ok(dict) = weights.cast::<PyDict>() {
+        let bytes = dict_to_safetensors(dict)?;
+        MoeConfig::from_json_str(json).and_then(|config| {
+            let weights =
+                MoeWeights::from_safetensors_bytes(&bytes, config.naming, prefix, "weights dict")?;
+            Ok((config, weights))
+        })
+    } else {
+        let path: std::path::PathBuf = weights.extract().map_err(|_| {
+            value_error("weights: a path (str or os.PathLike) or a dict of numpy arrays")
+        })?;
+        py.detach(|| load_layer_with(&path, ConfigSource::Json(json), prefix))
+    };
+    loaded.map_err(|e| to_py(py, e))
+}
+
 /// `values` as a numpy array of `shape`.
 fn array<'py, T: numpy::Element>(
     py: Python<'py>,
@@ -127,24 +151,7 @@ impl PyMoeLayer {
         prefix: Option<String>,
     ) -> PyResult<Self> {
         let json = config_json(py, config)?;
-        let loaded = if let Ok(dict) = weights.cast::<PyDict>() {
-            let bytes = dict_to_safetensors(dict)?;
-            MoeConfig::from_json_str(&json).and_then(|config| {
-                let weights = MoeWeights::from_safetensors_bytes(
-                    &bytes,
-                    config.naming,
-                    prefix.as_deref(),
-                    "weights dict",
-                )?;
-                Ok((config, weights))
-            })
-        } else {
-            let path: std::path::PathBuf = weights.extract().map_err(|_| {
-                value_error("weights: a path (str or os.PathLike) or a dict of numpy arrays")
-            })?;
-            py.detach(|| load_layer_with(&path, ConfigSource::Json(&json), prefix.as_deref()))
-        };
-        let (config, weights) = loaded.map_err(|e| to_py(py, e))?;
+        let (config, weights) = load(py, weights, &json, prefix.as_deref())?;
         let built = py.detach(|| {
             let context = context()?;
             // f32 weights train; stored formats run forward only.
@@ -376,6 +383,50 @@ fn gradients_dict<'py>(
     Ok(dict)
 }
 
+/// The layer's weights in the native naming (`router.weight`, `experts.w1`, ...; f32
+/// numpy arrays), from a dict of numpy arrays in any naming (or a path): the layout the
+/// torch modules keep their parameters in.
+#[pyfunction]
+#[pyo3(signature = (weights, config = None, *, prefix = None))]
+fn native_weights<'py>(
+    py: Python<'py>,
+    weights: &Bound<'py, PyAny>,
+    config: Option<&Bound<'py, PyDict>>,
+    prefix: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let json = config_json(py, config)?;
+    let (_, weights) = load(py, weights, &json, prefix.as_deref())?;
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = weights.shape;
+    let dict = PyDict::new(py);
+    let put = |name: &str, values: Option<Vec<f32>>, dims: &[usize]| -> PyResult<()> {
+        if let Some(values) = values {
+            dict.set_item(name, array(py, values, dims)?)?;
+        }
+        Ok(())
+    };
+    put(
+        "router.weight",
+        Some(weights.router_weight.clone()),
+        &[n, d],
+    )?;
+    put("router.bias", weights.router_bias.clone(), &[n])?;
+    put("experts.w1", Some(weights.w1.to_f32()), &[n, f, d])?;
+    put("experts.b1", weights.b1.clone(), &[n, f])?;
+    put("experts.w2", Some(weights.w2.to_f32()), &[n, d, f])?;
+    put("experts.b2", weights.b2.clone(), &[n, d])?;
+    put(
+        "experts.w3",
+        weights.w3.as_ref().map(|w| w.to_f32()),
+        &[n, f, d],
+    )?;
+    put("experts.b3", weights.b3.clone(), &[n, f])?;
+    Ok(dict)
+}
+
 /// The GPU adapter the layers run on: `{"name", "backend", "device_type", "driver"}`.
 #[pyfunction]
 fn adapter<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -394,5 +445,6 @@ fn adapter<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<PyMoeLayer>()?;
     module.add_function(wrap_pyfunction!(adapter, module)?)?;
+    module.add_function(wrap_pyfunction!(native_weights, module)?)?;
     Ok(())
 }

@@ -19,11 +19,12 @@ from ._errors import (
     TensorError,
     TrainingError,
 )
-from ._native import MoeLayer, adapter
+from ._native import MoeLayer, adapter, native_weights
 
 __all__ = [
     "MoeLayer",
     "adapter",
+    "native_weights",
     "MoeError",
     "ConfigError",
     "TensorError",

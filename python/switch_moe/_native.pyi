@@ -50,3 +50,13 @@ class MoeLayer:
 def adapter() -> Dict[str, str]:
     """The GPU adapter: name, backend, device_type, driver."""
     ...
+
+def native_weights(
+    weights: Union[str, "os.PathLike[str]", Mapping[str, npt.ArrayLike]],
+    config: Optional[Dict[str, Any]] = None,
+    *,
+    prefix: Optional[str] = None,
+) -> Dict[str, np.ndarray]:
+    """The weights in the native naming (router.weight [N, D], experts.w1 [N, F, D], ...),
+    from any naming the layer reads."""
+    ...

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._native import MoeLayer
+from ._native import MoeLayer, native_weights
 
 # Native tensor names, in the order the autograd function takes the parameters.
 NATIVE_NAMES = (
@@ -42,12 +42,11 @@ class _MoeFunction(torch.autograd.Function):
     """y and route_prob_sum of the GPU layer, with the GPU backward as their gradient."""
 
     @staticmethod
-    def forward(ctx, module, x, *parameters):
-        layer = module._layer_for_current_weights()
+    def forward(ctx, module, group_size, x, *parameters):
+        layer = module._layer_for(group_size)
         out = layer.forward(x.detach().to("cpu", torch.float32).numpy())
         module._forwards += 1
-        ctx.module = module
-        ctx.forward_id = module._forwards
+        ctx.module, ctx.layer, ctx.forward_id = module, layer, module._forwards
         ctx.save_for_backward(x)
         like = dict(device=x.device, dtype=x.dtype)
         y = torch.from_numpy(out["y"]).to(**like)
@@ -60,15 +59,13 @@ class _MoeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_route_prob_sum, _counts, _route_prob_max):
-        module = ctx.module
+        module, layer = ctx.module, ctx.layer
         (x,) = ctx.saved_tensors
-        layer = module._layer
-        # The layer keeps only its last forward: a module called again before this
-        # backward runs its forward once more (the same result, bit for bit).
+        # A layer keeps only its last forward: a module called again before this backward
+        # runs its forward once more (the same result, bit for bit).
         if module._forwards != ctx.forward_id:
             layer.forward(x.detach().to("cpu", torch.float32).numpy())
             module._forwards += 1
-            ctx.forward_id = module._forwards
         if dy is None:
             dy = torch.zeros_like(x)
         prob_sum_grad = None
@@ -79,33 +76,25 @@ class _MoeFunction(torch.autograd.Function):
             route_prob_sum_grad=prob_sum_grad,
         )
         like = dict(device=x.device, dtype=x.dtype)
-        out = [None, torch.from_numpy(grads["x"]).to(**like)]
+        out = [None, None, torch.from_numpy(grads["x"]).to(**like)]
         for name in module._names:
             out.append(torch.from_numpy(grads[name]).to(**like))
         return tuple(out)
 
 
-class SwitchFeedForward(nn.Module):
-    """A Mixture-of-Experts layer (labml_nn's ``SwitchFeedForward`` interface) on the GPU.
-
-    ``forward(x)`` for ``x [seq, batch, d_model]`` returns labml's tuple
-    ``(y, counts, route_prob_sum, n_dropped, route_prob_max)``; ``y`` and
-    ``route_prob_sum`` are differentiable.
-    """
+class _GpuMoe(nn.Module):
+    """The GPU layer with its weights as ``nn.Parameter``s in the native layout; the layers
+    (one per capacity group size asked for) take the parameters' values again only when
+    one of them changed (torch's in-place version counters)."""
 
     def __init__(self, weights, config):
-        """``weights``: tensors or arrays under their native names (router.weight [N, D],
-        router.bias [N], experts.w1 [N, F, D], experts.b1 [N, F], experts.w2 [N, D, F],
-        experts.b2 [N, D], experts.w3 [N, F, D], experts.b3 [N, F]; biases and w3
-        optional); ``config``: the config JSON's keys."""
         super().__init__()
         self.config = dict(config)
         self._names = [name for name in NATIVE_NAMES if name in weights]
         for name in self._names:
             value = torch.as_tensor(np.asarray(weights[name], dtype=np.float32))
             setattr(self, _attribute(name), nn.Parameter(value.clone()))
-        self._layer = None
-        self._versions = None
+        self._layers = {}
         self._forwards = 0
         self._last_statistics = None
 
@@ -118,20 +107,41 @@ class SwitchFeedForward(nn.Module):
             for name, p in zip(self._names, self._parameters_in_order())
         }
 
-    def _layer_for_current_weights(self):
+    def _layer_for(self, group_size):
         versions = [(id(p), p._version) for p in self._parameters_in_order()]
-        if self._layer is None:
-            self._layer = MoeLayer(self._weights_dict(), {**self.config, "naming": "native"})
-        elif versions != self._versions:
-            self._layer.set_weights(self._weights_dict())
-        self._versions = versions
-        return self._layer
+        layer, seen = self._layers.get(group_size, (None, None))
+        if layer is None:
+            config = {**self.config, "naming": "native"}
+            if group_size is not None:
+                config["group_size"] = group_size
+            layer = MoeLayer(self._weights_dict(), config)
+        elif seen != versions:
+            layer.set_weights(self._weights_dict())
+        self._layers[group_size] = (layer, versions)
+        return layer
 
-    def forward(self, x):
+    def _run(self, x, group_size=None):
+        """y (shape of x), route_prob_sum, counts, route_prob_max, n_dropped."""
         y, route_prob_sum, counts, route_prob_max = _MoeFunction.apply(
-            self, x, *self._parameters_in_order()
+            self, group_size, x, *self._parameters_in_order()
         )
         n_dropped = int(self._last_statistics["n_dropped"])
+        return y, route_prob_sum, counts, route_prob_max, n_dropped
+
+
+class SwitchFeedForward(_GpuMoe):
+    """A Mixture-of-Experts layer (labml_nn's ``SwitchFeedForward`` interface) on the GPU.
+
+    ``forward(x)`` for ``x [seq, batch, d_model]`` returns labml's tuple
+    ``(y, counts, route_prob_sum, n_dropped, route_prob_max)``; ``y`` and
+    ``route_prob_sum`` are differentiable. ``weights`` are tensors or arrays under their
+    native names (router.weight [N, D], router.bias [N], experts.w1 [N, F, D], experts.b1
+    [N, F], experts.w2 [N, D, F], experts.b2 [N, D], experts.w3 [N, F, D], experts.b3
+    [N, F]; biases and w3 optional); ``config`` the config JSON's keys.
+    """
+
+    def forward(self, x):
+        y, route_prob_sum, counts, route_prob_max, n_dropped = self._run(x)
         return y, counts, route_prob_sum, n_dropped, route_prob_max
 
     @classmethod
@@ -147,34 +157,6 @@ class SwitchFeedForward(nn.Module):
                 f"the labml experts have dropout {dropout}: switch_moe does not apply it",
                 stacklevel=2,
             )
-
-        def stack(get):
-            return torch.stack([get(e).detach() for e in experts]).float().numpy()
-
-        def bias_stack(layer_name):
-            layers = [getattr(e, layer_name) for e in experts]
-            if any(layer.bias is None for layer in layers):
-                return None
-            return torch.stack([layer.bias.detach() for layer in layers]).float().numpy()
-
-        weights = {
-            "router.weight": module.switch.weight.detach().float().numpy(),
-            "experts.w1": stack(lambda e: e.layer1.weight),
-            "experts.w2": stack(lambda e: e.layer2.weight),
-        }
-        optional = {
-            "router.bias": (
-                None
-                if module.switch.bias is None
-                else module.switch.bias.detach().float().numpy()
-            ),
-            "experts.b1": bias_stack("layer1"),
-            "experts.b2": bias_stack("layer2"),
-        }
-        if gated:
-            weights["experts.w3"] = stack(lambda e: e.linear_v.weight)
-            optional["experts.b3"] = bias_stack("linear_v")
-        weights.update({k: v for k, v in optional.items() if v is not None})
         config = {
             "n_experts": module.n_experts,
             "top_k": 1,
@@ -186,14 +168,87 @@ class SwitchFeedForward(nn.Module):
             "gated": gated,
             "normalize_top_k": False,
         }
-        return cls(weights, config)
+        return cls(native_weights(_state_arrays(module), config), config)
+
+
+class MoeFeedForward(_GpuMoe):
+    """Hugging Face's MoE blocks on the GPU: ``forward(hidden_states [batch, seq, d])``
+    returns the block's ``hidden_states``, differentiable (x, the router and the experts).
+    For ``SwitchTransformersSparseMLP`` the capacity groups are the sequences, as there."""
+
+    def __init__(self, weights, config, group_per_sequence=False):
+        super().__init__(weights, config)
+        self.group_per_sequence = group_per_sequence
+
+    def forward(self, hidden_states):
+        batch, sequence, d_model = hidden_states.shape
+        group_size = sequence if self.group_per_sequence else None
+        y, *_ = self._run(hidden_states.reshape(batch * sequence, d_model), group_size)
+        return y.reshape(batch, sequence, d_model)
+
+    @classmethod
+    def from_hf(cls, module):
+        """From a transformers ``MixtralSparseMoeBlock`` or ``SwitchTransformersSparseMLP``
+        (their own weights, in their own naming)."""
+        kind = type(module).__name__
+        if kind == "MixtralSparseMoeBlock":
+            if module.jitter_noise:
+                warnings.warn(
+                    "the block's router jitter noise (training only) is not applied",
+                    stacklevel=2,
+                )
+            config = {
+                "n_experts": module.experts.num_experts,
+                "top_k": module.top_k,
+                "drop_tokens": False,
+                "scale_by_prob": True,
+                "activation": _activation_name(module.experts.act_fn),
+                "gated": True,
+                "normalize_top_k": True,
+            }
+            return cls(native_weights(_state_arrays(module), config), config)
+        if kind == "SwitchTransformersSparseMLP":
+            router = module.router
+            if router.jitter_noise:
+                warnings.warn(
+                    "the block's router jitter noise (training only) is not applied",
+                    stacklevel=2,
+                )
+            config = {
+                "n_experts": router.num_experts,
+                "top_k": 1,
+                "expert_capacity": router.expert_capacity,
+                "drop_tokens": True,
+                "drop_policy": "zero",
+                "scale_by_prob": True,
+                "activation": _activation_name(module.experts["expert_0"].act),
+                "gated": False,
+                "normalize_top_k": False,
+            }
+            weights = native_weights(_state_arrays(module), config)
+            return cls(weights, config, group_per_sequence=True)
+        raise ValueError(
+            f"{kind}: from_hf takes MixtralSparseMoeBlock or SwitchTransformersSparseMLP"
+        )
+
+
+def _state_arrays(module):
+    """A module's state dict as f32 numpy arrays (the naming the crate detects)."""
+    return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in module.state_dict().items()}
 
 
 def _activation_name(activation):
-    if isinstance(activation, nn.ReLU):
+    name = type(activation).__name__
+    if isinstance(activation, nn.ReLU) or name == "ReLUActivation":
         return "relu"
+    if name == "SiLUActivation":
+        return "silu"
     if isinstance(activation, nn.GELU):
         return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
     if isinstance(activation, nn.SiLU):
         return "silu"
+    if name in ("GELUActivation",):
+        return "gelu"
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+        return "gelu_tanh"
     raise ValueError(f"activation {activation!r}: switch_moe has relu, gelu, gelu_tanh, silu")
