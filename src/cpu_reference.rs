@@ -449,3 +449,30 @@ pub fn forward(
         z_loss,
     })
 }
+
+/// The experts alone on pre-routed tokens (`MoeLayer::forward_experts`):
+/// `y[t] = Σ_j w[t, j]·E_{e[t, j]}(x[t])` in choice order, no router, no capacity.
+pub fn forward_experts(
+    activation: Activation,
+    weights: &MoeWeights,
+    x: &[f32],
+    top_k_index: &[u32],
+    top_k_weights: &[f32],
+) -> Vec<f32> {
+    let d = weights.shape.d_model;
+    let num_tokens = x.len() / d;
+    let k = top_k_index.len() / num_tokens.max(1);
+    let mut y = vec![0.0f32; x.len()];
+    for t in 0..num_tokens {
+        let x_row = &x[t * d..(t + 1) * d];
+        for j in 0..k {
+            let e = top_k_index[t * k + j] as usize;
+            let h = expert_up(&[x_row], weights, e, activation);
+            let out = expert_down(&h, weights, e);
+            for (acc, o) in y[t * d..(t + 1) * d].iter_mut().zip(out) {
+                *acc += top_k_weights[t * k + j] * o;
+            }
+        }
+    }
+    y
+}

@@ -2,6 +2,7 @@
 //! batch into exact chunks (whole capacity groups, or any tokens when nothing is dropped)
 //! whose statistics are merged.
 
+use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{max_x_rows, ScratchSizes};
 use crate::gpu::forward::Run;
@@ -13,8 +14,13 @@ use crate::output::{num_tokens_of, MoeOutput};
 impl MoeLayer {
     /// The plan for `num_tokens` tokens, or the device limit it would exceed.
     pub(super) fn plan(&self, num_tokens: usize) -> Result<ForwardPlan> {
+        self.plan_with(&self.config, num_tokens)
+    }
+
+    /// [`MoeLayer::plan`] under `config` (the experts-only pass plans with its own).
+    pub(super) fn plan_with(&self, config: &MoeConfig, num_tokens: usize) -> Result<ForwardPlan> {
         let plan = ForwardPlan::new(
-            &self.config,
+            config,
             self.shape,
             num_tokens,
             self.matmul_block,

@@ -82,6 +82,15 @@ impl StatisticsLayout {
     }
 }
 
+/// Who chose each token's experts: the layer's router, or the caller (`forward_experts`:
+/// the routes and weights are written to the workspace, and the router's two dispatches,
+/// route_tokens and reduce_router_stats, are left out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Routing {
+    Router,
+    PreRouted,
+}
+
 /// What one forward produced (the browser API reads only the output).
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub(super) struct Run {
@@ -140,7 +149,7 @@ impl MoeLayer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("moe forward"),
             });
-        self.encode(&mut encoder, workspace, &plan)?;
+        self.encode(&mut encoder, workspace, &plan, Routing::Router)?;
         let scratch = &workspace.scratch;
         let n = plan.shape.num_experts;
         let t = plan.num_tokens;
@@ -311,7 +320,7 @@ impl MoeLayer {
         );
         let scratch = &workspace.scratch;
         encoder.copy_buffer_to_buffer(x, 0, &scratch.x, 0, values);
-        self.encode(encoder, workspace, plan)?;
+        self.encode(encoder, workspace, plan, Routing::Router)?;
         encoder.copy_buffer_to_buffer(&scratch.y, 0, y, 0, values);
         if let Some(statistics) = statistics {
             let n = self.shape.num_experts as u64;
@@ -349,6 +358,7 @@ impl MoeLayer {
         encoder: &mut wgpu::CommandEncoder,
         workspace: &Workspace,
         plan: &ForwardPlan,
+        routing: Routing,
     ) -> Result<()> {
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let route_grid = grid_2d(plan.num_route_blocks, max_dim)?;
@@ -371,12 +381,14 @@ impl MoeLayer {
             &workspace.stage_tokens,
             route_grid,
         );
-        dispatch(
-            &mut pass,
-            &k.route_tokens,
-            &workspace.route_tokens,
-            route_grid,
-        );
+        if routing == Routing::Router {
+            dispatch(
+                &mut pass,
+                &k.route_tokens,
+                &workspace.route_tokens,
+                route_grid,
+            );
+        }
         dispatch(
             &mut pass,
             &k.count_experts,
@@ -389,12 +401,14 @@ impl MoeLayer {
             &workspace.scan_expert_offsets,
             (1, 1),
         );
-        dispatch(
-            &mut pass,
-            &k.reduce_router_stats,
-            &workspace.reduce_router_stats,
-            (1, 1),
-        );
+        if routing == Routing::Router {
+            dispatch(
+                &mut pass,
+                &k.reduce_router_stats,
+                &workspace.reduce_router_stats,
+                (1, 1),
+            );
+        }
         dispatch(
             &mut pass,
             &k.scatter_assignments,
