@@ -245,6 +245,41 @@ impl PyMoeLayer {
         output_dict(py, &output)
     }
 
+    /// The experts alone on pre-routed tokens: `x [T, D]`, `top_k_index [T, k]` (expert
+    /// ids), `top_k_weights [T, k]` → `y [T, D] = Σ_j w[t, j]·E_{e[t, j]}(x[t])`. No router,
+    /// no capacity, no statistics.
+    fn forward_experts<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        top_k_index: &Bound<'py, PyAny>,
+        top_k_weights: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let x = float32(x, "x")?;
+        let shape = x.shape().to_vec();
+        let values: Vec<f32> = x.as_array().iter().copied().collect();
+        let index: Vec<u32> = py
+            .import("numpy")?
+            .call_method1("asarray", (top_k_index, "int64"))
+            .and_then(|a| a.extract::<PyReadonlyArrayDyn<'_, i64>>())
+            .map_err(|e| value_error(format!("top_k_index: {e}")))?
+            .as_array()
+            .iter()
+            .map(|&e| u32::try_from(e).unwrap_or(u32::MAX))
+            .collect();
+        let weights: Vec<f32> = float32(top_k_weights, "top_k_weights")?
+            .as_array()
+            .iter()
+            .copied()
+            .collect();
+        let run = py.detach(|| {
+            self.layer
+                .forward_experts(&values, &shape, &index, &weights)
+        });
+        let y = run.map_err(|e| to_py(py, e))?;
+        array(py, y, &shape)
+    }
+
     /// The gradients of `Σ dy ⊙ y + aux_loss_coef·aux_loss + z_loss_coef·z_loss` (plus
     /// `Σ route_prob_sum_grad ⊙ route_prob_sum` when given) for the last forward (SPEC
     /// "Backward"): `x`, and every weight tensor under its native name.

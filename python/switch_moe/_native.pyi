@@ -34,6 +34,15 @@ class MoeLayer:
         counts [N] int64, kept [N] int64, route_prob_sum [N], n_dropped (int),
         aux_loss and z_loss (float)."""
         ...
+    def forward_experts(
+        self,
+        x: npt.ArrayLike,
+        top_k_index: npt.ArrayLike,
+        top_k_weights: npt.ArrayLike,
+    ) -> np.ndarray:
+        """The experts alone on pre-routed tokens: y[t] = sum_j w[t, j] * E_e[t, j](x[t]);
+        no router, no capacity."""
+        ...
     def backward(
         self,
         dy: npt.ArrayLike,

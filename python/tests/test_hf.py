@@ -89,3 +89,26 @@ def test_output_and_gradients_equal_the_hf_block(make):
 def test_other_modules_are_refused():
     with pytest.raises(ValueError, match="from_hf takes"):
         MoeFeedForward.from_hf(torch.nn.Linear(2, 2))
+
+
+def test_register_runs_a_mixtral_blocks_experts():
+    import switch_moe.hf
+    from switch_moe import TrainingError
+
+    switch_moe.hf.register()
+    block = mixtral_block()
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        eager = block(x)
+        block.experts.config._experts_implementation = "switch_moe"
+        ours = block(x)
+        assert hasattr(block.experts, "_switch_moe_layer"), "the registered experts did not run"
+        close("registered experts", ours, eager)
+        # After the weights change, the layer takes them again.
+        block.experts.down_proj.mul_(0.5)
+        block.experts.config._experts_implementation = None
+        eager_half = block(x)
+        block.experts.config._experts_implementation = "switch_moe"
+        close("after a weight change", block(x), eager_half)
+    with pytest.raises(TrainingError, match="no backward yet"):
+        block(x.requires_grad_(True))
