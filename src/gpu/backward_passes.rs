@@ -5,7 +5,8 @@
 use crate::cpu_backward::{check_prob_sum_grad, LossCoefficients};
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
-use crate::gpu::forward::{dispatch, encode_writes, too_small};
+use crate::gpu::encoded::{encode_writes, too_small};
+use crate::gpu::forward::dispatch;
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::{ParameterLayout, Training, TrainingState};
 use crate::gpu::params::BackwardParams;

@@ -5,6 +5,7 @@ mod backward_passes;
 pub mod buffers;
 mod chunks;
 pub mod context;
+mod encoded;
 mod experts;
 mod forward;
 pub mod kernels;

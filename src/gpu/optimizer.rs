@@ -5,7 +5,8 @@
 
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{storage_buffer, uniform_buffer};
-use crate::gpu::forward::{dispatch, encode_writes, read_mapped};
+use crate::gpu::encoded::encode_writes;
+use crate::gpu::forward::{dispatch, read_mapped};
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::{ParameterLayout, Training};
 use crate::gpu::params::OptimizerParams;
