@@ -17,3 +17,22 @@ fn slot_expert(slot: u32) -> u32 {
     }
     return e;
 }
+
+// A block of 4 slots of one row tile (so of one expert): that expert (ABSENT when all 4 are
+// padding) and which of the 4 are kept.
+struct SlotBlock {
+    expert: u32,
+    valid: vec4<bool>,
+}
+
+fn slot_block(slot0: u32) -> SlotBlock {
+    var block = SlotBlock(ABSENT, vec4<bool>(false));
+    for (var i = 0u; i < 4u; i++) {
+        let owner = slot_expert(slot0 + i);
+        block.valid[i] = owner != ABSENT;
+        if (owner != ABSENT) {
+            block.expert = owner;
+        }
+    }
+    return block;
+}

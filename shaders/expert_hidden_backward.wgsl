@@ -64,16 +64,9 @@ fn main(
     let slot0 = index / unit_blocks * 4u;
     let f0 = index % unit_blocks * 4u;
     let gated = params.gated != 0u;
-    // The block's expert: its first slot's, or its tile's when that slot is padding.
-    var valid = vec4<bool>(false);
-    var e = ABSENT;
-    for (var i = 0u; i < 4u; i++) {
-        let owner = slot_expert(slot0 + i);
-        valid[i] = owner != ABSENT;
-        if (owner != ABSENT) {
-            e = owner;
-        }
-    }
+    let block = slot_block(slot0);
+    let valid = block.valid;
+    let e = block.expert;
     if (e == ABSENT) {
         for (var i = 0u; i < 4u; i++) {
             for (var c = 0u; c < 4u; c++) {

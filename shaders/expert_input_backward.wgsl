@@ -42,15 +42,9 @@ fn main(
     }
     let slot0 = index / column_blocks * 4u;
     let d0 = index % column_blocks * 4u;
-    var valid = vec4<bool>(false);
-    var e = ABSENT;
-    for (var i = 0u; i < 4u; i++) {
-        let owner = slot_expert(slot0 + i);
-        valid[i] = owner != ABSENT;
-        if (owner != ABSENT) {
-            e = owner;
-        }
-    }
+    let block = slot_block(slot0);
+    let valid = block.valid;
+    let e = block.expert;
     // acc[i][c]: slot slot0 + i, column d0 + c.
     var acc = array<vec4<f32>, 4>();
     if (e != ABSENT) {
