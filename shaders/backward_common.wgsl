@@ -33,8 +33,10 @@ struct BackwardParams {
     b2_at: u32,
     w3_at: u32,
     b3_at: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // 1: the training forward was forward_experts (the caller's routes and weights, no
+    // router): gate_backward writes dL/dw, and the router's terms are left out.
+    pre_routed: u32,
+    _pad: u32,
 }
 
 const ABSENT: u32 = 0xffffffffu;

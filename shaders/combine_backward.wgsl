@@ -1,8 +1,8 @@
 // combine_backward: dx gathered per token (no scatter, no atomics):
 //   dx[t, d] = Σ_e Wr[e, d]·dh[t, e] + Σ_{kept j} dXslot[assignment_slot[t, j], d]
 //              + π[t]·dy[t, d]
-// the router's term in expert order, then the choices in choice order, then the
-// pass-through. CPU twin: cpu_backward_kernels::combine_backward.
+// the router's term in expert order (none after a pre-routed forward), then the choices in
+// choice order, then the pass-through. CPU twin: cpu_backward_kernels::combine_backward.
 //
 // Dispatch: one invocation per element of [T, D], workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 dy [T, D], 2 d_logits [T, N], 3 assignment_slot [T, k],
@@ -30,7 +30,7 @@ fn main(
     }
     let token = index / d_model;
     let d = index % d_model;
-    let n = params.num_experts;
+    let n = select(params.num_experts, 0u, params.pre_routed != 0u);
     var sum = 0.0;
     for (var e = 0u; e < n; e++) {
         sum += parameters[params.router_weight_at + e * d_model + d] * d_logits[token * n + e];

@@ -11,6 +11,9 @@
 // p is recomputed from the saved logits as route_tokens computed it. dh is built in place in
 // the token's row of d_logits (routes of a token are distinct experts, so each dq_j has its
 // own element).
+// After a pre-routed forward (forward_experts: the caller's weights w are the gates, no
+// router), the token's row of d_logits holds dL/dw_j = dy[t]·O[slot_j] in its first k
+// columns instead, slot_scale[slot_j] = w_j, and pass_scale is 0.
 //
 // Dispatch: one invocation per token, workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 logits [T, N], 4 routes [T, k],
@@ -65,6 +68,20 @@ fn main(
     let n = params.num_experts;
     let k = params.top_k;
     let row = token * n;
+    if (params.pre_routed != 0u) {
+        for (var j = 0u; j < k; j++) {
+            let assignment = token * k + j;
+            let slot = assignment_slot[assignment];
+            var d_weight = 0.0;
+            if (slot != DROPPED) {
+                slot_scale[slot] = gates[assignment];
+                d_weight = dot_dy_out(token, slot);
+            }
+            d_logits[row + j] = d_weight;
+        }
+        pass_scale[token] = 0.0;
+        return;
+    }
     let scale_by_prob = params.scale_by_prob != 0u;
     let tokens = f32(params.num_tokens);
 

@@ -1,7 +1,7 @@
 // router_backward: the router's weight gradients from dL/dh (gate_backward):
 //   dWr[e, d] = Σ_t dh[t, e]·x[t, d],   dbr[e] = Σ_t dh[t, e]
-// each summed over the tokens in order: the same bits on every run. CPU twin:
-// cpu_backward_kernels::router_backward.
+// each summed over the tokens in order: the same bits on every run; zeros after a pre-routed
+// forward (the router was not in its graph). CPU twin: cpu_backward_kernels::router_backward.
 //
 // Dispatch: one invocation per block of 4 experts × 4 columns of D (the last column block
 // of each expert block holds the 4 biases), workgroups of 64 in 2-D. A block keeps its 16
@@ -35,7 +35,8 @@ fn main(
     }
     // acc[i][c]: expert e0 + i, column d0 + c (biases: component 0).
     var acc = array<vec4<f32>, 4>();
-    for (var t = 0u; t < params.num_tokens; t++) {
+    let num_tokens = select(params.num_tokens, 0u, params.pre_routed != 0u);
+    for (var t = 0u; t < num_tokens; t++) {
         let at = t * n + e0;
         let dh = vec4(d_logits[at], d_logits[at + 1u], d_logits[at + 2u], d_logits[at + 3u]);
         var xs = vec4(1.0, 0.0, 0.0, 0.0);

@@ -14,90 +14,9 @@ use crate::config::{Activation, DropPolicy, MoeConfig};
 use crate::cpu_reference::{activate, assign_positions, dot, first_non_finite_token, route_tokens};
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
-use crate::output::num_tokens_of;
-use crate::tensor_io::{serialize_tensors, OwnedTensor};
+pub use crate::gradients::{ExpertsGradients, Gradients};
+use crate::output::{check_routes, num_tokens_of};
 use crate::weights::{LayerShape, MoeWeights};
-
-/// dL/d of every tensor the layer holds (native names and shapes), and of `x`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Gradients {
-    /// The shape of `x`.
-    pub x: Vec<f32>,
-    /// `[N, D]`.
-    pub router_weight: Vec<f32>,
-    /// `[N]`, when the layer has a router bias.
-    pub router_bias: Option<Vec<f32>>,
-    /// `[N, F, D]`.
-    pub w1: Vec<f32>,
-    pub b1: Option<Vec<f32>>,
-    /// `[N, D, F]`.
-    pub w2: Vec<f32>,
-    pub b2: Option<Vec<f32>>,
-    /// `[N, F, D]`, gated layers.
-    pub w3: Option<Vec<f32>>,
-    pub b3: Option<Vec<f32>>,
-}
-
-impl Gradients {
-    /// Every gradient under its native name (SPEC "Backward"), `x` first, absent biases
-    /// and `experts.w3` of ungated layers left out.
-    pub fn named(&self) -> Vec<(&'static str, &[f32])> {
-        let tensors: [(&'static str, Option<&Vec<f32>>); 9] = [
-            ("x", Some(&self.x)),
-            ("router.weight", Some(&self.router_weight)),
-            ("router.bias", self.router_bias.as_ref()),
-            ("experts.w1", Some(&self.w1)),
-            ("experts.b1", self.b1.as_ref()),
-            ("experts.w2", Some(&self.w2)),
-            ("experts.b2", self.b2.as_ref()),
-            ("experts.w3", self.w3.as_ref()),
-            ("experts.b3", self.b3.as_ref()),
-        ];
-        tensors
-            .into_iter()
-            .filter_map(|(name, tensor)| tensor.map(|t| (name, t.as_slice())))
-            .collect()
-    }
-
-    /// Every gradient as [`Gradients::named`] lists them, with its shape (`x`'s is
-    /// `x_shape`; the weights' are the native ones).
-    pub fn named_with_shapes(
-        &self,
-        x_shape: &[usize],
-        shape: LayerShape,
-    ) -> Vec<(&'static str, &[f32], Vec<usize>)> {
-        let LayerShape {
-            num_experts: n,
-            d_model: d,
-            d_ff: f,
-        } = shape;
-        self.named()
-            .into_iter()
-            .map(|(name, values)| {
-                let dims = match name {
-                    "x" => x_shape.to_vec(),
-                    "router.weight" => vec![n, d],
-                    "router.bias" => vec![n],
-                    "experts.w1" | "experts.w3" => vec![n, f, d],
-                    "experts.w2" => vec![n, d, f],
-                    "experts.b2" => vec![n, d],
-                    _ => vec![n, f],
-                };
-                (name, values, dims)
-            })
-            .collect()
-    }
-
-    /// The gradients as safetensors bytes (f32, native names; `x` of `x_shape`).
-    pub fn to_safetensors_bytes(&self, x_shape: &[usize], shape: LayerShape) -> Result<Vec<u8>> {
-        let tensors = self
-            .named_with_shapes(x_shape, shape)
-            .into_iter()
-            .map(|(name, values, dims)| (name.to_string(), OwnedTensor::f32(dims, values)))
-            .collect();
-        serialize_tensors(&tensors)
-    }
-}
 
 /// The loss terms beyond `Σ dy ⊙ y`: `α·aux_loss + β·z_loss`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -151,6 +70,45 @@ struct Sums {
     b3: Vec<f64>,
 }
 
+impl Sums {
+    /// Zeros for a layer of `shape` and an `x` of `x_len` values.
+    fn zeros(shape: LayerShape, x_len: usize) -> Self {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        } = shape;
+        Sums {
+            x: vec![0.0; x_len],
+            router_weight: vec![0.0; n * d],
+            router_bias: vec![0.0; n],
+            w1: vec![0.0; n * f * d],
+            b1: vec![0.0; n * f],
+            w2: vec![0.0; n * d * f],
+            b2: vec![0.0; n * d],
+            w3: vec![0.0; n * f * d],
+            b3: vec![0.0; n * f],
+        }
+    }
+
+    /// In f32, the tensors `weights` has.
+    fn into_gradients(self, weights: &MoeWeights) -> Gradients {
+        let present =
+            |tensor: &Option<Vec<f32>>, sums: &[f64]| tensor.as_ref().map(|_| to_f32(sums));
+        Gradients {
+            x: to_f32(&self.x),
+            router_weight: to_f32(&self.router_weight),
+            router_bias: present(&weights.router_bias, &self.router_bias),
+            w1: to_f32(&self.w1),
+            b1: present(&weights.b1, &self.b1),
+            w2: to_f32(&self.w2),
+            b2: present(&weights.b2, &self.b2),
+            w3: weights.w3.as_ref().map(|_| to_f32(&self.w3)),
+            b3: present(&weights.b3, &self.b3),
+        }
+    }
+}
+
 /// An upstream gradient of `route_prob_sum` must hold N finite values.
 pub(crate) fn check_prob_sum_grad(gradient: Option<&[f32]>, num_experts: usize) -> Result<()> {
     let Some(gradient) = gradient else {
@@ -174,6 +132,26 @@ pub(crate) fn check_prob_sum_grad(gradient: Option<&[f32]>, num_experts: usize) 
     }
 }
 
+/// `dy` must hold `len` finite values (the shape of y).
+fn check_dy(dy: &[f32], len: usize, shape: &[usize]) -> Result<()> {
+    if dy.len() != len {
+        return Err(MoeError::tensor(
+            "dy",
+            format!(
+                "{} values, expected {len} (the shape of y, {shape:?})",
+                dy.len()
+            ),
+        ));
+    }
+    match dy.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(MoeError::tensor(
+            "dy",
+            format!("non-finite value at flat index {index}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The values of f32 matrices (training checks the format first).
 fn f32_values(matrices: &ExpertMatrices) -> &[f32] {
     matrices.f32_values().unwrap_or_default()
@@ -183,49 +161,100 @@ fn to_f32(values: &[f64]) -> Vec<f32> {
     values.iter().map(|&v| v as f32).collect()
 }
 
-/// The expert of one kept assignment, recomputed from its token: the pre-activations `a`
-/// (and `v` when gated), `h`, and the output `o`.
-struct ExpertPass {
-    a: Vec<f32>,
-    v: Option<Vec<f32>>,
-    h: Vec<f32>,
-    o: Vec<f32>,
+/// The experts' f32 matrices (training checks the format first), read in place.
+struct Experts<'a> {
+    weights: &'a MoeWeights,
+    w1: &'a [f32],
+    w2: &'a [f32],
+    w3: Option<&'a [f32]>,
+    activation: Activation,
 }
 
-fn expert_pass(
-    x_row: &[f32],
-    weights: &MoeWeights,
-    w1: &[f32],
-    w2: &[f32],
-    w3: Option<&[f32]>,
-    expert: usize,
-    activation: Activation,
-) -> ExpertPass {
-    let LayerShape { d_model, d_ff, .. } = weights.shape;
+impl<'a> Experts<'a> {
+    fn new(weights: &'a MoeWeights, activation: Activation) -> Self {
+        Experts {
+            weights,
+            w1: f32_values(&weights.w1),
+            w2: f32_values(&weights.w2),
+            w3: weights.w3.as_ref().map(f32_values),
+            activation,
+        }
+    }
+}
+
+/// The backward of `expert` on one token's row, its output scaled by `s` (dO = s·dy): adds
+/// its terms to the expert's sums and to the token's `x`, and returns dL/ds = dy·O. The
+/// pre-activations `a` (and `v` when gated), `h` and `o` are recomputed from `x`.
+fn expert_backward(
+    sums: &mut Sums,
+    experts: &Experts<'_>,
+    (token, expert): (usize, usize),
+    (x_row, dy_row): (&[f32], &[f32]),
+    s: f64,
+) -> f64 {
+    let weights = experts.weights;
+    let LayerShape {
+        d_model: d,
+        d_ff: f,
+        ..
+    } = weights.shape;
+    let w1_e = &experts.w1[expert * f * d..(expert + 1) * f * d];
+    let w2_e = &experts.w2[expert * d * f..(expert + 1) * d * f];
+    let w3_e = experts
+        .w3
+        .map(|w3| &w3[expert * f * d..(expert + 1) * f * d]);
     let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |b| b[i]);
-    let a: Vec<f32> = (0..d_ff)
-        .map(|f| {
-            dot(x_row, &w1[f * d_model..(f + 1) * d_model]) + bias(&weights.b1, expert * d_ff + f)
-        })
-        .collect();
-    let v: Option<Vec<f32>> = w3.map(|w3| {
-        (0..d_ff)
-            .map(|f| {
-                dot(x_row, &w3[f * d_model..(f + 1) * d_model])
-                    + bias(&weights.b3, expert * d_ff + f)
-            })
+    let projection = |w: &[f32], b: &Option<Vec<f32>>| -> Vec<f32> {
+        (0..f)
+            .map(|ff| dot(x_row, &w[ff * d..(ff + 1) * d]) + bias(b, expert * f + ff))
             .collect()
-    });
-    let h: Vec<f32> = (0..d_ff)
-        .map(|f| {
-            let act = activate(activation, a[f]);
-            v.as_ref().map_or(act, |v| act * v[f])
+    };
+    let a = projection(w1_e, &weights.b1);
+    let v = w3_e.map(|w3_e| projection(w3_e, &weights.b3));
+    let h: Vec<f32> = (0..f)
+        .map(|ff| {
+            let act = activate(experts.activation, a[ff]);
+            v.as_ref().map_or(act, |v| act * v[ff])
         })
         .collect();
-    let o: Vec<f32> = (0..d_model)
-        .map(|d| dot(&h, &w2[d * d_ff..(d + 1) * d_ff]) + bias(&weights.b2, expert * d_model + d))
+    let o: Vec<f32> = (0..d)
+        .map(|dd| dot(&h, &w2_e[dd * f..(dd + 1) * f]) + bias(&weights.b2, expert * d + dd))
         .collect();
-    ExpertPass { a, v, h, o }
+    let ds: f64 = dy_row
+        .iter()
+        .zip(&o)
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum();
+    let d_out: Vec<f64> = dy_row.iter().map(|&v| s * v as f64).collect();
+    let mut dh = vec![0.0f64; f];
+    for (dd, &g_out) in d_out.iter().enumerate() {
+        sums.b2[expert * d + dd] += g_out;
+        for ff in 0..f {
+            sums.w2[(expert * d + dd) * f + ff] += g_out * h[ff] as f64;
+            dh[ff] += g_out * w2_e[dd * f + ff] as f64;
+        }
+    }
+    for ff in 0..f {
+        let act = activate(experts.activation, a[ff]) as f64;
+        let slope = activation_derivative(experts.activation, a[ff]) as f64;
+        let value = v.as_ref().map_or(1.0, |v| v[ff] as f64);
+        let da = dh[ff] * value * slope;
+        sums.b1[expert * f + ff] += da;
+        let row = (expert * f + ff) * d;
+        for dd in 0..d {
+            sums.w1[row + dd] += da * x_row[dd] as f64;
+            sums.x[token * d + dd] += da * w1_e[ff * d + dd] as f64;
+        }
+        if let Some(w3_e) = w3_e {
+            let dv = dh[ff] * act;
+            sums.b3[expert * f + ff] += dv;
+            for dd in 0..d {
+                sums.w3[row + dd] += dv * x_row[dd] as f64;
+                sums.x[token * d + dd] += dv * w3_e[ff * d + dd] as f64;
+            }
+        }
+    }
+    ds
 }
 
 /// The gradients of `L = Σ dy ⊙ y + α·aux_loss + β·z_loss` (SPEC "Backward") for the
@@ -255,31 +284,16 @@ pub fn backward_with_prob_sum_grad(
     let LayerShape {
         num_experts: n,
         d_model: d,
-        d_ff: f,
+        ..
     } = weights.shape;
     weights.check()?;
     config.validate_for_weights(weights)?;
     weights.check_trainable()?;
     let num_tokens = num_tokens_of(shape, x.len(), d)?;
-    if dy.len() != x.len() {
-        return Err(MoeError::tensor(
-            "dy",
-            format!(
-                "{} values, expected {} (the shape of y, {shape:?})",
-                dy.len(),
-                x.len()
-            ),
-        ));
-    }
+    check_dy(dy, x.len(), shape)?;
     check_prob_sum_grad(route_prob_sum_grad, n)?;
     if let Some(token) = first_non_finite_token(x, d) {
         return Err(MoeError::NonFiniteInput { token });
-    }
-    if let Some(index) = dy.iter().position(|v| !v.is_finite()) {
-        return Err(MoeError::tensor(
-            "dy",
-            format!("non-finite value at flat index {index}"),
-        ));
     }
     let group_size = config.group_size_for(num_tokens)?;
     let k = config.top_k;
@@ -288,21 +302,8 @@ pub fn backward_with_prob_sum_grad(
         return Err(MoeError::NonFiniteInput { token });
     }
     let (loads, positions) = assign_positions(config, &routing.routes, n, group_size);
-    // f32 weights (checked above) are read in place.
-    let (w1, w2) = (f32_values(&weights.w1), f32_values(&weights.w2));
-    let w3 = weights.w3.as_ref().map(f32_values);
-
-    let mut sums = Sums {
-        x: vec![0.0; x.len()],
-        router_weight: vec![0.0; n * d],
-        router_bias: vec![0.0; n],
-        w1: vec![0.0; n * f * d],
-        b1: vec![0.0; n * f],
-        w2: vec![0.0; n * d * f],
-        b2: vec![0.0; n * d],
-        w3: vec![0.0; n * f * d],
-        b3: vec![0.0; n * f],
-    };
+    let experts = Experts::new(weights, config.activation);
+    let mut sums = Sums::zeros(weights.shape, x.len());
     // dL/dp for every token and expert, from the gates, pass-through and the aux loss.
     let mut dp = vec![0.0f64; num_tokens * n];
     for token in 0..num_tokens {
@@ -321,58 +322,18 @@ pub fn backward_with_prob_sum_grad(
             any_kept = true;
             let expert = routes[choice] as usize;
             let gate = routing.gates[token * k + choice];
-            let w1_e = &w1[expert * f * d..(expert + 1) * f * d];
-            let w2_e = &w2[expert * d * f..(expert + 1) * d * f];
-            let w3_e = w3
-                .as_ref()
-                .map(|w3| &w3[expert * f * d..(expert + 1) * f * d]);
-            let pass = expert_pass(x_row, weights, w1_e, w2_e, w3_e, expert, config.activation);
             // s = g, or g / stop_gradient(g) (value 1, gradient 1/g) without scaling.
             let s = if config.scale_by_prob {
                 gate as f64
             } else {
                 1.0
             };
-            let ds: f64 = dy_row
-                .iter()
-                .zip(&pass.o)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum();
+            let ds = expert_backward(&mut sums, &experts, (token, expert), (x_row, dy_row), s);
             dg[choice] = if config.scale_by_prob {
                 ds
             } else {
                 ds / gate as f64
             };
-            // The expert's backward with dO = s·dy.
-            let d_out: Vec<f64> = dy_row.iter().map(|&v| s * v as f64).collect();
-            let mut dh = vec![0.0f64; f];
-            for (dd, &g_out) in d_out.iter().enumerate() {
-                sums.b2[expert * d + dd] += g_out;
-                for ff in 0..f {
-                    sums.w2[(expert * d + dd) * f + ff] += g_out * pass.h[ff] as f64;
-                    dh[ff] += g_out * w2_e[dd * f + ff] as f64;
-                }
-            }
-            for ff in 0..f {
-                let act = activate(config.activation, pass.a[ff]) as f64;
-                let slope = activation_derivative(config.activation, pass.a[ff]) as f64;
-                let value = pass.v.as_ref().map_or(1.0, |v| v[ff] as f64);
-                let da = dh[ff] * value * slope;
-                sums.b1[expert * f + ff] += da;
-                let row = (expert * f + ff) * d;
-                for dd in 0..d {
-                    sums.w1[row + dd] += da * x_row[dd] as f64;
-                    sums.x[token * d + dd] += da * w1_e[ff * d + dd] as f64;
-                }
-                if let Some(w3_e) = w3_e {
-                    let dv = dh[ff] * act;
-                    sums.b3[expert * f + ff] += dv;
-                    for dd in 0..d {
-                        sums.w3[row + dd] += dv * x_row[dd] as f64;
-                        sums.x[token * d + dd] += dv * w3_e[ff * d + dd] as f64;
-                    }
-                }
-            }
         }
         // dL/dq: through the normalisation over ALL top-k choices (dropped ones too).
         let mut dq = if config.normalize_top_k {
@@ -432,19 +393,51 @@ pub fn backward_with_prob_sum_grad(
             }
         }
     }
-    let gated = weights.w3.is_some();
-    Ok(Gradients {
-        x: to_f32(&sums.x),
-        router_weight: to_f32(&sums.router_weight),
-        router_bias: weights
-            .router_bias
-            .as_ref()
-            .map(|_| to_f32(&sums.router_bias)),
-        w1: to_f32(&sums.w1),
-        b1: weights.b1.as_ref().map(|_| to_f32(&sums.b1)),
-        w2: to_f32(&sums.w2),
-        b2: weights.b2.as_ref().map(|_| to_f32(&sums.b2)),
-        w3: gated.then(|| to_f32(&sums.w3)),
-        b3: weights.b3.as_ref().map(|_| to_f32(&sums.b3)),
+    Ok(sums.into_gradients(weights))
+}
+
+/// The gradients of `L = Σ dy ⊙ y` for the experts alone on pre-routed tokens
+/// (`cpu_reference::forward_experts`, `y[t] = Σ_j w[t, j]·E_{e[t, j]}(x[t])`): `x`, every
+/// expert tensor, the router's as zeros (it is not in the graph), and `top_k_weights`'
+/// (dL/dw[t, j] = dy[t]·E_{e[t, j]}(x[t])). Training needs f32 weights.
+pub fn backward_experts(
+    activation: Activation,
+    weights: &MoeWeights,
+    (x, shape): (&[f32], &[usize]),
+    (top_k_index, top_k_weights): (&[u32], &[f32]),
+    dy: &[f32],
+) -> Result<ExpertsGradients> {
+    weights.check()?;
+    weights.check_trainable()?;
+    let d = weights.shape.d_model;
+    let num_tokens = num_tokens_of(shape, x.len(), d)?;
+    let k = check_routes(
+        weights.shape.num_experts,
+        num_tokens,
+        top_k_index,
+        top_k_weights,
+    )?;
+    check_dy(dy, x.len(), shape)?;
+    if let Some(token) = first_non_finite_token(x, d) {
+        return Err(MoeError::NonFiniteInput { token });
+    }
+    let experts = Experts::new(weights, activation);
+    let mut sums = Sums::zeros(weights.shape, x.len());
+    let mut d_weights = vec![0.0f32; top_k_index.len()];
+    for token in 0..num_tokens {
+        let rows = (
+            &x[token * d..(token + 1) * d],
+            &dy[token * d..(token + 1) * d],
+        );
+        for j in 0..k {
+            let expert = top_k_index[token * k + j] as usize;
+            let w = top_k_weights[token * k + j] as f64;
+            let ds = expert_backward(&mut sums, &experts, (token, expert), rows, w);
+            d_weights[token * k + j] = ds as f32;
+        }
+    }
+    Ok(ExpertsGradients {
+        gradients: sums.into_gradients(weights),
+        top_k_weights: d_weights,
     })
 }

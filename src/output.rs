@@ -108,3 +108,50 @@ pub fn num_tokens_of(shape: &[usize], len: usize, d_model: usize) -> Result<usiz
     }
     Ok(tokens)
 }
+
+/// Checks a caller's routes (`forward_experts`) for `num_tokens` tokens and `n` experts:
+/// `top_k_index` and `top_k_weights` both `[T, k]`, 1 ≤ k ≤ n, expert ids below n, finite
+/// weights. Returns k.
+pub fn check_routes(
+    n: usize,
+    num_tokens: usize,
+    top_k_index: &[u32],
+    top_k_weights: &[f32],
+) -> Result<usize> {
+    if top_k_index.len() != top_k_weights.len() {
+        return Err(MoeError::tensor(
+            "top_k_weights",
+            format!(
+                "{} values, but top_k_index holds {}",
+                top_k_weights.len(),
+                top_k_index.len()
+            ),
+        ));
+    }
+    let top_k = top_k_index.len() / num_tokens.max(1);
+    if num_tokens == 0 || top_k == 0 || top_k * num_tokens != top_k_index.len() || top_k > n {
+        return Err(MoeError::tensor(
+            "top_k_index",
+            format!(
+                "{} values for {num_tokens} tokens: expected [T, k] with 1 ≤ k ≤ {n}",
+                top_k_index.len()
+            ),
+        ));
+    }
+    if let Some(at) = top_k_index.iter().position(|&e| e as usize >= n) {
+        return Err(MoeError::tensor(
+            "top_k_index",
+            format!(
+                "expert {} at flat index {at}; the layer has {n} experts",
+                top_k_index[at]
+            ),
+        ));
+    }
+    if let Some(at) = top_k_weights.iter().position(|w| !w.is_finite()) {
+        return Err(MoeError::tensor(
+            "top_k_weights",
+            format!("non-finite value at flat index {at}"),
+        ));
+    }
+    Ok(top_k)
+}

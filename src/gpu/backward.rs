@@ -13,15 +13,16 @@
 //!
 //! Semantics: SPEC "Backward"; the CPU reference is `cpu_backward::backward`.
 
-use crate::cpu_backward::{Gradients, LossCoefficients};
+use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
 use crate::gpu::backward_passes::{BackwardScratch, DyFrom};
 use crate::gpu::buffers::padded_to_vec4;
 use crate::gpu::encoded::too_small;
-use crate::gpu::forward::{read_mapped, split_words};
+use crate::gpu::forward::{read_mapped, split_words, Routing};
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::{Training, TrainingRecord, TrainingState};
 use crate::gpu::readback::Wait;
+use crate::gradients::Gradients;
 use crate::output::{num_tokens_of, MoeOutput};
 
 /// The buffers one backward read and wrote, read back for tests and debugging (slots:
@@ -53,6 +54,14 @@ pub struct BackwardTrace {
     pub d_v: Option<Vec<f32>>,
     /// `[slots, D]`: each slot's input gradient (expert_input_backward).
     pub d_x_slot: Vec<f32>,
+}
+
+/// What a host backward read back.
+pub(super) struct BackwardRead {
+    pub(super) gradients: Gradients,
+    pub(super) trace: Option<BackwardTrace>,
+    /// `[T, k]` after a pre-routed forward: dL/dw of the caller's weights.
+    pub(super) top_k_weights: Option<Vec<f32>>,
 }
 
 impl MoeLayer {
@@ -118,7 +127,11 @@ impl MoeLayer {
             .run_in(&mut kept, previous, &plan, x, shape, false, wait)
             .await?;
         if let Some(workspace) = kept {
-            self.training_state()?.record = Some(TrainingRecord { workspace, plan });
+            self.training_state()?.record = Some(TrainingRecord {
+                workspace,
+                plan,
+                routing: Routing::Router,
+            });
         }
         Ok(run.output)
     }
@@ -128,8 +141,8 @@ impl MoeLayer {
     /// (native names and shapes). They also stay on the device for [`MoeLayer::step`].
     #[cfg(not(target_arch = "wasm32"))]
     pub fn backward(&self, dy: &[f32], coefficients: LossCoefficients) -> Result<Gradients> {
-        let run = self.run_backward(dy, None, coefficients, false, Wait::Block);
-        Ok(pollster::block_on(run)?.0)
+        let run = self.run_backward(dy, Routing::Router, None, coefficients, false, Wait::Block);
+        Ok(pollster::block_on(run)?.gradients)
     }
 
     /// [`MoeLayer::backward`] with the caller's gradient of `route_prob_sum` too (`[N]`:
@@ -142,8 +155,9 @@ impl MoeLayer {
         coefficients: LossCoefficients,
     ) -> Result<Gradients> {
         let gradient = Some(route_prob_sum_grad);
-        let run = self.run_backward(dy, gradient, coefficients, false, Wait::Block);
-        Ok(pollster::block_on(run)?.0)
+        let routing = Routing::Router;
+        let run = self.run_backward(dy, routing, gradient, coefficients, false, Wait::Block);
+        Ok(pollster::block_on(run)?.gradients)
     }
 
     /// [`MoeLayer::backward`] without blocking.
@@ -152,8 +166,8 @@ impl MoeLayer {
         dy: &[f32],
         coefficients: LossCoefficients,
     ) -> Result<Gradients> {
-        let run = self.run_backward(dy, None, coefficients, false, Wait::Yield);
-        Ok(run.await?.0)
+        let run = self.run_backward(dy, Routing::Router, None, coefficients, false, Wait::Yield);
+        Ok(run.await?.gradients)
     }
 
     /// Like [`MoeLayer::backward`], also reading back the backward's intermediate buffers
@@ -164,22 +178,27 @@ impl MoeLayer {
         dy: &[f32],
         coefficients: LossCoefficients,
     ) -> Result<(Gradients, BackwardTrace)> {
-        let (gradients, trace) =
-            pollster::block_on(self.run_backward(dy, None, coefficients, true, Wait::Block))?;
+        let run = self.run_backward(dy, Routing::Router, None, coefficients, true, Wait::Block);
+        let BackwardRead {
+            gradients, trace, ..
+        } = pollster::block_on(run)?;
         let trace = trace.ok_or_else(|| MoeError::Device {
             message: "trace requested but not read back".to_string(),
         })?;
         Ok((gradients, trace))
     }
 
-    async fn run_backward(
+    /// The host backward: records, submits, reads back `dx` and the weights' gradients,
+    /// and the trace (`with_trace`) or, after a pre-routed forward, dL/dw.
+    pub(super) async fn run_backward(
         &self,
         dy: &[f32],
+        routing: Routing,
         route_prob_sum_grad: Option<&[f32]>,
         coefficients: LossCoefficients,
         with_trace: bool,
         wait: Wait,
-    ) -> Result<(Gradients, Option<BackwardTrace>)> {
+    ) -> Result<BackwardRead> {
         let training = self.training()?;
         let words = training.layout.total;
         // The lock is held while encoding, not while the GPU works: the submitted commands
@@ -196,9 +215,8 @@ impl MoeLayer {
                 training,
                 &mut state,
                 &mut encoder,
-                DyFrom::Host(dy),
-                route_prob_sum_grad,
-                coefficients,
+                (DyFrom::Host(dy), routing),
+                (route_prob_sum_grad, coefficients),
             );
             let (scratch, values) = match recorded {
                 Ok(recorded) => recorded,
@@ -210,7 +228,11 @@ impl MoeLayer {
             let mut sources = vec![(&scratch.dx, values), (&training.gradients, words)];
             let record = state.record.as_ref();
             let plan = record.map(|r| r.plan);
-            if let (true, Some(record), Some(plan)) = (with_trace, record, plan) {
+            if let (Routing::PreRouted, Some(plan)) = (routing, plan) {
+                // dL/dw in the first k columns of each token's row.
+                let n = self.shape.num_experts;
+                sources.push((&scratch.d_logits, plan.num_tokens * n));
+            } else if let (true, Some(record), Some(plan)) = (with_trace, record, plan) {
                 let w = &record.workspace.scratch;
                 let n = self.shape.num_experts;
                 let (t, slots) = (plan.num_tokens, plan.max_slots());
@@ -262,7 +284,16 @@ impl MoeLayer {
         let gradients = training
             .layout
             .gradients(&floats(parts[1]), floats(parts[0]));
-        let trace = match (with_trace, plan) {
+        let top_k_weights = match (routing, plan) {
+            (Routing::PreRouted, Some(plan)) => Some(
+                floats(parts[2])
+                    .chunks(self.shape.num_experts)
+                    .flat_map(|row| row[..plan.top_k].to_vec())
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let trace = match (with_trace && routing == Routing::Router, plan) {
             (true, Some(plan)) => Some(BackwardTrace {
                 logits: floats(parts[2]),
                 assignment_slot: parts[3].to_vec(),
@@ -286,7 +317,11 @@ impl MoeLayer {
         let mut state = self.training_state()?;
         state.scratch = Some(scratch);
         state.has_gradients = true;
-        Ok((gradients, trace))
+        Ok(BackwardRead {
+            gradients,
+            trace,
+            top_k_weights,
+        })
     }
 
     /// [`MoeLayer::forward_train`] recorded into the caller's encoder, like
@@ -307,7 +342,11 @@ impl MoeLayer {
         let previous = state.record.take().map(|record| record.workspace);
         let workspace = self.fitted(previous, &plan);
         let recorded = self.encode_forward_in(encoder, &workspace, &plan, x, y, statistics);
-        state.record = Some(TrainingRecord { workspace, plan });
+        state.record = Some(TrainingRecord {
+            workspace,
+            plan,
+            routing: Routing::Router,
+        });
         recorded
     }
 
@@ -334,9 +373,8 @@ impl MoeLayer {
             training,
             &mut state,
             encoder,
-            DyFrom::Buffer(dy),
-            None,
-            coefficients,
+            (DyFrom::Buffer(dy), Routing::Router),
+            (None, coefficients),
         )?;
         encoder.copy_buffer_to_buffer(&scratch.dx, 0, dx, 0, (values * 4) as u64);
         state.scratch = Some(scratch);

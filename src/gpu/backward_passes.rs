@@ -6,7 +6,7 @@ use crate::cpu_backward::{check_prob_sum_grad, LossCoefficients};
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
 use crate::gpu::encoded::{encode_writes, too_small};
-use crate::gpu::forward::dispatch;
+use crate::gpu::forward::{dispatch, Routing};
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::{ParameterLayout, Training, TrainingState};
 use crate::gpu::params::BackwardParams;
@@ -69,7 +69,8 @@ impl BackwardScratch {
             params: uniform_buffer(device, "backward params", &BackwardParams::default()),
             readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("backward readback"),
-                size: ((tokens * d + parameters).max(1) * 4) as u64,
+                // dx, the gradients, and after a pre-routed forward dL/dw (in d_logits).
+                size: ((tokens * (d + n) + parameters).max(1) * 4) as u64,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
@@ -126,22 +127,42 @@ pub(super) enum DyFrom<'a> {
 }
 
 impl MoeLayer {
-    /// Records the backward of the last training forward into `encoder`: checks, the
-    /// scratch fitted to its batch, the Params (inside the command stream), `dy`, the seven
-    /// dispatches. Returns the scratch (to go back into `state` once the caller is done
+    /// Records the backward of the last training forward (which `routing` names) into
+    /// `encoder`, with the loss's terms beyond `dy`: checks, the scratch fitted to its
+    /// batch, the Params (inside the command stream), `dy`, the seven dispatches. Returns the scratch (to go back into `state` once the caller is done
     /// with it; `dx` is in `scratch.dx`) and the values of `x`.
     pub(super) fn record_backward(
         &self,
         training: &Training,
         state: &mut TrainingState,
         encoder: &mut wgpu::CommandEncoder,
-        dy: DyFrom<'_>,
-        route_prob_sum_grad: Option<&[f32]>,
-        coefficients: LossCoefficients,
+        (dy, routing): (DyFrom<'_>, Routing),
+        (route_prob_sum_grad, coefficients): (Option<&[f32]>, LossCoefficients),
     ) -> Result<(BackwardScratch, usize)> {
         let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
-            message: "backward needs a forward_train first".to_string(),
+            message: match routing {
+                Routing::Router => "backward needs a forward_train first",
+                Routing::PreRouted => "backward_experts needs a forward_experts_train first",
+            }
+            .to_string(),
         })?;
+        match (routing, record.routing) {
+            (Routing::Router, Routing::PreRouted) => {
+                return Err(MoeError::Training {
+                    message: "the last training forward was forward_experts_train: its \
+                              backward is backward_experts"
+                        .to_string(),
+                })
+            }
+            (Routing::PreRouted, Routing::Router) => {
+                return Err(MoeError::Training {
+                    message: "the last training forward was forward_train: its backward is \
+                              backward"
+                        .to_string(),
+                })
+            }
+            _ => {}
+        }
         let plan = record.plan;
         let values = plan.num_tokens * self.shape.d_model;
         match dy {
@@ -185,7 +206,7 @@ impl MoeLayer {
                 BackwardScratch::new(&self.device, self.shape, gated, capacity, parameters)
             }
         };
-        let params = self.backward_params(&plan, coefficients, &training.layout);
+        let params = self.backward_params(&plan, routing, coefficients, &training.layout);
         let zeros = vec![0.0f32; self.shape.num_experts];
         let prob_sum_grad = route_prob_sum_grad.unwrap_or(&zeros);
         encode_writes(
@@ -219,10 +240,12 @@ impl MoeLayer {
     fn backward_params(
         &self,
         plan: &ForwardPlan,
+        routing: Routing,
         coefficients: LossCoefficients,
         layout: &ParameterLayout,
     ) -> BackwardParams {
         let config = &self.config;
+        let pre_routed = routing == Routing::PreRouted;
         let mut params = BackwardParams {
             num_tokens: plan.num_tokens as u32,
             d_model: self.shape.d_model as u32,
@@ -238,8 +261,15 @@ impl MoeLayer {
             hidden_stride: padded_to_vec4(self.shape.d_ff) as u32,
             aux_coef: coefficients.aux,
             z_coef: coefficients.z,
+            pre_routed: pre_routed as u32,
             ..Default::default()
         };
+        if pre_routed {
+            // The caller's weights scale the outputs as gates do; no capacity, no router.
+            params.scale_by_prob = 1;
+            params.normalize_top_k = 0;
+            params.pass_through = 0;
+        }
         layout.kernel_offsets(&mut params);
         params
     }

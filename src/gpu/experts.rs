@@ -2,14 +2,20 @@
 //! each token's experts and weights (transformers' experts interface, expert parallelism),
 //! so the layer's pipeline runs without its router and without capacity — stage, count,
 //! scan, scatter, the expert matmuls, and combine with the caller's weights:
-//! `y[t] = Σ_j w[t, j]·E_{e[t, j]}(x[t])`.
+//! `y[t] = Σ_j w[t, j]·E_{e[t, j]}(x[t])`; and its training forward and backward (the
+//! backward's seven dispatches with the router's terms left out, gate_backward writing
+//! dL/dw_j = dy[t]·E_{e[t, j]}(x[t]) instead).
 
+use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
 use crate::gpu::forward::{read_mapped, Routing};
 use crate::gpu::layer::MoeLayer;
+use crate::gpu::parameters::TrainingRecord;
+use crate::gpu::plan::ForwardPlan;
 use crate::gpu::readback::Wait;
-use crate::gpu::workspace::{initial_writes, Lease};
-use crate::output::num_tokens_of;
+use crate::gpu::workspace::{initial_writes, Lease, Workspace};
+use crate::gradients::ExpertsGradients;
+use crate::output::{check_routes, num_tokens_of};
 
 impl MoeLayer {
     /// The experts on `x` (`[T, D]`, or any shape ending in D) routed by the caller:
@@ -28,6 +34,7 @@ impl MoeLayer {
             shape,
             top_k_index,
             top_k_weights,
+            false,
             Wait::Block,
         ))
     }
@@ -40,8 +47,62 @@ impl MoeLayer {
         top_k_index: &[u32],
         top_k_weights: &[f32],
     ) -> Result<Vec<f32>> {
-        self.forward_experts_with(x, shape, top_k_index, top_k_weights, Wait::Yield)
+        self.forward_experts_with(x, shape, top_k_index, top_k_weights, false, Wait::Yield)
             .await
+    }
+
+    /// [`MoeLayer::forward_experts`] that keeps what its backward needs (the layer keeps
+    /// the last training forward; the next [`MoeLayer::backward_experts`] differentiates
+    /// it). The layer must be trainable.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_experts_train(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        top_k_index: &[u32],
+        top_k_weights: &[f32],
+    ) -> Result<Vec<f32>> {
+        let run =
+            self.forward_experts_with(x, shape, top_k_index, top_k_weights, true, Wait::Block);
+        pollster::block_on(run)
+    }
+
+    /// [`MoeLayer::forward_experts_train`] without blocking.
+    pub async fn forward_experts_train_async(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        top_k_index: &[u32],
+        top_k_weights: &[f32],
+    ) -> Result<Vec<f32>> {
+        self.forward_experts_with(x, shape, top_k_index, top_k_weights, true, Wait::Yield)
+            .await
+    }
+
+    /// The gradients of `L = Σ dy ⊙ y` for the last [`MoeLayer::forward_experts_train`]:
+    /// `x`, every expert tensor (native names and shapes; the router's are zeros, as it is
+    /// not in the graph) and the caller's `top_k_weights`. They also stay on the device for
+    /// [`MoeLayer::step`].
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward_experts(&self, dy: &[f32]) -> Result<ExpertsGradients> {
+        pollster::block_on(self.backward_experts_with(dy, Wait::Block))
+    }
+
+    /// [`MoeLayer::backward_experts`] without blocking.
+    pub async fn backward_experts_async(&self, dy: &[f32]) -> Result<ExpertsGradients> {
+        self.backward_experts_with(dy, Wait::Yield).await
+    }
+
+    async fn backward_experts_with(&self, dy: &[f32], wait: Wait) -> Result<ExpertsGradients> {
+        let coefficients = LossCoefficients::default();
+        let routing = Routing::PreRouted;
+        let read = self
+            .run_backward(dy, routing, None, coefficients, false, wait)
+            .await?;
+        Ok(ExpertsGradients {
+            gradients: read.gradients,
+            top_k_weights: read.top_k_weights.unwrap_or_default(),
+        })
     }
 
     async fn forward_experts_with(
@@ -50,10 +111,12 @@ impl MoeLayer {
         shape: &[usize],
         top_k_index: &[u32],
         top_k_weights: &[f32],
+        train: bool,
         wait: Wait,
     ) -> Result<Vec<f32>> {
         let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
-        let top_k = self.check_routes(num_tokens, top_k_index, top_k_weights)?;
+        let n = self.shape.num_experts;
+        let top_k = check_routes(n, num_tokens, top_k_index, top_k_weights)?;
         // Every assignment kept (no capacity), one group, the caller's weights as gates.
         let config = crate::config::MoeConfig {
             top_k,
@@ -63,16 +126,49 @@ impl MoeLayer {
             ..self.config.clone()
         };
         let plan = self.plan_with(&config, num_tokens)?;
-        let idle = self.pool.lock().ok().and_then(|mut pool| pool.pop());
         let mut lease = Lease {
             workspace: None,
             pool: &self.pool,
         };
+        // A training forward reuses the previous record's workspace and keeps its own; no
+        // lock is held while the GPU works.
+        let idle = if train {
+            let mut state = self.training_state()?;
+            state.has_gradients = false;
+            state.record.take().map(|record| record.workspace)
+        } else {
+            self.pool.lock().ok().and_then(|mut pool| pool.pop())
+        };
+        let routes = (top_k_index, top_k_weights);
+        let y = self
+            .run_experts_in(&mut lease.workspace, idle, &plan, x, routes, wait)
+            .await?;
+        if let (true, Some(workspace)) = (train, lease.workspace.take()) {
+            self.training_state()?.record = Some(TrainingRecord {
+                workspace,
+                plan,
+                routing: Routing::PreRouted,
+            });
+        }
+        Ok(y)
+    }
+
+    /// One experts-only pass of `plan` in the workspace `idle` (or a new one) fitted to
+    /// it, left in `kept`.
+    async fn run_experts_in(
+        &self,
+        kept: &mut Option<Workspace>,
+        idle: Option<Workspace>,
+        plan: &ForwardPlan,
+        x: &[f32],
+        (top_k_index, top_k_weights): (&[u32], &[f32]),
+        wait: Wait,
+    ) -> Result<Vec<f32>> {
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let workspace = &*lease.workspace.insert(self.fitted(idle, &plan));
+        let workspace = &*kept.insert(self.fitted(idle, plan));
         let scratch = &workspace.scratch;
-        let mut params = self.params_for(&plan);
+        let mut params = self.params_for(plan);
         params.combine.scale_by_prob = 1;
         params.combine.pass_through = 0;
         self.queue
@@ -89,8 +185,8 @@ impl MoeLayer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("moe experts"),
             });
-        let encoded = self.encode(&mut encoder, workspace, &plan, Routing::PreRouted);
-        let values = num_tokens * self.shape.d_model;
+        let encoded = self.encode(&mut encoder, workspace, plan, Routing::PreRouted);
+        let values = x.len();
         let sources = [(&scratch.y, values), (&scratch.flags, 1)];
         let total = match encoded {
             Ok(()) => Some(self.copy_and_submit(encoder, &scratch.readback, &sources)),
@@ -113,51 +209,5 @@ impl MoeLayer {
             });
         }
         Ok(words[..values].iter().map(|&w| f32::from_bits(w)).collect())
-    }
-
-    /// Checks the caller's routes for `num_tokens` tokens; returns k.
-    fn check_routes(
-        &self,
-        num_tokens: usize,
-        top_k_index: &[u32],
-        top_k_weights: &[f32],
-    ) -> Result<usize> {
-        let n = self.shape.num_experts;
-        if top_k_index.len() != top_k_weights.len() {
-            return Err(MoeError::tensor(
-                "top_k_weights",
-                format!(
-                    "{} values, but top_k_index holds {}",
-                    top_k_weights.len(),
-                    top_k_index.len()
-                ),
-            ));
-        }
-        let top_k = top_k_index.len() / num_tokens.max(1);
-        if num_tokens == 0 || top_k == 0 || top_k * num_tokens != top_k_index.len() || top_k > n {
-            return Err(MoeError::tensor(
-                "top_k_index",
-                format!(
-                    "{} values for {num_tokens} tokens: expected [T, k] with 1 ≤ k ≤ {n}",
-                    top_k_index.len()
-                ),
-            ));
-        }
-        if let Some(at) = top_k_index.iter().position(|&e| e as usize >= n) {
-            return Err(MoeError::tensor(
-                "top_k_index",
-                format!(
-                    "expert {} at flat index {at}; the layer has {n} experts",
-                    top_k_index[at]
-                ),
-            ));
-        }
-        if let Some(at) = top_k_weights.iter().position(|w| !w.is_finite()) {
-            return Err(MoeError::tensor(
-                "top_k_weights",
-                format!("non-finite value at flat index {at}"),
-            ));
-        }
-        Ok(top_k)
     }
 }

@@ -8,16 +8,17 @@
 
 use std::sync::Mutex;
 
-use crate::cpu_backward::Gradients;
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
 use crate::gpu::backward_passes::BackwardScratch;
 use crate::gpu::buffers::{storage_buffer, GpuWeights};
+use crate::gpu::forward::Routing;
 use crate::gpu::kernels::TrainingKernels;
 use crate::gpu::params::BackwardParams;
 use crate::gpu::plan::ForwardPlan;
 use crate::gpu::refresh::WeightRefresh;
 use crate::gpu::workspace::Workspace;
+use crate::gradients::Gradients;
 use crate::weights::{LayerShape, MoeWeights};
 
 /// Where each tensor starts in the flat buffer (in floats; `None`: the layer has none).
@@ -198,6 +199,9 @@ pub(super) struct TrainingState {
 pub(super) struct TrainingRecord {
     pub(super) workspace: Workspace,
     pub(super) plan: ForwardPlan,
+    /// `Routing::PreRouted` after `forward_experts_train` (its backward is
+    /// `backward_experts`).
+    pub(super) routing: Routing,
 }
 
 impl Training {

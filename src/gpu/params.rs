@@ -95,7 +95,9 @@ pub struct BackwardParams {
     pub b2_at: u32,
     pub w3_at: u32,
     pub b3_at: u32,
-    pub _pad: [u32; 2],
+    /// 1 after `forward_experts_train`: no router in the graph (see gate_backward.wgsl).
+    pub pre_routed: u32,
+    pub _pad: u32,
 }
 
 /// `OptimizerParams` of optimizer_step.wgsl.
