@@ -41,7 +41,11 @@ class MoeLayer:
         top_k_weights: npt.ArrayLike,
     ) -> np.ndarray:
         """The experts alone on pre-routed tokens: y[t] = sum_j w[t, j] * E_e[t, j](x[t]);
-        no router, no capacity."""
+        no router, no capacity. A trainable layer keeps it for ``backward_experts``."""
+        ...
+    def backward_experts(self, dy: npt.ArrayLike) -> Dict[str, np.ndarray]:
+        """The gradients of sum(dy * y) for the last ``forward_experts``: ``x``,
+        ``top_k_weights`` [T, k] and every expert tensor under its native name."""
         ...
     def backward(
         self,

@@ -9,14 +9,15 @@ built on them) then runs its experts through ``MoeLayer.forward_experts``: the m
 router picks the experts and weights; the GPU runs them all in one grouped dispatch per
 projection. The experts' weights are taken again only when one of them changed.
 
-This implementation has no backward yet: it runs under ``torch.no_grad()`` (as
-``generate`` does) and raises ``TrainingError`` when a gradient would be needed.
+It is differentiable through torch autograd: ``MoeLayer.backward_experts`` gives the
+gradients of the hidden states, of the routing weights (so the model's router trains
+through them) and of the experts' parameters, in the module's own layout. Tensors cross
+through host memory, once each way.
 """
 
 import numpy as np
 import torch
 
-from ._errors import TrainingError
 from ._native import MoeLayer
 
 NAME = "switch_moe"
@@ -35,32 +36,33 @@ def _activation(experts):
     return _activation_name(experts.act_fn)
 
 
+def _host(tensor):
+    """A tensor's values as a float32 numpy array on the host."""
+    return tensor.detach().to("cpu", torch.float32).numpy()
+
+
 def _native_weights(experts):
     """The experts module's weights under the layer's native names."""
-
-    def array(t):
-        return t.detach().to("cpu", torch.float32).numpy()
-
     transposed = getattr(experts, "is_transposed", False)
     down = experts.down_proj.transpose(1, 2) if transposed else experts.down_proj
-    weights = {"experts.w2": array(down)}
+    weights = {"experts.w2": _host(down)}
     if getattr(experts, "has_gate", True):
         if not getattr(experts, "is_concatenated", True):
             raise ValueError("interleaved gate/up weights are not supported")
         gate_up = experts.gate_up_proj.transpose(1, 2) if transposed else experts.gate_up_proj
         half = gate_up.shape[1] // 2
-        weights["experts.w1"] = array(gate_up[:, :half])
-        weights["experts.w3"] = array(gate_up[:, half:])
+        weights["experts.w1"] = _host(gate_up[:, :half])
+        weights["experts.w3"] = _host(gate_up[:, half:])
         if getattr(experts, "has_bias", False):
-            weights["experts.b1"] = array(experts.gate_up_proj_bias[:, :half])
-            weights["experts.b3"] = array(experts.gate_up_proj_bias[:, half:])
+            weights["experts.b1"] = _host(experts.gate_up_proj_bias[:, :half])
+            weights["experts.b3"] = _host(experts.gate_up_proj_bias[:, half:])
     else:
         up = experts.up_proj.transpose(1, 2) if transposed else experts.up_proj
-        weights["experts.w1"] = array(up)
+        weights["experts.w1"] = _host(up)
         if getattr(experts, "has_bias", False):
-            weights["experts.b1"] = array(experts.up_proj_bias)
+            weights["experts.b1"] = _host(experts.up_proj_bias)
     if getattr(experts, "has_bias", False):
-        weights["experts.b2"] = array(experts.down_proj_bias)
+        weights["experts.b2"] = _host(experts.down_proj_bias)
     n, d = weights["experts.w2"].shape[:2]
     # The experts run without the layer's router: a zero one stands in.
     weights["router.weight"] = np.zeros((n, d), np.float32)
@@ -84,23 +86,84 @@ def _layer(experts):
     return layer
 
 
+def _parameter_gradients(experts, grads):
+    """The experts module's parameter gradients (in ``named_parameters`` order, in its own
+    layout) from the layer's native ones: the inverse of ``_native_weights``."""
+
+    def tensor(name):
+        return torch.from_numpy(grads[name])
+
+    transposed = getattr(experts, "is_transposed", False)
+
+    def laid_out(t):
+        return t.transpose(1, 2) if transposed else t
+
+    def joined(first, second):
+        return torch.cat([tensor(first), tensor(second)], dim=1)
+
+    native = {"down_proj": laid_out(tensor("experts.w2"))}
+    if getattr(experts, "has_gate", True):
+        native["gate_up_proj"] = laid_out(joined("experts.w1", "experts.w3"))
+        if "experts.b1" in grads:
+            native["gate_up_proj_bias"] = joined("experts.b1", "experts.b3")
+    else:
+        native["up_proj"] = laid_out(tensor("experts.w1"))
+        if "experts.b1" in grads:
+            native["up_proj_bias"] = tensor("experts.b1")
+    if "experts.b2" in grads:
+        native["down_proj_bias"] = tensor("experts.b2")
+    out = []
+    for name, parameter in experts.named_parameters():
+        if name not in native:
+            raise ValueError(f"experts parameter {name!r}: switch_moe has no gradient for it")
+        out.append(native[name].to(device=parameter.device, dtype=parameter.dtype))
+    return out
+
+
+class _ExpertsFunction(torch.autograd.Function):
+    """The experts on pre-routed tokens, with ``backward_experts`` as their gradient."""
+
+    @staticmethod
+    def forward(ctx, experts, layer, hidden_states, top_k_index, top_k_weights, *parameters):
+        inputs = (_host(hidden_states), top_k_index.detach().cpu().numpy(), _host(top_k_weights))
+        y = layer.forward_experts(*inputs)
+        experts._switch_moe_forwards = getattr(experts, "_switch_moe_forwards", 0) + 1
+        ctx.experts, ctx.layer, ctx.inputs = experts, layer, inputs
+        ctx.forward_id = experts._switch_moe_forwards
+        ctx.hidden_like = dict(device=hidden_states.device, dtype=hidden_states.dtype)
+        ctx.weights_like = dict(device=top_k_weights.device, dtype=top_k_weights.dtype)
+        return torch.from_numpy(y).to(**ctx.hidden_like)
+
+    @staticmethod
+    def backward(ctx, dy):
+        experts, layer = ctx.experts, ctx.layer
+        # A layer keeps only its last forward: experts called again before this backward
+        # run this forward once more (the same result, bit for bit).
+        if experts._switch_moe_forwards != ctx.forward_id:
+            layer.forward_experts(*ctx.inputs)
+            experts._switch_moe_forwards += 1
+        grads = layer.backward_experts(_host(dy))
+        dx = torch.from_numpy(grads["x"]).to(**ctx.hidden_like)
+        d_weights = torch.from_numpy(grads["top_k_weights"]).to(**ctx.weights_like)
+        return (None, None, dx, None, d_weights, *_parameter_gradients(experts, grads))
+
+
 def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers' experts interface: ``hidden_states [T, D]``, ``top_k_index [T, k]``,
-    ``top_k_weights [T, k]`` → ``[T, D]``."""
+    ``top_k_weights [T, k]`` → ``[T, D]``, differentiable in the hidden states, the
+    weights and the experts' parameters."""
+    layer = _layer(self)
+    parameters = [p for _, p in self.named_parameters()]
     needs_grad = torch.is_grad_enabled() and (
         hidden_states.requires_grad
         or top_k_weights.requires_grad
-        or any(p.requires_grad for p in self.parameters())
+        or any(p.requires_grad for p in parameters)
     )
     if needs_grad:
-        raise TrainingError(
-            "the switch_moe experts implementation has no backward yet: run it under "
-            "torch.no_grad() (as generate does)"
+        return _ExpertsFunction.apply(
+            self, layer, hidden_states, top_k_index, top_k_weights, *parameters
         )
-    layer = _layer(self)
     y = layer.forward_experts(
-        hidden_states.detach().to("cpu", torch.float32).numpy(),
-        top_k_index.detach().to("cpu").numpy(),
-        top_k_weights.detach().to("cpu", torch.float32).numpy(),
+        _host(hidden_states), top_k_index.detach().cpu().numpy(), _host(top_k_weights)
     )
     return torch.from_numpy(y).to(device=hidden_states.device, dtype=hidden_states.dtype)

@@ -114,6 +114,35 @@ def test_bad_arguments_raise_with_the_crates_message():
         layer.backward(x[:1])
 
 
+def test_backward_experts_gives_x_weights_and_expert_gradients_and_checks_its_turn():
+    d, config, x = case("hf_mixtral")
+    layer = switch_moe.MoeLayer(str(d / "weights_native.safetensors"), config)
+    tokens = x.reshape(-1, x.shape[-1])
+    t, n = tokens.shape[0], layer.num_experts
+    index = np.stack([np.arange(t) % n, (np.arange(t) + 1) % n], axis=1)
+    weights = np.linspace(0.1, 1.0, 2 * t, dtype=np.float32).reshape(t, 2)
+    with pytest.raises(switch_moe.TrainingError, match="needs a forward_experts first"):
+        layer.backward_experts(tokens)
+    y = layer.forward_experts(tokens, index, weights)
+    with pytest.raises(switch_moe.TrainingError, match="is backward_experts, not backward"):
+        layer.backward(tokens)
+    with pytest.raises(ValueError, match="shape of y"):
+        layer.backward_experts(tokens[:1])
+    dy = np.ones_like(tokens)
+    grads = layer.backward_experts(dy)
+    expected = {"x", "top_k_weights", "experts.w1", "experts.w2", "experts.w3"}
+    assert set(grads) == expected, sorted(grads)
+    assert grads["top_k_weights"].shape == (t, 2)
+    # dL/dw[t, j] = dy·E_j(x[t]); with dy = 1, sum_j w[t, j]·dL/dw[t, j] = sum(y[t]) as
+    # y[t] = sum_j w[t, j]·E_j(x[t]).
+    np.testing.assert_allclose(
+        (grads["top_k_weights"] * weights).sum(axis=1), y.sum(axis=1), rtol=1e-4, atol=1e-4
+    )
+    layer.forward(x)
+    with pytest.raises(switch_moe.TrainingError, match="is backward, not backward_experts"):
+        layer.backward_experts(tokens)
+
+
 def test_the_gil_is_released_while_the_gpu_works():
     rng = np.random.default_rng(1)
     n, d, f = 8, 256, 1024
