@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single as _all_to_all
 
 from ._native import MoeLayer, native_weights
 from .hf import _host
@@ -92,7 +91,7 @@ def _load_slice(weights, config, prefix, experts):
                 return out
         # Another naming: the crate converts the whole file.
         weights = native_weights(str(weights), config, prefix=prefix)
-    elif any(not name.startswith(("router.", "experts.")) for name in weights) or prefix:
+    elif not set(weights) <= set(ROUTER_NAMES + EXPERT_NAMES) or prefix:
         weights = native_weights(weights, config, prefix=prefix)
     out = {}
     for name in ROUTER_NAMES + EXPERT_NAMES:
@@ -100,6 +99,26 @@ def _load_slice(weights, config, prefix, experts):
             values = np.asarray(weights[name], dtype=np.float32)
             out[name] = values if name in ROUTER_NAMES else values[lo:hi]
     return out
+
+
+class _Exchange(torch.autograd.Function):
+    """``all_to_all_single`` of rows with split sizes; its backward is the reverse exchange
+    of the gradients."""
+
+    @staticmethod
+    def forward(ctx, group, rows, send_sizes, recv_sizes):
+        ctx.group, ctx.send_sizes, ctx.recv_sizes = group, send_sizes, recv_sizes
+        received = rows.new_empty((sum(recv_sizes), rows.shape[1]))
+        dist.all_to_all_single(received, rows.contiguous(), recv_sizes, send_sizes, group=group)
+        return received
+
+    @staticmethod
+    def backward(ctx, grad):
+        returned = grad.new_empty((sum(ctx.send_sizes), grad.shape[1]))
+        dist.all_to_all_single(
+            returned, grad.contiguous(), ctx.send_sizes, ctx.recv_sizes, group=ctx.group
+        )
+        return None, returned, None, None
 
 
 class _SumGradient(torch.autograd.Function):
@@ -223,8 +242,8 @@ class ExpertParallelMoE(nn.Module):
         #: Seconds of the last forward's parts (``profile=True``): route, exchange,
         #: experts, combine.
         self.last_times = None
-        #: Bytes of token rows this rank sent and received in the last forward (both
-        #: all-to-alls).
+        #: The last forward's traffic: ``sent``, the bytes of rows this rank sent to other
+        #: ranks in both all-to-alls (as many arrive); ``tokens``, the rank's tokens.
         self.last_bytes = None
 
     @staticmethod
@@ -339,13 +358,11 @@ class ExpertParallelMoE(nn.Module):
             recv_expert = local.new_empty(sum(recv_sizes))
             dist.all_to_all_single(recv_expert, local, recv_sizes, send_sizes, group=self.group)
             rows = x.index_select(0, send_assignment // k)
-            received = rows.new_empty((sum(recv_sizes), x.shape[1]))
-            received = _all_to_all(received, rows, recv_sizes, send_sizes, group=self.group)
+            received = _Exchange.apply(self.group, rows, send_sizes, recv_sizes)
         with _timed(times, "experts"):
             outputs = _LocalExperts.apply(self, received, recv_expert, *self._expert_parameters())
         with _timed(times, "exchange"):
-            returned = rows.new_empty(rows.shape)
-            returned = _all_to_all(returned, outputs, send_sizes, recv_sizes, group=self.group)
+            returned = _Exchange.apply(self.group, outputs, recv_sizes, send_sizes)
         with _timed(times, "combine"):
             per_assignment = x.new_zeros((routes.numel(), x.shape[1]))
             per_assignment = per_assignment.index_copy(0, send_assignment, returned)
@@ -366,9 +383,16 @@ class ExpertParallelMoE(nn.Module):
             aux_loss = n * ((counts.to(x.dtype) / tokens) * (route_prob_sum / tokens)).sum()
             z_loss = (lse * lse).mean()
         self.last_times = times
+        # Rows that left for other ranks and came from them, both exchanges.
         row_bytes = x.shape[1] * x.element_size()
-        moved = (sum(send_sizes) + sum(recv_sizes)) * row_bytes * 2
-        self.last_bytes = {"sent_and_received": moved, "tokens": tokens}
+        remote_sent = sum(send_sizes) - send_sizes[self.rank]
+        remote_received = sum(recv_sizes) - recv_sizes[self.rank]
+        self.last_bytes = {
+            # Rows out to other ranks' experts plus outputs back to other ranks' tokens;
+            # as many bytes arrive.
+            "sent": (remote_sent + remote_received) * row_bytes,
+            "tokens": tokens,
+        }
         out = {
             "y": y.reshape(shape),
             "routes": routes,
