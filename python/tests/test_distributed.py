@@ -2,8 +2,8 @@
 (gloo on CPU, a file-store rendezvous, each process with its own adapter): on each rank's
 tokens, the forward and the gradients equal a single-process MoeLayer holding every expert
 (the parameters' gradients summed over the ranks' losses); uneven routing, a rank that
-receives no token, heavy dropping with pass-through, top-2 across ranks; reruns the same
-bits. Tolerance: the f32 bound of the layer's own backward tests, 8·rows·u relative to the
+receives no token, heavy dropping with pass-through, top-2 across ranks, explicit expert
+ranges; reruns the same bits; loss.backward() fills .grad alike. Tolerance: the f32 bound of the layer's own backward tests, 8·rows·u relative to the
 largest value of each tensor."""
 
 import time
@@ -34,6 +34,11 @@ CASES = {
     "one_rank_idle": dict(
         world=2, experts=4, bias=[6.0, 6.0, -30.0, -30.0],
         config={"top_k": 1, "capacity_factor": 1.0, "scale_by_prob": False},
+    ),
+    # Three experts over two ranks: explicit ranges.
+    "explicit_ranges": dict(
+        world=2, experts=3, bias=None, ranges=[(0, 1), (1, 3)],
+        config={"top_k": 2, "capacity_factor": 1.5},
     ),
     # Four ranks, most tokens on rank 0's experts, nothing dropped.
     "four_ranks_uneven": dict(
@@ -78,7 +83,7 @@ def check_rank(rank, world, path, case):
     dys = [rng.standard_normal((T, D), np.float32) for _ in range(world)]
     alpha, beta = 0.01, 0.001
 
-    moe = ExpertParallelMoE(path, config)
+    moe = ExpertParallelMoE(path, config, expert_ranges=spec.get("ranges"))
     lo, hi = moe.expert_ranges[rank]
     assert moe.experts_w1.shape[0] == hi - lo, "the rank holds its slice only"
     out = moe(xs[rank])
@@ -112,6 +117,15 @@ def check_rank(rank, world, path, case):
         close(f"{case} rank {rank}: d{name}", grads[name], expected, rows_all)
     expected_names = {"x"} | set(total)
     assert set(grads) == expected_names, sorted(grads)
+    # The module's own path: loss.backward() fills .grad with the same gradients.
+    out = moe(torch.from_numpy(xs[rank]))
+    (out["y"] * torch.from_numpy(dys[rank])).sum().add(alpha * out["aux_loss"]).add(
+        beta * out["z_loss"]
+    ).backward()
+    for name, value in grads.items():
+        if name != "x":
+            parameter = getattr(moe, name.replace(".", "_"))
+            np.testing.assert_array_equal(parameter.grad.numpy(), value, f"{case}: .grad {name}")
     # The all-reduced router gradient is the same on every rank.
     gathered = [torch.zeros(spec["experts"], D) for _ in range(world)]
     dist.all_gather(gathered, torch.from_numpy(grads["router.weight"]))
