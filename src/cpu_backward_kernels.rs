@@ -146,6 +146,39 @@ pub fn gate_backward(
     out
 }
 
+/// gate_backward.wgsl after a pre-routed forward (`forward_experts`): per token, dL/dw_j =
+/// dy[t]·O[slot_j] in the first k columns of its `[T, N]` d_logits row (the rest left 0
+/// here, unwritten there), the slots' scales w_j, and no pass-through.
+pub fn gate_backward_pre_routed(
+    dy: &[f32],
+    (gates, assignment_slot): (&[f32], &[u32]),
+    expert_out: &[f32],
+    (num_experts, top_k, d_model, num_slots): (usize, usize, usize, usize),
+) -> GateGradients {
+    let num_tokens = dy.len() / d_model;
+    let mut out = GateGradients {
+        d_logits: vec![0.0; num_tokens * num_experts],
+        slot_scale: vec![0.0; num_slots],
+        pass_scale: vec![0.0; num_tokens],
+    };
+    for token in 0..num_tokens {
+        let dy_row = &dy[token * d_model..(token + 1) * d_model];
+        for j in 0..top_k {
+            let assignment = token * top_k + j;
+            let slot = assignment_slot[assignment];
+            let mut d_weight = 0.0f32;
+            if slot != DROPPED {
+                let slot = slot as usize;
+                out.slot_scale[slot] = gates[assignment];
+                let row = &expert_out[slot * d_model..(slot + 1) * d_model];
+                d_weight = dy_row.iter().zip(row).fold(0.0f32, |s, (a, b)| s + a * b);
+            }
+            out.d_logits[token * num_experts + j] = d_weight;
+        }
+    }
+    out
+}
+
 /// f32 expert matrices in place (training weights are f32).
 fn values(m: &crate::formats::ExpertMatrices) -> &[f32] {
     m.f32_values().unwrap_or_default()
@@ -313,10 +346,10 @@ pub fn router_backward(x: &[f32], d_logits: &[f32], n: usize, d: usize) -> (Vec<
 }
 
 /// combine_backward.wgsl: dx `[T, D]` gathered per token — the router's term in expert
-/// order, the kept choices in choice order, then the pass-through.
+/// order (`router`: its weight and d_logits; `None` after a pre-routed forward), the kept
+/// choices in choice order, then the pass-through.
 pub fn combine_backward(
-    router_weight: &[f32],
-    d_logits: &[f32],
+    router: Option<(&[f32], &[f32])>,
     (assignment_slot, top_k): (&[u32], usize),
     d_x_slot: &[f32],
     pass_scale: &[f32],
@@ -324,13 +357,15 @@ pub fn combine_backward(
 ) -> Vec<f32> {
     let num_tokens = pass_scale.len();
     let d = dy.len() / num_tokens.max(1);
-    let n = router_weight.len() / d.max(1);
     let mut dx = vec![0.0f32; num_tokens * d];
     for t in 0..num_tokens {
         for dd in 0..d {
             let mut sum = 0.0f32;
-            for e in 0..n {
-                sum += router_weight[e * d + dd] * d_logits[t * n + e];
+            if let Some((router_weight, d_logits)) = router {
+                let n = router_weight.len() / d.max(1);
+                for e in 0..n {
+                    sum += router_weight[e * d + dd] * d_logits[t * n + e];
+                }
             }
             for j in 0..top_k {
                 let slot = assignment_slot[t * top_k + j];

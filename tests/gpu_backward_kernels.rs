@@ -11,9 +11,11 @@ mod common;
 use common::*;
 use switch_moe::cpu_backward_kernels::{self as twins, SlotTables};
 use switch_moe::gpu::shaders::DROPPED;
+use switch_moe::gpu::BackwardTrace;
 use switch_moe::rng::SeededRng;
 use switch_moe::{
-    Activation, DropPolicy, LayerOptions, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
+    Activation, DropPolicy, Gradients, LayerOptions, LayerShape, LossCoefficients, MoeConfig,
+    MoeLayer, MoeWeights,
 };
 
 fn abs(values: &[f32]) -> Vec<f32> {
@@ -99,9 +101,84 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
         |i| GATE_RELATIVE * gate.pass_scale[i] as f64,
     );
 
+    check_expert_kernels(
+        &what,
+        config,
+        &weights,
+        tables,
+        (&x, &dy),
+        &trace,
+        &gradients,
+    );
+
+    // router_backward (fed the GPU's d_logits)
+    let (dwr, dbr) = twins::router_backward(&x, &trace.d_logits, n, d);
+    let (dwr_abs, dbr_abs) = twins::router_backward(&abs(&x), &abs(&trace.d_logits), n, d);
+    assert_sum_close(
+        &format!("{what}: router_backward dWr"),
+        &gradients.router_weight,
+        &dwr,
+        &dwr_abs,
+        t,
+    );
+    assert_sum_close(
+        &format!("{what}: router_backward dbr"),
+        gradients.router_bias.as_ref().unwrap(),
+        &dbr,
+        &dbr_abs,
+        t,
+    );
+
+    // combine_backward (fed the GPU's d_logits, slot gradients and pass scales)
+    let dx = twins::combine_backward(
+        Some((&weights.router_weight, &trace.d_logits)),
+        (&trace.assignment_slot, k),
+        &trace.d_x_slot,
+        &trace.pass_scale,
+        &dy,
+    );
+    let dx_abs = twins::combine_backward(
+        Some((&abs(&weights.router_weight), &abs(&trace.d_logits))),
+        (&trace.assignment_slot, k),
+        &abs(&trace.d_x_slot),
+        &abs(&trace.pass_scale),
+        &abs(&dy),
+    );
+    assert_sum_close(
+        &format!("{what}: combine_backward"),
+        &gradients.x,
+        &dx,
+        &dx_abs,
+        n + k + 1,
+    );
+    // The trace is the run's: dropped assignments have no slot.
+    assert!(trace
+        .assignment_slot
+        .iter()
+        .zip(&output.routes)
+        .all(|(&slot, &e)| slot == DROPPED || (e as usize) < n));
+}
+
+/// The four expert kernels of a traced backward against their twins, each fed the GPU's
+/// own inputs (slot scales, hidden rows, dA and dV).
+fn check_expert_kernels(
+    what: &str,
+    config: &MoeConfig,
+    weights: &MoeWeights,
+    tables: SlotTables<'_>,
+    (x, dy): (&[f32], &[f32]),
+    trace: &BackwardTrace,
+    gradients: &Gradients,
+) {
+    let LayerShape {
+        d_model: d,
+        d_ff: f,
+        ..
+    } = weights.shape;
+    let kept_slot = |slot: usize| tables.slot_expert(slot).is_some();
     // expert_hidden_backward (fed the GPU's slot scales)
     let (d_a, d_v) =
-        twins::expert_hidden_backward(config, &weights, tables, (&x, &dy), &trace.slot_scale);
+        twins::expert_hidden_backward(config, &weights, tables, (x, dy), &trace.slot_scale);
     let keep = |i: usize| kept_slot(i / f);
     assert_norm_close(
         &format!("{what}: expert_hidden_backward dA"),
@@ -121,7 +198,7 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
     }
 
     // expert_down_backward (fed the GPU's hidden rows and scales)
-    let layer_shape = shape(n, d, f);
+    let layer_shape = weights.shape;
     let (dw2, db2) =
         twins::expert_down_backward(layer_shape, tables, &dy, &trace.slot_scale, &trace.hidden);
     let (dw2_abs, db2_abs) = twins::expert_down_backward(
@@ -131,7 +208,7 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
         &abs(&trace.slot_scale),
         &abs(&trace.hidden),
     );
-    let rows = t * k;
+    let rows = trace.assignment_slot.len();
     assert_sum_close(
         &format!("{what}: expert_down_backward dW2"),
         &gradients.w2,
@@ -200,55 +277,6 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
         &d_x_slot_abs,
         2 * f,
     );
-
-    // router_backward (fed the GPU's d_logits)
-    let (dwr, dbr) = twins::router_backward(&x, &trace.d_logits, n, d);
-    let (dwr_abs, dbr_abs) = twins::router_backward(&abs(&x), &abs(&trace.d_logits), n, d);
-    assert_sum_close(
-        &format!("{what}: router_backward dWr"),
-        &gradients.router_weight,
-        &dwr,
-        &dwr_abs,
-        t,
-    );
-    assert_sum_close(
-        &format!("{what}: router_backward dbr"),
-        gradients.router_bias.as_ref().unwrap(),
-        &dbr,
-        &dbr_abs,
-        t,
-    );
-
-    // combine_backward (fed the GPU's d_logits, slot gradients and pass scales)
-    let dx = twins::combine_backward(
-        &weights.router_weight,
-        &trace.d_logits,
-        (&trace.assignment_slot, k),
-        &trace.d_x_slot,
-        &trace.pass_scale,
-        &dy,
-    );
-    let dx_abs = twins::combine_backward(
-        &abs(&weights.router_weight),
-        &abs(&trace.d_logits),
-        (&trace.assignment_slot, k),
-        &abs(&trace.d_x_slot),
-        &abs(&trace.pass_scale),
-        &abs(&dy),
-    );
-    assert_sum_close(
-        &format!("{what}: combine_backward"),
-        &gradients.x,
-        &dx,
-        &dx_abs,
-        n + k + 1,
-    );
-    // The trace is the run's: dropped assignments have no slot.
-    assert!(trace
-        .assignment_slot
-        .iter()
-        .zip(&output.routes)
-        .all(|(&slot, &e)| slot == DROPPED || (e as usize) < n));
 }
 
 #[test]
@@ -357,4 +385,143 @@ fn optimizer_step_matches_its_cpu_twin() {
             }
         }
     }
+}
+
+/// After a pre-routed forward (`forward_experts_train`): gate_backward's pre-routed branch
+/// against its twin, the expert kernels as above, router_backward writing zeros and
+/// combine_backward without the router's term.
+fn pre_routed_kernels_case(
+    config: &MoeConfig,
+    (n, d, f): (usize, usize, usize),
+    t: usize,
+    k: usize,
+    seed: u64,
+) {
+    let what = format!("pre-routed N={n} D={d} F={f} T={t} k={k} {config:?}");
+    let weights = MoeWeights::random(shape(n, d, f), config.gated, true, seed);
+    let options = LayerOptions {
+        trainable: true,
+        ..LayerOptions::default()
+    };
+    let layer = MoeLayer::with_options(&gpu(), config.clone(), &weights, options).unwrap();
+    let x = tokens(t, d, seed);
+    let dy = SeededRng::new(seed ^ 0xB1).normal_vec(t * d);
+    let mut rng = SeededRng::new(seed ^ 0xB2);
+    let index: Vec<u32> = (0..t * k)
+        .map(|_| (rng.next_u64() % n as u64) as u32)
+        .collect();
+    let weight: Vec<f32> = (0..t * k).map(|_| rng.uniform(1.0)).collect();
+    layer
+        .forward_experts_train(&x, &[t, d], &index, &weight)
+        .unwrap();
+    let (gradients, trace) = layer.backward_experts_with_trace(&dy).unwrap();
+    let slots = trace.slot_token.len();
+    let tables = SlotTables {
+        num_experts: n,
+        slot_token: &trace.slot_token,
+        expert_table: &trace.expert_table,
+        row_tile: trace.row_tile,
+    };
+
+    // gate_backward: dL/dw in each row's first k columns, the weights as slot scales.
+    let gate = twins::gate_backward_pre_routed(
+        &dy,
+        (&weight, &trace.assignment_slot),
+        &trace.expert_out,
+        (n, k, d, slots),
+    );
+    let first_k = |i: usize| i % n < k;
+    let (gpu_dw, cpu_dw): (Vec<f32>, Vec<f32>) = (0..t * n)
+        .filter(|&i| first_k(i))
+        .map(|i| (trace.d_logits[i], gate.d_logits[i]))
+        .unzip();
+    let dw_abs: Vec<f32> = {
+        let abs_gate = twins::gate_backward_pre_routed(
+            &abs(&dy),
+            (&weight, &trace.assignment_slot),
+            &abs(&trace.expert_out),
+            (n, k, d, slots),
+        );
+        (0..t * n)
+            .filter(|&i| first_k(i))
+            .map(|i| abs_gate.d_logits[i])
+            .collect()
+    };
+    assert_sum_close(
+        &format!("{what}: gate_backward dL/dw"),
+        &gpu_dw,
+        &cpu_dw,
+        &dw_abs,
+        d,
+    );
+    assert_eq!(
+        gpu_dw, gradients.top_k_weights,
+        "{what}: top_k_weights is the trace's"
+    );
+    for slot in (0..slots).filter(|&s| tables.slot_expert(s).is_some()) {
+        assert_eq!(
+            trace.slot_scale[slot], gate.slot_scale[slot],
+            "{what}: gate_backward slot_scale[{slot}]"
+        );
+    }
+    assert!(
+        trace.pass_scale.iter().all(|&p| p == 0.0),
+        "{what}: pass_scale"
+    );
+
+    check_expert_kernels(
+        &what,
+        config,
+        &weights,
+        tables,
+        (&x, &dy),
+        &trace,
+        &gradients.gradients,
+    );
+
+    // router_backward: zeros (the router is not in the graph).
+    let router = &gradients.gradients;
+    assert!(
+        router.router_weight.iter().all(|&g| g == 0.0),
+        "{what}: dWr"
+    );
+    assert!(
+        router.router_bias.iter().flatten().all(|&g| g == 0.0),
+        "{what}: dbr"
+    );
+
+    // combine_backward: the slots' input gradients alone.
+    let dx = twins::combine_backward(
+        None,
+        (&trace.assignment_slot, k),
+        &trace.d_x_slot,
+        &trace.pass_scale,
+        &dy,
+    );
+    let dx_abs = twins::combine_backward(
+        None,
+        (&trace.assignment_slot, k),
+        &abs(&trace.d_x_slot),
+        &trace.pass_scale,
+        &abs(&dy),
+    );
+    assert_sum_close(
+        &format!("{what}: combine_backward"),
+        &router.x,
+        &dx,
+        &dx_abs,
+        k + 1,
+    );
+}
+
+#[test]
+fn pre_routed_backward_kernels_match_their_cpu_twins() {
+    let gated = MoeConfig {
+        gated: true,
+        activation: Activation::Silu,
+        ..config(1)
+    };
+    pre_routed_kernels_case(&config(1), (4, 12, 20), 24, 2, 400);
+    pre_routed_kernels_case(&gated, (3, 9, 14), 17, 3, 401);
+    pre_routed_kernels_case(&gated, (1, 5, 3), 1, 1, 402);
 }

@@ -29,7 +29,8 @@ use crate::output::{num_tokens_of, MoeOutput};
 /// the training forward's slot bound; only kept slots hold meaningful values).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackwardTrace {
-    /// Of the training forward: `[T, N]` router logits.
+    /// Of the training forward: `[T, N]` router logits (unwritten, so stale, after a
+    /// pre-routed forward).
     pub logits: Vec<f32>,
     /// `[T, k]`: the slot of every assignment, or `u32::MAX` if dropped.
     pub assignment_slot: Vec<u32>,
@@ -43,7 +44,8 @@ pub struct BackwardTrace {
     pub hidden: Vec<f32>,
     /// `[slots, D]`: the expert outputs O (before the gate).
     pub expert_out: Vec<f32>,
-    /// Of the backward: `[T, N]` dL/dh of the logits (gate_backward).
+    /// Of the backward: `[T, N]` dL/dh of the logits (gate_backward); after a pre-routed
+    /// forward, dL/dw of the caller's weights in each row's first k columns.
     pub d_logits: Vec<f32>,
     /// `[slots]`: each kept slot's gate scale s (dO = s·dy).
     pub slot_scale: Vec<f32>,
@@ -59,7 +61,7 @@ pub struct BackwardTrace {
 /// What a host backward read back.
 pub(super) struct BackwardRead {
     pub(super) gradients: Gradients,
-    // Read only by `backward_with_trace`, which the browser build leaves out.
+    // Read only by the traced backwards, which the browser build leaves out.
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub(super) trace: Option<BackwardTrace>,
     /// `[T, k]` after a pre-routed forward: dL/dw of the caller's weights.
@@ -230,11 +232,7 @@ impl MoeLayer {
             let mut sources = vec![(&scratch.dx, values), (&training.gradients, words)];
             let record = state.record.as_ref();
             let plan = record.map(|r| r.plan);
-            if let (Routing::PreRouted, Some(plan)) = (routing, plan) {
-                // dL/dw in the first k columns of each token's row.
-                let n = self.shape.num_experts;
-                sources.push((&scratch.d_logits, plan.num_tokens * n));
-            } else if let (true, Some(record), Some(plan)) = (with_trace, record, plan) {
+            if let (true, Some(record), Some(plan)) = (with_trace, record, plan) {
                 let w = &record.workspace.scratch;
                 let n = self.shape.num_experts;
                 let (t, slots) = (plan.num_tokens, plan.max_slots());
@@ -255,6 +253,11 @@ impl MoeLayer {
                     (&scratch.d_v, gated),
                     (&scratch.d_x_slot, slots * d),
                 ]);
+            }
+            if let (Routing::PreRouted, false, Some(plan)) = (routing, with_trace, plan) {
+                // dL/dw in the first k columns of each token's row (a trace holds them too).
+                let n = self.shape.num_experts;
+                sources.push((&scratch.d_logits, plan.num_tokens * n));
             }
             let lengths: Vec<usize> = sources.iter().map(|(_, words)| *words).collect();
             let all: usize = lengths.iter().sum();
@@ -288,14 +291,15 @@ impl MoeLayer {
             .gradients(&floats(parts[1]), floats(parts[0]));
         let top_k_weights = match (routing, plan) {
             (Routing::PreRouted, Some(plan)) => Some(
-                floats(parts[2])
+                // d_logits: the trace's, or the one part after dx and the gradients.
+                floats(parts[if with_trace { 8 } else { 2 }])
                     .chunks(self.shape.num_experts)
                     .flat_map(|row| row[..plan.top_k].to_vec())
                     .collect(),
             ),
             _ => None,
         };
-        let trace = match (with_trace && routing == Routing::Router, plan) {
+        let trace = match (with_trace, plan) {
             (true, Some(plan)) => Some(BackwardTrace {
                 logits: floats(parts[2]),
                 assignment_slot: parts[3].to_vec(),

@@ -8,6 +8,7 @@
 
 use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
+use crate::gpu::backward::BackwardTrace;
 use crate::gpu::forward::{read_mapped, Routing};
 use crate::gpu::layer::MoeLayer;
 use crate::gpu::parameters::TrainingRecord;
@@ -86,6 +87,27 @@ impl MoeLayer {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn backward_experts(&self, dy: &[f32]) -> Result<ExpertsGradients> {
         pollster::block_on(self.backward_experts_with(dy, Wait::Block))
+    }
+
+    /// Like [`MoeLayer::backward_experts`], also reading back the backward's intermediate
+    /// buffers and the training forward's tables they used.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward_experts_with_trace(
+        &self,
+        dy: &[f32],
+    ) -> Result<(ExpertsGradients, BackwardTrace)> {
+        let coefficients = LossCoefficients::default();
+        let routing = Routing::PreRouted;
+        let run = self.run_backward(dy, routing, None, coefficients, true, Wait::Block);
+        let read = pollster::block_on(run)?;
+        let trace = read.trace.ok_or_else(|| MoeError::Device {
+            message: "trace requested but not read back".to_string(),
+        })?;
+        let gradients = ExpertsGradients {
+            gradients: read.gradients,
+            top_k_weights: read.top_k_weights.unwrap_or_default(),
+        };
+        Ok((gradients, trace))
     }
 
     /// [`MoeLayer::backward_experts`] without blocking.
