@@ -178,7 +178,7 @@ fn check_expert_kernels(
     let kept_slot = |slot: usize| tables.slot_expert(slot).is_some();
     // expert_hidden_backward (fed the GPU's slot scales)
     let (d_a, d_v) =
-        twins::expert_hidden_backward(config, &weights, tables, (x, dy), &trace.slot_scale);
+        twins::expert_hidden_backward(config, weights, tables, (x, dy), &trace.slot_scale);
     let keep = |i: usize| kept_slot(i / f);
     assert_norm_close(
         &format!("{what}: expert_hidden_backward dA"),
@@ -200,11 +200,11 @@ fn check_expert_kernels(
     // expert_down_backward (fed the GPU's hidden rows and scales)
     let layer_shape = weights.shape;
     let (dw2, db2) =
-        twins::expert_down_backward(layer_shape, tables, &dy, &trace.slot_scale, &trace.hidden);
+        twins::expert_down_backward(layer_shape, tables, dy, &trace.slot_scale, &trace.hidden);
     let (dw2_abs, db2_abs) = twins::expert_down_backward(
         layer_shape,
         tables,
-        &abs(&dy),
+        &abs(dy),
         &abs(&trace.slot_scale),
         &abs(&trace.hidden),
     );
@@ -225,9 +225,9 @@ fn check_expert_kernels(
     );
 
     // expert_up_backward (fed the GPU's dA and dV)
-    let (dw1, db1) = twins::expert_up_backward(layer_shape, tables, &x, &trace.d_a);
+    let (dw1, db1) = twins::expert_up_backward(layer_shape, tables, x, &trace.d_a);
     let (dw1_abs, db1_abs) =
-        twins::expert_up_backward(layer_shape, tables, &abs(&x), &abs(&trace.d_a));
+        twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(&trace.d_a));
     assert_sum_close(
         &format!("{what}: expert_up_backward dW1"),
         &gradients.w1,
@@ -243,9 +243,9 @@ fn check_expert_kernels(
         rows,
     );
     if let Some(gpu_d_v) = &trace.d_v {
-        let (dw3, db3) = twins::expert_up_backward(layer_shape, tables, &x, gpu_d_v);
+        let (dw3, db3) = twins::expert_up_backward(layer_shape, tables, x, gpu_d_v);
         let (dw3_abs, db3_abs) =
-            twins::expert_up_backward(layer_shape, tables, &abs(&x), &abs(gpu_d_v));
+            twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(gpu_d_v));
         assert_sum_close(
             &format!("{what}: expert_up_backward dW3"),
             gradients.w3.as_ref().unwrap(),
@@ -263,9 +263,9 @@ fn check_expert_kernels(
     }
 
     // expert_input_backward (fed the GPU's dA and dV)
-    let d_x_slot = twins::expert_input_backward(&weights, tables, &trace.d_a, trace.d_v.as_deref());
+    let d_x_slot = twins::expert_input_backward(weights, tables, &trace.d_a, trace.d_v.as_deref());
     let d_x_slot_abs = twins::expert_input_backward(
-        &absolute(&weights),
+        &absolute(weights),
         tables,
         &abs(&trace.d_a),
         trace.d_v.as_deref().map(abs).as_deref(),

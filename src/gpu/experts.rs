@@ -8,6 +8,7 @@
 
 use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
+#[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::backward::BackwardTrace;
 use crate::gpu::forward::{read_mapped, Routing};
 use crate::gpu::layer::MoeLayer;
