@@ -61,8 +61,6 @@ pub struct BackwardTrace {
 /// What a host backward read back.
 pub(super) struct BackwardRead {
     pub(super) gradients: Gradients,
-    // Read only by the traced backwards, which the browser build leaves out.
-    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub(super) trace: Option<BackwardTrace>,
     /// `[T, k]` after a pre-routed forward: dL/dw of the caller's weights.
     pub(super) top_k_weights: Option<Vec<f32>>,

@@ -8,7 +8,6 @@
 
 use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
-#[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::backward::BackwardTrace;
 use crate::gpu::forward::{read_mapped, Routing};
 use crate::gpu::layer::MoeLayer;
@@ -87,7 +86,7 @@ impl MoeLayer {
     /// [`MoeLayer::step`].
     #[cfg(not(target_arch = "wasm32"))]
     pub fn backward_experts(&self, dy: &[f32]) -> Result<ExpertsGradients> {
-        pollster::block_on(self.backward_experts_with(dy, Wait::Block))
+        Ok(pollster::block_on(self.backward_experts_with(dy, false, Wait::Block))?.0)
     }
 
     /// Like [`MoeLayer::backward_experts`], also reading back the backward's intermediate
@@ -97,35 +96,35 @@ impl MoeLayer {
         &self,
         dy: &[f32],
     ) -> Result<(ExpertsGradients, BackwardTrace)> {
-        let coefficients = LossCoefficients::default();
-        let routing = Routing::PreRouted;
-        let run = self.run_backward(dy, routing, None, coefficients, true, Wait::Block);
-        let read = pollster::block_on(run)?;
-        let trace = read.trace.ok_or_else(|| MoeError::Device {
+        let (gradients, trace) =
+            pollster::block_on(self.backward_experts_with(dy, true, Wait::Block))?;
+        let trace = trace.ok_or_else(|| MoeError::Device {
             message: "trace requested but not read back".to_string(),
         })?;
-        let gradients = ExpertsGradients {
-            gradients: read.gradients,
-            top_k_weights: read.top_k_weights.unwrap_or_default(),
-        };
         Ok((gradients, trace))
     }
 
     /// [`MoeLayer::backward_experts`] without blocking.
     pub async fn backward_experts_async(&self, dy: &[f32]) -> Result<ExpertsGradients> {
-        self.backward_experts_with(dy, Wait::Yield).await
+        Ok(self.backward_experts_with(dy, false, Wait::Yield).await?.0)
     }
 
-    async fn backward_experts_with(&self, dy: &[f32], wait: Wait) -> Result<ExpertsGradients> {
+    async fn backward_experts_with(
+        &self,
+        dy: &[f32],
+        with_trace: bool,
+        wait: Wait,
+    ) -> Result<(ExpertsGradients, Option<BackwardTrace>)> {
         let coefficients = LossCoefficients::default();
         let routing = Routing::PreRouted;
         let read = self
-            .run_backward(dy, routing, None, coefficients, false, wait)
+            .run_backward(dy, routing, None, coefficients, with_trace, wait)
             .await?;
-        Ok(ExpertsGradients {
+        let gradients = ExpertsGradients {
             gradients: read.gradients,
             top_k_weights: read.top_k_weights.unwrap_or_default(),
-        })
+        };
+        Ok((gradients, read.trace))
     }
 
     async fn forward_experts_with(
