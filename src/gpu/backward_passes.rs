@@ -129,8 +129,9 @@ pub(super) enum DyFrom<'a> {
 impl MoeLayer {
     /// Records the backward of the last training forward (which `routing` names) into
     /// `encoder`, with the loss's terms beyond `dy`: checks, the scratch fitted to its
-    /// batch, the Params (inside the command stream), `dy`, the seven dispatches. Returns the scratch (to go back into `state` once the caller is done
-    /// with it; `dx` is in `scratch.dx`) and the values of `x`.
+    /// batch, the Params (inside the command stream), `dy`, the seven dispatches. Returns
+    /// the scratch (to go back into `state` once the caller is done with it; `dx` is in
+    /// `scratch.dx`) and the values of `x`.
     pub(super) fn record_backward(
         &self,
         training: &Training,
