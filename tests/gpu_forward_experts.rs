@@ -77,7 +77,8 @@ fn for_each_case(mut seed: u64, mut check: impl FnMut(&MoeConfig, &MoeWeights, u
                     capacity_factor: 0.1,
                     ..config(1)
                 };
-                let weights = MoeWeights::random(shape(n, d, f), gated, seed % 2 == 0, seed);
+                let weights =
+                    MoeWeights::random(shape(n, d, f), gated, seed.is_multiple_of(2), seed);
                 check(&config, &weights, t, k, seed);
             }
         }
