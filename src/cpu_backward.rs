@@ -111,41 +111,25 @@ impl Sums {
 
 /// An upstream gradient of `route_prob_sum` must hold N finite values.
 pub(crate) fn check_prob_sum_grad(gradient: Option<&[f32]>, num_experts: usize) -> Result<()> {
-    let Some(gradient) = gradient else {
-        return Ok(());
-    };
-    if gradient.len() != num_experts {
-        return Err(MoeError::tensor(
-            "route_prob_sum_grad",
-            format!(
-                "{} values, expected {num_experts} (one per expert)",
-                gradient.len()
-            ),
-        ));
-    }
-    match gradient.iter().position(|v| !v.is_finite()) {
-        Some(index) => Err(MoeError::tensor(
-            "route_prob_sum_grad",
-            format!("non-finite value at index {index}"),
-        )),
-        None => Ok(()),
-    }
+    gradient.map_or(Ok(()), |g| {
+        check_finite("route_prob_sum_grad", g, num_experts, "one per expert")
+    })
 }
 
 /// `dy` must hold `len` finite values (the shape of y).
-fn check_dy(dy: &[f32], len: usize, shape: &[usize]) -> Result<()> {
-    if dy.len() != len {
-        return Err(MoeError::tensor(
-            "dy",
-            format!(
-                "{} values, expected {len} (the shape of y, {shape:?})",
-                dy.len()
-            ),
-        ));
+pub(crate) fn check_dy(dy: &[f32], len: usize) -> Result<()> {
+    check_finite("dy", dy, len, "the shape of y")
+}
+
+/// The caller's tensor `name` must hold `len` finite values (`len_is` says what `len` is).
+fn check_finite(name: &str, values: &[f32], len: usize, len_is: &str) -> Result<()> {
+    if values.len() != len {
+        let message = format!("{} values, expected {len} ({len_is})", values.len());
+        return Err(MoeError::tensor(name, message));
     }
-    match dy.iter().position(|v| !v.is_finite()) {
+    match values.iter().position(|v| !v.is_finite()) {
         Some(index) => Err(MoeError::tensor(
-            "dy",
+            name,
             format!("non-finite value at flat index {index}"),
         )),
         None => Ok(()),
@@ -290,7 +274,7 @@ pub fn backward_with_prob_sum_grad(
     config.validate_for_weights(weights)?;
     weights.check_trainable()?;
     let num_tokens = num_tokens_of(shape, x.len(), d)?;
-    check_dy(dy, x.len(), shape)?;
+    check_dy(dy, x.len())?;
     check_prob_sum_grad(route_prob_sum_grad, n)?;
     if let Some(token) = first_non_finite_token(x, d) {
         return Err(MoeError::NonFiniteInput { token });
@@ -417,7 +401,7 @@ pub fn backward_experts(
         top_k_index,
         top_k_weights,
     )?;
-    check_dy(dy, x.len(), shape)?;
+    check_dy(dy, x.len())?;
     if let Some(token) = first_non_finite_token(x, d) {
         return Err(MoeError::NonFiniteInput { token });
     }

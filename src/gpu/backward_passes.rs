@@ -2,7 +2,7 @@
 //! (see backward.rs for the order and what each computes), shared by the host backward and
 //! the encoded one.
 
-use crate::cpu_backward::{check_prob_sum_grad, LossCoefficients};
+use crate::cpu_backward::{check_dy, check_prob_sum_grad, LossCoefficients};
 use crate::error::{MoeError, Result};
 use crate::gpu::buffers::{padded_to_vec4, storage_buffer, uniform_buffer};
 use crate::gpu::encoded::{encode_writes, too_small};
@@ -167,20 +167,7 @@ impl MoeLayer {
         let plan = record.plan;
         let values = plan.num_tokens * self.shape.d_model;
         match dy {
-            DyFrom::Host(dy) => {
-                if dy.len() != values {
-                    return Err(MoeError::tensor(
-                        "dy",
-                        format!("{} values, expected {values} (the shape of y)", dy.len()),
-                    ));
-                }
-                if let Some(index) = dy.iter().position(|v| !v.is_finite()) {
-                    return Err(MoeError::tensor(
-                        "dy",
-                        format!("non-finite value at flat index {index}"),
-                    ));
-                }
-            }
+            DyFrom::Host(dy) => check_dy(dy, values)?,
             DyFrom::Buffer(dy) => {
                 if let Some(error) = too_small("dy", dy, (values * 4) as u64) {
                     return Err(error);
