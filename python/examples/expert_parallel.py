@@ -93,7 +93,8 @@ def main():
                 f"rank {rank}/{world} ({backend}, {switch_moe.adapter()['name']}): "
                 f"experts {moe.expert_ranges[rank]}, forward {1e3 * median(forwards):.1f} ms "
                 f"({part_line} ms); single-process forward {1e3 * median(single_times):.1f} "
-                f"ms; bytes sent to other ranks per token {sent:.0f}; n_dropped {out['n_dropped']}; "
+                f"ms; bytes sent to other ranks per token {sent:.0f}; "
+                f"n_dropped {out['n_dropped']}; "
                 f"max |y - single| {worst:.2e}",
                 flush=True,
             )

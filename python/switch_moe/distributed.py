@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._native import MoeLayer, native_weights
-from .hf import _host
+from ._kept import KeptLayer, host
+from ._native import native_weights
 
 EXPERT_NAMES = ("experts.w1", "experts.b1", "experts.w2", "experts.b2", "experts.w3", "experts.b3")
 ROUTER_NAMES = ("router.weight", "router.bias")
@@ -69,36 +69,24 @@ def _check_ranges(ranges, num_experts, world_size):
     return ranges
 
 
-def _load_slice(weights, config, prefix, experts):
-    """The router and the experts ``experts`` (a range) under native names, as f32 numpy
-    arrays. A safetensors file in the native naming is read by slices (the other ranks'
-    experts are never read); another file or a dict goes through ``native_weights``."""
-    lo, hi = experts
+def _native_tensors(weights, config, prefix):
+    """The layer's tensors under native names, each as something that slices: a numpy
+    array, or a safetensors slice read only where it is indexed. A native-named safetensors
+    file is read by slices, so a rank never reads the others' experts; another naming, or
+    a dict in one, is converted once by the crate."""
     if not isinstance(weights, dict):
         from safetensors import safe_open
 
-        prefix_ = prefix or ""
-        with safe_open(str(weights), framework="numpy") as file:
-            names = set(file.keys())
-            if f"{prefix_}router.weight" in names and f"{prefix_}experts.w1" in names:
-                out = {}
-                for name in ROUTER_NAMES + EXPERT_NAMES:
-                    if f"{prefix_}{name}" not in names:
-                        continue
-                    tensor = file.get_slice(f"{prefix_}{name}")
-                    values = tensor[:] if name in ROUTER_NAMES else tensor[lo:hi]
-                    out[name] = np.asarray(values, dtype=np.float32)
-                return out
-        # Another naming: the crate converts the whole file.
-        weights = native_weights(str(weights), config, prefix=prefix)
-    elif not set(weights) <= set(ROUTER_NAMES + EXPERT_NAMES) or prefix:
-        weights = native_weights(weights, config, prefix=prefix)
-    out = {}
-    for name in ROUTER_NAMES + EXPERT_NAMES:
-        if name in weights:
-            values = np.asarray(weights[name], dtype=np.float32)
-            out[name] = values if name in ROUTER_NAMES else values[lo:hi]
-    return out
+        file = safe_open(str(weights), framework="numpy")
+        stored = set(file.keys())
+        p = prefix or ""
+        names = [name for name in ROUTER_NAMES + EXPERT_NAMES if p + name in stored]
+        if {"router.weight", "experts.w1"} <= set(names):
+            return {name: file.get_slice(p + name) for name in names}
+        weights = str(weights)
+    elif set(weights) <= set(ROUTER_NAMES + EXPERT_NAMES) and not prefix:
+        return {name: np.asarray(values) for name, values in weights.items()}
+    return dict(native_weights(weights, config, prefix=prefix))
 
 
 class _Exchange(torch.autograd.Function):
@@ -147,15 +135,14 @@ class _LocalExperts(torch.autograd.Function):
         ctx.count = rows.shape[0]
         if ctx.count == 0:
             return rows.new_zeros(rows.shape)
-        layer = module._experts_layer()
+        kept = module._experts_layer()
         inputs = (
-            _host(rows),
+            host(rows),
             local_expert.detach().cpu().numpy().reshape(-1, 1),
             np.ones((ctx.count, 1), np.float32),
         )
-        y = layer.forward_experts(*inputs)
-        module._experts_forwards += 1
-        ctx.layer, ctx.inputs, ctx.forward_id = layer, inputs, module._experts_forwards
+        y, ctx.ticket = kept.forward("forward_experts", *inputs)
+        ctx.kept = kept
         return torch.from_numpy(y).to(**ctx.like)
 
     @staticmethod
@@ -164,11 +151,8 @@ class _LocalExperts(torch.autograd.Function):
         if ctx.count == 0:
             zeros = [torch.zeros_like(p) for p in module._expert_parameters()]
             return (None, torch.zeros(d_out.shape, **ctx.like), None, *zeros)
-        # The layer keeps its last forward: run this one again if another came since.
-        if module._experts_forwards != ctx.forward_id:
-            ctx.layer.forward_experts(*ctx.inputs)
-            module._experts_forwards += 1
-        grads = ctx.layer.backward_experts(_host(d_out))
+        ctx.kept.before_backward(ctx.ticket)
+        grads = ctx.kept.layer.backward_experts(host(d_out))
         d_rows = torch.from_numpy(grads["x"]).to(**ctx.like)
         d_parameters = [
             torch.from_numpy(grads[name]).to(device=p.device, dtype=p.dtype)
@@ -207,19 +191,21 @@ class ExpertParallelMoE(nn.Module):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         user_config = dict(config or {})
-        # The number of experts, from the router alone.
-        self.num_experts = self._count_experts(weights, prefix)
+        tensors = _native_tensors(weights, user_config, prefix)
+
+        def parameter(name, rows=slice(None)):
+            # A copy: never a view of the caller's arrays.
+            return nn.Parameter(torch.tensor(np.asarray(tensors[name][rows], np.float32)))
+
+        self.router_weight = parameter("router.weight")
+        self.router_bias = parameter("router.bias") if "router.bias" in tensors else None
+        self.num_experts = self.router_weight.shape[0]
         ranges = expert_ranges or even_expert_ranges(self.num_experts, self.world_size)
         self.expert_ranges = _check_ranges(ranges, self.num_experts, self.world_size)
-        owned = self.expert_ranges[self.rank]
-        arrays = _load_slice(weights, user_config, prefix, owned)
-        self.router_weight = nn.Parameter(torch.from_numpy(arrays["router.weight"]).clone())
-        bias = arrays.get("router.bias")
-        self.router_bias = None if bias is None else nn.Parameter(torch.from_numpy(bias).clone())
-        self._expert_names = [name for name in EXPERT_NAMES if name in arrays]
+        lo, hi = self.expert_ranges[self.rank]
+        self._expert_names = [name for name in EXPERT_NAMES if name in tensors]
         for name in self._expert_names:
-            value = nn.Parameter(torch.from_numpy(arrays[name]).clone())
-            setattr(self, name.replace(".", "_"), value)
+            setattr(self, name.replace(".", "_"), parameter(name, slice(lo, hi)))
         # owner[e]: the rank holding expert e; first[e]: its index there.
         owner = np.zeros(self.num_experts, np.int64)
         first = np.zeros(self.num_experts, np.int64)
@@ -231,13 +217,11 @@ class ExpertParallelMoE(nn.Module):
         # The local layer parses and checks the config (the crate's keys and defaults);
         # the routing keys apply to all N experts here.
         local_config = {k: v for k, v in user_config.items() if k not in ("n_experts", "top_k")}
-        self._layer, self._seen = None, None
-        self._experts_layer(local_config)
-        self.config = {**self._layer.config, "n_experts": self.num_experts}
+        self._kept = KeptLayer(local_config, experts_only=True)
+        self.config = {**self._experts_layer().layer.config, "n_experts": self.num_experts}
         self.config["top_k"] = int(user_config.get("top_k", 1))
         if not 1 <= self.config["top_k"] <= self.num_experts:
             raise ValueError(f"top_k {self.config['top_k']}: expected 1..{self.num_experts}")
-        self._experts_forwards = 0
         self._last = None
         #: Seconds of the last forward's parts (``profile=True``): route, exchange,
         #: experts, combine.
@@ -246,41 +230,14 @@ class ExpertParallelMoE(nn.Module):
         #: ranks in both all-to-alls (as many arrive); ``tokens``, the rank's tokens.
         self.last_bytes = None
 
-    @staticmethod
-    def _count_experts(weights, prefix):
-        if isinstance(weights, dict):
-            for name in ("router.weight", f"{prefix or ''}router.weight"):
-                if name in weights:
-                    return int(np.asarray(weights[name]).shape[0])
-            return int(native_weights(weights, prefix=prefix)["router.weight"].shape[0])
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="numpy") as file:
-            name = f"{prefix or ''}router.weight"
-            if name in file.keys():
-                return int(file.get_slice(name).get_shape()[0])
-        return int(native_weights(str(weights), prefix=prefix)["router.weight"].shape[0])
-
     def _expert_parameters(self):
         return [getattr(self, name.replace(".", "_")) for name in self._expert_names]
 
-    def _experts_layer(self, config=None):
-        """The GPU layer of the rank's experts (a zero router stands in for theirs), their
-        values taken again only after a parameter changed."""
-        versions = [(id(p), p._version) for p in self._expert_parameters()]
-        if self._layer is not None and self._seen == versions:
-            return self._layer
-        weights = {
-            name: _host(p) for name, p in zip(self._expert_names, self._expert_parameters())
-        }
-        n_local, d = weights["experts.w2"].shape[:2]
-        weights["router.weight"] = np.zeros((n_local, d), np.float32)
-        if self._layer is None:
-            self._layer = MoeLayer(weights, {**config, "naming": "native"})
-        else:
-            self._layer.set_weights(weights)
-        self._seen = versions
-        return self._layer
+    def _experts_layer(self):
+        """The rank's experts' ``KeptLayer``, their values taken again after a change."""
+        names, parameters = self._expert_names, self._expert_parameters()
+        self._kept.refreshed(parameters, lambda: dict(zip(names, map(host, parameters))))
+        return self._kept
 
     def _route(self, x):
         """Routing of the rank's tokens as the layer computes it (SPEC): probabilities,
@@ -332,7 +289,9 @@ class ExpertParallelMoE(nn.Module):
         shape = x.shape
         d_model = self.router_weight.shape[1]
         if x.dim() not in (2, 3) or shape[-1] != d_model:
-            raise ValueError(f"x: shape {tuple(shape)}, expected [T, {d_model}] or [S, B, {d_model}]")
+            raise ValueError(
+                f"x: shape {tuple(shape)}, expected [T, {d_model}] or [S, B, {d_model}]"
+            )
         x = x.reshape(-1, d_model)
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
@@ -433,6 +392,6 @@ class ExpertParallelMoE(nn.Module):
             names, inputs = ["x"] + names, [x] + inputs
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         return {
-            name: (np.zeros(tuple(t.shape), np.float32) if g is None else _host(g))
+            name: (np.zeros(tuple(t.shape), np.float32) if g is None else host(g))
             for name, t, g in zip(names, inputs, grads)
         }

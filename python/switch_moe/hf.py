@@ -15,10 +15,9 @@ through them) and of the experts' parameters, in the module's own layout. Tensor
 through host memory, once each way.
 """
 
-import numpy as np
 import torch
 
-from ._native import MoeLayer
+from ._kept import KeptLayer, host
 
 NAME = "switch_moe"
 
@@ -36,54 +35,40 @@ def _activation(experts):
     return _activation_name(experts.act_fn)
 
 
-def _host(tensor):
-    """A tensor's values as a float32 numpy array on the host."""
-    return tensor.detach().to("cpu", torch.float32).numpy()
-
-
 def _native_weights(experts):
     """The experts module's weights under the layer's native names."""
     transposed = getattr(experts, "is_transposed", False)
     down = experts.down_proj.transpose(1, 2) if transposed else experts.down_proj
-    weights = {"experts.w2": _host(down)}
+    weights = {"experts.w2": host(down)}
     if getattr(experts, "has_gate", True):
         if not getattr(experts, "is_concatenated", True):
             raise ValueError("interleaved gate/up weights are not supported")
         gate_up = experts.gate_up_proj.transpose(1, 2) if transposed else experts.gate_up_proj
         half = gate_up.shape[1] // 2
-        weights["experts.w1"] = _host(gate_up[:, :half])
-        weights["experts.w3"] = _host(gate_up[:, half:])
+        weights["experts.w1"] = host(gate_up[:, :half])
+        weights["experts.w3"] = host(gate_up[:, half:])
         if getattr(experts, "has_bias", False):
-            weights["experts.b1"] = _host(experts.gate_up_proj_bias[:, :half])
-            weights["experts.b3"] = _host(experts.gate_up_proj_bias[:, half:])
+            weights["experts.b1"] = host(experts.gate_up_proj_bias[:, :half])
+            weights["experts.b3"] = host(experts.gate_up_proj_bias[:, half:])
     else:
         up = experts.up_proj.transpose(1, 2) if transposed else experts.up_proj
-        weights["experts.w1"] = _host(up)
+        weights["experts.w1"] = host(up)
         if getattr(experts, "has_bias", False):
-            weights["experts.b1"] = _host(experts.up_proj_bias)
+            weights["experts.b1"] = host(experts.up_proj_bias)
     if getattr(experts, "has_bias", False):
-        weights["experts.b2"] = _host(experts.down_proj_bias)
-    n, d = weights["experts.w2"].shape[:2]
-    # The experts run without the layer's router: a zero one stands in.
-    weights["router.weight"] = np.zeros((n, d), np.float32)
+        weights["experts.b2"] = host(experts.down_proj_bias)
     return weights
 
 
-def _layer(experts):
-    """The experts module's GPU layer, its weights refreshed after any change."""
-    versions = [(id(p), p._version) for p in experts.parameters()]
-    layer, seen = getattr(experts, "_switch_moe_layer", (None, None))
-    if layer is None:
-        config = {
-            "gated": getattr(experts, "has_gate", True),
-            "activation": _activation(experts),
-            "naming": "native",
-        }
-        layer = MoeLayer(_native_weights(experts), config)
-    elif seen != versions:
-        layer.set_weights(_native_weights(experts))
-    experts._switch_moe_layer = (layer, versions)
-    return layer
+def _kept(experts):
+    """The experts module's GPU layer (its ``KeptLayer``), its weights refreshed after any
+    change."""
+    kept = getattr(experts, "_switch_moe_layer", None)
+    if kept is None:
+        config = {"gated": getattr(experts, "has_gate", True), "activation": _activation(experts)}
+        kept = experts._switch_moe_layer = KeptLayer(config, experts_only=True)
+    kept.refreshed(list(experts.parameters()), lambda: _native_weights(experts))
+    return kept
 
 
 def _parameter_gradients(experts, grads):
@@ -124,35 +109,28 @@ class _ExpertsFunction(torch.autograd.Function):
     """The experts on pre-routed tokens, with ``backward_experts`` as their gradient."""
 
     @staticmethod
-    def forward(ctx, experts, layer, hidden_states, top_k_index, top_k_weights, *parameters):
-        inputs = (_host(hidden_states), top_k_index.detach().cpu().numpy(), _host(top_k_weights))
-        y = layer.forward_experts(*inputs)
-        experts._switch_moe_forwards = getattr(experts, "_switch_moe_forwards", 0) + 1
-        ctx.experts, ctx.layer, ctx.inputs = experts, layer, inputs
-        ctx.forward_id = experts._switch_moe_forwards
+    def forward(ctx, experts, kept, hidden_states, top_k_index, top_k_weights, *parameters):
+        inputs = (host(hidden_states), top_k_index.detach().cpu().numpy(), host(top_k_weights))
+        y, ctx.ticket = kept.forward("forward_experts", *inputs)
+        ctx.experts, ctx.kept = experts, kept
         ctx.hidden_like = dict(device=hidden_states.device, dtype=hidden_states.dtype)
         ctx.weights_like = dict(device=top_k_weights.device, dtype=top_k_weights.dtype)
         return torch.from_numpy(y).to(**ctx.hidden_like)
 
     @staticmethod
     def backward(ctx, dy):
-        experts, layer = ctx.experts, ctx.layer
-        # A layer keeps only its last forward: experts called again before this backward
-        # run this forward once more (the same result, bit for bit).
-        if experts._switch_moe_forwards != ctx.forward_id:
-            layer.forward_experts(*ctx.inputs)
-            experts._switch_moe_forwards += 1
-        grads = layer.backward_experts(_host(dy))
+        ctx.kept.before_backward(ctx.ticket)
+        grads = ctx.kept.layer.backward_experts(host(dy))
         dx = torch.from_numpy(grads["x"]).to(**ctx.hidden_like)
         d_weights = torch.from_numpy(grads["top_k_weights"]).to(**ctx.weights_like)
-        return (None, None, dx, None, d_weights, *_parameter_gradients(experts, grads))
+        return (None, None, dx, None, d_weights, *_parameter_gradients(ctx.experts, grads))
 
 
 def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers' experts interface: ``hidden_states [T, D]``, ``top_k_index [T, k]``,
     ``top_k_weights [T, k]`` → ``[T, D]``, differentiable in the hidden states, the
     weights and the experts' parameters."""
-    layer = _layer(self)
+    kept = _kept(self)
     parameters = [p for _, p in self.named_parameters()]
     needs_grad = torch.is_grad_enabled() and (
         hidden_states.requires_grad
@@ -161,9 +139,9 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     )
     if needs_grad:
         return _ExpertsFunction.apply(
-            self, layer, hidden_states, top_k_index, top_k_weights, *parameters
+            self, kept, hidden_states, top_k_index, top_k_weights, *parameters
         )
-    y = layer.forward_experts(
-        _host(hidden_states), top_k_index.detach().cpu().numpy(), _host(top_k_weights)
+    y = kept.layer.forward_experts(
+        host(hidden_states), top_k_index.detach().cpu().numpy(), host(top_k_weights)
     )
     return torch.from_numpy(y).to(device=hidden_states.device, dtype=hidden_states.dtype)

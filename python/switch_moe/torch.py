@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._native import MoeLayer, native_weights
+from ._kept import KeptLayer, host
+from ._native import native_weights
 
 # Native tensor names, in the order the autograd function takes the parameters.
 NATIVE_NAMES = (
@@ -43,49 +44,33 @@ class _MoeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, group_size, x, *parameters):
-        layer = module._layer_for(group_size)
-        out = layer.forward(x.detach().to("cpu", torch.float32).numpy())
-        module._forwards += 1
-        ctx.module, ctx.layer, ctx.forward_id = module, layer, module._forwards
-        ctx.save_for_backward(x)
-        like = dict(device=x.device, dtype=x.dtype)
-        y = torch.from_numpy(out["y"]).to(**like)
-        route_prob_sum = torch.from_numpy(out["route_prob_sum"]).to(**like)
-        counts = torch.from_numpy(out["counts"]).to(**like)
-        route_prob_max = torch.from_numpy(out["route_prob_max"]).to(**like)
+        kept = module._layer_for(group_size)
+        out, ctx.ticket = kept.forward("forward", host(x))
+        ctx.module, ctx.kept = module, kept
+        ctx.like = dict(device=x.device, dtype=x.dtype)
+        y = torch.from_numpy(out["y"]).to(**ctx.like)
+        route_prob_sum = torch.from_numpy(out["route_prob_sum"]).to(**ctx.like)
+        counts = torch.from_numpy(out["counts"]).to(**ctx.like)
+        route_prob_max = torch.from_numpy(out["route_prob_max"]).to(**ctx.like)
         ctx.mark_non_differentiable(counts, route_prob_max)
         module._last_statistics = out
         return y, route_prob_sum, counts, route_prob_max
 
     @staticmethod
     def backward(ctx, dy, d_route_prob_sum, _counts, _route_prob_max):
-        module, layer = ctx.module, ctx.layer
-        (x,) = ctx.saved_tensors
-        # A layer keeps only its last forward: a module called again before this backward
-        # runs its forward once more (the same result, bit for bit).
-        if module._forwards != ctx.forward_id:
-            layer.forward(x.detach().to("cpu", torch.float32).numpy())
-            module._forwards += 1
-        if dy is None:
-            dy = torch.zeros_like(x)
-        prob_sum_grad = None
-        if d_route_prob_sum is not None:
-            prob_sum_grad = d_route_prob_sum.detach().to("cpu", torch.float32).numpy()
-        grads = layer.backward(
-            dy.detach().to("cpu", torch.float32).numpy(),
-            route_prob_sum_grad=prob_sum_grad,
-        )
-        like = dict(device=x.device, dtype=x.dtype)
-        out = [None, None, torch.from_numpy(grads["x"]).to(**like)]
-        for name in module._names:
-            out.append(torch.from_numpy(grads[name]).to(**like))
+        ctx.kept.before_backward(ctx.ticket)
+        prob_sum_grad = None if d_route_prob_sum is None else host(d_route_prob_sum)
+        grads = ctx.kept.layer.backward(host(dy), route_prob_sum_grad=prob_sum_grad)
+        out = [None, None, torch.from_numpy(grads["x"]).to(**ctx.like)]
+        for name in ctx.module._names:
+            out.append(torch.from_numpy(grads[name]).to(**ctx.like))
         return tuple(out)
 
 
 class _GpuMoe(nn.Module):
     """The GPU layer with its weights as ``nn.Parameter``s in the native layout; the layers
     (one per capacity group size asked for) take the parameters' values again only when
-    one of them changed (torch's in-place version counters)."""
+    one of them changed (see _kept.py)."""
 
     def __init__(self, weights, config):
         super().__init__()
@@ -94,31 +79,25 @@ class _GpuMoe(nn.Module):
         for name in self._names:
             value = torch.as_tensor(np.asarray(weights[name], dtype=np.float32))
             setattr(self, _attribute(name), nn.Parameter(value.clone()))
+        # KeptLayer per capacity group size.
         self._layers = {}
-        self._forwards = 0
         self._last_statistics = None
 
     def _parameters_in_order(self):
         return [getattr(self, _attribute(name)) for name in self._names]
 
     def _weights_dict(self):
-        return {
-            name: p.detach().to("cpu", torch.float32).numpy()
-            for name, p in zip(self._names, self._parameters_in_order())
-        }
+        return {name: host(p) for name, p in zip(self._names, self._parameters_in_order())}
 
     def _layer_for(self, group_size):
-        versions = [(id(p), p._version) for p in self._parameters_in_order()]
-        layer, seen = self._layers.get(group_size, (None, None))
-        if layer is None:
-            config = {**self.config, "naming": "native"}
+        kept = self._layers.get(group_size)
+        if kept is None:
+            config = dict(self.config)
             if group_size is not None:
                 config["group_size"] = group_size
-            layer = MoeLayer(self._weights_dict(), config)
-        elif seen != versions:
-            layer.set_weights(self._weights_dict())
-        self._layers[group_size] = (layer, versions)
-        return layer
+            kept = self._layers[group_size] = KeptLayer(config)
+        kept.refreshed(self._parameters_in_order(), self._weights_dict)
+        return kept
 
     def _run(self, x, group_size=None):
         """y (shape of x), route_prob_sum, counts, route_prob_max, n_dropped."""

@@ -3,8 +3,9 @@
 tokens, the forward and the gradients equal a single-process MoeLayer holding every expert
 (the parameters' gradients summed over the ranks' losses); uneven routing, a rank that
 receives no token, heavy dropping with pass-through, top-2 across ranks, explicit expert
-ranges; reruns the same bits; loss.backward() fills .grad alike. Tolerance: the f32 bound of the layer's own backward tests, 8·rows·u relative to the
-largest value of each tensor."""
+ranges; reruns the same bits; loss.backward() fills .grad alike. Tolerance: the f32 bound
+of the layer's own backward tests, 8·rows·u relative to the largest value of each
+tensor."""
 
 import time
 import traceback

@@ -157,11 +157,11 @@ def test_weights_reupload_only_after_a_parameter_changed():
     swapped = SwitchFeedForward.from_labml(labml_module(31))
     x = torch.randn(4, 2, D)
     y0 = swapped(x)[0]
-    layer = swapped._layers[None][0]
+    layer = swapped._layers[None].layer
     assert torch.equal(swapped(x)[0], y0)
-    assert swapped._layers[None][0] is layer
+    assert swapped._layers[None].layer is layer
     with torch.no_grad():
         swapped.experts_w2.mul_(2.0)
     y1 = swapped(x)[0]
-    assert swapped._layers[None][0] is layer  # the same GPU layer, its weights replaced
+    assert swapped._layers[None].layer is layer  # the same GPU layer, its weights replaced
     assert not torch.equal(y1, y0)
