@@ -243,21 +243,15 @@ impl MoeLayer {
             row_tile: plan.tiling.row_tile() as u32,
             max_slots: plan.max_slots() as u32,
             gated: config.gated as u32,
-            scale_by_prob: config.scale_by_prob as u32,
-            normalize_top_k: config.normalize_top_k as u32,
-            pass_through: (config.drop_policy == crate::config::DropPolicy::PassThrough) as u32,
+            scale_by_prob: plan.scale_by_prob as u32,
+            normalize_top_k: plan.normalize_top_k as u32,
+            pass_through: plan.pass_through as u32,
             hidden_stride: padded_to_vec4(self.shape.d_ff) as u32,
             aux_coef: coefficients.aux,
             z_coef: coefficients.z,
             pre_routed: pre_routed as u32,
             ..Default::default()
         };
-        if pre_routed {
-            // The caller's weights scale the outputs as gates do; no capacity, no router.
-            params.scale_by_prob = 1;
-            params.normalize_top_k = 0;
-            params.pass_through = 0;
-        }
         layout.kernel_offsets(&mut params);
         params
     }

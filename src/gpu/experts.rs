@@ -139,12 +139,16 @@ impl MoeLayer {
         let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
         let n = self.shape.num_experts;
         let top_k = check_routes(n, num_tokens, top_k_index, top_k_weights)?;
-        // Every assignment kept (no capacity), one group, the caller's weights as gates.
+        // Every assignment kept (no capacity), one group, the caller's weights scaling the
+        // outputs as gates (not normalised; nothing passes through).
         let config = crate::config::MoeConfig {
             top_k,
             drop_tokens: false,
             group_size: None,
             n_experts: None,
+            scale_by_prob: true,
+            normalize_top_k: false,
+            drop_policy: crate::config::DropPolicy::Zero,
             ..self.config.clone()
         };
         let plan = self.plan_with(&config, num_tokens)?;
@@ -190,9 +194,7 @@ impl MoeLayer {
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let workspace = &*kept.insert(self.fitted(idle, plan));
         let scratch = &workspace.scratch;
-        let mut params = self.params_for(plan);
-        params.combine.scale_by_prob = 1;
-        params.combine.pass_through = 0;
+        let params = self.params_for(plan);
         self.queue
             .write_buffer(&scratch.x, 0, bytemuck::cast_slice(x));
         for (target, bytes) in initial_writes(workspace, &params) {

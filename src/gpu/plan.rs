@@ -2,7 +2,7 @@
 //! layer shape (blocks, groups, capacity, slot and tile bounds, buffer lengths). Pure
 //! arithmetic, computed on the host before anything is encoded.
 
-use crate::config::MoeConfig;
+use crate::config::{DropPolicy, MoeConfig};
 use crate::error::{MoeError, Result};
 use crate::gpu::shaders::{
     BLOCK_TOKENS, COMBINE_WORKGROUP, MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MATMUL_LANES,
@@ -25,6 +25,11 @@ pub struct ForwardPlan {
     pub num_route_blocks: usize,
     /// Assignments kept per group and expert; `None` when nothing is dropped.
     pub capacity: Option<usize>,
+    /// How the gates combine the outputs (the config's, or the experts-only pass's:
+    /// the caller's weights scale, nothing passes through).
+    pub normalize_top_k: bool,
+    pub scale_by_prob: bool,
+    pub pass_through: bool,
     /// The expert matmuls' tiling for this batch.
     pub tiling: MatmulTiling,
     /// An upper bound of the row tiles of all experts' padded segments.
@@ -199,6 +204,9 @@ impl ForwardPlan {
             num_assign_blocks: num_groups * chunks_per_group,
             num_route_blocks: div_ceil(num_tokens, BLOCK_TOKENS as usize),
             capacity,
+            normalize_top_k: config.normalize_top_k,
+            scale_by_prob: config.scale_by_prob,
+            pass_through: config.drop_policy == DropPolicy::PassThrough,
             tiling,
             max_tiles: tile_bound(tiling.row_tile()),
             max_tiles_any_tiling: tile_bound(shortest_row_tile),

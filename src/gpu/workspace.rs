@@ -5,7 +5,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-use crate::config::DropPolicy;
 use crate::gpu::buffers::{uniform_buffer, Scratch, ScratchSizes};
 use crate::gpu::kernels::bind_resources;
 use crate::gpu::layer::MoeLayer;
@@ -273,7 +272,7 @@ impl MoeLayer {
                 d_model: d_model as u32,
                 num_experts: num_experts as u32,
                 top_k: plan.top_k as u32,
-                normalize_top_k: self.config.normalize_top_k as u32,
+                normalize_top_k: plan.normalize_top_k as u32,
                 _pad: [0; 3],
             },
             assign: AssignParams {
@@ -294,8 +293,8 @@ impl MoeLayer {
                 num_tokens: plan.num_tokens as u32,
                 d_model: d_model as u32,
                 top_k: plan.top_k as u32,
-                scale_by_prob: self.config.scale_by_prob as u32,
-                pass_through: (self.config.drop_policy == DropPolicy::PassThrough) as u32,
+                scale_by_prob: plan.scale_by_prob as u32,
+                pass_through: plan.pass_through as u32,
                 _pad: [0; 3],
             },
             stats: StatsParams {
