@@ -1,6 +1,6 @@
 // backward_common: what every kernel of the backward shares (the shader registry prepends
 // this file to each): their one Params struct, the flat parameter and gradient layout, and
-// the invocation index of their 2-D grids. See src/gpu/backward.rs for the order of the
+// the invocation index of their 2-D grids. See src/gpu/passes/backward.rs for the order of the
 // dispatches and cpu_backward.rs for the sums they compute.
 //
 // The layer's trainable tensors live in ONE f32 buffer `parameters` (and their gradients in

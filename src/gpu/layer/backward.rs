@@ -1,143 +1,41 @@
-//! Training on the GPU: a training forward that keeps its workspace (the routing tables,
-//! logits, hidden rows and expert outputs the backward reads), then the backward as seven
-//! dispatches whatever the number of experts, each output element summed by one invocation
-//! in a fixed order (the same bits on every run):
-//!
-//! 1. gate_backward: dL/dh of the router logits per token, the slots' gate scales
-//! 2. expert_hidden_backward: dA (and dV) per kept slot, pre-activations recomputed
-//! 3. expert_down_backward: dW2, db2 over each expert's own rows
-//! 4. expert_up_backward: dW1, db1 (dW3, db3) over each expert's own rows
-//! 5. expert_input_backward: each slot's input gradient through W1ᵀ (and W3ᵀ)
-//! 6. router_backward: dWr, dbr over the tokens
-//! 7. combine_backward: dx gathered per token
-//!
-//! Semantics: SPEC "Backward"; the CPU reference is `cpu_backward::backward`.
+//! The backward of the last training forward: recorded (checks, the backward's scratch
+//! fitted to the batch, its `Params` and grids, the backward pass) into the caller's
+//! encoder, or on the host: submitted, and `dx` and the weights' gradients read back (with
+//! the intermediate buffers when traced, or dL/dw of the caller's weights after a
+//! pre-routed forward).
 
-use crate::cpu_backward::LossCoefficients;
+use crate::cpu_backward::{check_dy, check_prob_sum_grad, LossCoefficients};
 use crate::error::{MoeError, Result};
-use crate::gpu::backward_passes::{BackwardScratch, DyFrom};
-use crate::gpu::buffers::padded_to_vec4;
-use crate::gpu::encoded::too_small;
-use crate::gpu::forward::{read_mapped, split_words, Routing};
-use crate::gpu::layer::MoeLayer;
-use crate::gpu::parameters::{Training, TrainingRecord, TrainingState};
-use crate::gpu::readback::Wait;
+use crate::gpu::device::allocate::{padded_to_vec4, staging_buffer};
+use crate::gpu::device::encode::too_small;
+use crate::gpu::device::readback::{copy_and_submit, read_mapped, split_words, Wait};
+use crate::gpu::layer::moe_layer::MoeLayer;
+use crate::gpu::layer::trace::BackwardTrace;
+use crate::gpu::passes;
+use crate::gpu::passes::backward::{BackwardInputs, ParameterBuffers};
+use crate::gpu::plan::backward::{backward_params, BackwardGrids};
+use crate::gpu::plan::forward::Routing;
+use crate::gpu::resources::backward_scratch::BackwardScratch;
+use crate::gpu::resources::training::{Training, TrainingState};
 use crate::gradients::Gradients;
-use crate::output::{num_tokens_of, MoeOutput};
 
-/// The buffers one backward read and wrote, read back for tests and debugging (slots:
-/// the training forward's slot bound; only kept slots hold meaningful values).
-#[derive(Clone, Debug, PartialEq)]
-pub struct BackwardTrace {
-    /// Of the training forward: `[T, N]` router logits (unwritten, so stale, after a
-    /// pre-routed forward).
-    pub logits: Vec<f32>,
-    /// `[T, k]`: the slot of every assignment, or `u32::MAX` if dropped.
-    pub assignment_slot: Vec<u32>,
-    /// `[slots]`: the token of every slot.
-    pub slot_token: Vec<u32>,
-    /// counts [N] | kept [N] | tile_start [N + 1] | n_dropped | tile_expert [tiles].
-    pub expert_table: Vec<u32>,
-    /// Rows of a matmul tile: expert e's slots are `tile_start[e]·row_tile + [0, kept[e])`.
-    pub row_tile: usize,
-    /// `[slots, F]`: the expert hidden rows H.
-    pub hidden: Vec<f32>,
-    /// `[slots, D]`: the expert outputs O (before the gate).
-    pub expert_out: Vec<f32>,
-    /// Of the backward: `[T, N]` dL/dh of the logits (gate_backward); after a pre-routed
-    /// forward, dL/dw of the caller's weights in each row's first k columns.
-    pub d_logits: Vec<f32>,
-    /// `[slots]`: each kept slot's gate scale s (dO = s·dy).
-    pub slot_scale: Vec<f32>,
-    /// `[T]`: π of a token that passed through, else 0.
-    pub pass_scale: Vec<f32>,
-    /// `[slots, F]`: dA (expert_hidden_backward), and dV when gated.
-    pub d_a: Vec<f32>,
-    pub d_v: Option<Vec<f32>>,
-    /// `[slots, D]`: each slot's input gradient (expert_input_backward).
-    pub d_x_slot: Vec<f32>,
+/// Where a backward's `dy` comes from.
+pub(crate) enum DyFrom<'a> {
+    /// Host values, checked (length, finiteness) and written through the queue.
+    Host(&'a [f32]),
+    /// A caller's buffer (`COPY_SRC`, at least T·D floats), copied in the encoder.
+    Buffer(&'a wgpu::Buffer),
 }
 
 /// What a host backward read back.
-pub(super) struct BackwardRead {
-    pub(super) gradients: Gradients,
-    pub(super) trace: Option<BackwardTrace>,
+pub(crate) struct BackwardRead {
+    pub(crate) gradients: Gradients,
+    pub(crate) trace: Option<BackwardTrace>,
     /// `[T, k]` after a pre-routed forward: dL/dw of the caller's weights.
-    pub(super) top_k_weights: Option<Vec<f32>>,
+    pub(crate) top_k_weights: Option<Vec<f32>>,
 }
 
 impl MoeLayer {
-    pub(super) fn training(&self) -> Result<&Training> {
-        self.training.as_ref().ok_or_else(|| MoeError::Training {
-            message: "the layer was built without `LayerOptions::trainable`".to_string(),
-        })
-    }
-
-    pub(super) fn training_state(&self) -> Result<std::sync::MutexGuard<'_, TrainingState>> {
-        self.training()?
-            .state
-            .lock()
-            .map_err(|_| MoeError::Training {
-                message: "a previous training call panicked".to_string(),
-            })
-    }
-
-    /// Bytes of the backward's own scratch (0 before the first backward): dy, dx and the
-    /// per-token router gradients, and per slot the gate scale, dA (dV) and the input
-    /// gradient: O(T·(D + N) + T·k·(D + F)).
-    pub fn training_scratch_bytes(&self) -> u64 {
-        let Ok(state) = self.training_state() else {
-            return 0;
-        };
-        state.scratch.as_ref().map_or(0, BackwardScratch::bytes)
-    }
-
-    /// Dispatches of one backward: seven, whatever the number of experts.
-    pub fn dispatches_per_backward(&self) -> usize {
-        7
-    }
-
-    /// A forward that keeps what the backward needs (the layer keeps the last one; the
-    /// next [`MoeLayer::backward`] differentiates it). The batch must fit one pass
-    /// ([`MoeLayer::max_tokens_per_pass`]); the layer must be trainable.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_train(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        pollster::block_on(self.forward_train_with(x, shape, Wait::Block))
-    }
-
-    /// [`MoeLayer::forward_train`] without blocking.
-    pub async fn forward_train_async(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        self.forward_train_with(x, shape, Wait::Yield).await
-    }
-
-    async fn forward_train_with(
-        &self,
-        x: &[f32],
-        shape: &[usize],
-        wait: Wait,
-    ) -> Result<MoeOutput> {
-        let plan = self.plan(num_tokens_of(shape, x.len(), self.shape.d_model)?)?;
-        // The previous record's workspace is reused; a failed forward keeps no record. No
-        // lock is held while the GPU works.
-        let previous = {
-            let mut state = self.training_state()?;
-            state.has_gradients = false;
-            state.record.take().map(|record| record.workspace)
-        };
-        let mut kept = None;
-        let run = self
-            .run_in(&mut kept, previous, &plan, x, shape, false, wait)
-            .await?;
-        if let Some(workspace) = kept {
-            self.training_state()?.record = Some(TrainingRecord {
-                workspace,
-                plan,
-                routing: Routing::Router,
-            });
-        }
-        Ok(run.output)
-    }
-
     /// The gradients of `L = Σ dy ⊙ y + α·aux_loss + β·z_loss` (SPEC "Backward") for the
     /// last [`MoeLayer::forward_train`], with respect to `x` and every weight tensor
     /// (native names and shapes). They also stay on the device for [`MoeLayer::step`].
@@ -192,7 +90,7 @@ impl MoeLayer {
 
     /// The host backward: records, submits, reads back `dx` and the weights' gradients,
     /// and the trace (`with_trace`) or, after a pre-routed forward, dL/dw.
-    pub(super) async fn run_backward(
+    pub(crate) async fn run_backward(
         &self,
         dy: &[f32],
         routing: Routing,
@@ -259,16 +157,10 @@ impl MoeLayer {
             }
             let lengths: Vec<usize> = sources.iter().map(|(_, words)| *words).collect();
             let all: usize = lengths.iter().sum();
-            let staging = with_trace.then(|| {
-                self.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("backward trace readback"),
-                    size: (all.max(1) * 4) as u64,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
-            });
+            let staging = with_trace
+                .then(|| staging_buffer(&self.device, "backward trace readback", (all * 4) as u64));
             let target = staging.as_ref().unwrap_or(&scratch.readback);
-            let total = self.copy_and_submit(encoder, target, &sources);
+            let total = copy_and_submit(&self.queue, encoder, target, &sources);
             // Popped after the read-back copies, so that their errors are caught too.
             let validation = validation_scope.pop();
             drop(sources);
@@ -328,30 +220,101 @@ impl MoeLayer {
         })
     }
 
-    /// [`MoeLayer::forward_train`] recorded into the caller's encoder, like
-    /// [`MoeLayer::encode_forward`] (caller-owned `x`, `y` and statistics buffers, nothing
-    /// read back). The layer keeps the pass for the next backward; a non-finite input shows
-    /// only in the statistics, and its backward is then meaningless.
-    pub fn encode_forward_train(
+    /// Records the backward of the last training forward (which `routing` names) into
+    /// `encoder`, with the loss's terms beyond `dy`: checks, the scratch fitted to its
+    /// batch, the Params (inside the command stream), `dy`, the seven dispatches. Returns
+    /// the scratch (to go back into `state` once the caller is done with it; `dx` is in
+    /// `scratch.dx`) and the values of `x`.
+    pub(crate) fn record_backward(
         &self,
+        training: &Training,
+        state: &mut TrainingState,
         encoder: &mut wgpu::CommandEncoder,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        statistics: Option<&wgpu::Buffer>,
-        num_tokens: usize,
-    ) -> Result<()> {
-        let plan = self.plan_encoded(x, y, statistics, num_tokens)?;
-        let mut state = self.training_state()?;
-        state.has_gradients = false;
-        let previous = state.record.take().map(|record| record.workspace);
-        let workspace = self.fitted(previous, &plan);
-        let recorded = self.encode_forward_in(encoder, &workspace, &plan, x, y, statistics);
-        state.record = Some(TrainingRecord {
-            workspace,
-            plan,
-            routing: Routing::Router,
-        });
-        recorded
+        (dy, routing): (DyFrom<'_>, Routing),
+        (route_prob_sum_grad, coefficients): (Option<&[f32]>, LossCoefficients),
+    ) -> Result<(BackwardScratch, usize)> {
+        let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
+            message: match routing {
+                Routing::Router => "backward needs a forward_train first",
+                Routing::PreRouted => "backward_experts needs a forward_experts_train first",
+            }
+            .to_string(),
+        })?;
+        match (routing, record.routing) {
+            (Routing::Router, Routing::PreRouted) => {
+                return Err(MoeError::Training {
+                    message: "the last training forward was forward_experts_train: its \
+                              backward is backward_experts"
+                        .to_string(),
+                })
+            }
+            (Routing::PreRouted, Routing::Router) => {
+                return Err(MoeError::Training {
+                    message: "the last training forward was forward_train: its backward is \
+                              backward"
+                        .to_string(),
+                })
+            }
+            _ => {}
+        }
+        let plan = record.plan;
+        let values = plan.num_tokens * self.shape.d_model;
+        match dy {
+            DyFrom::Host(dy) => check_dy(dy, values)?,
+            DyFrom::Buffer(dy) => {
+                if let Some(error) = too_small("dy", dy, (values * 4) as u64) {
+                    return Err(error);
+                }
+            }
+        }
+        check_prob_sum_grad(route_prob_sum_grad, self.shape.num_experts)?;
+        for (key, value) in [
+            ("aux_loss_coef", coefficients.aux),
+            ("z_loss_coef", coefficients.z),
+        ] {
+            if !value.is_finite() {
+                return Err(MoeError::config(key, format!("{value} is not finite")));
+            }
+        }
+        let plan = record.plan;
+        let gated = self.config.gated;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let grids = BackwardGrids::new(&plan, gated, max_dim)?;
+        let mut scratch = BackwardScratch::fitted(
+            state.scratch.take(),
+            &self.device,
+            (self.shape, gated),
+            (plan.num_tokens, plan.max_slots()),
+            training.layout.total,
+        );
+        let params = backward_params(&plan, gated, routing, coefficients, &training.layout);
+        let zeros = vec![0.0f32; self.shape.num_experts];
+        let dy = match dy {
+            DyFrom::Host(dy) => {
+                self.queue
+                    .write_buffer(&scratch.dy, 0, bytemuck::cast_slice(dy));
+                None
+            }
+            DyFrom::Buffer(dy) => Some(dy),
+        };
+        let inputs = BackwardInputs {
+            params: &params,
+            prob_sum_grad: route_prob_sum_grad.unwrap_or(&zeros),
+            dy,
+        };
+        let flat = ParameterBuffers {
+            parameters: &training.parameters,
+            gradients: &training.gradients,
+        };
+        passes::backward::encode(
+            encoder,
+            (&self.device, &training.kernels),
+            (&record.workspace, &mut scratch),
+            flat,
+            &grids,
+            inputs,
+        );
+        Ok((scratch, values))
     }
 
     /// [`MoeLayer::backward`] recorded into the caller's encoder after an encoded (or host)

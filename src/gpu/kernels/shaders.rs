@@ -12,7 +12,7 @@ macro_rules! shader {
     ($ident:ident, $name:literal) => {
         pub const $ident: ShaderSource = ShaderSource {
             name: $name,
-            source: include_str!(concat!("../../shaders/", $name, ".wgsl")),
+            source: include_str!(concat!("../../../shaders/", $name, ".wgsl")),
         };
     };
     // A kernel with shared files prepended (WGSL has no includes): one module each.
@@ -20,8 +20,8 @@ macro_rules! shader {
         pub const $ident: ShaderSource = ShaderSource {
             name: $name,
             source: concat!(
-                $(include_str!(concat!("../../shaders/", $shared, ".wgsl")),)+
-                include_str!(concat!("../../shaders/", $name, ".wgsl"))
+                $(include_str!(concat!("../../../shaders/", $shared, ".wgsl")),)+
+                include_str!(concat!("../../../shaders/", $name, ".wgsl"))
             ),
         };
     };

@@ -8,13 +8,13 @@
 
 use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
-use crate::gpu::backward::BackwardTrace;
-use crate::gpu::forward::{read_mapped, Routing};
-use crate::gpu::layer::MoeLayer;
-use crate::gpu::parameters::TrainingRecord;
-use crate::gpu::plan::ForwardPlan;
-use crate::gpu::readback::Wait;
-use crate::gpu::workspace::{initial_writes, Lease, Workspace};
+use crate::gpu::device::readback::{copy_and_submit, read_mapped, Wait};
+use crate::gpu::layer::moe_layer::MoeLayer;
+use crate::gpu::layer::trace::BackwardTrace;
+use crate::gpu::passes;
+use crate::gpu::plan::forward::{ForwardPlan, Routing};
+use crate::gpu::resources::training::TrainingRecord;
+use crate::gpu::resources::workspace::{Lease, Workspace};
 use crate::gradients::ExpertsGradients;
 use crate::output::{check_routes, num_tokens_of};
 
@@ -193,13 +193,16 @@ impl MoeLayer {
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let workspace = &*kept.insert(self.fitted(idle, plan));
+        let grids = match plan.grids(self.limits.max_compute_workgroups_per_dimension) {
+            Ok(grids) => grids,
+            Err(error) => {
+                drop((validation_scope.pop(), oom_scope.pop()));
+                return Err(error);
+            }
+        };
         let scratch = &workspace.scratch;
-        let params = self.params_for(plan);
-        self.queue
-            .write_buffer(&scratch.x, 0, bytemuck::cast_slice(x));
-        for (target, bytes) in initial_writes(workspace, &params) {
-            self.queue.write_buffer(target, 0, bytes);
-        }
+        let params = plan.kernel_params(self.weights.shards.len());
+        workspace.write_inputs(&self.queue, &params, x);
         self.queue
             .write_buffer(&scratch.routes, 0, bytemuck::cast_slice(top_k_index));
         self.queue
@@ -209,17 +212,14 @@ impl MoeLayer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("moe experts"),
             });
-        let encoded = self.encode(&mut encoder, workspace, plan, Routing::PreRouted);
+        let kernels = (&self.device, &self.kernels);
+        let plans = (plan, &grids);
+        passes::forward::encode(&mut encoder, kernels, workspace, plans, Routing::PreRouted);
         let values = x.len();
         let sources = [(&scratch.y, values), (&scratch.flags, 1)];
-        let total = match encoded {
-            Ok(()) => Some(self.copy_and_submit(encoder, &scratch.readback, &sources)),
-            Err(_) => None,
-        };
+        let total = copy_and_submit(&self.queue, encoder, &scratch.readback, &sources);
         let validation = validation_scope.pop();
         let oom = oom_scope.pop();
-        encoded?;
-        let total = total.unwrap_or(0);
         let words = read_mapped(&self.device, &scratch.readback, total, wait).await;
         if let Some(error) = validation.await.or(oom.await) {
             return Err(MoeError::Device {

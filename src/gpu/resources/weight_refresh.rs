@@ -1,48 +1,49 @@
-//! After an optimizer step, the forward's own operands rewritten from the flat parameter
-//! buffer: the router texture (refresh_router_weights), each shard's f32 expert textures
-//! (refresh_expert_weights), and the bias buffers (copies). Everything here is fixed by the
-//! layer, so it is prepared once, when the layer is built, and a step only records it.
+//! What an optimizer step (or `set_weights`) records to rewrite the forward's own operands
+//! from the flat parameter buffer: the router texture (refresh_router_weights), each
+//! shard's f32 expert textures (refresh_expert_weights), and the bias buffers (copies).
+//! Everything here is fixed by the layer, so it is prepared once, when the layer is built;
+//! `passes::refresh` records it.
 
 use crate::error::Result;
-use crate::gpu::buffers::{padded_to_vec4, uniform_buffer, GpuWeights};
-use crate::gpu::forward::dispatch;
+use crate::gpu::device::allocate::{padded_to_vec4, uniform_buffer};
+use crate::gpu::device::encode::{div_ceil, grid_2d};
+use crate::gpu::kernels::params::RefreshParams;
+use crate::gpu::kernels::shaders::TRAINING_WORKGROUP;
 use crate::gpu::kernels::{bind_resources, Kernel, TrainingKernels};
-use crate::gpu::parameters::ParameterLayout;
-use crate::gpu::params::RefreshParams;
-use crate::gpu::plan::{div_ceil, grid_2d};
-use crate::gpu::shaders::TRAINING_WORKGROUP;
+use crate::gpu::plan::parameters::ParameterLayout;
+use crate::gpu::resources::weights::GpuWeights;
 use crate::weights::LayerShape;
 
 /// Which refresh kernel a dispatch runs.
 #[derive(Clone, Copy)]
-enum Target {
+pub(crate) enum Target {
     Router,
     Experts,
 }
 
 /// One refresh dispatch: its bind group (which holds its `RefreshParams`) and grid.
-struct RefreshDispatch {
-    target: Target,
-    bind_group: wgpu::BindGroup,
-    grid: (u32, u32),
+pub(crate) struct RefreshDispatch {
+    pub(crate) target: Target,
+    pub(crate) bind_group: wgpu::BindGroup,
+    pub(crate) grid: (u32, u32),
 }
 
 /// A copy of `floats` floats from `from` in the parameter buffer to `to` in `buffer`.
-struct BiasCopy {
-    from: usize,
-    buffer: wgpu::Buffer,
-    to: usize,
-    floats: usize,
+pub(crate) struct BiasCopy {
+    pub(crate) from: usize,
+    pub(crate) buffer: wgpu::Buffer,
+    pub(crate) to: usize,
+    pub(crate) floats: usize,
 }
 
 /// Everything a step records to bring the forward's operands up to date.
-pub(super) struct WeightRefresh {
-    dispatches: Vec<RefreshDispatch>,
-    bias_copies: Vec<BiasCopy>,
+pub(crate) struct WeightRefresh {
+    pub(crate) dispatches: Vec<RefreshDispatch>,
+    pub(crate) bias_copies: Vec<BiasCopy>,
 }
 
 impl WeightRefresh {
-    pub(super) fn new(
+    pub(crate) fn new(
         device: &wgpu::Device,
         kernels: &TrainingKernels,
         layout: &ParameterLayout,
@@ -148,43 +149,11 @@ impl WeightRefresh {
         })
     }
 
-    fn kernel(kernels: &TrainingKernels, target: Target) -> &Kernel {
+    /// The refresh kernel of `target`.
+    pub(crate) fn kernel(kernels: &TrainingKernels, target: Target) -> &Kernel {
         match target {
             Target::Router => &kernels.refresh_router_weights,
             Target::Experts => &kernels.refresh_expert_weights,
-        }
-    }
-
-    /// Records the refresh from `parameters` into `encoder`.
-    pub(super) fn encode(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        kernels: &TrainingKernels,
-        parameters: &wgpu::Buffer,
-    ) {
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("refresh weights"),
-                timestamp_writes: None,
-            });
-            for d in &self.dispatches {
-                dispatch(
-                    &mut pass,
-                    Self::kernel(kernels, d.target),
-                    &d.bind_group,
-                    d.grid,
-                );
-            }
-        }
-        let bytes = |floats: usize| (floats * 4) as u64;
-        for copy in &self.bias_copies {
-            encoder.copy_buffer_to_buffer(
-                parameters,
-                bytes(copy.from),
-                &copy.buffer,
-                bytes(copy.to),
-                bytes(copy.floats),
-            );
         }
     }
 }

@@ -2,50 +2,43 @@
 //! reused), the bind groups that reference them, their own `Params` uniforms, and the pool
 //! lease that returns them; plus what is written into them before a forward.
 
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-use crate::gpu::buffers::{uniform_buffer, Scratch, ScratchSizes};
-use crate::gpu::kernels::bind_resources;
-use crate::gpu::layer::MoeLayer;
-use crate::gpu::params::{AssignParams, CombineParams, RouteParams, StatsParams};
-use crate::gpu::plan::{div_ceil, ForwardPlan};
+use crate::gpu::device::allocate::uniform_buffer;
+use crate::gpu::kernels::params::{AssignParams, CombineParams, RouteParams, StatsParams};
+use crate::gpu::kernels::{bind_resources, Kernels};
+use crate::gpu::plan::forward::KernelParams;
+use crate::gpu::plan::sizes::ScratchSizes;
+use crate::gpu::resources::scratch::Scratch;
+use crate::gpu::resources::weights::GpuWeights;
 use crate::weights::LayerShape;
 
-/// Every kernel's `Params` for one forward.
-pub(super) struct KernelParams {
-    pub(super) route: RouteParams,
-    pub(super) assign: AssignParams,
-    pub(super) combine: CombineParams,
-    pub(super) stats: StatsParams,
-}
-
 /// Scratch buffers with the bind groups that reference them.
-pub(super) struct Workspace {
+pub(crate) struct Workspace {
     /// Unique per allocation: bind groups built over this workspace elsewhere (the
     /// backward's) know whether they still refer to it.
-    pub(super) id: usize,
-    pub(super) scratch: Scratch,
-    pub(super) stage_tokens: wgpu::BindGroup,
-    pub(super) route_tokens: wgpu::BindGroup,
-    pub(super) count_experts: wgpu::BindGroup,
-    pub(super) scan_expert_offsets: wgpu::BindGroup,
-    pub(super) reduce_router_stats: wgpu::BindGroup,
-    pub(super) scatter_assignments: wgpu::BindGroup,
-    pub(super) expert_up: Vec<wgpu::BindGroup>,
-    pub(super) expert_down: Vec<wgpu::BindGroup>,
-    pub(super) combine_outputs: wgpu::BindGroup,
+    pub(crate) id: usize,
+    pub(crate) scratch: Scratch,
+    pub(crate) stage_tokens: wgpu::BindGroup,
+    pub(crate) route_tokens: wgpu::BindGroup,
+    pub(crate) count_experts: wgpu::BindGroup,
+    pub(crate) scan_expert_offsets: wgpu::BindGroup,
+    pub(crate) reduce_router_stats: wgpu::BindGroup,
+    pub(crate) scatter_assignments: wgpu::BindGroup,
+    pub(crate) expert_up: Vec<wgpu::BindGroup>,
+    pub(crate) expert_down: Vec<wgpu::BindGroup>,
+    pub(crate) combine_outputs: wgpu::BindGroup,
     /// The `Params` this workspace's bind groups read: forwards in flight at the same time
     /// each have their own.
-    pub(super) uniforms: Uniforms,
-    pub(super) timer: Option<PassTimer>,
+    pub(crate) uniforms: Uniforms,
+    pub(crate) timer: Option<PassTimer>,
 }
 
 /// A workspace taken from the pool for one forward (filled in once fitted to the batch);
 /// dropping the lease puts it back, on success and on every error path alike.
-pub(super) struct Lease<'a> {
-    pub(super) workspace: Option<Workspace>,
-    pub(super) pool: &'a Mutex<Vec<Workspace>>,
+pub(crate) struct Lease<'a> {
+    pub(crate) workspace: Option<Workspace>,
+    pub(crate) pool: &'a Mutex<Vec<Workspace>>,
 }
 
 impl Drop for Lease<'_> {
@@ -57,40 +50,32 @@ impl Drop for Lease<'_> {
 }
 
 /// GPU timestamps around the forward's compute pass, when the device has them.
-pub(super) struct PassTimer {
-    pub(super) query_set: wgpu::QuerySet,
-    pub(super) resolved: wgpu::Buffer,
-    pub(super) nanoseconds_per_tick: f64,
+pub(crate) struct PassTimer {
+    pub(crate) query_set: wgpu::QuerySet,
+    pub(crate) resolved: wgpu::Buffer,
+    pub(crate) nanoseconds_per_tick: f64,
 }
 
 /// Uniform buffers, one per `Params` struct written per forward.
-pub(super) struct Uniforms {
-    pub(super) route: wgpu::Buffer,
-    pub(super) assign: wgpu::Buffer,
-    pub(super) combine: wgpu::Buffer,
-    pub(super) stats: wgpu::Buffer,
+pub(crate) struct Uniforms {
+    pub(crate) route: wgpu::Buffer,
+    pub(crate) assign: wgpu::Buffer,
+    pub(crate) combine: wgpu::Buffer,
+    pub(crate) stats: wgpu::Buffer,
 }
 
-impl MoeLayer {
-    /// `workspace` if its buffers are large enough for `plan`, else one that is (sized for
-    /// the larger of the two; `None` builds a first one).
-    pub(super) fn fitted(&self, workspace: Option<Workspace>, plan: &ForwardPlan) -> Workspace {
-        let needed = ScratchSizes::for_plan(plan);
-        match workspace {
-            Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
-            previous => {
-                let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
-                let id = self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
-                self.build_workspace(sizes, id)
-            }
-        }
-    }
-
-    /// A workspace for `sizes`; `id` tells it apart from every other of the layer.
-    pub(super) fn build_workspace(&self, sizes: ScratchSizes, id: usize) -> Workspace {
-        let device = &self.device;
-        let scratch = Scratch::new(device, sizes, self.shape, self.weights.shards.len());
-        let k = &self.kernels;
+impl Workspace {
+    /// A workspace for `sizes` over the layer's `kernels` and `weights`; `id` tells it
+    /// apart from every other of the layer.
+    pub(crate) fn new(
+        (device, queue): (&wgpu::Device, &wgpu::Queue),
+        (kernels, weights): (&Kernels, &GpuWeights),
+        shape: LayerShape,
+        sizes: ScratchSizes,
+        id: usize,
+    ) -> Workspace {
+        let scratch = Scratch::new(device, sizes, shape, weights.shards.len());
+        let k = kernels;
         let s = &scratch;
         let uniforms = Uniforms {
             route: uniform_buffer(device, "route params", &RouteParams::default()),
@@ -113,7 +98,7 @@ impl MoeLayer {
                     usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
                 }),
-                nanoseconds_per_tick: self.queue.get_timestamp_period() as f64,
+                nanoseconds_per_tick: queue.get_timestamp_period() as f64,
             });
         let u = &uniforms;
         Workspace {
@@ -136,14 +121,14 @@ impl MoeLayer {
                 vec![
                     u.route.as_entire_binding(),
                     wgpu::BindingResource::TextureView(&s.x_rows),
-                    wgpu::BindingResource::TextureView(&self.weights.router),
+                    wgpu::BindingResource::TextureView(&weights.router),
                     s.logits.as_entire_binding(),
                     s.routes.as_entire_binding(),
                     s.gates.as_entire_binding(),
                     s.route_prob_max.as_entire_binding(),
                     s.block_router_sums.as_entire_binding(),
                     s.flags.as_entire_binding(),
-                    self.weights.router_bias.as_entire_binding(),
+                    weights.router_bias.as_entire_binding(),
                 ],
             ),
             count_experts: k
@@ -158,7 +143,7 @@ impl MoeLayer {
                     &s.group_kept_prefix,
                     &s.expert_table,
                     &s.dispatch_args,
-                    &self.weights.shard_first_expert,
+                    &weights.shard_first_expert,
                 ],
             ),
             reduce_router_stats: k.reduce_router_stats.bind(
@@ -182,8 +167,7 @@ impl MoeLayer {
                     &s.assignment_slot,
                 ],
             ),
-            expert_up: self
-                .weights
+            expert_up: weights
                 .shards
                 .iter()
                 .map(|shard| {
@@ -208,8 +192,7 @@ impl MoeLayer {
                     )
                 })
                 .collect(),
-            expert_down: self
-                .weights
+            expert_down: weights
                 .shards
                 .iter()
                 .map(|shard| {
@@ -250,75 +233,28 @@ impl MoeLayer {
         }
     }
 
-    pub(super) fn write_inputs(&self, workspace: &Workspace, plan: &ForwardPlan, x: &[f32]) {
-        self.queue
-            .write_buffer(&workspace.scratch.x, 0, bytemuck::cast_slice(x));
-        let params = self.params_for(plan);
-        for (target, bytes) in initial_writes(workspace, &params) {
-            self.queue.write_buffer(target, 0, bytes);
+    /// Writes `x` and the forward's `params` through the queue (they land before the next
+    /// submission's commands).
+    pub(crate) fn write_inputs(&self, queue: &wgpu::Queue, params: &KernelParams, x: &[f32]) {
+        queue.write_buffer(&self.scratch.x, 0, bytemuck::cast_slice(x));
+        for (target, bytes) in self.initial_writes(params) {
+            queue.write_buffer(target, 0, bytes);
         }
     }
 
-    /// Every kernel's `Params` for `plan`.
-    pub(super) fn params_for(&self, plan: &ForwardPlan) -> KernelParams {
-        let LayerShape {
-            num_experts,
-            d_model,
-            d_ff,
-        } = plan.shape;
-        KernelParams {
-            route: RouteParams {
-                num_tokens: plan.num_tokens as u32,
-                d_model: d_model as u32,
-                num_experts: num_experts as u32,
-                top_k: plan.top_k as u32,
-                normalize_top_k: plan.normalize_top_k as u32,
-                _pad: [0; 3],
-            },
-            assign: AssignParams {
-                num_tokens: plan.num_tokens as u32,
-                num_experts: num_experts as u32,
-                top_k: plan.top_k as u32,
-                group_size: plan.group_size as u32,
-                chunks_per_group: plan.chunks_per_group as u32,
-                num_blocks: plan.num_assign_blocks as u32,
-                capacity: plan.capacity_u32(),
-                row_tile: plan.tiling.row_tile() as u32,
-                num_shards: self.weights.shards.len() as u32,
-                up_tiles_x: div_ceil(d_ff, plan.tiling.col_tile()) as u32,
-                down_tiles_x: div_ceil(d_model, plan.tiling.col_tile()) as u32,
-                _pad: 0,
-            },
-            combine: CombineParams {
-                num_tokens: plan.num_tokens as u32,
-                d_model: d_model as u32,
-                top_k: plan.top_k as u32,
-                scale_by_prob: plan.scale_by_prob as u32,
-                pass_through: plan.pass_through as u32,
-                _pad: [0; 3],
-            },
-            stats: StatsParams {
-                num_tokens: plan.num_tokens as u32,
-                num_experts: num_experts as u32,
-                num_blocks: plan.num_route_blocks as u32,
-                _pad: 0,
-            },
-        }
+    /// What every forward writes before its dispatches: each kernel's `Params` into its
+    /// uniform buffer, and the non-finite flag's initial value (no such token).
+    pub(crate) fn initial_writes<'a>(
+        &'a self,
+        params: &'a KernelParams,
+    ) -> [(&'a wgpu::Buffer, &'a [u8]); 5] {
+        let u = &self.uniforms;
+        [
+            (&u.route, bytemuck::bytes_of(&params.route)),
+            (&u.assign, bytemuck::bytes_of(&params.assign)),
+            (&u.combine, bytemuck::bytes_of(&params.combine)),
+            (&u.stats, bytemuck::bytes_of(&params.stats)),
+            (&self.scratch.flags, bytemuck::bytes_of(&u32::MAX)),
+        ]
     }
-}
-
-/// What every forward writes before its dispatches: each kernel's `Params` into its
-/// uniform buffer, and the non-finite flag's initial value (no such token).
-pub(super) fn initial_writes<'a>(
-    workspace: &'a Workspace,
-    params: &'a KernelParams,
-) -> [(&'a wgpu::Buffer, &'a [u8]); 5] {
-    let u = &workspace.uniforms;
-    [
-        (&u.route, bytemuck::bytes_of(&params.route)),
-        (&u.assign, bytemuck::bytes_of(&params.assign)),
-        (&u.combine, bytemuck::bytes_of(&params.combine)),
-        (&u.stats, bytemuck::bytes_of(&params.stats)),
-        (&workspace.scratch.flags, bytemuck::bytes_of(&u32::MAX)),
-    ]
 }

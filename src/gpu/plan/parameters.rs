@@ -1,23 +1,11 @@
-//! A trainable layer's tensors as ONE flat f32 buffer on the device, with its gradients
-//! (and the optimizer's moments) laid out alike: one binding for every backward kernel,
-//! one dispatch for an optimizer step, one copy to read the gradients back. The forward
-//! keeps reading its own operands (the weight textures); an optimizer step rewrites them
-//! from this buffer. Also what a trainable layer holds: those buffers, the training
-//! kernels, and the state between calls (the last training forward, the backward's
-//! scratch, the optimizer's moments).
-
-use std::sync::Mutex;
+//! A trainable layer's tensors as ONE flat f32 layout, which its parameters, gradients and
+//! the optimizer's moments share on the device: one binding for every backward kernel, one
+//! dispatch for an optimizer step, one copy to read the gradients back. `ParameterLayout`
+//! is where each tensor starts, and the conversions between it and the host's tensors.
 
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
-use crate::gpu::backward_passes::BackwardScratch;
-use crate::gpu::buffers::{storage_buffer, GpuWeights};
-use crate::gpu::forward::Routing;
-use crate::gpu::kernels::TrainingKernels;
-use crate::gpu::params::BackwardParams;
-use crate::gpu::plan::ForwardPlan;
-use crate::gpu::refresh::WeightRefresh;
-use crate::gpu::workspace::Workspace;
+use crate::gpu::kernels::params::BackwardParams;
 use crate::gradients::Gradients;
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -159,7 +147,7 @@ impl ParameterLayout {
     }
 
     /// The offsets of `BackwardParams`.
-    pub(super) fn kernel_offsets(&self, params: &mut BackwardParams) {
+    pub(crate) fn kernel_offsets(&self, params: &mut BackwardParams) {
         params.router_weight_at = self.router_weight as u32;
         params.router_bias_at = kernel_offset(self.router_bias);
         params.w1_at = self.w1 as u32;
@@ -168,77 +156,5 @@ impl ParameterLayout {
         params.b2_at = kernel_offset(self.b2);
         params.w3_at = kernel_offset(self.w3);
         params.b3_at = kernel_offset(self.b3);
-    }
-}
-
-/// What a trainable layer holds besides the forward's state.
-pub(super) struct Training {
-    pub(super) kernels: TrainingKernels,
-    pub(super) layout: ParameterLayout,
-    /// Every trainable tensor, flat (see parameters.rs).
-    pub(super) parameters: wgpu::Buffer,
-    /// Their gradients from the last backward, laid out alike.
-    pub(super) gradients: wgpu::Buffer,
-    /// What a step records to rewrite the forward's operands from `parameters`.
-    pub(super) refresh: WeightRefresh,
-    pub(super) state: Mutex<TrainingState>,
-}
-
-#[derive(Default)]
-pub(super) struct TrainingState {
-    /// The last training forward, which the next backward differentiates.
-    pub(super) record: Option<TrainingRecord>,
-    pub(super) scratch: Option<BackwardScratch>,
-    /// The optimizer's moments and step count (see optimizer.rs).
-    pub(super) optimizer: Option<crate::gpu::optimizer::OptimizerState>,
-    /// Whether `gradients` holds a backward's result (an optimizer step needs one).
-    pub(super) has_gradients: bool,
-}
-
-/// A training forward's workspace, kept for its backward.
-pub(super) struct TrainingRecord {
-    pub(super) workspace: Workspace,
-    pub(super) plan: ForwardPlan,
-    /// `Routing::PreRouted` after `forward_experts_train` (its backward is
-    /// `backward_experts`).
-    pub(super) routing: Routing,
-}
-
-impl Training {
-    pub(super) fn new(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        config: &crate::config::MoeConfig,
-        weights: &MoeWeights,
-        on_device: &GpuWeights,
-        max_binding_bytes: u64,
-    ) -> Result<Self> {
-        let layout = ParameterLayout::new(weights)?;
-        if layout.bytes() > max_binding_bytes {
-            return Err(MoeError::DeviceLimit {
-                limit: "max_storage_buffer_binding_size (the trainable parameters)",
-                needed: layout.bytes(),
-                allowed: max_binding_bytes,
-            });
-        }
-        let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let parameters = storage_buffer(device, "parameters", layout.bytes(), usage);
-        queue.write_buffer(
-            &parameters,
-            0,
-            bytemuck::cast_slice(&layout.flatten(weights)),
-        );
-        let kernels = TrainingKernels::new(device, config);
-        let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let refresh =
-            WeightRefresh::new(device, &kernels, &layout, &parameters, on_device, max_dim)?;
-        Ok(Training {
-            kernels,
-            layout,
-            parameters,
-            gradients: storage_buffer(device, "gradients", layout.bytes(), usage),
-            refresh,
-            state: Mutex::new(TrainingState::default()),
-        })
     }
 }

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use crate::formats::decode::{q4_k_quant, q4_k_scale_min, q6_k_quant};
 use crate::formats::{ExpertMatrices, WeightFormat};
-use crate::gpu::buffers::{array_layers, padded_to_vec4, texture_array};
+use crate::gpu::device::allocate::{array_layers, padded_to_vec4, texture_array};
 
 /// One plane of a weight tensor: `channels` components of `component_bytes` per texel,
 /// `width` texels per row quad, zero-initialised and filled component by component.

@@ -1,9 +1,9 @@
 //! `MoeLayer`: a layer on the GPU, built once (weights uploaded, pipelines compiled, the
-//! device's limits checked), and its public forward API. A forward is followed through
-//! `forward.rs` (encoding, submitting, reading back), `workspace.rs` (the scratch buffers it
-//! leases) and `chunks.rs` (batches beyond a device limit); training through `backward.rs`
-//! (the training forward and the backward), `parameters.rs` (the flat parameter layout) and
-//! `optimizer.rs` (steps, and the forward's weights rewritten after them).
+//! device's limits checked), what it reports of itself, and the workspaces it leases to
+//! its passes. The calls that run it are in this folder's other files: `inference.rs`
+//! (forward, its plan, chunks beyond a device limit), `encoded.rs` (a forward into the
+//! caller's encoder), `experts.rs` (the experts alone), `training.rs` (the training
+//! forward), `backward.rs` (the backward), `optimizer.rs` (steps and weights).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -11,16 +11,16 @@ use std::sync::Mutex;
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::formats::WeightFormat;
-use crate::gpu::buffers::GpuWeights;
-use crate::gpu::context::GpuContext;
-#[cfg(not(target_arch = "wasm32"))]
-use crate::gpu::forward::{ForwardTrace, Run};
+use crate::gpu::device::context::GpuContext;
+use crate::gpu::kernels::shaders::{
+    MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MAX_EXPERTS, ROW_LANES_CHOICES,
+};
 use crate::gpu::kernels::Kernels;
-use crate::gpu::parameters::Training;
-use crate::gpu::readback::Wait;
-use crate::gpu::shaders::{MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MAX_EXPERTS, ROW_LANES_CHOICES};
-use crate::gpu::workspace::Workspace;
-use crate::output::MoeOutput;
+use crate::gpu::plan::forward::ForwardPlan;
+use crate::gpu::plan::sizes::ScratchSizes;
+use crate::gpu::resources::training::Training;
+use crate::gpu::resources::weights::GpuWeights;
+use crate::gpu::resources::workspace::Workspace;
 use crate::weights::{LayerShape, MoeWeights};
 
 /// Knobs for building a layer; the defaults suit every use.
@@ -66,29 +66,29 @@ fn default_matmul_block(device: &wgpu::Device) -> u32 {
 
 /// A Mixture-of-Experts layer on the GPU.
 pub struct MoeLayer {
-    pub(super) device: wgpu::Device,
-    pub(super) queue: wgpu::Queue,
-    pub(super) config: MoeConfig,
-    pub(super) shape: LayerShape,
-    pub(super) limits: wgpu::Limits,
-    pub(super) max_binding_bytes: u64,
-    pub(super) forced_row_lanes: Option<u32>,
-    pub(super) forced_block_rows: Option<u32>,
-    pub(super) matmul_block: u32,
-    pub(super) kernels: Kernels,
-    pub(super) weights: GpuWeights,
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) config: MoeConfig,
+    pub(crate) shape: LayerShape,
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) max_binding_bytes: u64,
+    pub(crate) forced_row_lanes: Option<u32>,
+    pub(crate) forced_block_rows: Option<u32>,
+    pub(crate) matmul_block: u32,
+    pub(crate) kernels: Kernels,
+    pub(crate) weights: GpuWeights,
     /// The stored formats of W1, W3 and W2 on the device.
-    pub(super) weight_formats: [WeightFormat; 3],
+    pub(crate) weight_formats: [WeightFormat; 3],
     /// Idle workspaces of `forward` and `forward_async`: a forward takes one (or builds
     /// one when all are in use) and puts it back, so concurrent forwards never share
     /// buffers and no lock is held while the GPU works.
-    pub(super) pool: Mutex<Vec<Workspace>>,
+    pub(crate) pool: Mutex<Vec<Workspace>>,
     /// The workspace of `encode_forward`, whose command buffers carry their own Params.
-    pub(super) encoded: Mutex<Option<Workspace>>,
+    pub(crate) encoded: Mutex<Option<Workspace>>,
     /// How many times the scratch buffers were (re)allocated.
-    pub(super) scratch_allocations: AtomicUsize,
+    pub(crate) scratch_allocations: AtomicUsize,
     /// The parameters, gradients and state of training (trainable layers only).
-    pub(super) training: Option<Training>,
+    pub(crate) training: Option<Training>,
 }
 
 impl MoeLayer {
@@ -258,8 +258,6 @@ impl MoeLayer {
         self.shape
     }
 
-    /// Weight shards (1 unless there are more experts than the device's texture array
-    /// layers allow, or `LayerOptions::max_experts_per_shard` asks for fewer).
     /// Device bytes of the weights: the expert matrices in their stored format (with the
     /// few percent of layout padding of `shaders/expert_matmul.wgsl`), the router and the
     /// biases.
@@ -273,6 +271,8 @@ impl MoeLayer {
         self.weight_formats
     }
 
+    /// Weight shards (1 unless there are more experts than the device's texture array
+    /// layers allow, or `LayerOptions::max_experts_per_shard` asks for fewer).
     pub fn num_weight_shards(&self) -> usize {
         self.weights.shards.len()
     }
@@ -306,40 +306,24 @@ impl MoeLayer {
         pooled + encoded
     }
 
-    /// Runs the layer on `x` of `shape` (`[T, D]` or `[S, B, D]`).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        pollster::block_on(self.run_chunked(x, shape, Wait::Block)).map(|run| run.output)
-    }
-
-    /// Like [`MoeLayer::forward`], without blocking: the future yields until the GPU is
-    /// done. Concurrent forwards on one layer take turns (see the README's guarantees).
-    pub async fn forward_async(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
-        self.run_chunked(x, shape, Wait::Yield)
-            .await
-            .map(|run| run.output)
-    }
-
-    /// Like [`MoeLayer::forward`], also returning the GPU time of the forward's compute
-    /// pass in seconds (from timestamp queries; `None` when the device has none).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_timed(&self, x: &[f32], shape: &[usize]) -> Result<(MoeOutput, Option<f64>)> {
-        let run = pollster::block_on(self.run_chunked(x, shape, Wait::Block))?;
-        Ok((run.output, run.gpu_seconds))
-    }
-
-    /// Like [`MoeLayer::forward`], also reading back the intermediate buffers.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_with_trace(
-        &self,
-        x: &[f32],
-        shape: &[usize],
-    ) -> Result<(MoeOutput, ForwardTrace)> {
-        let Run { output, trace, .. } = pollster::block_on(self.run(x, shape, true, Wait::Block))?;
-        let trace = trace.ok_or_else(|| MoeError::Device {
-            message: "trace requested but not read back".to_string(),
-        })?;
-        Ok((output, trace))
+    /// `workspace` if its buffers are large enough for `plan`, else one that is (sized for
+    /// the larger of the two; `None` builds a first one).
+    pub(crate) fn fitted(&self, workspace: Option<Workspace>, plan: &ForwardPlan) -> Workspace {
+        let needed = ScratchSizes::for_plan(plan);
+        match workspace {
+            Some(w) if w.scratch.sizes.max(needed) == w.scratch.sizes => w,
+            previous => {
+                let sizes = previous.map_or(needed, |w| w.scratch.sizes.max(needed));
+                let id = self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
+                Workspace::new(
+                    (&self.device, &self.queue),
+                    (&self.kernels, &self.weights),
+                    self.shape,
+                    sizes,
+                    id,
+                )
+            }
+        }
     }
 }
 

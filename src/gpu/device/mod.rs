@@ -1,0 +1,7 @@
+//! The bottom layer: wgpu plumbing that knows nothing of MoE — the adapter and device,
+//! allocation, recording and read-back helpers.
+
+pub mod allocate;
+pub mod context;
+pub mod encode;
+pub mod readback;

@@ -1,0 +1,168 @@
+//! The forward's pipelines: the routing kernels, built when the layer is created, and the
+//! expert matmuls, one variant per tile shape, each built the first time a batch needs it
+//! and kept.
+
+use std::sync::OnceLock;
+
+use crate::config::MoeConfig;
+use crate::formats::WeightFormat;
+use crate::gpu::kernels::pipeline::{
+    bind_group_layout, compute_pipeline, shader_module, Binding, Kernel,
+};
+use crate::gpu::kernels::shaders::{
+    self, MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MATMUL_LANES, ROW_LANES_CHOICES,
+};
+use crate::gpu::kernels::tiling::MatmulTiling;
+
+/// Tile shapes the matmuls can be built for: every `ROW_LANES` with every block and
+/// block height (those taller than wide are never built).
+const TILINGS: usize = ROW_LANES_CHOICES.len() * MATMUL_BLOCKS.len() * MATMUL_BLOCK_ROWS.len();
+
+/// The up- and down-projection pipelines for one tile shape.
+#[derive(Debug)]
+pub struct MatmulPipelines {
+    pub up: wgpu::ComputePipeline,
+    pub down: wgpu::ComputePipeline,
+}
+
+/// expert_up and expert_down: layouts and modules built once, one pipeline pair per tile
+/// shape (`ROW_LANES`, `ROW_QUADS`, `QUADS` with its `LANES`), specialised for the layer's
+/// activation, gating and weight formats.
+#[derive(Debug)]
+pub struct ExpertMatmuls {
+    pub up_layout: wgpu::BindGroupLayout,
+    pub down_layout: wgpu::BindGroupLayout,
+    up_module: wgpu::ShaderModule,
+    down_module: wgpu::ShaderModule,
+    activation: f64,
+    gated: f64,
+    /// The shader codes of W1's, W3's and W2's stored formats.
+    formats: [f64; 3],
+    variants: [OnceLock<MatmulPipelines>; TILINGS],
+}
+
+impl ExpertMatmuls {
+    fn new(device: &wgpu::Device, config: &MoeConfig, formats: [WeightFormat; 3]) -> Self {
+        use Binding::{
+            Storage as Rw, StorageReadOnly as Ro, TextureArray as T, UintTextureArray as W,
+            Uniform as U,
+        };
+        // Each weight tensor is three planes (quants, high bits, scales): W, W, W.
+        ExpertMatmuls {
+            up_layout: bind_group_layout(
+                device,
+                "expert_up",
+                &[U, T, Ro, Ro, W, W, W, W, W, W, Ro, Rw],
+            ),
+            down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, W, W, W, Ro, Rw]),
+            up_module: shader_module(device, shaders::EXPERT_UP),
+            down_module: shader_module(device, shaders::EXPERT_DOWN),
+            activation: config.activation.shader_code() as f64,
+            gated: if config.gated { 1.0 } else { 0.0 },
+            formats: formats.map(|f| f.shader_code() as f64),
+            variants: Default::default(),
+        }
+    }
+
+    /// The pipelines for `tiling`, built on first use.
+    pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &MatmulPipelines {
+        let position =
+            |choices: &[u32], value: u32| choices.iter().position(|&c| c == value).unwrap_or(0);
+        let lanes_index = position(&ROW_LANES_CHOICES, tiling.row_lanes);
+        let block_index = position(&MATMUL_BLOCKS, tiling.block);
+        let rows_index = position(&MATMUL_BLOCK_ROWS, tiling.block_rows);
+        let variant = (lanes_index * MATMUL_BLOCKS.len() + block_index) * MATMUL_BLOCK_ROWS.len()
+            + rows_index;
+        self.variants[variant].get_or_init(|| {
+            let row_lanes = ROW_LANES_CHOICES[lanes_index] as f64;
+            let quads = (MATMUL_BLOCKS[block_index] / 4) as f64;
+            let row_quads = (MATMUL_BLOCK_ROWS[rows_index] / 4) as f64;
+            let lanes = MATMUL_LANES[block_index] as f64;
+            let up_constants = [
+                ("ACTIVATION", self.activation),
+                ("GATED", self.gated),
+                ("ROW_LANES", row_lanes),
+                ("QUADS", quads),
+                ("ROW_QUADS", row_quads),
+                ("LANES", lanes),
+                ("W1_FORMAT", self.formats[0]),
+                ("W3_FORMAT", self.formats[1]),
+            ];
+            MatmulPipelines {
+                up: compute_pipeline(
+                    device,
+                    "expert_up",
+                    &self.up_module,
+                    &self.up_layout,
+                    &up_constants,
+                ),
+                down: compute_pipeline(
+                    device,
+                    "expert_down",
+                    &self.down_module,
+                    &self.down_layout,
+                    &[
+                        ("ROW_LANES", row_lanes),
+                        ("QUADS", quads),
+                        ("ROW_QUADS", row_quads),
+                        ("LANES", lanes),
+                        ("W2_FORMAT", self.formats[2]),
+                    ],
+                ),
+            }
+        })
+    }
+}
+
+/// Every pipeline of a layer.
+#[derive(Debug)]
+pub struct Kernels {
+    pub stage_tokens: Kernel,
+    pub route_tokens: Kernel,
+    pub count_experts: Kernel,
+    pub scan_expert_offsets: Kernel,
+    pub reduce_router_stats: Kernel,
+    pub scatter_assignments: Kernel,
+    pub expert_matmuls: ExpertMatmuls,
+    pub combine_outputs: Kernel,
+}
+
+impl Kernels {
+    /// `formats`: the stored formats of W1, W3 (W1's when not gated) and W2.
+    pub fn new(device: &wgpu::Device, config: &MoeConfig, formats: [WeightFormat; 3]) -> Self {
+        use Binding::{
+            Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Texture as T,
+            TextureArray as Ta, Uniform as U,
+        };
+        Kernels {
+            stage_tokens: Kernel::new(device, shaders::STAGE_TOKENS, &[U, Ro, Rw, St]),
+            route_tokens: Kernel::new(
+                device,
+                shaders::ROUTE_TOKENS,
+                &[U, Ta, T, Rw, Rw, Rw, Rw, Rw, Rw, U],
+            ),
+            count_experts: Kernel::new(device, shaders::COUNT_EXPERTS, &[U, Ro, Rw]),
+            scan_expert_offsets: Kernel::new(
+                device,
+                shaders::SCAN_EXPERT_OFFSETS,
+                &[U, Ro, Rw, Rw, Rw, Rw, Ro],
+            ),
+            reduce_router_stats: Kernel::new(
+                device,
+                shaders::REDUCE_ROUTER_STATS,
+                &[U, Ro, Ro, Rw],
+            ),
+            scatter_assignments: Kernel::new(
+                device,
+                shaders::SCATTER_ASSIGNMENTS,
+                &[U, Ro, Ro, Ro, Ro, Rw, Rw],
+            ),
+            expert_matmuls: ExpertMatmuls::new(device, config, formats),
+            combine_outputs: Kernel::new(
+                device,
+                shaders::COMBINE_OUTPUTS,
+                &[U, Ro, Ro, Ro, Ro, Ro, Rw],
+            ),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The top layer: `MoeLayer`, the one place that holds every resource and knows the order
+//! of the phases — construction, inference (in chunks beyond a device limit), the encoded forward, the experts
+//! alone, training and optimizer steps. The host conveniences wrap the passes' encoders.
+
+mod backward;
+mod encoded;
+mod experts;
+mod inference;
+mod moe_layer;
+mod optimizer;
+mod trace;
+mod training;
+
+pub use moe_layer::{LayerOptions, MoeLayer};
+pub use trace::{BackwardTrace, ForwardTrace};

@@ -1,0 +1,215 @@
+//! Optimizer steps on a trainable layer's own parameters, in place on the GPU: the
+//! optimizer pass over the flat parameter buffer with the last backward's gradients, then
+//! the refresh pass rewriting the forward's operands from it, all in one submission; and
+//! the optimizer's state and the weights read back or replaced.
+
+use crate::error::{MoeError, Result};
+use crate::gpu::device::encode::{div_ceil, grid_2d};
+use crate::gpu::device::readback::{read_floats, Wait};
+use crate::gpu::kernels::shaders::TRAINING_WORKGROUP;
+use crate::gpu::layer::moe_layer::MoeLayer;
+use crate::gpu::passes;
+use crate::gpu::plan::optimizer::{AdamWState, Optimizer};
+use crate::gpu::plan::parameters::ParameterLayout;
+use crate::gpu::resources::optimizer_state::OptimizerState;
+use crate::weights::MoeWeights;
+
+impl MoeLayer {
+    /// One optimizer step with the last backward's gradients, on the layer's own f32
+    /// parameters in place; later forwards use the updated weights. AdamW's moments live
+    /// on the device with the layer (zeros before the first step).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn step(&self, optimizer: &Optimizer) -> Result<()> {
+        pollster::block_on(self.step_async(optimizer))
+    }
+
+    /// [`MoeLayer::step`] without blocking on the host (the work is submitted; the next
+    /// forward runs after it).
+    pub async fn step_async(&self, optimizer: &Optimizer) -> Result<()> {
+        // The lock is held while encoding, not while waiting.
+        let scope = {
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("optimizer step"),
+                });
+            let recorded = self.encode_step(&mut encoder, optimizer);
+            if recorded.is_ok() {
+                self.queue.submit([encoder.finish()]);
+            }
+            let scope = scope.pop();
+            recorded?;
+            scope
+        };
+        if let Some(error) = scope.await {
+            return Err(MoeError::Device {
+                message: format!("optimizer step failed: {error}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`MoeLayer::step`] recorded into the caller's encoder (after an encoded or host
+    /// backward): its Params travel inside the command stream, so it runs in the order
+    /// the caller submits.
+    pub fn encode_step(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        optimizer: &Optimizer,
+    ) -> Result<()> {
+        optimizer.check()?;
+        let training = self.training()?;
+        let mut state = self.training_state()?;
+        if !state.has_gradients {
+            return Err(MoeError::Training {
+                message: "an optimizer step needs a backward first".to_string(),
+            });
+        }
+        let count = training.layout.total;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let grid = grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim)?;
+        // AdamW keeps two moments per parameter; SGD none (4-byte stand-ins for the
+        // bindings). Switching to AdamW starts its moments and step count afresh.
+        let floats = match optimizer {
+            Optimizer::AdamW { .. } => count,
+            Optimizer::Sgd { .. } => 1,
+        };
+        if state
+            .optimizer
+            .as_ref()
+            .is_some_and(|m| m.first_moments.size() < floats as u64 * 4)
+        {
+            state.optimizer = None;
+        }
+        let device = (&self.device, &self.queue);
+        let moments = state
+            .optimizer
+            .get_or_insert_with(|| OptimizerState::new(device, training.step_targets(), floats));
+        if matches!(optimizer, Optimizer::AdamW { .. }) {
+            moments.adam_w_steps += 1;
+        }
+        let params = optimizer.kernel_params(moments.adam_w_steps, count);
+        let step_kernel = (&self.device, &training.kernels.optimizer_step);
+        passes::optimizer::encode(encoder, step_kernel, moments, &params, grid);
+        passes::refresh::encode(
+            encoder,
+            &training.kernels,
+            &training.refresh,
+            &training.parameters,
+        );
+        Ok(())
+    }
+
+    /// AdamW's state (`None` before the first AdamW step), read back from the device.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn adam_w_state(&self) -> Result<Option<AdamWState>> {
+        pollster::block_on(self.adam_w_state_with(Wait::Block))
+    }
+
+    /// [`MoeLayer::adam_w_state`] without blocking.
+    pub async fn adam_w_state_async(&self) -> Result<Option<AdamWState>> {
+        self.adam_w_state_with(Wait::Yield).await
+    }
+
+    async fn adam_w_state_with(&self, wait: Wait) -> Result<Option<AdamWState>> {
+        let training = self.training()?;
+        let (first, second, steps) = {
+            let state = self.training_state()?;
+            match state.optimizer.as_ref() {
+                Some(m) if m.adam_w_steps > 0 => (
+                    m.first_moments.clone(),
+                    m.second_moments.clone(),
+                    m.adam_w_steps,
+                ),
+                _ => return Ok(None),
+            }
+        };
+        let total = training.layout.total;
+        Ok(Some(AdamWState {
+            first_moments: read_floats(&self.device, &self.queue, &first, total, wait).await?,
+            second_moments: read_floats(&self.device, &self.queue, &second, total, wait).await?,
+            steps,
+        }))
+    }
+
+    /// Resumes AdamW from a saved state: the next AdamW step continues it exactly.
+    pub fn set_adam_w_state(&self, saved: &AdamWState) -> Result<()> {
+        let training = self.training()?;
+        let total = training.layout.total;
+        for (name, moments) in [
+            ("first_moments", &saved.first_moments),
+            ("second_moments", &saved.second_moments),
+        ] {
+            if moments.len() != total {
+                return Err(MoeError::Training {
+                    message: format!(
+                        "AdamW state: {name} holds {} values, the layer has {total} parameters",
+                        moments.len()
+                    ),
+                });
+            }
+        }
+        let moments = (&saved.first_moments[..], &saved.second_moments[..]);
+        let device = (&self.device, &self.queue);
+        let targets = training.step_targets();
+        let state = OptimizerState::with_moments(device, targets, moments, saved.steps);
+        self.training_state()?.optimizer = Some(state);
+        Ok(())
+    }
+
+    /// Replaces a trainable layer's weights in place (the same shape and tensors): the
+    /// flat parameters uploaded and the forward's operands rewritten from them, as after
+    /// a step. For training driven by another optimizer (a torch one, say).
+    pub fn set_weights(&self, weights: &MoeWeights) -> Result<()> {
+        let training = self.training()?;
+        weights.check()?;
+        let layout = ParameterLayout::new(weights)?;
+        if layout != training.layout {
+            return Err(MoeError::tensor(
+                "weights",
+                format!(
+                    "{:?} with {} parameters, but the layer holds {:?} with {}",
+                    layout.shape, layout.total, training.layout.shape, training.layout.total
+                ),
+            ));
+        }
+        self.queue.write_buffer(
+            &training.parameters,
+            0,
+            bytemuck::cast_slice(&layout.flatten(weights)),
+        );
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("set weights"),
+            });
+        passes::refresh::encode(
+            &mut encoder,
+            &training.kernels,
+            &training.refresh,
+            &training.parameters,
+        );
+        self.queue.submit([encoder.finish()]);
+        Ok(())
+    }
+
+    /// The layer's current weights (after any optimizer steps), read back from the device.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn trained_weights(&self) -> Result<MoeWeights> {
+        pollster::block_on(self.trained_weights_with(Wait::Block))
+    }
+
+    /// [`MoeLayer::trained_weights`] without blocking.
+    pub async fn trained_weights_async(&self) -> Result<MoeWeights> {
+        self.trained_weights_with(Wait::Yield).await
+    }
+
+    async fn trained_weights_with(&self, wait: Wait) -> Result<MoeWeights> {
+        let training = self.training()?;
+        let total = training.layout.total;
+        let flat =
+            read_floats(&self.device, &self.queue, &training.parameters, total, wait).await?;
+        Ok(training.layout.weights(&flat))
+    }
+}

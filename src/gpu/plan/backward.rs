@@ -1,0 +1,104 @@
+//! What a backward derives from its training forward's plan: the `Params` every backward
+//! kernel reads, and the grids of its seven dispatches. Pure arithmetic.
+
+use crate::cpu_backward::LossCoefficients;
+use crate::error::{MoeError, Result};
+use crate::gpu::device::allocate::padded_to_vec4;
+use crate::gpu::device::encode::{div_ceil, grid_2d};
+use crate::gpu::kernels::params::BackwardParams;
+use crate::gpu::kernels::shaders::{MATMUL_BLOCK_ROWS, TRAINING_WORKGROUP};
+use crate::gpu::plan::forward::{ForwardPlan, Routing};
+use crate::gpu::plan::parameters::ParameterLayout;
+use crate::weights::LayerShape;
+
+// expert_hidden_backward and expert_input_backward take 4 slots of one row tile at a time:
+// every row tile must be a whole number of 4-slot blocks.
+const _: () = {
+    let mut i = 0;
+    while i < MATMUL_BLOCK_ROWS.len() {
+        assert!(MATMUL_BLOCK_ROWS[i].is_multiple_of(4));
+        i += 1;
+    }
+};
+
+/// The `BackwardParams` of the backward of `plan` (a forward of `routing`) for a layer of
+/// `gated` experts whose parameters are laid out as `layout`.
+pub fn backward_params(
+    plan: &ForwardPlan,
+    gated: bool,
+    routing: Routing,
+    coefficients: LossCoefficients,
+    layout: &ParameterLayout,
+) -> BackwardParams {
+    let shape = plan.shape;
+    let mut params = BackwardParams {
+        num_tokens: plan.num_tokens as u32,
+        d_model: shape.d_model as u32,
+        d_ff: shape.d_ff as u32,
+        num_experts: shape.num_experts as u32,
+        top_k: plan.top_k as u32,
+        row_tile: plan.tiling.row_tile() as u32,
+        max_slots: plan.max_slots() as u32,
+        gated: gated as u32,
+        scale_by_prob: plan.scale_by_prob as u32,
+        normalize_top_k: plan.normalize_top_k as u32,
+        pass_through: plan.pass_through as u32,
+        hidden_stride: padded_to_vec4(shape.d_ff) as u32,
+        aux_coef: coefficients.aux,
+        z_coef: coefficients.z,
+        pre_routed: (routing == Routing::PreRouted) as u32,
+        ..Default::default()
+    };
+    layout.kernel_offsets(&mut params);
+    params
+}
+
+/// The grids of the backward's seven dispatches, in dispatch order (see
+/// `passes::backward`): each kernel runs one invocation per output element (or per 4×4
+/// block of them), TRAINING_WORKGROUP to a workgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackwardGrids {
+    pub gate_backward: (u32, u32),
+    pub expert_hidden_backward: (u32, u32),
+    pub expert_down_backward: (u32, u32),
+    pub expert_up_backward: (u32, u32),
+    pub expert_input_backward: (u32, u32),
+    pub router_backward: (u32, u32),
+    pub combine_backward: (u32, u32),
+}
+
+impl BackwardGrids {
+    /// The grids for the backward of `plan` on a device allowing `max_dim` workgroups per
+    /// dimension.
+    pub fn new(plan: &ForwardPlan, gated: bool, max_dim: u32) -> Result<Self> {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        } = plan.shape;
+        let (t, slots) = (plan.num_tokens, plan.max_slots());
+        let projections = if gated { 2 } else { 1 };
+        let grid = |invocations| training_grid(invocations, max_dim);
+        Ok(BackwardGrids {
+            gate_backward: grid(t)?,
+            expert_hidden_backward: grid(slots / 4 * f.div_ceil(4))?,
+            expert_down_backward: grid(n * d.div_ceil(4) * (f.div_ceil(4) + 1))?,
+            expert_up_backward: grid(projections * n * f.div_ceil(4) * (d.div_ceil(4) + 1))?,
+            expert_input_backward: grid(slots / 4 * d.div_ceil(4))?,
+            router_backward: grid(n.div_ceil(4) * (d.div_ceil(4) + 1))?,
+            combine_backward: grid(t * d)?,
+        })
+    }
+}
+
+/// Workgroups of TRAINING_WORKGROUP for `invocations`, laid out in 2-D.
+fn training_grid(invocations: usize, max_dim: u32) -> Result<(u32, u32)> {
+    if invocations > u32::MAX as usize {
+        return Err(MoeError::DeviceLimit {
+            limit: "invocations of one backward dispatch (u32 indices)",
+            needed: invocations as u64,
+            allowed: u32::MAX as u64,
+        });
+    }
+    grid_2d(div_ceil(invocations, TRAINING_WORKGROUP as usize), max_dim)
+}
