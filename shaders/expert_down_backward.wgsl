@@ -1,77 +1,102 @@
-// expert_down_backward: the down-projection's weight gradients as a grouped transposed
-// matmul over each expert's own rows (no atomics; ScatterMoE's "XtY"):
-//   dW2[e, d, f] = Σ_{slots of e} s·dy[t, d]·H[slot, f],   db2[e, d] = Σ s·dy[t, d]
-// with H the hidden rows the training forward left in `hidden`. Each element's sum runs over
-// the expert's slots in slot order: the same bits on every run. CPU twin:
-// cpu_backward_kernels::expert_down_backward.
+// expert_down_backward: the down-projection's weight gradient as a grouped transposed
+// matmul over each expert's own rows (ScatterMoE's "XtY", no atomics), on the core of
+// grouped_matmul.wgsl (prepended with backward_common):
+//   dW2[e, d, f] = Σ_{kept slots of e} s·dy[t, d]·H[slot, f]      (K = the expert's slots)
+// with H the hidden rows the training forward left in `hidden`; every element sums the
+// expert's slots in slot order: the same bits on every run. db2 is expert_bias_backward's.
+// CPU twin: cpu_backward_kernels::expert_down_backward.
 //
-// Dispatch: one invocation per block of 4 rows of D × 4 columns of F of one expert (the
-// last column block holds db2 for the 4 rows), workgroups of 64 in 2-D. Per slot a block
-// loads 4 values of dy and one vec4 of H for its 16 sums. Loads past a tensor's edge feed
-// only sums that are not written.
-// Bindings: 0 params, 1 dy [T, D], 2 slot_token [slots], 3 expert_table,
-// 4 slot_scale [slots], 5 hidden [slots, hidden_stride] as vec4s, 6 gradients.
+// Dispatch: x = column tiles of F, y = row tiles of D, z = experts; the tiling is the
+// layer's weight-gradient one. Slots past the expert's kept ones are masked to zero.
+// Bindings: 0 params, 1 dy_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
+// 3 expert_table, 4 slot_scale [slots], 5 hidden [slots, F4] as vec4s, 6 gradients.
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
-@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(1) var dy_rows: texture_2d_array<f32>;
 @group(0) @binding(2) var<storage, read> slot_token: array<u32>;
 @group(0) @binding(3) var<storage, read> expert_table: array<u32>;
 @group(0) @binding(4) var<storage, read> slot_scale: array<f32>;
 @group(0) @binding(5) var<storage, read> hidden: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> gradients: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) workgroup_id: vec3<u32>,
-    @builtin(num_workgroups) num_workgroups: vec3<u32>,
-    @builtin(local_invocation_index) lane: u32,
-) {
-    let index = linear_index(workgroup_id, num_workgroups, lane);
-    let n = params.num_experts;
+var<private> expert: u32;
+var<private> first_slot: u32;
+var<private> slots_end: u32;
+var<private> block_row0: u32;
+var<private> block_col0: u32;
+var<private> last_col_quad: u32;
+// The step's four slots: kept or not, their dy texture rows and layers, their scales.
+var<private> step_slots: vec4<u32>;
+var<private> step_kept: vec4<bool>;
+var<private> step_row: vec4<u32>;
+var<private> step_layer: vec4<u32>;
+var<private> step_scale: vec4<f32>;
+
+fn prepare_k(k4: u32) {
+    step_slots = vec4(first_slot + 4u * k4) + vec4(0u, 1u, 2u, 3u);
+    step_kept = step_slots < vec4(slots_end);
+    let slots = select(vec4(first_slot), step_slots, step_kept);
+    let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z],
+        slot_token[slots.w]);
+    let height = textureDimensions(dy_rows).y;
+    step_row = tokens % height;
+    step_layer = tokens / height;
+    step_scale = select(vec4(0.0), vec4(slot_scale[slots.x], slot_scale[slots.y],
+        slot_scale[slots.z], slot_scale[slots.w]), step_kept);
+}
+
+// Column c: s·dy of the step's slot c at rows d .. d + 4 of the block's row quad.
+fn a_quad(row_quad: u32, k4: u32) -> mat4x4<f32> {
+    let d4 = block_row0 / 4u + row_quad;
+    return mat4x4(step_scale.x * textureLoad(dy_rows, vec2(d4, step_row.x), step_layer.x, 0),
+        step_scale.y * textureLoad(dy_rows, vec2(d4, step_row.y), step_layer.y, 0),
+        step_scale.z * textureLoad(dy_rows, vec2(d4, step_row.z), step_layer.z, 0),
+        step_scale.w * textureLoad(dy_rows, vec2(d4, step_row.w), step_layer.w, 0));
+}
+
+// Row c: H of the step's slot c at the column quad (zeros for slots past the kept ones).
+fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
+    let f4 = min(block_col0 / 4u + col_quad, last_col_quad);
+    let stride = params.hidden_stride / 4u;
+    let at = step_slots * stride + vec4(f4);
+    let zero = vec4(0.0);
+    return transpose(mat4x4(select(zero, hidden[at.x], step_kept.x),
+        select(zero, hidden[at.y], step_kept.y), select(zero, hidden[at.z], step_kept.z),
+        select(zero, hidden[at.w], step_kept.w)));
+}
+
+fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
     let d_model = params.d_model;
     let d_ff = params.d_ff;
-    let row_blocks = (d_model + 3u) / 4u;
-    let column_blocks = (d_ff + 3u) / 4u + 1u;
-    if (index >= n * row_blocks * column_blocks) {
-        return;
-    }
-    let e = index / (row_blocks * column_blocks);
-    let d0 = index / column_blocks % row_blocks * 4u;
-    let f0 = index % column_blocks * 4u;
-    let is_bias = f0 >= d_ff;
-    if (is_bias && params.b2_at == ABSENT) {
-        return;
-    }
-    let first = expert_table[2u * n + e] * params.row_tile;
-    let rows = expert_table[n + e];
-    let h_stride = params.hidden_stride / 4u;
-    // acc[i][c]: row d0 + i, column f0 + c (db2: component 0).
-    var acc = array<vec4<f32>, 4>();
-    for (var r = 0u; r < rows; r++) {
-        let slot = first + r;
-        let at = slot_token[slot] * d_model + d0;
-        let d_out = slot_scale[slot] * vec4(dy[at], dy[at + 1u], dy[at + 2u], dy[at + 3u]);
-        var h = vec4(1.0, 0.0, 0.0, 0.0);
-        if (!is_bias) {
-            h = hidden[slot * h_stride + f0 / 4u];
-        }
-        for (var i = 0u; i < 4u; i++) {
-            acc[i] += d_out[i] * h;
-        }
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let d = d0 + i;
+    for (var r = 0u; r < 4u; r++) {
+        let d = block_row0 + 4u * row_quad + r;
         if (d >= d_model) {
             break;
         }
-        if (is_bias) {
-            gradients[params.b2_at + e * d_model + d] = acc[i].x;
-            continue;
-        }
         for (var c = 0u; c < 4u; c++) {
-            if (f0 + c < d_ff) {
-                gradients[params.w2_at + (e * d_model + d) * d_ff + f0 + c] = acc[i][c];
+            let f = block_col0 + 4u * col_quad + c;
+            if (f < d_ff) {
+                gradients[params.w2_at + (expert * d_model + d) * d_ff + f] = value[c][r];
             }
         }
     }
+}
+
+@compute @workgroup_size(LANES)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let n = params.num_experts;
+    expert = workgroup_id.z;
+    first_slot = expert_table[2u * n + expert] * params.row_tile;
+    let kept = expert_table[n + expert];
+    slots_end = first_slot + kept;
+    let origin = block_origin(workgroup_id.y, workgroup_id.x, lane);
+    block_row0 = origin.x;
+    block_col0 = origin.y;
+    last_col_quad = (params.d_ff + 3u) / 4u - 1u;
+    var block: Block;
+    multiply(&block, 0u, (kept + 3u) / 4u);
+    store_block(block);
 }

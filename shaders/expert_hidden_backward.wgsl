@@ -1,133 +1,132 @@
-// expert_hidden_backward: per kept slot and hidden unit f, the gradients of the expert's
-// pre-activations, with the pre-activations recomputed from x (nothing of them was stored):
-//   dh  = s·dy[t]·W2[e][:, f]          (dO = s·dy[t], s from gate_backward)
-//   a   = x[t]·W1[e][f] + b1[e][f],    v = x[t]·W3[e][f] + b3[e][f] when gated
-//   dA  = dh·v·act′(a),                dV = dh·act(a)       (dA = dh·act′(a) ungated)
-// CPU twin: cpu_backward_kernels::expert_hidden_backward. Padding slots get zeros.
+// expert_hidden_backward: per kept slot, the gradients of the expert's pre-activations, as
+// a grouped matmul over every expert at once (the core of grouped_matmul.wgsl, which the
+// shader registry prepends with backward_common and activation):
+//   dH[slot]  = s·dy[t]·W2[e]                 (K = D; W2 [D, F] read transposed)
+//   dA = dH·v·act′(a),  dV = dH·act(a)        (dA = dH·act′(a) ungated)
+// where a and v are the pre-activations the training forward's expert_up stored. CPU twin:
+// cpu_backward_kernels::expert_hidden_backward.
 //
-// Dispatch: one invocation per block of 4 slots × 4 units of F, workgroups of 64 in 2-D.
-// The 4 slots of a block lie in one row tile, so one expert holds them all (a padding slot
-// computes from a clamped token and writes zeros). Per step along D a block loads 4 values
-// of dy and of x and 4 of each weight matrix for its 32 (48 gated) multiply-adds. Loads
-// past a tensor's edge feed only values that are not written.
-// Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 slot_token [slots], 4 expert_table,
-// 5 slot_scale [slots], 6 parameters, 7 d_a [slots, F], 8 d_v [slots, F] (gated).
+// Dispatch: indirect, with the training forward's up arguments for this weight shard
+// (x = column tiles of F, y = the shard's row tiles) and its tiling: the same row tiles, so
+// every tile belongs to one expert. Rows past the expert's kept slots are not written;
+// columns F .. F4 get zeros, so the kernels after it read dA and dV as vec4s.
+// Bindings: 0 params, 1 shard (expert_up's ExpertParams of this shard), 2 dy_rows texels
+// [layers][height][D4 / 4] (dy staged like x), 3 slot_token [slots], 4 expert_table,
+// 5 slot_scale [slots], 6 w2 quants (f32 bits, [shard experts][D4 / 4][F4]), 7 pre_activations
+// [slots][F4] a, each followed by its v when gated (expert_up's), 8 d_a [slots, F4], 9 d_v
+// [slots, F4].
+
+struct ExpertParams {
+    d_model: u32,
+    d_ff: u32,
+    num_experts: u32,
+    shard_first_expert: u32,
+    shard_num_experts: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
-@group(0) @binding(1) var<storage, read> dy: array<f32>;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<uniform> shard: ExpertParams;
+@group(0) @binding(2) var dy_rows: texture_2d_array<f32>;
 @group(0) @binding(3) var<storage, read> slot_token: array<u32>;
 @group(0) @binding(4) var<storage, read> expert_table: array<u32>;
 @group(0) @binding(5) var<storage, read> slot_scale: array<f32>;
-@group(0) @binding(6) var<storage, read> parameters: array<f32>;
-@group(0) @binding(7) var<storage, read_write> d_a: array<f32>;
-@group(0) @binding(8) var<storage, read_write> d_v: array<f32>;
+@group(0) @binding(6) var w2_quants: texture_2d_array<u32>;
+@group(0) @binding(7) var<storage, read> pre_activations: array<f32>;
+@group(0) @binding(8) var<storage, read_write> d_a: array<f32>;
+@group(0) @binding(9) var<storage, read_write> d_v: array<f32>;
 
-// Column d of rows f0 .. f0 + 4 of the [F, D] matrix at `at`.
-fn column4(at: u32, f0: u32, d: u32) -> vec4<f32> {
-    let d_model = params.d_model;
-    let base = at + f0 * d_model + d;
-    return vec4(parameters[base], parameters[base + d_model],
-        parameters[base + 2u * d_model], parameters[base + 3u * d_model]);
+// The block's operands: dy's texture rows and layers of its 4 row quads' slots, the shard
+// layer of their expert, and its first weight column quad.
+var<private> dy_row: array<vec4<u32>, 4>;
+var<private> dy_layer: array<vec4<u32>, 4>;
+var<private> expert_layer: u32;
+var<private> col_quad0: u32;
+var<private> last_col_quad: u32;
+var<private> block_row0: u32;
+var<private> block_col0: u32;
+var<private> rows_end: u32;
+
+// Nothing is shared along k beyond the block's own rows.
+fn prepare_k(k4: u32) {}
+
+fn a_quad(row_quad: u32, k4: u32) -> mat4x4<f32> {
+    let rows = dy_row[row_quad];
+    let layers = dy_layer[row_quad];
+    return transpose(mat4x4(textureLoad(dy_rows, vec2(k4, rows.x), layers.x, 0),
+        textureLoad(dy_rows, vec2(k4, rows.y), layers.y, 0),
+        textureLoad(dy_rows, vec2(k4, rows.z), layers.z, 0),
+        textureLoad(dy_rows, vec2(k4, rows.w), layers.w, 0)));
 }
 
-// Element d of the rows of `values` ([T, D]) of the four tokens.
-fn gather4(values_are_dy: bool, tokens: vec4<u32>, d: u32) -> vec4<f32> {
-    let at = tokens * params.d_model + vec4(d);
-    if (values_are_dy) {
-        return vec4(dy[at.x], dy[at.y], dy[at.z], dy[at.w]);
-    }
-    return vec4(x[at.x], x[at.y], x[at.z], x[at.w]);
+fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
+    // Column quads past F re-read the last one (their columns are not stored).
+    return transposed_quad(w2_quants, min(col_quad0 + col_quad, last_col_quad), k4, expert_layer);
 }
 
-// The bias at `bias_at` (if any) of units f0 .. f0 + 4 of expert e.
-fn bias4(bias_at: u32, e: u32, f0: u32) -> vec4<f32> {
-    if (bias_at == ABSENT) {
-        return vec4(0.0);
-    }
-    let at = bias_at + e * params.d_ff + f0;
-    return vec4(parameters[at], parameters[at + 1u], parameters[at + 2u], parameters[at + 3u]);
-}
-
-@compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) workgroup_id: vec3<u32>,
-    @builtin(num_workgroups) num_workgroups: vec3<u32>,
-    @builtin(local_invocation_index) lane: u32,
-) {
-    let index = linear_index(workgroup_id, num_workgroups, lane);
+fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
     let d_ff = params.d_ff;
-    let unit_blocks = (d_ff + 3u) / 4u;
-    if (index >= params.max_slots / 4u * unit_blocks) {
-        return;
-    }
-    let slot0 = index / unit_blocks * 4u;
-    let f0 = index % unit_blocks * 4u;
+    let f4 = params.hidden_stride;
     let gated = params.gated != 0u;
-    let block = slot_block(slot0);
-    let valid = block.valid;
-    let e = block.expert;
-    if (e == ABSENT) {
-        for (var i = 0u; i < 4u; i++) {
-            for (var c = 0u; c < 4u; c++) {
-                if (f0 + c < d_ff) {
-                    d_a[(slot0 + i) * d_ff + f0 + c] = 0.0;
-                    if (gated) {
-                        d_v[(slot0 + i) * d_ff + f0 + c] = 0.0;
-                    }
+    let pre_stride = select(1u, 2u, gated) * f4;
+    for (var r = 0u; r < 4u; r++) {
+        let slot = block_row0 + 4u * row_quad + r;
+        if (slot >= rows_end) {
+            break;
+        }
+        let scale = slot_scale[slot];
+        for (var c = 0u; c < 4u; c++) {
+            let unit = block_col0 + 4u * col_quad + c;
+            let at = slot * f4 + unit;
+            if (unit < d_ff) {
+                let grad_h = value[c][r] * scale;
+                let a = pre_activations[slot * pre_stride + unit];
+                if (gated) {
+                    let v = pre_activations[slot * pre_stride + f4 + unit];
+                    d_a[at] = grad_h * v * activation_derivative(a);
+                    d_v[at] = grad_h * activate(a);
+                } else {
+                    d_a[at] = grad_h * activation_derivative(a);
+                }
+            } else if (unit < f4) {
+                d_a[at] = 0.0;
+                if (gated) {
+                    d_v[at] = 0.0;
                 }
             }
         }
-        return;
     }
-    let last_token = params.num_tokens - 1u;
-    let tokens = min(vec4(slot_token[slot0], slot_token[slot0 + 1u], slot_token[slot0 + 2u],
-        slot_token[slot0 + 3u]), vec4(last_token));
-    let d_model = params.d_model;
-    let w1_at = params.w1_at + e * d_ff * d_model;
-    let w3_at = params.w3_at + e * d_ff * d_model;
-    let w2_at = params.w2_at + e * d_model * d_ff + f0;
+}
 
-    // dh[i][c], a[i][c], v[i][c]: slot slot0 + i, unit f0 + c; sums along D in order.
-    var dh = array<vec4<f32>, 4>();
-    var a = array<vec4<f32>, 4>();
-    var v = array<vec4<f32>, 4>();
-    for (var d = 0u; d < d_model; d++) {
-        let dys = gather4(true, tokens, d);
-        let xs = gather4(false, tokens, d);
-        let w2_row = w2_at + d * d_ff;
-        let w2 = vec4(parameters[w2_row], parameters[w2_row + 1u], parameters[w2_row + 2u],
-            parameters[w2_row + 3u]);
-        let w1 = column4(w1_at, f0, d);
-        for (var i = 0u; i < 4u; i++) {
-            dh[i] += dys[i] * w2;
-            a[i] += xs[i] * w1;
-        }
-        if (gated) {
-            let w3 = column4(w3_at, f0, d);
-            for (var i = 0u; i < 4u; i++) {
-                v[i] += xs[i] * w3;
-            }
-        }
+@compute @workgroup_size(LANES)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let n = params.num_experts;
+    let row_tile = ROW_LANES * 4u * ROW_QUADS;
+    let tile = expert_table[2u * n + shard.shard_first_expert] + workgroup_id.y;
+    let expert = expert_table[3u * n + 2u + tile];
+    expert_layer = expert - shard.shard_first_expert;
+    rows_end = expert_table[2u * n + expert] * row_tile + expert_table[n + expert];
+    let origin = block_origin(tile, workgroup_id.x, lane);
+    block_row0 = origin.x;
+    block_col0 = origin.y;
+    col_quad0 = origin.y / 4u;
+    last_col_quad = (params.d_ff + 3u) / 4u - 1u;
+    // Rows past the expert's slots read token 0; they are not stored.
+    let height = textureDimensions(dy_rows).y;
+    for (var q = 0u; q < ROW_QUADS; q++) {
+        let slots = vec4(block_row0 + 4u * q) + vec4(0u, 1u, 2u, 3u);
+        let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z],
+            slot_token[slots.w]);
+        let kept = select(vec4(0u), tokens, slots < vec4(rows_end));
+        dy_row[q] = kept % height;
+        dy_layer[q] = kept / height;
     }
-    let b1 = bias4(params.b1_at, e, f0);
-    let b3 = bias4(params.b3_at, e, f0);
-    for (var i = 0u; i < 4u; i++) {
-        let slot = slot0 + i;
-        let scale = select(0.0, slot_scale[slot], valid[i]);
-        for (var c = 0u; c < 4u; c++) {
-            if (f0 + c >= d_ff) {
-                break;
-            }
-            let at = slot * d_ff + f0 + c;
-            let grad_h = dh[i][c] * scale;
-            let pre = a[i][c] + b1[c];
-            if (gated) {
-                d_a[at] = grad_h * (v[i][c] + b3[c]) * activation_derivative(pre);
-                d_v[at] = grad_h * activate(pre);
-            } else {
-                d_a[at] = grad_h * activation_derivative(pre);
-            }
-        }
-    }
+    var block: Block;
+    multiply(&block, 0u, (params.d_model + 3u) / 4u);
+    store_block(block);
 }

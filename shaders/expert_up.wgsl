@@ -23,7 +23,9 @@
 // 3 expert_table, 4-6 w1's quants, high bits and scales ([shard experts][F4 / 4][...], see
 // expert_matmul.wgsl), 7-9 w3's likewise (dummies unless GATED), 10 up_bias
 // [shard experts, F] b1, then [shard experts, F] b3 when GATED, 11 hidden [slots, F4]; D4 and
-// F4 are D and F rounded up to a multiple of 4.
+// F4 are D and F rounded up to a multiple of 4; 12 pre_activations [slots][F4] a, each
+// followed by its v when GATED, written only when KEEP_PRE_ACTIVATIONS (a trainable
+// layer's forward keeps them for expert_hidden_backward; a 1-float dummy otherwise).
 
 struct ExpertParams {
     d_model: u32,
@@ -49,6 +51,8 @@ override QUADS: u32 = 2u;
 override ROW_QUADS: u32 = 2u;
 // Invocations per workgroup: 64 with QUADS 2, 16 with QUADS 4 (tiles of a similar size).
 override LANES: u32 = 64u;
+// Whether the pre-activations a (and v) are stored too (trainable layers).
+override KEEP_PRE_ACTIVATIONS: bool = false;
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;
@@ -62,6 +66,7 @@ override LANES: u32 = 64u;
 @group(0) @binding(9) var w3_scales: texture_2d_array<u32>;
 @group(0) @binding(10) var<storage, read> up_bias: array<f32>;
 @group(0) @binding(11) var<storage, read_write> hidden: array<f32>;
+@group(0) @binding(12) var<storage, read_write> pre_activations: array<f32>;
 
 // Four x rows (texture rows `rows` of layers `layers`) at texel k4, transposed: row i of the
 // result is x row i.
@@ -96,9 +101,18 @@ fn store_quad(up: mat4x4<f32>, gate: mat4x4<f32>, row: u32, col: u32, rows_end: 
         for (var c = 0u; c < 4u; c++) {
             let column = col + c;
             if (column < d_ff) {
-                var h = activate(up[c][r] + up_bias[bias_at + column]);
+                let a = up[c][r] + up_bias[bias_at + column];
+                var h = activate(a);
                 if (GATED) {
-                    h *= gate[c][r] + up_bias[gate_bias_at + bias_at + column];
+                    let v = gate[c][r] + up_bias[gate_bias_at + bias_at + column];
+                    h *= v;
+                    if (KEEP_PRE_ACTIVATIONS) {
+                        pre_activations[(2u * slot + 1u) * f_stride + column] = v;
+                    }
+                }
+                if (KEEP_PRE_ACTIVATIONS) {
+                    let stride = select(1u, 2u, GATED) * f_stride;
+                    pre_activations[slot * stride + column] = a;
                 }
                 hidden[slot * f_stride + column] = h;
             } else if (column < f_stride) {

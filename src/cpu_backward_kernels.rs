@@ -184,13 +184,16 @@ fn values(m: &crate::formats::ExpertMatrices) -> &[f32] {
     m.f32_values().unwrap_or_default()
 }
 
-/// expert_hidden_backward.wgsl: dA (and dV) per kept slot, pre-activations recomputed.
+/// expert_hidden_backward.wgsl: dA (and dV when gated) `[slots, F]` of each kept slot, from
+/// dy·W2 (summed along D in order) and the pre-activations a (and v) the training forward
+/// kept (`[slots, F]` each); padding slots stay zero.
 pub fn expert_hidden_backward(
     config: &MoeConfig,
     weights: &MoeWeights,
     tables: SlotTables<'_>,
-    (x, dy): (&[f32], &[f32]),
+    dy: &[f32],
     slot_scale: &[f32],
+    (pre_activations, pre_gates): (&[f32], Option<&[f32]>),
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let LayerShape {
         d_model: d,
@@ -199,98 +202,139 @@ pub fn expert_hidden_backward(
     } = weights.shape;
     let slots = tables.slot_token.len();
     let mut d_a = vec![0.0f32; slots * f];
-    let mut d_v = weights.w3.as_ref().map(|_| vec![0.0f32; slots * f]);
-    let (w1, w2) = (values(&weights.w1), values(&weights.w2));
-    let w3 = weights.w3.as_ref().map(values);
-    let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map(|b| b[i]);
+    let mut d_v = pre_gates.map(|_| vec![0.0f32; slots * f]);
+    let w2 = values(&weights.w2);
     for slot in 0..slots {
         let Some(e) = tables.slot_expert(slot) else {
             continue;
         };
         let token = tables.slot_token[slot] as usize;
-        let x_row = &x[token * d..(token + 1) * d];
         for unit in 0..f {
             let mut dh = 0.0f32;
             for dd in 0..d {
                 dh += dy[token * d + dd] * w2[(e * d + dd) * f + unit];
             }
             dh *= slot_scale[slot];
-            let pre = |w: &[f32], b: Option<f32>| {
-                let row = &w[(e * f + unit) * d..(e * f + unit + 1) * d];
-                let sum = x_row.iter().zip(row).fold(0.0f32, |s, (p, q)| s + p * q);
-                b.map_or(sum, |b| sum + b)
-            };
-            let a = pre(w1, bias(&weights.b1, e * f + unit));
+            let at = slot * f + unit;
+            let a = pre_activations[at];
             let slope = activation_derivative(config.activation, a);
-            match (&mut d_v, w3) {
-                (Some(d_v), Some(w3)) => {
-                    let v = pre(w3, bias(&weights.b3, e * f + unit));
-                    d_a[slot * f + unit] = dh * v * slope;
-                    d_v[slot * f + unit] = dh * activate(config.activation, a);
+            match (&mut d_v, pre_gates) {
+                (Some(d_v), Some(v)) => {
+                    d_a[at] = dh * v[at] * slope;
+                    d_v[at] = dh * activate(config.activation, a);
                 }
-                _ => d_a[slot * f + unit] = dh * slope,
+                _ => d_a[at] = dh * slope,
             }
         }
     }
     (d_a, d_v)
 }
 
-/// expert_down_backward.wgsl: dW2 `[N, D, F]` and db2 `[N, D]` over each expert's slots.
+/// expert_down_backward.wgsl: dW2 `[N, D, F]` over each expert's kept slots, in slot order.
 pub fn expert_down_backward(
     shape: LayerShape,
     tables: SlotTables<'_>,
     dy: &[f32],
     slot_scale: &[f32],
     hidden: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+) -> Vec<f32> {
     let LayerShape {
         num_experts: n,
         d_model: d,
         d_ff: f,
     } = shape;
-    let (mut dw2, mut db2) = (vec![0.0f32; n * d * f], vec![0.0f32; n * d]);
+    let mut dw2 = vec![0.0f32; n * d * f];
     for e in 0..n {
         for slot in tables.expert_slots(e) {
             let token = tables.slot_token[slot] as usize;
             for dd in 0..d {
                 let d_out = slot_scale[slot] * dy[token * d + dd];
-                db2[e * d + dd] += d_out;
                 for unit in 0..f {
                     dw2[(e * d + dd) * f + unit] += d_out * hidden[slot * f + unit];
                 }
             }
         }
     }
-    (dw2, db2)
+    dw2
 }
 
-/// expert_up_backward.wgsl: (dW, db) of the up-projection whose pre-activation gradient
-/// is `d_pre` (dA for W1, dV for W3): dW `[N, F, D]`, db `[N, F]`.
+/// expert_up_backward.wgsl: dW `[N, F, D]` of the up-projection whose pre-activation
+/// gradient is `d_pre` (dA for W1, dV for W3), over each expert's kept slots in slot order.
 pub fn expert_up_backward(
     shape: LayerShape,
     tables: SlotTables<'_>,
     x: &[f32],
     d_pre: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+) -> Vec<f32> {
     let LayerShape {
         num_experts: n,
         d_model: d,
         d_ff: f,
     } = shape;
-    let (mut dw, mut db) = (vec![0.0f32; n * f * d], vec![0.0f32; n * f]);
+    let mut dw = vec![0.0f32; n * f * d];
     for e in 0..n {
         for slot in tables.expert_slots(e) {
             let token = tables.slot_token[slot] as usize;
             for unit in 0..f {
                 let g = d_pre[slot * f + unit];
-                db[e * f + unit] += g;
                 for dd in 0..d {
                     dw[(e * f + unit) * d + dd] += g * x[token * d + dd];
                 }
             }
         }
     }
-    (dw, db)
+    dw
+}
+
+/// What expert_bias_backward writes: each expert's bias gradients.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BiasGradients {
+    /// `[N, F]`.
+    pub b1: Vec<f32>,
+    /// `[N, D]`.
+    pub b2: Vec<f32>,
+    /// `[N, F]` when gated.
+    pub b3: Option<Vec<f32>>,
+}
+
+/// expert_bias_backward.wgsl: db1 = Σ dA, db3 = Σ dV and db2 = Σ s·dy over each expert's
+/// kept slots, in slot order.
+pub fn expert_bias_backward(
+    shape: LayerShape,
+    tables: SlotTables<'_>,
+    (dy, slot_scale): (&[f32], &[f32]),
+    (d_a, d_v): (&[f32], Option<&[f32]>),
+) -> BiasGradients {
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = shape;
+    let column_sums = |values: &[f32]| {
+        let mut sums = vec![0.0f32; n * f];
+        for e in 0..n {
+            for slot in tables.expert_slots(e) {
+                for unit in 0..f {
+                    sums[e * f + unit] += values[slot * f + unit];
+                }
+            }
+        }
+        sums
+    };
+    let mut b2 = vec![0.0f32; n * d];
+    for e in 0..n {
+        for slot in tables.expert_slots(e) {
+            let token = tables.slot_token[slot] as usize;
+            for dd in 0..d {
+                b2[e * d + dd] += slot_scale[slot] * dy[token * d + dd];
+            }
+        }
+    }
+    BiasGradients {
+        b1: column_sums(d_a),
+        b2,
+        b3: d_v.map(column_sums),
+    }
 }
 
 /// expert_input_backward.wgsl: each kept slot's input gradient `[slots, D]`.

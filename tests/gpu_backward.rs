@@ -80,7 +80,9 @@ fn run_case(context: &switch_moe::GpuContext, c: &Case, seed: u64) {
     let reference = cpu_forward(&c.config, &weights, &x, &shape);
     assert_eq!(output.routes, reference.routes, "{what}: routes");
     assert_eq!(output.kept, reference.kept, "{what}: kept");
-    let gpu = layer.backward(&dy, c.coefficients).unwrap();
+    let gpu = layer
+        .backward(&dy, c.coefficients)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     let cpu = cpu_backward::backward(&c.config, &weights, &x, &shape, &dy, c.coefficients).unwrap();
     let depth = c.d_model + c.d_ff + c.num_tokens * c.config.top_k + c.num_experts;
     assert_gradients_close(&what, &gpu, &cpu, depth);

@@ -159,7 +159,7 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
         .all(|(&slot, &e)| slot == DROPPED || (e as usize) < n));
 }
 
-/// The four expert kernels of a traced backward against their twins, each fed the GPU's
+/// The five expert kernels of a traced backward against their twins, each fed the GPU's
 /// own inputs (slot scales, hidden rows, dA and dV).
 fn check_expert_kernels(
     what: &str,
@@ -176,9 +176,10 @@ fn check_expert_kernels(
         ..
     } = weights.shape;
     let kept_slot = |slot: usize| tables.slot_expert(slot).is_some();
-    // expert_hidden_backward (fed the GPU's slot scales)
+    // expert_hidden_backward (fed the GPU's slot scales and kept pre-activations)
+    let pre = (&trace.pre_activations[..], trace.pre_gates.as_deref());
     let (d_a, d_v) =
-        twins::expert_hidden_backward(config, weights, tables, (x, dy), &trace.slot_scale);
+        twins::expert_hidden_backward(config, weights, tables, dy, &trace.slot_scale, pre);
     let keep = |i: usize| kept_slot(i / f);
     assert_norm_close(
         &format!("{what}: expert_hidden_backward dA"),
@@ -199,9 +200,9 @@ fn check_expert_kernels(
 
     // expert_down_backward (fed the GPU's hidden rows and scales)
     let layer_shape = weights.shape;
-    let (dw2, db2) =
+    let dw2 =
         twins::expert_down_backward(layer_shape, tables, dy, &trace.slot_scale, &trace.hidden);
-    let (dw2_abs, db2_abs) = twins::expert_down_backward(
+    let dw2_abs = twins::expert_down_backward(
         layer_shape,
         tables,
         &abs(dy),
@@ -216,18 +217,10 @@ fn check_expert_kernels(
         &dw2_abs,
         rows,
     );
-    assert_sum_close(
-        &format!("{what}: expert_down_backward db2"),
-        gradients.b2.as_ref().unwrap(),
-        &db2,
-        &db2_abs,
-        rows,
-    );
 
     // expert_up_backward (fed the GPU's dA and dV)
-    let (dw1, db1) = twins::expert_up_backward(layer_shape, tables, x, &trace.d_a);
-    let (dw1_abs, db1_abs) =
-        twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(&trace.d_a));
+    let dw1 = twins::expert_up_backward(layer_shape, tables, x, &trace.d_a);
+    let dw1_abs = twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(&trace.d_a));
     assert_sum_close(
         &format!("{what}: expert_up_backward dW1"),
         &gradients.w1,
@@ -235,17 +228,9 @@ fn check_expert_kernels(
         &dw1_abs,
         rows,
     );
-    assert_sum_close(
-        &format!("{what}: expert_up_backward db1"),
-        gradients.b1.as_ref().unwrap(),
-        &db1,
-        &db1_abs,
-        rows,
-    );
     if let Some(gpu_d_v) = &trace.d_v {
-        let (dw3, db3) = twins::expert_up_backward(layer_shape, tables, x, gpu_d_v);
-        let (dw3_abs, db3_abs) =
-            twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(gpu_d_v));
+        let dw3 = twins::expert_up_backward(layer_shape, tables, x, gpu_d_v);
+        let dw3_abs = twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(gpu_d_v));
         assert_sum_close(
             &format!("{what}: expert_up_backward dW3"),
             gradients.w3.as_ref().unwrap(),
@@ -253,13 +238,51 @@ fn check_expert_kernels(
             &dw3_abs,
             rows,
         );
-        assert_sum_close(
-            &format!("{what}: expert_up_backward db3"),
-            gradients.b3.as_ref().unwrap(),
-            &db3,
-            &db3_abs,
-            rows,
-        );
+    }
+
+    // expert_bias_backward (fed the GPU's dA, dV and scales)
+    let biases = twins::expert_bias_backward(
+        layer_shape,
+        tables,
+        (dy, &trace.slot_scale),
+        (&trace.d_a, trace.d_v.as_deref()),
+    );
+    let biases_abs = twins::expert_bias_backward(
+        layer_shape,
+        tables,
+        (&abs(dy), &abs(&trace.slot_scale)),
+        (&abs(&trace.d_a), trace.d_v.as_deref().map(abs).as_deref()),
+    );
+    let pairs = [
+        (
+            "db1",
+            gradients.b1.as_ref(),
+            Some(&biases.b1),
+            Some(&biases_abs.b1),
+        ),
+        (
+            "db2",
+            gradients.b2.as_ref(),
+            Some(&biases.b2),
+            Some(&biases_abs.b2),
+        ),
+        (
+            "db3",
+            gradients.b3.as_ref(),
+            biases.b3.as_ref(),
+            biases_abs.b3.as_ref(),
+        ),
+    ];
+    for (name, gpu, cpu, magnitude) in pairs {
+        if let (Some(gpu), Some(cpu), Some(magnitude)) = (gpu, cpu, magnitude) {
+            assert_sum_close(
+                &format!("{what}: expert_bias_backward {name}"),
+                gpu,
+                cpu,
+                magnitude,
+                rows,
+            );
+        }
     }
 
     // expert_input_backward (fed the GPU's dA and dV)

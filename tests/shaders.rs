@@ -84,6 +84,7 @@ fn params_structs_match_their_rust_mirrors() {
         ("expert_down_backward", size_of::<BackwardParams>()),
         ("expert_up_backward", size_of::<BackwardParams>()),
         ("expert_input_backward", size_of::<BackwardParams>()),
+        ("expert_bias_backward", size_of::<BackwardParams>()),
         ("router_backward", size_of::<BackwardParams>()),
         ("combine_backward", size_of::<BackwardParams>()),
         ("optimizer_step", size_of::<OptimizerParams>()),
@@ -125,7 +126,14 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
         ("expert_down", shaders::MATMUL_LANES[0]),
     ]
     .into_iter()
-    .chain(shaders::TRAINING.map(|s| (s.name, shaders::TRAINING_WORKGROUP)))
+    .chain(shaders::TRAINING.map(|s| {
+        let lanes = if MATMUL_KERNELS.contains(&s.name) {
+            shaders::MATMUL_LANES[0]
+        } else {
+            shaders::TRAINING_WORKGROUP
+        };
+        (s.name, lanes)
+    }))
     .collect();
     let mut seen = 0;
     for shader in every_shader() {
@@ -159,43 +167,54 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
     );
 }
 
+/// The backward's kernels built on the matmul core (their workgroup is `LANES`).
+const MATMUL_KERNELS: [&str; 4] = [
+    "expert_hidden_backward",
+    "expert_down_backward",
+    "expert_up_backward",
+    "expert_input_backward",
+];
+
+/// The overrides of one matmul tile shape.
+fn tiling_constants((row_lanes, rows, block): (u32, u32, u32)) -> naga::back::PipelineConstants {
+    let mut constants = naga::back::PipelineConstants::default();
+    constants.insert("ROW_LANES".to_string(), row_lanes as f64);
+    constants.insert("QUADS".to_string(), (block / 4) as f64);
+    constants.insert("ROW_QUADS".to_string(), (rows / 4) as f64);
+    constants.insert("LANES".to_string(), lanes(block));
+    constants
+}
+
 /// Every specialization the layer builds: the matmuls for each tile shape (row lanes, block
-/// rows and side), and expert_up for each activation, gated or not.
+/// rows and side), expert_up for each activation, gated or not, keeping its
+/// pre-activations or not, and expert_hidden_backward for each activation.
 fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
     let mut all = Vec::new();
     match shader.name {
         "expert_up" => {
-            for (row_lanes, rows, block) in tilings() {
+            for tiling in tilings() {
                 for activation in 0..4 {
-                    for gated in [0.0, 1.0] {
-                        let mut constants = naga::back::PipelineConstants::default();
-                        constants.insert("ROW_LANES".to_string(), row_lanes as f64);
-                        constants.insert("QUADS".to_string(), (block / 4) as f64);
-                        constants.insert("ROW_QUADS".to_string(), (rows / 4) as f64);
-                        constants.insert("LANES".to_string(), lanes(block));
+                    for (gated, keep) in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)] {
+                        let mut constants = tiling_constants(tiling);
                         constants.insert("ACTIVATION".to_string(), activation as f64);
                         constants.insert("GATED".to_string(), gated);
+                        constants.insert("KEEP_PRE_ACTIVATIONS".to_string(), keep);
                         all.push(constants);
                     }
                 }
             }
         }
-        "expert_down" => {
-            for (row_lanes, rows, block) in tilings() {
-                let mut constants = naga::back::PipelineConstants::default();
-                constants.insert("ROW_LANES".to_string(), row_lanes as f64);
-                constants.insert("QUADS".to_string(), (block / 4) as f64);
-                constants.insert("ROW_QUADS".to_string(), (rows / 4) as f64);
-                constants.insert("LANES".to_string(), lanes(block));
-                all.push(constants);
+        "expert_hidden_backward" => {
+            for tiling in tilings() {
+                for activation in 0..4 {
+                    let mut constants = tiling_constants(tiling);
+                    constants.insert("ACTIVATION".to_string(), activation as f64);
+                    all.push(constants);
+                }
             }
         }
-        "expert_hidden_backward" => {
-            for activation in 0..4 {
-                let mut constants = naga::back::PipelineConstants::default();
-                constants.insert("ACTIVATION".to_string(), activation as f64);
-                all.push(constants);
-            }
+        name if name == "expert_down" || MATMUL_KERNELS.contains(&name) => {
+            all.extend(tilings().map(tiling_constants));
         }
         _ => all.push(Default::default()),
     }

@@ -9,14 +9,8 @@ use crate::formats::WeightFormat;
 use crate::gpu::kernels::pipeline::{
     bind_group_layout, compute_pipeline, shader_module, Binding, Kernel,
 };
-use crate::gpu::kernels::shaders::{
-    self, MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MATMUL_LANES, ROW_LANES_CHOICES,
-};
-use crate::gpu::kernels::tiling::MatmulTiling;
-
-/// Tile shapes the matmuls can be built for: every `ROW_LANES` with every block and
-/// block height (those taller than wide are never built).
-const TILINGS: usize = ROW_LANES_CHOICES.len() * MATMUL_BLOCKS.len() * MATMUL_BLOCK_ROWS.len();
+use crate::gpu::kernels::shaders;
+use crate::gpu::kernels::tiling::{MatmulTiling, TILINGS};
 
 /// The up- and down-projection pipelines for one tile shape.
 #[derive(Debug)]
@@ -36,29 +30,38 @@ pub struct ExpertMatmuls {
     down_module: wgpu::ShaderModule,
     activation: f64,
     gated: f64,
+    /// 1 in a trainable layer: expert_up also stores the pre-activations.
+    keep_pre_activations: f64,
     /// The shader codes of W1's, W3's and W2's stored formats.
     formats: [f64; 3],
     variants: [OnceLock<MatmulPipelines>; TILINGS],
 }
 
 impl ExpertMatmuls {
-    fn new(device: &wgpu::Device, config: &MoeConfig, formats: [WeightFormat; 3]) -> Self {
+    fn new(
+        device: &wgpu::Device,
+        config: &MoeConfig,
+        formats: [WeightFormat; 3],
+        keep_pre_activations: bool,
+    ) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, TextureArray as T, UintTextureArray as W,
             Uniform as U,
         };
-        // Each weight tensor is three planes (quants, high bits, scales): W, W, W.
+        // Each weight tensor is three planes (quants, high bits, scales): W, W, W; the last
+        // binding takes the pre-activations.
         ExpertMatmuls {
             up_layout: bind_group_layout(
                 device,
                 "expert_up",
-                &[U, T, Ro, Ro, W, W, W, W, W, W, Ro, Rw],
+                &[U, T, Ro, Ro, W, W, W, W, W, W, Ro, Rw, Rw],
             ),
             down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, W, W, W, Ro, Rw]),
             up_module: shader_module(device, shaders::EXPERT_UP),
             down_module: shader_module(device, shaders::EXPERT_DOWN),
             activation: config.activation.shader_code() as f64,
             gated: if config.gated { 1.0 } else { 0.0 },
+            keep_pre_activations: if keep_pre_activations { 1.0 } else { 0.0 },
             formats: formats.map(|f| f.shader_code() as f64),
             variants: Default::default(),
         }
@@ -66,28 +69,22 @@ impl ExpertMatmuls {
 
     /// The pipelines for `tiling`, built on first use.
     pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &MatmulPipelines {
-        let position =
-            |choices: &[u32], value: u32| choices.iter().position(|&c| c == value).unwrap_or(0);
-        let lanes_index = position(&ROW_LANES_CHOICES, tiling.row_lanes);
-        let block_index = position(&MATMUL_BLOCKS, tiling.block);
-        let rows_index = position(&MATMUL_BLOCK_ROWS, tiling.block_rows);
-        let variant = (lanes_index * MATMUL_BLOCKS.len() + block_index) * MATMUL_BLOCK_ROWS.len()
-            + rows_index;
-        self.variants[variant].get_or_init(|| {
-            let row_lanes = ROW_LANES_CHOICES[lanes_index] as f64;
-            let quads = (MATMUL_BLOCKS[block_index] / 4) as f64;
-            let row_quads = (MATMUL_BLOCK_ROWS[rows_index] / 4) as f64;
-            let lanes = MATMUL_LANES[block_index] as f64;
-            let up_constants = [
+        self.variants[tiling.variant()].get_or_init(|| {
+            let constants = |extra: &[(&'static str, f64)]| -> Vec<(&'static str, f64)> {
+                tiling
+                    .constants()
+                    .into_iter()
+                    .chain(extra.iter().copied())
+                    .collect()
+            };
+            let up_constants = constants(&[
                 ("ACTIVATION", self.activation),
                 ("GATED", self.gated),
-                ("ROW_LANES", row_lanes),
-                ("QUADS", quads),
-                ("ROW_QUADS", row_quads),
-                ("LANES", lanes),
+                ("KEEP_PRE_ACTIVATIONS", self.keep_pre_activations),
                 ("W1_FORMAT", self.formats[0]),
                 ("W3_FORMAT", self.formats[1]),
-            ];
+            ]);
+            let down_constants = constants(&[("W2_FORMAT", self.formats[2])]);
             MatmulPipelines {
                 up: compute_pipeline(
                     device,
@@ -101,13 +98,7 @@ impl ExpertMatmuls {
                     "expert_down",
                     &self.down_module,
                     &self.down_layout,
-                    &[
-                        ("ROW_LANES", row_lanes),
-                        ("QUADS", quads),
-                        ("ROW_QUADS", row_quads),
-                        ("LANES", lanes),
-                        ("W2_FORMAT", self.formats[2]),
-                    ],
+                    &down_constants,
                 ),
             }
         })
@@ -128,8 +119,14 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// `formats`: the stored formats of W1, W3 (W1's when not gated) and W2.
-    pub fn new(device: &wgpu::Device, config: &MoeConfig, formats: [WeightFormat; 3]) -> Self {
+    /// `formats`: the stored formats of W1, W3 (W1's when not gated) and W2;
+    /// `keep_pre_activations` for a trainable layer (see expert_up.wgsl).
+    pub fn new(
+        device: &wgpu::Device,
+        config: &MoeConfig,
+        formats: [WeightFormat; 3],
+        keep_pre_activations: bool,
+    ) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Texture as T,
             TextureArray as Ta, Uniform as U,
@@ -157,7 +154,7 @@ impl Kernels {
                 shaders::SCATTER_ASSIGNMENTS,
                 &[U, Ro, Ro, Ro, Ro, Rw, Rw],
             ),
-            expert_matmuls: ExpertMatmuls::new(device, config, formats),
+            expert_matmuls: ExpertMatmuls::new(device, config, formats, keep_pre_activations),
             combine_outputs: Kernel::new(
                 device,
                 shaders::COMBINE_OUTPUTS,

@@ -39,13 +39,15 @@ shader!(EXPERT_DOWN, "expert_down", prepend "expert_matmul");
 shader!(COMBINE_OUTPUTS, "combine_outputs");
 shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 
-// The backward's kernels share their Params and parameter layout (backward_common); those
-// working per slot also share slot_expert (backward_slots).
+// The backward's kernels share their Params and parameter layout (backward_common); its
+// matmuls share the register-blocked core (grouped_matmul), the per-slot ones the
+// activations.
 shader!(GATE_BACKWARD, "gate_backward", prepend "backward_common");
-shader!(EXPERT_HIDDEN_BACKWARD, "expert_hidden_backward", prepend "backward_common", "backward_slots", "activation");
-shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common");
-shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common");
-shader!(EXPERT_INPUT_BACKWARD, "expert_input_backward", prepend "backward_common", "backward_slots");
+shader!(EXPERT_HIDDEN_BACKWARD, "expert_hidden_backward", prepend "backward_common", "grouped_matmul", "activation");
+shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common", "grouped_matmul");
+shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common", "grouped_matmul");
+shader!(EXPERT_INPUT_BACKWARD, "expert_input_backward", prepend "backward_common", "grouped_matmul");
+shader!(EXPERT_BIAS_BACKWARD, "expert_bias_backward", prepend "backward_common");
 shader!(ROUTER_BACKWARD, "router_backward", prepend "backward_common");
 shader!(COMBINE_BACKWARD, "combine_backward", prepend "backward_common");
 shader!(OPTIMIZER_STEP, "optimizer_step");
@@ -65,14 +67,16 @@ pub const ALL: [ShaderSource; 9] = [
     COMBINE_OUTPUTS,
 ];
 
-/// The kernels of training: the backward's in the order it dispatches them, then the
-/// optimizer step and the refresh of the forward's weight textures.
-pub const TRAINING: [ShaderSource; 10] = [
+/// The kernels of training: the backward's in the order it dispatches them (after
+/// gate_backward it stages dy with stage_tokens), then the optimizer step and the refresh
+/// of the forward's weight textures.
+pub const TRAINING: [ShaderSource; 11] = [
     GATE_BACKWARD,
     EXPERT_HIDDEN_BACKWARD,
     EXPERT_DOWN_BACKWARD,
     EXPERT_UP_BACKWARD,
     EXPERT_INPUT_BACKWARD,
+    EXPERT_BIAS_BACKWARD,
     ROUTER_BACKWARD,
     COMBINE_BACKWARD,
     OPTIMIZER_STEP,

@@ -1,58 +1,142 @@
-//! The pipelines of training (trainable layers only).
+//! The pipelines of training (trainable layers only): the backward's kernels, the optimizer
+//! step and the refresh of the forward's weight textures. The backward's matmuls run on
+//! the core of `grouped_matmul.wgsl`: the two over slots (expert_hidden_backward,
+//! expert_input_backward) take the training forward's tiling, one variant per tile shape
+//! built the first time a batch needs it; the two weight-gradient ones one tiling per
+//! layer, built with it.
+
+use std::sync::OnceLock;
 
 use crate::config::MoeConfig;
-use crate::gpu::kernels::pipeline::{Binding, Kernel};
+use crate::gpu::kernels::pipeline::{
+    bind_group_layout, compute_pipeline, shader_module, Binding, Kernel,
+};
 use crate::gpu::kernels::shaders;
+use crate::gpu::kernels::tiling::{MatmulTiling, TILINGS};
 
-/// The pipelines of training (trainable layers only): the backward's seven kernels in
-/// dispatch order, the optimizer step and the refresh of the forward's weight textures.
+/// The per-slot matmuls of the backward for one tile shape.
+#[derive(Debug)]
+pub struct SlotMatmulPipelines {
+    pub hidden: wgpu::ComputePipeline,
+    pub input: wgpu::ComputePipeline,
+}
+
+/// expert_hidden_backward and expert_input_backward: layouts and modules built once, one
+/// pipeline pair per tile shape of the training forward.
+#[derive(Debug)]
+pub struct SlotMatmuls {
+    pub hidden_layout: wgpu::BindGroupLayout,
+    pub input_layout: wgpu::BindGroupLayout,
+    hidden_module: wgpu::ShaderModule,
+    input_module: wgpu::ShaderModule,
+    activation: f64,
+    variants: [OnceLock<SlotMatmulPipelines>; TILINGS],
+}
+
+impl SlotMatmuls {
+    fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+        use Binding::{
+            Storage as Rw, StorageReadOnly as Ro, TextureArray as Ta, UintTextureArray as W,
+            Uniform as U,
+        };
+        SlotMatmuls {
+            hidden_layout: bind_group_layout(
+                device,
+                "expert_hidden_backward",
+                &[U, U, Ta, Ro, Ro, Ro, W, Ro, Rw, Rw],
+            ),
+            input_layout: bind_group_layout(
+                device,
+                "expert_input_backward",
+                &[U, U, Ro, Ro, Ro, W, W, Rw],
+            ),
+            hidden_module: shader_module(device, shaders::EXPERT_HIDDEN_BACKWARD),
+            input_module: shader_module(device, shaders::EXPERT_INPUT_BACKWARD),
+            activation: config.activation.shader_code() as f64,
+            variants: Default::default(),
+        }
+    }
+
+    /// The pipelines for `tiling`, built on first use.
+    pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &SlotMatmulPipelines {
+        self.variants[tiling.variant()].get_or_init(|| {
+            let mut hidden_constants = tiling.constants().to_vec();
+            hidden_constants.push(("ACTIVATION", self.activation));
+            SlotMatmulPipelines {
+                hidden: compute_pipeline(
+                    device,
+                    "expert_hidden_backward",
+                    &self.hidden_module,
+                    &self.hidden_layout,
+                    &hidden_constants,
+                ),
+                input: compute_pipeline(
+                    device,
+                    "expert_input_backward",
+                    &self.input_module,
+                    &self.input_layout,
+                    &tiling.constants(),
+                ),
+            }
+        })
+    }
+}
+
+/// The pipelines of training, in the backward's dispatch order, then the optimizer step and
+/// the refresh of the forward's weight textures.
 #[derive(Debug)]
 pub struct TrainingKernels {
     pub gate_backward: Kernel,
-    pub expert_hidden_backward: Kernel,
+    pub slot_matmuls: SlotMatmuls,
     pub expert_down_backward: Kernel,
     pub expert_up_backward: Kernel,
-    pub expert_input_backward: Kernel,
+    pub expert_bias_backward: Kernel,
     pub router_backward: Kernel,
     pub combine_backward: Kernel,
     pub optimizer_step: Kernel,
     pub refresh_expert_weights: Kernel,
     pub refresh_router_weights: Kernel,
+    /// The tiling of the weight-gradient matmuls (expert_down_backward and
+    /// expert_up_backward).
+    pub weight_gradient_tiling: MatmulTiling,
+    /// Whether the layer's FFNs are gated (W3 and dV exist).
+    pub gated: bool,
 }
 
 impl TrainingKernels {
-    pub fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+    pub fn new(
+        device: &wgpu::Device,
+        config: &MoeConfig,
+        weight_gradient_tiling: MatmulTiling,
+    ) -> Self {
         use Binding::{
-            Storage as Rw, StorageReadOnly as Ro, StorageTexture as St,
+            Storage as Rw, StorageReadOnly as Ro, StorageTexture as St, TextureArray as Ta,
             UintStorageTextureArray as Su, Uniform as U,
         };
-        let activation = [("ACTIVATION", config.activation.shader_code() as f64)];
+        let tiling = weight_gradient_tiling.constants();
         TrainingKernels {
             gate_backward: Kernel::new(
                 device,
                 shaders::GATE_BACKWARD,
                 &[U, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw, Rw, Ro],
             ),
-            expert_hidden_backward: Kernel::with_constants(
-                device,
-                shaders::EXPERT_HIDDEN_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw],
-                &activation,
-            ),
-            expert_down_backward: Kernel::new(
+            slot_matmuls: SlotMatmuls::new(device, config),
+            expert_down_backward: Kernel::with_constants(
                 device,
                 shaders::EXPERT_DOWN_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Ro, Rw],
+                &[U, Ta, Ro, Ro, Ro, Ro, Rw],
+                &tiling,
             ),
-            expert_up_backward: Kernel::new(
+            expert_up_backward: Kernel::with_constants(
                 device,
                 shaders::EXPERT_UP_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Ro, Rw],
+                &[U, Ta, Ro, Ro, Ro, Ro, Rw],
+                &tiling,
             ),
-            expert_input_backward: Kernel::new(
+            expert_bias_backward: Kernel::new(
                 device,
-                shaders::EXPERT_INPUT_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Rw],
+                shaders::EXPERT_BIAS_BACKWARD,
+                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw],
             ),
             router_backward: Kernel::new(device, shaders::ROUTER_BACKWARD, &[U, Ro, Ro, Rw]),
             combine_backward: Kernel::new(
@@ -71,6 +155,8 @@ impl TrainingKernels {
                 shaders::REFRESH_ROUTER_WEIGHTS,
                 &[U, Ro, St],
             ),
+            weight_gradient_tiling,
+            gated: config.gated,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::gpu::device::readback::{copy_and_submit, read_mapped, split_words, Wa
 use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::layer::trace::BackwardTrace;
 use crate::gpu::passes;
-use crate::gpu::passes::backward::{BackwardInputs, ParameterBuffers};
+use crate::gpu::passes::backward::{BackwardInputs, BackwardKernels, ParameterBuffers};
 use crate::gpu::plan::backward::{backward_params, BackwardGrids};
 use crate::gpu::plan::forward::Routing;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
@@ -133,8 +133,7 @@ impl MoeLayer {
                 let n = self.shape.num_experts;
                 let (t, slots) = (plan.num_tokens, plan.max_slots());
                 let (d, f4) = (self.shape.d_model, padded_to_vec4(self.shape.d_ff));
-                let f = self.shape.d_ff;
-                let gated = if self.config.gated { slots * f } else { 0 };
+                let gated = if self.config.gated { slots * f4 } else { 0 };
                 sources.extend([
                     (&w.logits, t * n),
                     (&w.assignment_slot, plan.num_assignments()),
@@ -145,9 +144,10 @@ impl MoeLayer {
                     (&scratch.d_logits, t * n),
                     (&scratch.slot_scale, slots),
                     (&scratch.pass_scale, t),
-                    (&scratch.d_a, slots * f),
+                    (&scratch.d_a, slots * f4),
                     (&scratch.d_v, gated),
                     (&scratch.d_x_slot, slots * d),
+                    (&w.pre_activations, slots * plan.pre_activation_stride),
                 ]);
             }
             if let (Routing::PreRouted, false, Some(plan)) = (routing, with_trace, plan) {
@@ -189,6 +189,25 @@ impl MoeLayer {
             ),
             _ => None,
         };
+        // Rows of F4 floats (F rounded up to whole vec4s) as rows of F.
+        let f = self.shape.d_ff;
+        let f4 = padded_to_vec4(f).max(1);
+        let unpadded = |words: &[u32]| -> Vec<f32> {
+            floats(words)
+                .chunks(f4)
+                .flat_map(|row| row[..f].to_vec())
+                .collect()
+        };
+        // The pre-activations: a slot's a, then its v when gated, each F4 long.
+        let per_slot = if self.config.gated { 2 } else { 1 };
+        let pre_activations = |words: &[u32], which: usize| -> Vec<f32> {
+            floats(words)
+                .chunks(f4)
+                .skip(which)
+                .step_by(per_slot)
+                .flat_map(|row| row[..f].to_vec())
+                .collect()
+        };
         let trace = match (with_trace, plan) {
             (true, Some(plan)) => Some(BackwardTrace {
                 logits: floats(parts[2]),
@@ -196,17 +215,16 @@ impl MoeLayer {
                 slot_token: parts[4].to_vec(),
                 expert_table: parts[5].to_vec(),
                 row_tile: plan.tiling.row_tile(),
-                hidden: floats(parts[6])
-                    .chunks(padded_to_vec4(self.shape.d_ff).max(1))
-                    .flat_map(|row| row[..self.shape.d_ff].to_vec())
-                    .collect(),
+                hidden: unpadded(parts[6]),
                 expert_out: floats(parts[7]),
                 d_logits: floats(parts[8]),
                 slot_scale: floats(parts[9]),
                 pass_scale: floats(parts[10]),
-                d_a: floats(parts[11]),
-                d_v: self.config.gated.then(|| floats(parts[12])),
+                d_a: unpadded(parts[11]),
+                d_v: self.config.gated.then(|| unpadded(parts[12])),
                 d_x_slot: floats(parts[13]),
+                pre_activations: pre_activations(parts[14], 0),
+                pre_gates: self.config.gated.then(|| pre_activations(parts[14], 1)),
             }),
             _ => None,
         };
@@ -279,7 +297,8 @@ impl MoeLayer {
         let plan = record.plan;
         let gated = self.config.gated;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let grids = BackwardGrids::new(&plan, gated, max_dim)?;
+        let tiling = training.kernels.weight_gradient_tiling;
+        let grids = BackwardGrids::new(&plan, gated, tiling, max_dim)?;
         let mut scratch = BackwardScratch::fitted(
             state.scratch.take(),
             &self.device,
@@ -306,12 +325,17 @@ impl MoeLayer {
             parameters: &training.parameters,
             gradients: &training.gradients,
         };
+        let kernels = BackwardKernels {
+            forward: &self.kernels,
+            training: &training.kernels,
+        };
         passes::backward::encode(
             encoder,
-            (&self.device, &training.kernels),
+            (&self.device, kernels),
             (&record.workspace, &mut scratch),
+            &self.weights,
             flat,
-            &grids,
+            (&plan, &grids),
             inputs,
         );
         Ok((scratch, values))

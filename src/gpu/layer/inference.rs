@@ -232,8 +232,8 @@ impl MoeLayer {
             self.shape,
             num_tokens,
             self.matmul_block,
-            self.forced_row_lanes,
-            self.forced_block_rows,
+            (self.forced_row_lanes, self.forced_block_rows),
+            self.training.is_some(),
         )?;
         let sizes = ScratchSizes::for_plan(&plan);
         if sizes.largest_binding_bytes() > self.max_binding_bytes {

@@ -204,7 +204,7 @@ impl MoeLayer {
                 .map_or(weights.w1.format, |w3| w3.format),
             weights.w2.format,
         ];
-        let kernels = Kernels::new(device, &config, weight_formats);
+        let kernels = Kernels::new(device, &config, weight_formats, options.trainable);
         let weights_on_device = GpuWeights::upload(
             device,
             queue,
@@ -220,7 +220,7 @@ impl MoeLayer {
                 &config,
                 weights,
                 &weights_on_device,
-                device_binding,
+                (device_binding, matmul_block),
             )?)
         } else {
             None

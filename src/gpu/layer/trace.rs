@@ -44,6 +44,9 @@ pub struct BackwardTrace {
     pub slot_scale: Vec<f32>,
     /// `[T]`: π of a token that passed through, else 0.
     pub pass_scale: Vec<f32>,
+    /// `[slots, F]`: the pre-activations a the training forward kept, and v when gated.
+    pub pre_activations: Vec<f32>,
+    pub pre_gates: Option<Vec<f32>>,
     /// `[slots, F]`: dA (expert_hidden_backward), and dV when gated.
     pub d_a: Vec<f32>,
     pub d_v: Option<Vec<f32>>,

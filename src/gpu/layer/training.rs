@@ -36,9 +36,11 @@ impl MoeLayer {
         state.scratch.as_ref().map_or(0, BackwardScratch::bytes)
     }
 
-    /// Dispatches of one backward: seven, whatever the number of experts.
+    /// Dispatches of one backward, whatever the number of experts: gate, the staging of
+    /// dy, the two weight-gradient matmuls, the biases, the router and the combine, and
+    /// the two per-slot matmuls once per weight shard.
     pub fn dispatches_per_backward(&self) -> usize {
-        7
+        7 + 2 * self.weights.shards.len()
     }
 
     /// A forward that keeps what the backward needs (the layer keeps the last one; the

@@ -1,22 +1,27 @@
-//! The backward pass: seven dispatches whatever the number of experts, each output element
-//! summed by one invocation in a fixed order (the same bits on every run), over the
-//! training forward's workspace, the backward's scratch and the flat parameters:
+//! The backward pass, a constant number of dispatches whatever the number of experts, each
+//! output element summed by one invocation in a fixed order (the same bits on every run),
+//! over the training forward's workspace, the backward's scratch, the forward's weight
+//! textures and the flat parameters; the four matmuls on the core of grouped_matmul.wgsl:
 //!
 //! 1. gate_backward: dL/dh of the router logits per token, the slots' gate scales
-//! 2. expert_hidden_backward: dA (and dV) per kept slot, pre-activations recomputed
-//! 3. expert_down_backward: dW2, db2 over each expert's own rows
-//! 4. expert_up_backward: dW1, db1 (dW3, db3) over each expert's own rows
-//! 5. expert_input_backward: each slot's input gradient through W1ᵀ (and W3ᵀ)
-//! 6. router_backward: dWr, dbr over the tokens
-//! 7. combine_backward: dx gathered per token
+//! 2. stage_tokens on dy: dy's rows as a texture, as the matmuls read them
+//! 3. expert_hidden_backward (per weight shard): dA (and dV) per kept slot, dy·W2
+//! 4. expert_down_backward: dW2 over each expert's own rows
+//! 5. expert_up_backward: dW1 (dW3) over each expert's own rows
+//! 6. expert_input_backward (per weight shard): each slot's input gradient, dA·W1 (+ dV·W3)
+//! 7. expert_bias_backward: db1, db2 (db3) over each expert's own rows
+//! 8. router_backward: dWr, dbr over the tokens
+//! 9. combine_backward: dx gathered per token
 //!
 //! Semantics: SPEC "Backward"; the CPU reference is `cpu_backward::backward`.
 
-use crate::gpu::device::encode::{dispatch, encode_writes};
+use crate::gpu::device::encode::encode_writes;
 use crate::gpu::kernels::params::BackwardParams;
-use crate::gpu::kernels::TrainingKernels;
+use crate::gpu::kernels::{bind_resources, Kernels, TrainingKernels};
 use crate::gpu::plan::backward::BackwardGrids;
+use crate::gpu::plan::forward::ForwardPlan;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
+use crate::gpu::resources::weights::GpuWeights;
 use crate::gpu::resources::workspace::Workspace;
 
 /// The flat parameters the backward reads and the gradients it writes.
@@ -35,15 +40,30 @@ pub(crate) struct BackwardInputs<'a> {
     pub(crate) dy: Option<&'a wgpu::Buffer>,
 }
 
-/// Records the backward of the training forward in `workspace` into `encoder`: the
-/// `Params` and the route_prob_sum gradient inside the command stream, `dy`, then the
-/// seven dispatches. `dx` lands in `scratch.dx`, the weights' gradients in `gradients`.
+/// The pipelines the backward runs: training's, and the forward's stage_tokens.
+pub(crate) struct BackwardKernels<'a> {
+    pub(crate) forward: &'a Kernels,
+    pub(crate) training: &'a TrainingKernels,
+}
+
+/// How a dispatch of the backward is launched.
+enum Launch {
+    Direct((u32, u32, u32)),
+    /// The training forward's indirect arguments at this byte offset.
+    Indirect(u64),
+}
+
+/// Records the backward of the training forward (of `plan`) in `workspace` into `encoder`:
+/// the `Params` and the route_prob_sum gradient inside the command stream, `dy`, then the
+/// dispatches. `dx` lands in `scratch.dx`, the weights' gradients in `gradients`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn encode(
     encoder: &mut wgpu::CommandEncoder,
-    (device, kernels): (&wgpu::Device, &TrainingKernels),
+    (device, kernels): (&wgpu::Device, BackwardKernels<'_>),
     (workspace, scratch): (&Workspace, &mut BackwardScratch),
+    weights: &GpuWeights,
     flat: ParameterBuffers<'_>,
-    grids: &BackwardGrids,
+    (plan, grids): (&ForwardPlan, &BackwardGrids),
     inputs: BackwardInputs<'_>,
 ) {
     encode_writes(
@@ -63,17 +83,86 @@ pub(crate) fn encode(
         let bytes = (params.num_tokens as usize * params.d_model as usize * 4) as u64;
         encoder.copy_buffer_to_buffer(dy, 0, &scratch.dy, 0, bytes);
     }
-    let k = kernels;
-    let w = &workspace.scratch;
-    let s = &*scratch;
-    let ParameterBuffers {
-        parameters,
-        gradients,
-    } = flat;
-    let steps = [
+    let fresh = scratch
+        .bound
+        .as_ref()
+        .is_some_and(|(id, _)| *id == workspace.id);
+    if !fresh {
+        let groups = bind_groups(device, &kernels, workspace, scratch, weights, &flat);
+        scratch.bound = Some((workspace.id, groups));
+    }
+    let k = kernels.training;
+    let slot_matmuls = k.slot_matmuls.pipelines(device, plan.tiling);
+    let planar = |(x, y): (u32, u32)| Launch::Direct((x, y, 1));
+    let shards = weights.shards.len();
+    let mut launches: Vec<(&wgpu::ComputePipeline, Launch)> = vec![
+        (&k.gate_backward.pipeline, planar(grids.gate_backward)),
         (
-            &k.gate_backward,
-            vec![
+            &kernels.forward.stage_tokens.pipeline,
+            planar(grids.stage_dy),
+        ),
+    ];
+    for shard in 0..shards {
+        let args = Launch::Indirect((shard * 24) as u64);
+        launches.push((&slot_matmuls.hidden, args));
+    }
+    launches.push((
+        &k.expert_down_backward.pipeline,
+        Launch::Direct(grids.expert_down_backward),
+    ));
+    launches.push((
+        &k.expert_up_backward.pipeline,
+        Launch::Direct(grids.expert_up_backward),
+    ));
+    for shard in 0..shards {
+        let args = Launch::Indirect((shard * 24 + 12) as u64);
+        launches.push((&slot_matmuls.input, args));
+    }
+    launches.extend([
+        (
+            &k.expert_bias_backward.pipeline,
+            planar(grids.expert_bias_backward),
+        ),
+        (&k.router_backward.pipeline, planar(grids.router_backward)),
+        (&k.combine_backward.pipeline, planar(grids.combine_backward)),
+    ]);
+    let groups = scratch
+        .bound
+        .as_ref()
+        .map_or(&[][..], |(_, g)| g.as_slice());
+    let args = &workspace.scratch.dispatch_args;
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("moe backward"),
+        timestamp_writes: None,
+    });
+    for ((pipeline, launch), bind_group) in launches.into_iter().zip(groups) {
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, bind_group, &[]);
+        match launch {
+            Launch::Direct((x, y, z)) => pass.dispatch_workgroups(x, y, z),
+            Launch::Indirect(offset) => pass.dispatch_workgroups_indirect(args, offset),
+        }
+    }
+}
+
+/// The bind groups of the backward's dispatches, in their order (see the module docs).
+fn bind_groups(
+    device: &wgpu::Device,
+    kernels: &BackwardKernels<'_>,
+    workspace: &Workspace,
+    scratch: &BackwardScratch,
+    weights: &GpuWeights,
+    flat: &ParameterBuffers<'_>,
+) -> Vec<wgpu::BindGroup> {
+    let k = kernels.training;
+    let w = &workspace.scratch;
+    let s = scratch;
+    let (parameters, gradients) = (flat.parameters, flat.gradients);
+    let view = wgpu::BindingResource::TextureView;
+    let mut groups = vec![
+        k.gate_backward.bind(
+            device,
+            &[
                 &s.params,
                 &s.dy,
                 &w.x,
@@ -88,69 +177,105 @@ pub(crate) fn encode(
                 &s.pass_scale,
                 &s.prob_sum_grad,
             ],
-            grids.gate_backward,
         ),
-        (
-            &k.expert_hidden_backward,
+        bind_resources(
+            device,
+            "stage dy",
+            &kernels.forward.stage_tokens.layout,
             vec![
+                workspace.uniforms.route.as_entire_binding(),
+                s.dy.as_entire_binding(),
+                s.dy_flags.as_entire_binding(),
+                view(&s.dy_rows),
+            ],
+        ),
+    ];
+    let matmuls = &k.slot_matmuls;
+    for shard in &weights.shards {
+        groups.push(bind_resources(
+            device,
+            "expert_hidden_backward",
+            &matmuls.hidden_layout,
+            vec![
+                s.params.as_entire_binding(),
+                shard.params.as_entire_binding(),
+                view(&s.dy_rows),
+                w.slot_token.as_entire_binding(),
+                w.expert_table.as_entire_binding(),
+                s.slot_scale.as_entire_binding(),
+                view(&shard.w2.quants),
+                w.pre_activations.as_entire_binding(),
+                s.d_a.as_entire_binding(),
+                s.d_v.as_entire_binding(),
+            ],
+        ));
+    }
+    groups.push(bind_resources(
+        device,
+        "expert_down_backward",
+        &k.expert_down_backward.layout,
+        vec![
+            s.params.as_entire_binding(),
+            view(&s.dy_rows),
+            w.slot_token.as_entire_binding(),
+            w.expert_table.as_entire_binding(),
+            s.slot_scale.as_entire_binding(),
+            w.hidden.as_entire_binding(),
+            gradients.as_entire_binding(),
+        ],
+    ));
+    groups.push(bind_resources(
+        device,
+        "expert_up_backward",
+        &k.expert_up_backward.layout,
+        vec![
+            s.params.as_entire_binding(),
+            view(&w.x_rows),
+            w.slot_token.as_entire_binding(),
+            w.expert_table.as_entire_binding(),
+            s.d_a.as_entire_binding(),
+            s.d_v.as_entire_binding(),
+            gradients.as_entire_binding(),
+        ],
+    ));
+    for shard in &weights.shards {
+        // W3's planes are 1-texel dummies when not gated: W1's stand in (never read).
+        let w3 = if k.gated { &shard.w3 } else { &shard.w1 };
+        groups.push(bind_resources(
+            device,
+            "expert_input_backward",
+            &matmuls.input_layout,
+            vec![
+                s.params.as_entire_binding(),
+                shard.params.as_entire_binding(),
+                w.expert_table.as_entire_binding(),
+                s.d_a.as_entire_binding(),
+                s.d_v.as_entire_binding(),
+                view(&shard.w1.quants),
+                view(&w3.quants),
+                s.d_x_slot.as_entire_binding(),
+            ],
+        ));
+    }
+    groups.extend([
+        k.expert_bias_backward.bind(
+            device,
+            &[
                 &s.params,
                 &s.dy,
-                &w.x,
                 &w.slot_token,
                 &w.expert_table,
                 &s.slot_scale,
-                parameters,
-                &s.d_a,
-                &s.d_v,
-            ],
-            grids.expert_hidden_backward,
-        ),
-        (
-            &k.expert_down_backward,
-            vec![
-                &s.params,
-                &s.dy,
-                &w.slot_token,
-                &w.expert_table,
-                &s.slot_scale,
-                &w.hidden,
-                gradients,
-            ],
-            grids.expert_down_backward,
-        ),
-        (
-            &k.expert_up_backward,
-            vec![
-                &s.params,
-                &w.x,
-                &w.slot_token,
-                &w.expert_table,
                 &s.d_a,
                 &s.d_v,
                 gradients,
             ],
-            grids.expert_up_backward,
         ),
-        (
-            &k.expert_input_backward,
-            vec![
-                &s.params,
-                &w.expert_table,
-                &s.d_a,
-                &s.d_v,
-                parameters,
-                &s.d_x_slot,
-            ],
-            grids.expert_input_backward,
-        ),
-        (
-            &k.router_backward,
-            vec![&s.params, &w.x, &s.d_logits, gradients],
-            grids.router_backward,
-        ),
-        (
-            &k.combine_backward,
-            vec![
+        k.router_backward
+            .bind(device, &[&s.params, &w.x, &s.d_logits, gradients]),
+        k.combine_backward.bind(
+            device,
+            &[
                 &s.params,
                 &s.dy,
                 &s.d_logits,
@@ -160,33 +285,7 @@ pub(crate) fn encode(
                 parameters,
                 &s.dx,
             ],
-            grids.combine_backward,
         ),
-    ];
-    // The bind groups are rebuilt only when the training forward needed a new workspace.
-    let fresh = s.bound.as_ref().is_some_and(|(id, _)| *id == workspace.id);
-    let rebound: Option<Vec<wgpu::BindGroup>> = (!fresh).then(|| {
-        steps
-            .iter()
-            .map(|(kernel, buffers, _)| kernel.bind(device, buffers))
-            .collect()
-    });
-    let dispatches: Vec<_> = steps
-        .iter()
-        .map(|(kernel, _, grid)| (&kernel.pipeline, *grid))
-        .collect();
-    if let Some(groups) = rebound {
-        scratch.bound = Some((workspace.id, groups));
-    }
-    let groups = scratch
-        .bound
-        .as_ref()
-        .map_or(&[][..], |(_, g)| g.as_slice());
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("moe backward"),
-        timestamp_writes: None,
-    });
-    for ((pipeline, grid), bind_group) in dispatches.into_iter().zip(groups) {
-        dispatch(&mut pass, pipeline, bind_group, grid);
-    }
+    ]);
+    groups
 }

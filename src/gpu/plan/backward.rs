@@ -1,5 +1,6 @@
 //! What a backward derives from its training forward's plan: the `Params` every backward
-//! kernel reads, and the grids of its seven dispatches. Pure arithmetic.
+//! kernel reads, the weight-gradient matmuls' tiling, and the grids of its dispatches.
+//! Pure arithmetic.
 
 use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
@@ -7,12 +8,13 @@ use crate::gpu::device::allocate::padded_to_vec4;
 use crate::gpu::device::encode::{div_ceil, grid_2d};
 use crate::gpu::kernels::params::BackwardParams;
 use crate::gpu::kernels::shaders::{MATMUL_BLOCK_ROWS, TRAINING_WORKGROUP};
+use crate::gpu::kernels::tiling::MatmulTiling;
 use crate::gpu::plan::forward::{ForwardPlan, Routing};
 use crate::gpu::plan::parameters::ParameterLayout;
 use crate::weights::LayerShape;
 
-// expert_hidden_backward and expert_input_backward take 4 slots of one row tile at a time:
-// every row tile must be a whole number of 4-slot blocks.
+// The per-slot matmuls take row quads of one row tile (so of one expert): every row tile
+// must be a whole number of quads.
 const _: () = {
     let mut i = 0;
     while i < MATMUL_BLOCK_ROWS.len() {
@@ -53,38 +55,70 @@ pub fn backward_params(
     params
 }
 
-/// The grids of the backward's seven dispatches, in dispatch order (see
-/// `passes::backward`): each kernel runs one invocation per output element (or per 4×4
-/// block of them), TRAINING_WORKGROUP to a workgroup.
+/// The weight-gradient matmuls' tiling for a layer of `shape` with matmul blocks `block`
+/// wide: their rows are D (dW2) or F (dW1, dW3), not slots, so the cost model sees whole
+/// rows, and its columns the other of D and F.
+pub fn weight_gradient_tiling(shape: LayerShape, block: u32) -> MatmulTiling {
+    let rows = shape.d_model.max(shape.d_ff) as f64;
+    MatmulTiling::for_shape(rows, shape.d_model, shape.d_ff, block, None, None)
+}
+
+/// The grids of the backward's direct dispatches (see `passes::backward`; the per-slot
+/// matmuls are indirect, with the training forward's arguments): each kernel but the
+/// matmuls runs one invocation per output element (or per 4×4 block of them),
+/// TRAINING_WORKGROUP to a workgroup; the weight-gradient matmuls one workgroup per
+/// output tile of each expert (x: column tiles, y: row tiles, z: experts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackwardGrids {
     pub gate_backward: (u32, u32),
-    pub expert_hidden_backward: (u32, u32),
-    pub expert_down_backward: (u32, u32),
-    pub expert_up_backward: (u32, u32),
-    pub expert_input_backward: (u32, u32),
+    /// stage_tokens on dy: the forward's route grid.
+    pub stage_dy: (u32, u32),
+    pub expert_down_backward: (u32, u32, u32),
+    pub expert_up_backward: (u32, u32, u32),
+    pub expert_bias_backward: (u32, u32),
     pub router_backward: (u32, u32),
     pub combine_backward: (u32, u32),
 }
 
 impl BackwardGrids {
-    /// The grids for the backward of `plan` on a device allowing `max_dim` workgroups per
-    /// dimension.
-    pub fn new(plan: &ForwardPlan, gated: bool, max_dim: u32) -> Result<Self> {
+    /// The grids for the backward of `plan` with weight-gradient tiles `tiling` on a
+    /// device allowing `max_dim` workgroups per dimension.
+    pub fn new(
+        plan: &ForwardPlan,
+        gated: bool,
+        tiling: MatmulTiling,
+        max_dim: u32,
+    ) -> Result<Self> {
         let LayerShape {
             num_experts: n,
             d_model: d,
             d_ff: f,
         } = plan.shape;
-        let (t, slots) = (plan.num_tokens, plan.max_slots());
+        let t = plan.num_tokens;
         let projections = if gated { 2 } else { 1 };
         let grid = |invocations| training_grid(invocations, max_dim);
+        let tiles = |rows: usize, cols: usize, experts: usize| {
+            let grid = (
+                div_ceil(cols, tiling.col_tile()),
+                div_ceil(rows, tiling.row_tile()),
+                experts,
+            );
+            let largest = grid.0.max(grid.1).max(grid.2);
+            if largest > max_dim as usize {
+                return Err(MoeError::DeviceLimit {
+                    limit: "max_compute_workgroups_per_dimension (weight-gradient tiles)",
+                    needed: largest as u64,
+                    allowed: max_dim as u64,
+                });
+            }
+            Ok((grid.0 as u32, grid.1 as u32, grid.2 as u32))
+        };
         Ok(BackwardGrids {
             gate_backward: grid(t)?,
-            expert_hidden_backward: grid(slots / 4 * f.div_ceil(4))?,
-            expert_down_backward: grid(n * d.div_ceil(4) * (f.div_ceil(4) + 1))?,
-            expert_up_backward: grid(projections * n * f.div_ceil(4) * (d.div_ceil(4) + 1))?,
-            expert_input_backward: grid(slots / 4 * d.div_ceil(4))?,
+            stage_dy: grid_2d(plan.num_route_blocks, max_dim)?,
+            expert_down_backward: tiles(d, f, n)?,
+            expert_up_backward: tiles(f, d, projections * n)?,
+            expert_bias_backward: grid(n * (2 * f + d))?,
             router_backward: grid(n.div_ceil(4) * (d.div_ceil(4) + 1))?,
             combine_backward: grid(t * d)?,
         })

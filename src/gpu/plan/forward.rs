@@ -5,6 +5,7 @@
 
 use crate::config::{DropPolicy, MoeConfig};
 use crate::error::{MoeError, Result};
+use crate::gpu::device::allocate::padded_to_vec4;
 use crate::gpu::device::encode::{div_ceil, grid_2d};
 use crate::gpu::kernels::params::{AssignParams, CombineParams, RouteParams, StatsParams};
 use crate::gpu::kernels::shaders::{
@@ -41,18 +42,22 @@ pub struct ForwardPlan {
     /// holds room for, so that a smaller batch (whose tiles may be shorter) never needs a
     /// larger table.
     pub max_tiles_any_tiling: usize,
+    /// Floats per slot of the pre-activations a trainable layer's forward keeps for the
+    /// backward (a, then v when gated, each F4 long); 0 when none are kept.
+    pub pre_activation_stride: usize,
 }
 
 impl ForwardPlan {
     /// The plan for `num_tokens` tokens with matmul blocks `block` wide; `row_lanes` and
-    /// `block_rows` force those of the matmul tiling.
+    /// `block_rows` force those of the matmul tiling; `keep_pre_activations` for a
+    /// trainable layer.
     pub fn new(
         config: &MoeConfig,
         shape: LayerShape,
         num_tokens: usize,
         block: u32,
-        row_lanes: Option<u32>,
-        block_rows: Option<u32>,
+        (row_lanes, block_rows): (Option<u32>, Option<u32>),
+        keep_pre_activations: bool,
     ) -> Result<Self> {
         let group_size = config.group_size_for(num_tokens)?;
         let num_groups = num_tokens / group_size;
@@ -103,6 +108,11 @@ impl ForwardPlan {
             tiling,
             max_tiles: tile_bound(tiling.row_tile()),
             max_tiles_any_tiling: tile_bound(shortest_row_tile),
+            pre_activation_stride: if keep_pre_activations {
+                padded_to_vec4(shape.d_ff) * if config.gated { 2 } else { 1 }
+            } else {
+                0
+            },
         })
     }
 

@@ -21,6 +21,8 @@ pub struct ScratchSizes {
     pub slots: usize,
     pub hidden: usize,
     pub expert_out: usize,
+    /// The pre-activations a trainable layer keeps (one float otherwise).
+    pub pre_activations: usize,
     pub readback: usize,
 }
 
@@ -46,6 +48,7 @@ impl ScratchSizes {
             slots: plan.max_slots(),
             hidden: (plan.max_slots() * padded_to_vec4(d_ff)).max(4),
             expert_out: plan.max_slots() * d_model,
+            pre_activations: (plan.max_slots() * plan.pre_activation_stride).max(1),
             readback: readback_len(plan),
         }
     }
@@ -64,6 +67,7 @@ impl ScratchSizes {
             slots: self.slots.max(other.slots),
             hidden: self.hidden.max(other.hidden),
             expert_out: self.expert_out.max(other.expert_out),
+            pre_activations: self.pre_activations.max(other.pre_activations),
             readback: self.readback.max(other.readback),
         }
     }
@@ -79,6 +83,7 @@ impl ScratchSizes {
             self.expert_table,
             self.hidden,
             self.expert_out,
+            self.pre_activations,
         ]
         .into_iter()
         .max()
@@ -99,6 +104,7 @@ impl ScratchSizes {
             + self.slots
             + self.hidden
             + self.expert_out
+            + self.pre_activations
             + self.readback;
         elements as u64 * 4
     }

@@ -1,20 +1,30 @@
-//! The backward's own buffers, sized for the largest batch seen: dy and dx, the per-token
-//! router gradients, and per slot the gate scale, dA (dV) and the input gradient; plus the
-//! bind groups of the seven dispatches over them and the training forward's workspace.
+//! The backward's own buffers, sized for the largest batch seen: dy (and its rows as a
+//! texture, as the matmuls read it) and dx, the per-token router gradients, and per slot
+//! the gate scale, dA (dV) and the input gradient; plus the bind groups of the backward's
+//! dispatches over them and the training forward's workspace.
 
-use crate::gpu::device::allocate::{staging_buffer, storage_buffer, uniform_buffer};
+use crate::gpu::device::allocate::{
+    padded_to_vec4, staging_buffer, storage_buffer, uniform_buffer,
+};
 use crate::gpu::kernels::params::BackwardParams;
+use crate::gpu::resources::scratch::x_rows_texture;
 use crate::weights::LayerShape;
 
 /// The backward's own buffers, sized for the largest batch seen.
 pub(crate) struct BackwardScratch {
     /// (tokens, slots) they hold room for.
     pub(crate) capacity: (usize, usize),
+    /// `[T, D]` in whole vec4s (stage_tokens reads it so).
     pub(crate) dy: wgpu::Buffer,
+    /// dy's rows as an rgba32float texture array laid out like the forward's x rows.
+    pub(crate) dy_rows: wgpu::TextureView,
+    /// stage_tokens' non-finite flag for dy (unread: a host dy is checked before).
+    pub(crate) dy_flags: wgpu::Buffer,
     pub(crate) dx: wgpu::Buffer,
     pub(crate) d_logits: wgpu::Buffer,
     pub(crate) slot_scale: wgpu::Buffer,
     pub(crate) pass_scale: wgpu::Buffer,
+    /// `[slots, F4]` (padding columns zero), and dV likewise when gated.
     pub(crate) d_a: wgpu::Buffer,
     pub(crate) d_v: wgpu::Buffer,
     pub(crate) d_x_slot: wgpu::Buffer,
@@ -22,8 +32,8 @@ pub(crate) struct BackwardScratch {
     pub(crate) prob_sum_grad: wgpu::Buffer,
     pub(crate) params: wgpu::Buffer,
     pub(crate) readback: wgpu::Buffer,
-    /// The seven bind groups and the id of the workspace they were built over (rebuilt
-    /// only when the training forward needed a new workspace).
+    /// The bind groups of the backward's dispatches and the id of the workspace they were
+    /// built over (rebuilt only when the training forward needed a new workspace).
     pub(crate) bound: Option<(usize, Vec<wgpu::BindGroup>)>,
 }
 
@@ -61,6 +71,7 @@ impl BackwardScratch {
             d_model: d,
             d_ff: f,
         } = shape;
+        let pre_floats = (slots * padded_to_vec4(f)).max(4);
         // COPY_SRC: a traced backward reads them back.
         let traced = wgpu::BufferUsages::COPY_SRC;
         let buffer = |label: &str, floats: usize, usage| {
@@ -68,13 +79,20 @@ impl BackwardScratch {
         };
         BackwardScratch {
             capacity: (tokens, slots),
-            dy: buffer("dy", tokens * d, wgpu::BufferUsages::COPY_DST),
+            dy: buffer(
+                "dy",
+                padded_to_vec4(tokens * d),
+                wgpu::BufferUsages::COPY_DST,
+            ),
+            dy_rows: x_rows_texture(device, d, tokens),
+            dy_flags: buffer("dy flags", 1, wgpu::BufferUsages::empty()),
             dx: buffer("dx", tokens * d, wgpu::BufferUsages::COPY_SRC),
             d_logits: buffer("d_logits", tokens * n, traced),
             slot_scale: buffer("slot_scale", slots, traced),
             pass_scale: buffer("pass_scale", tokens, traced),
-            d_a: buffer("d_a", slots * f, traced),
-            d_v: buffer("d_v", if gated { slots * f } else { 1 }, traced),
+            // Whole vec4s, at least one: the matmuls bind them as vec4 arrays.
+            d_a: buffer("d_a", pre_floats, traced),
+            d_v: buffer("d_v", if gated { pre_floats } else { 4 }, traced),
             d_x_slot: buffer("d_x_slot", slots * d, traced),
             prob_sum_grad: buffer("prob_sum_grad", n, wgpu::BufferUsages::COPY_DST),
             params: uniform_buffer(device, "backward params", &BackwardParams::default()),

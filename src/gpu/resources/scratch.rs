@@ -8,7 +8,11 @@ use crate::weights::LayerShape;
 /// x's rows as an rgba32float texture array (written by stage_tokens, read by route_tokens
 /// and expert_up): D4 / 4 texels per row, token t at row t % height of layer t / height,
 /// layers of at most max_texture_dimension_2d rows.
-fn x_rows_texture(device: &wgpu::Device, d_model: usize, tokens: usize) -> wgpu::TextureView {
+pub(crate) fn x_rows_texture(
+    device: &wgpu::Device,
+    d_model: usize,
+    tokens: usize,
+) -> wgpu::TextureView {
     let texels_per_row = padded_to_vec4(d_model) / 4;
     let height = tokens.clamp(1, device.limits().max_texture_dimension_2d.max(1) as usize);
     let layers = array_layers(tokens.div_ceil(height), texels_per_row, height);
@@ -47,6 +51,8 @@ pub struct Scratch {
     pub assignment_slot: wgpu::Buffer,
     pub hidden: wgpu::Buffer,
     pub expert_out: wgpu::Buffer,
+    /// The pre-activations of a trainable layer's forward (expert_up.wgsl).
+    pub pre_activations: wgpu::Buffer,
     pub y: wgpu::Buffer,
     pub router_stats: wgpu::Buffer,
     pub readback: wgpu::Buffer,
@@ -89,6 +95,7 @@ impl Scratch {
             assignment_slot: buffer("assignment_slot", sizes.assignments, copy_src),
             hidden: buffer("hidden", sizes.hidden, copy_src),
             expert_out: buffer("expert_out", sizes.expert_out, copy_src),
+            pre_activations: buffer("pre_activations", sizes.pre_activations, copy_src),
             y: buffer("y", sizes.x, copy_src),
             router_stats: buffer("router_stats", num_experts + 2, copy_src),
             readback: device.create_buffer(&wgpu::BufferDescriptor {

@@ -9,6 +9,7 @@ use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::gpu::device::allocate::storage_buffer;
 use crate::gpu::kernels::TrainingKernels;
+use crate::gpu::plan::backward::weight_gradient_tiling;
 use crate::gpu::plan::forward::{ForwardPlan, Routing};
 use crate::gpu::plan::parameters::ParameterLayout;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
@@ -58,7 +59,7 @@ impl Training {
         config: &MoeConfig,
         weights: &MoeWeights,
         on_device: &GpuWeights,
-        max_binding_bytes: u64,
+        (max_binding_bytes, matmul_block): (u64, u32),
     ) -> Result<Self> {
         let layout = ParameterLayout::new(weights)?;
         if layout.bytes() > max_binding_bytes {
@@ -75,7 +76,8 @@ impl Training {
             0,
             bytemuck::cast_slice(&layout.flatten(weights)),
         );
-        let kernels = TrainingKernels::new(device, config);
+        let tiling = weight_gradient_tiling(weights.shape, matmul_block);
+        let kernels = TrainingKernels::new(device, config, tiling);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let refresh =
             WeightRefresh::new(device, &kernels, &layout, &parameters, on_device, max_dim)?;

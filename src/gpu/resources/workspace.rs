@@ -187,6 +187,7 @@ impl Workspace {
                         .chain([
                             shard.up_bias.as_entire_binding(),
                             s.hidden.as_entire_binding(),
+                            s.pre_activations.as_entire_binding(),
                         ])
                         .collect(),
                     )
