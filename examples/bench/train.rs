@@ -8,10 +8,13 @@
 //! tensors already on the device, timed on the wall clock from encoding to the GPU being
 //! done, with nothing read back (the host `backward` would also read back every weight's
 //! gradient: N experts' for the MoE, one for the dense FFN). Every case runs dropless, so
-//! both do the same expert FLOPs. The four timings take turns, run by run.
+//! both do the same expert FLOPs. The four timings take turns, run by run. Then each kernel
+//! of the grouped step alone (`MoeLayer::profile_training`), with the GFLOP/s of the
+//! matmuls: the forward's two beside the backward's four.
 
 use std::time::Instant;
 
+use switch_moe::gpu::KernelTime;
 use switch_moe::rng::SeededRng;
 use switch_moe::{
     GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
@@ -35,6 +38,60 @@ pub struct TrainRecord {
     /// Bytes of the forward's and the backward's scratch (activation memory).
     scratch_bytes: u64,
     dispatches_per_backward: usize,
+    /// Each kernel of the grouped step alone: name, ms, GFLOP/s (matmuls only).
+    kernels: Vec<KernelRecord>,
+}
+
+/// One kernel of `MoeLayer::profile_training`.
+#[derive(serde::Serialize)]
+pub struct KernelRecord {
+    name: &'static str,
+    ms: f64,
+    /// 2·multiply-adds per second / 1e9; absent for the kernels that are not matmuls.
+    gflops: Option<f64>,
+}
+
+/// The grouped step's kernels, each the median of `runs` profiles (at least one).
+fn kernel_records(
+    layer: &MoeLayer,
+    (tokens, d_model): (usize, usize),
+    coefficients: LossCoefficients,
+    runs: usize,
+) -> Vec<KernelRecord> {
+    let x = SeededRng::new(11).normal_vec(tokens * d_model);
+    let dy = SeededRng::new(12).normal_vec(tokens * d_model);
+    let profiles: Vec<Vec<KernelTime>> = (0..runs.max(1))
+        .map(|_| {
+            layer
+                .profile_training(&x, &[tokens, d_model], &dy, coefficients)
+                .unwrap_or_else(|e| panic!("profiling: {e}"))
+        })
+        .collect();
+    (0..profiles[0].len())
+        .map(|i| {
+            let mut seconds: Vec<f64> = profiles.iter().map(|p| p[i].seconds).collect();
+            seconds.sort_by(f64::total_cmp);
+            let median = seconds[seconds.len() / 2];
+            let kernel = &profiles[0][i];
+            KernelRecord {
+                name: kernel.name,
+                ms: median * 1e3,
+                gflops: (kernel.multiply_adds > 0)
+                    .then(|| 2.0 * kernel.multiply_adds as f64 / median / 1e9),
+            }
+        })
+        .collect()
+}
+
+fn print_kernels(kernels: &[KernelRecord]) {
+    let line: Vec<String> = kernels
+        .iter()
+        .map(|k| match k.gflops {
+            Some(g) => format!("{} {:.1} ms {:.1} GFLOP/s", k.name, k.ms, g),
+            None => format!("{} {:.1} ms", k.name, k.ms),
+        })
+        .collect();
+    println!("        kernels: {}", line.join(" | "));
 }
 
 fn trainable(context: &GpuContext, config: &MoeConfig, weights: &MoeWeights) -> MoeLayer {
@@ -212,6 +269,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     dense_backward_ms: next(),
                     scratch_bytes: layer.scratch_bytes() + layer.training_scratch_bytes(),
                     dispatches_per_backward: layer.dispatches_per_backward(),
+                    kernels: kernel_records(&layer, (tokens, d_model), coefficients, args.runs),
                 };
                 let grouped = record.grouped_forward_ms + record.grouped_backward_ms;
                 let floor = record.dense_forward_ms + record.dense_backward_ms;
@@ -228,6 +286,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     grouped / floor,
                     record.scratch_bytes as f64 / (1 << 20) as f64
                 );
+                print_kernels(&record.kernels);
                 records.push(record);
             }
         }

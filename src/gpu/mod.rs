@@ -17,7 +17,7 @@ pub mod plan;
 pub mod resources;
 
 pub use device::context::{AdapterSummary, GpuContext};
-pub use layer::{BackwardTrace, ForwardTrace, LayerOptions, MoeLayer};
+pub use layer::{BackwardTrace, ForwardTrace, KernelTime, LayerOptions, MoeLayer};
 pub use plan::optimizer::{AdamWState, Optimizer};
 pub use plan::sizes::StatisticsLayout;
 

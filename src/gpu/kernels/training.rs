@@ -110,8 +110,8 @@ impl TrainingKernels {
         weight_gradient_tiling: MatmulTiling,
     ) -> Self {
         use Binding::{
-            Storage as Rw, StorageReadOnly as Ro, StorageTexture as St, TextureArray as Ta,
-            UintStorageTextureArray as Su, Uniform as U,
+            Storage as Rw, StorageReadOnly as Ro, StorageTexture as St, Texture as T,
+            TextureArray as Ta, UintStorageTextureArray as Su, Uniform as U,
         };
         let tiling = weight_gradient_tiling.constants();
         TrainingKernels {
@@ -136,13 +136,13 @@ impl TrainingKernels {
             expert_bias_backward: Kernel::new(
                 device,
                 shaders::EXPERT_BIAS_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw],
+                &[U, Ta, Ro, Ro, Ro, Ro, Ro, Rw],
             ),
             router_backward: Kernel::new(device, shaders::ROUTER_BACKWARD, &[U, Ro, Ro, Rw]),
             combine_backward: Kernel::new(
                 device,
                 shaders::COMBINE_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Ro, Ro, Rw],
+                &[U, Ro, Ro, Ro, Ro, Ro, T, Rw],
             ),
             optimizer_step: Kernel::new(device, shaders::OPTIMIZER_STEP, &[U, Rw, Ro, Rw, Rw]),
             refresh_expert_weights: Kernel::new(

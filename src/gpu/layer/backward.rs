@@ -4,6 +4,8 @@
 //! the intermediate buffers when traced, or dL/dw of the caller's weights after a
 //! pre-routed forward).
 
+use std::ops::Range;
+
 use crate::cpu_backward::{check_dy, check_prob_sum_grad, LossCoefficients};
 use crate::error::{MoeError, Result};
 use crate::gpu::device::allocate::{padded_to_vec4, staging_buffer};
@@ -12,7 +14,7 @@ use crate::gpu::device::readback::{copy_and_submit, read_mapped, split_words, Wa
 use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::layer::trace::BackwardTrace;
 use crate::gpu::passes;
-use crate::gpu::passes::backward::{BackwardInputs, BackwardKernels, ParameterBuffers};
+use crate::gpu::passes::backward::{BackwardInputs, BackwardKernels};
 use crate::gpu::plan::backward::{backward_params, BackwardGrids};
 use crate::gpu::plan::forward::Routing;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
@@ -25,7 +27,12 @@ pub(crate) enum DyFrom<'a> {
     Host(&'a [f32]),
     /// A caller's buffer (`COPY_SRC`, at least T·D floats), copied in the encoder.
     Buffer(&'a wgpu::Buffer),
+    /// The one the last backward left in the backward's scratch (profiling reruns).
+    Kept,
 }
+
+/// Every dispatch of a backward.
+pub(crate) const ALL_LAUNCHES: Range<usize> = 0..usize::MAX;
 
 /// What a host backward read back.
 pub(crate) struct BackwardRead {
@@ -117,6 +124,7 @@ impl MoeLayer {
                 &mut encoder,
                 (DyFrom::Host(dy), routing),
                 (route_prob_sum_grad, coefficients),
+                ALL_LAUNCHES,
             );
             let (scratch, values) = match recorded {
                 Ok(recorded) => recorded,
@@ -250,6 +258,7 @@ impl MoeLayer {
         encoder: &mut wgpu::CommandEncoder,
         (dy, routing): (DyFrom<'_>, Routing),
         (route_prob_sum_grad, coefficients): (Option<&[f32]>, LossCoefficients),
+        launches: Range<usize>,
     ) -> Result<(BackwardScratch, usize)> {
         let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
             message: match routing {
@@ -284,6 +293,13 @@ impl MoeLayer {
                     return Err(error);
                 }
             }
+            DyFrom::Kept => {
+                if state.scratch.is_none() {
+                    return Err(MoeError::Training {
+                        message: "no backward has run to keep its dy".to_string(),
+                    });
+                }
+            }
         }
         check_prob_sum_grad(route_prob_sum_grad, self.shape.num_experts)?;
         for (key, value) in [
@@ -315,15 +331,12 @@ impl MoeLayer {
                 None
             }
             DyFrom::Buffer(dy) => Some(dy),
+            DyFrom::Kept => None,
         };
         let inputs = BackwardInputs {
             params: &params,
             prob_sum_grad: route_prob_sum_grad.unwrap_or(&zeros),
             dy,
-        };
-        let flat = ParameterBuffers {
-            parameters: &training.parameters,
-            gradients: &training.gradients,
         };
         let kernels = BackwardKernels {
             forward: &self.kernels,
@@ -334,9 +347,10 @@ impl MoeLayer {
             (&self.device, kernels),
             (&record.workspace, &mut scratch),
             &self.weights,
-            flat,
+            &training.gradients,
             (&plan, &grids),
             inputs,
+            launches,
         );
         Ok((scratch, values))
     }
@@ -366,6 +380,7 @@ impl MoeLayer {
             encoder,
             (DyFrom::Buffer(dy), Routing::Router),
             (None, coefficients),
+            ALL_LAUNCHES,
         )?;
         encoder.copy_buffer_to_buffer(&scratch.dx, 0, dx, 0, (values * 4) as u64);
         state.scratch = Some(scratch);

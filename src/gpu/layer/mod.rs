@@ -8,8 +8,10 @@ mod experts;
 mod inference;
 mod moe_layer;
 mod optimizer;
+mod profile;
 mod trace;
 mod training;
 
 pub use moe_layer::{LayerOptions, MoeLayer};
+pub use profile::KernelTime;
 pub use trace::{BackwardTrace, ForwardTrace};

@@ -1,7 +1,7 @@
 //! The backward pass, a constant number of dispatches whatever the number of experts, each
 //! output element summed by one invocation in a fixed order (the same bits on every run),
-//! over the training forward's workspace, the backward's scratch, the forward's weight
-//! textures and the flat parameters; the four matmuls on the core of grouped_matmul.wgsl:
+//! over the training forward's workspace, the backward's scratch and the forward's weight
+//! textures, into the flat gradients; the four matmuls on the core of grouped_matmul.wgsl:
 //!
 //! 1. gate_backward: dL/dh of the router logits per token, the slots' gate scales
 //! 2. stage_tokens on dy: dy's rows as a texture, as the matmuls read them
@@ -15,6 +15,8 @@
 //!
 //! Semantics: SPEC "Backward"; the CPU reference is `cpu_backward::backward`.
 
+use std::ops::Range;
+
 use crate::gpu::device::encode::encode_writes;
 use crate::gpu::kernels::params::BackwardParams;
 use crate::gpu::kernels::{bind_resources, Kernels, TrainingKernels};
@@ -23,12 +25,6 @@ use crate::gpu::plan::forward::ForwardPlan;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
 use crate::gpu::resources::weights::GpuWeights;
 use crate::gpu::resources::workspace::Workspace;
-
-/// The flat parameters the backward reads and the gradients it writes.
-pub(crate) struct ParameterBuffers<'a> {
-    pub(crate) parameters: &'a wgpu::Buffer,
-    pub(crate) gradients: &'a wgpu::Buffer,
-}
 
 /// What a backward reads besides the training forward's workspace.
 pub(crate) struct BackwardInputs<'a> {
@@ -55,16 +51,19 @@ enum Launch {
 
 /// Records the backward of the training forward (of `plan`) in `workspace` into `encoder`:
 /// the `Params` and the route_prob_sum gradient inside the command stream, `dy`, then the
-/// dispatches. `dx` lands in `scratch.dx`, the weights' gradients in `gradients`.
+/// dispatches `launches` selects (all of them, `0..launch_names(shards).len()`, for a
+/// backward; one at a time to time them). `dx` lands in `scratch.dx`, the weights'
+/// gradients in `gradients`. Every dispatch overwrites what it writes, so any may run again.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode(
     encoder: &mut wgpu::CommandEncoder,
     (device, kernels): (&wgpu::Device, BackwardKernels<'_>),
     (workspace, scratch): (&Workspace, &mut BackwardScratch),
     weights: &GpuWeights,
-    flat: ParameterBuffers<'_>,
+    gradients: &wgpu::Buffer,
     (plan, grids): (&ForwardPlan, &BackwardGrids),
     inputs: BackwardInputs<'_>,
+    launches: Range<usize>,
 ) {
     encode_writes(
         device,
@@ -88,14 +87,14 @@ pub(crate) fn encode(
         .as_ref()
         .is_some_and(|(id, _)| *id == workspace.id);
     if !fresh {
-        let groups = bind_groups(device, &kernels, workspace, scratch, weights, &flat);
+        let groups = bind_groups(device, &kernels, workspace, scratch, weights, gradients);
         scratch.bound = Some((workspace.id, groups));
     }
     let k = kernels.training;
     let slot_matmuls = k.slot_matmuls.pipelines(device, plan.tiling);
     let planar = |(x, y): (u32, u32)| Launch::Direct((x, y, 1));
     let shards = weights.shards.len();
-    let mut launches: Vec<(&wgpu::ComputePipeline, Launch)> = vec![
+    let mut all: Vec<(&wgpu::ComputePipeline, Launch)> = vec![
         (&k.gate_backward.pipeline, planar(grids.gate_backward)),
         (
             &kernels.forward.stage_tokens.pipeline,
@@ -104,21 +103,21 @@ pub(crate) fn encode(
     ];
     for shard in 0..shards {
         let args = Launch::Indirect((shard * 24) as u64);
-        launches.push((&slot_matmuls.hidden, args));
+        all.push((&slot_matmuls.hidden, args));
     }
-    launches.push((
+    all.push((
         &k.expert_down_backward.pipeline,
         Launch::Direct(grids.expert_down_backward),
     ));
-    launches.push((
+    all.push((
         &k.expert_up_backward.pipeline,
         Launch::Direct(grids.expert_up_backward),
     ));
     for shard in 0..shards {
         let args = Launch::Indirect((shard * 24 + 12) as u64);
-        launches.push((&slot_matmuls.input, args));
+        all.push((&slot_matmuls.input, args));
     }
-    launches.extend([
+    all.extend([
         (
             &k.expert_bias_backward.pipeline,
             planar(grids.expert_bias_backward),
@@ -135,7 +134,8 @@ pub(crate) fn encode(
         label: Some("moe backward"),
         timestamp_writes: None,
     });
-    for ((pipeline, launch), bind_group) in launches.into_iter().zip(groups) {
+    let selected = all.into_iter().zip(groups).enumerate();
+    for (_, ((pipeline, launch), bind_group)) in selected.filter(|(i, _)| launches.contains(i)) {
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, bind_group, &[]);
         match launch {
@@ -145,6 +145,20 @@ pub(crate) fn encode(
     }
 }
 
+/// The kernels of the backward's dispatches, in order, for weights in `shards` shards.
+pub(crate) fn launch_names(shards: usize) -> Vec<&'static str> {
+    let mut names = vec!["gate_backward", "stage_tokens (dy)"];
+    names.extend(std::iter::repeat_n("expert_hidden_backward", shards));
+    names.extend(["expert_down_backward", "expert_up_backward"]);
+    names.extend(std::iter::repeat_n("expert_input_backward", shards));
+    names.extend([
+        "expert_bias_backward",
+        "router_backward",
+        "combine_backward",
+    ]);
+    names
+}
+
 /// The bind groups of the backward's dispatches, in their order (see the module docs).
 fn bind_groups(
     device: &wgpu::Device,
@@ -152,12 +166,11 @@ fn bind_groups(
     workspace: &Workspace,
     scratch: &BackwardScratch,
     weights: &GpuWeights,
-    flat: &ParameterBuffers<'_>,
+    gradients: &wgpu::Buffer,
 ) -> Vec<wgpu::BindGroup> {
     let k = kernels.training;
     let w = &workspace.scratch;
     let s = scratch;
-    let (parameters, gradients) = (flat.parameters, flat.gradients);
     let view = wgpu::BindingResource::TextureView;
     let mut groups = vec![
         k.gate_backward.bind(
@@ -257,35 +270,39 @@ fn bind_groups(
             ],
         ));
     }
-    groups.extend([
-        k.expert_bias_backward.bind(
-            device,
-            &[
-                &s.params,
-                &s.dy,
-                &w.slot_token,
-                &w.expert_table,
-                &s.slot_scale,
-                &s.d_a,
-                &s.d_v,
-                gradients,
-            ],
-        ),
+    groups.push(bind_resources(
+        device,
+        "expert_bias_backward",
+        &k.expert_bias_backward.layout,
+        vec![
+            s.params.as_entire_binding(),
+            view(&s.dy_rows),
+            w.slot_token.as_entire_binding(),
+            w.expert_table.as_entire_binding(),
+            s.slot_scale.as_entire_binding(),
+            s.d_a.as_entire_binding(),
+            s.d_v.as_entire_binding(),
+            gradients.as_entire_binding(),
+        ],
+    ));
+    groups.push(
         k.router_backward
             .bind(device, &[&s.params, &w.x, &s.d_logits, gradients]),
-        k.combine_backward.bind(
-            device,
-            &[
-                &s.params,
-                &s.dy,
-                &s.d_logits,
-                &w.assignment_slot,
-                &s.d_x_slot,
-                &s.pass_scale,
-                parameters,
-                &s.dx,
-            ],
-        ),
-    ]);
+    );
+    groups.push(bind_resources(
+        device,
+        "combine_backward",
+        &k.combine_backward.layout,
+        vec![
+            s.params.as_entire_binding(),
+            s.dy.as_entire_binding(),
+            s.d_logits.as_entire_binding(),
+            w.assignment_slot.as_entire_binding(),
+            s.d_x_slot.as_entire_binding(),
+            s.pass_scale.as_entire_binding(),
+            view(&weights.router),
+            s.dx.as_entire_binding(),
+        ],
+    ));
     groups
 }

@@ -59,22 +59,68 @@ pub(crate) fn encode(
     }
     let scatter = &k.scatter_assignments.pipeline;
     dispatch(&mut pass, scatter, &w.scatter_assignments, grids.assign);
-    // Row tiles per shard are known only on the device: the scan wrote the arguments,
-    // one (x, y, z) triple per shard for each projection.
-    let args = &w.scratch.dispatch_args;
-    let matmuls = k.expert_matmuls.pipelines(device, plan.tiling);
-    for (shard, bind_group) in w.expert_up.iter().enumerate() {
-        pass.set_pipeline(&matmuls.up);
-        pass.set_bind_group(0, bind_group, &[]);
-        pass.dispatch_workgroups_indirect(args, (shard * 24) as u64);
-    }
-    for (shard, bind_group) in w.expert_down.iter().enumerate() {
-        pass.set_pipeline(&matmuls.down);
-        pass.set_bind_group(0, bind_group, &[]);
-        pass.dispatch_workgroups_indirect(args, (shard * 24 + 12) as u64);
+    for projection in [Projection::Up, Projection::Down] {
+        dispatch_matmuls(&mut pass, (device, kernels), workspace, plan, projection);
     }
     let combine = &k.combine_outputs.pipeline;
     dispatch(&mut pass, combine, &w.combine_outputs, grids.combine);
+}
+
+/// One of the two expert matmuls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Projection {
+    Up,
+    Down,
+}
+
+/// The dispatches of one expert matmul, one per weight shard. Row tiles per shard are known
+/// only on the device: the scan wrote the arguments, one (x, y, z) triple per shard for
+/// each projection.
+fn dispatch_matmuls(
+    pass: &mut wgpu::ComputePass<'_>,
+    (device, kernels): (&wgpu::Device, &Kernels),
+    workspace: &Workspace,
+    plan: &ForwardPlan,
+    projection: Projection,
+) {
+    let args = &workspace.scratch.dispatch_args;
+    let matmuls = kernels.expert_matmuls.pipelines(device, plan.tiling);
+    let (pipeline, groups, at) = match projection {
+        Projection::Up => (&matmuls.up, &workspace.expert_up, 0),
+        Projection::Down => (&matmuls.down, &workspace.expert_down, 12),
+    };
+    for (shard, bind_group) in groups.iter().enumerate() {
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, bind_group, &[]);
+        pass.dispatch_workgroups_indirect(args, (shard * 24 + at) as u64);
+    }
+}
+
+/// Records `projection`'s matmul over one weight shard alone, in a workspace whose forward
+/// has run (to time it: it overwrites what it writes from the same inputs).
+pub(crate) fn encode_matmul_shard(
+    encoder: &mut wgpu::CommandEncoder,
+    (device, kernels): (&wgpu::Device, &Kernels),
+    workspace: &Workspace,
+    plan: &ForwardPlan,
+    (projection, shard): (Projection, usize),
+) {
+    let args = &workspace.scratch.dispatch_args;
+    let matmuls = kernels.expert_matmuls.pipelines(device, plan.tiling);
+    let (pipeline, groups, at) = match projection {
+        Projection::Up => (&matmuls.up, &workspace.expert_up, 0),
+        Projection::Down => (&matmuls.down, &workspace.expert_down, 12),
+    };
+    let Some(bind_group) = groups.get(shard) else {
+        return;
+    };
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("moe expert matmul"),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(pipeline);
+    pass.set_bind_group(0, bind_group, &[]);
+    pass.dispatch_workgroups_indirect(args, (shard * 24 + at) as u64);
 }
 
 /// The caller's buffers of an encoded forward: `x` read, `y` and, if given, every

@@ -118,9 +118,9 @@ impl BackwardGrids {
             stage_dy: grid_2d(plan.num_route_blocks, max_dim)?,
             expert_down_backward: tiles(d, f, n)?,
             expert_up_backward: tiles(f, d, projections * n)?,
-            expert_bias_backward: grid(n * (2 * f + d))?,
+            expert_bias_backward: grid(n * (2 * f.div_ceil(4) + d.div_ceil(4)))?,
             router_backward: grid(n.div_ceil(4) * (d.div_ceil(4) + 1))?,
-            combine_backward: grid(t * d)?,
+            combine_backward: grid(t * d.div_ceil(4))?,
         })
     }
 }
