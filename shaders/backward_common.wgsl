@@ -3,12 +3,13 @@
 // the invocation index of their 2-D grids. See src/gpu/passes/backward.rs for the order of the
 // dispatches and cpu_backward.rs for the sums they compute.
 //
-// The layer's trainable tensors live in ONE f32 buffer `parameters` (and their gradients in
-// `gradients`, laid out alike): router.weight [N, D] at router_weight_at, router.bias [N],
-// w1 [N, F, D], b1 [N, F], w2 [N, D, F], b2 [N, D], w3 [N, F, D], b3 [N, F] at their `_at`
-// offsets (in floats); an absent tensor's offset is ABSENT. Every gradient element is
-// written by one invocation that sums its terms in a fixed order: no atomics, the same
-// bits on every run.
+// The layer's trainable tensors (and their gradients, laid out alike) live in one f32
+// buffer for the router — router.weight [N, D] at router_weight_at, router.bias [N] at
+// router_bias_at — and one per weight shard for its experts: w1 [n, F, D], b1 [n, F],
+// w2 [n, D, F], b2 [n, D], w3 [n, F, D], b3 [n, F] of the shard's n experts at the `_at`
+// offsets of its ShardParams (in floats); an absent tensor's offset is ABSENT. Every
+// gradient element is written by one invocation that sums its terms in a fixed order: no
+// atomics, the same bits on every run.
 
 struct BackwardParams {
     num_tokens: u32,
@@ -27,16 +28,25 @@ struct BackwardParams {
     z_coef: f32,
     router_weight_at: u32,
     router_bias_at: u32,
+    // 1: the training forward was forward_experts (the caller's routes and weights, no
+    // router): gate_backward writes dL/dw, and the router's terms are left out.
+    pre_routed: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+// A weight shard's experts in its parameter (gradient) buffer: the first and how many, and
+// where each tensor starts (floats; ABSENT when the layer has none).
+struct ShardParams {
+    first_expert: u32,
+    num_experts: u32,
     w1_at: u32,
     b1_at: u32,
     w2_at: u32,
     b2_at: u32,
     w3_at: u32,
     b3_at: u32,
-    // 1: the training forward was forward_experts (the caller's routes and weights, no
-    // router): gate_backward writes dL/dw, and the router's terms are left out.
-    pre_routed: u32,
-    _pad: u32,
 }
 
 const ABSENT: u32 = 0xffffffffu;

@@ -3,11 +3,12 @@
 //   db1[e, f] = Σ dA[slot, f],   db3[e, f] = Σ dV[slot, f] (gated),   db2[e, d] = Σ s·dy[t, d]
 // CPU twin: cpu_backward_kernels::expert_bias_backward.
 //
-// Dispatch: one invocation per expert and 4 bias elements (b1's F4 / 4 quads, b3's, then
-// b2's D4 / 4), workgroups of 64 in 2-D; absent biases return at once.
+// Dispatch: once per weight shard, one invocation per expert of the shard and 4 bias
+// elements (b1's F4 / 4 quads, b3's, then b2's D4 / 4), workgroups of 64 in 2-D; absent
+// biases return at once.
 // Bindings: 0 params, 1 dy_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
 // 3 expert_table, 4 slot_scale [slots], 5 d_a [slots, F4] as vec4s, 6 d_v [slots, F4] (gated),
-// 7 gradients.
+// 7 shard (its ShardParams), 8 the shard's gradients.
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var dy_rows: texture_2d_array<f32>;
@@ -16,7 +17,8 @@
 @group(0) @binding(4) var<storage, read> slot_scale: array<f32>;
 @group(0) @binding(5) var<storage, read> d_a: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> d_v: array<vec4<f32>>;
-@group(0) @binding(7) var<storage, read_write> gradients: array<f32>;
+@group(0) @binding(7) var<uniform> shard: ShardParams;
+@group(0) @binding(8) var<storage, read_write> gradients: array<f32>;
 
 // Writes the first `count` components of `sum` at `at`.
 fn store4(at: u32, sum: vec4<f32>, count: u32) {
@@ -38,17 +40,18 @@ fn main(
     let f_quads = params.hidden_stride / 4u;
     let d_quads = (d_model + 3u) / 4u;
     let per_expert = 2u * f_quads + d_quads;
-    if (index >= n * per_expert) {
+    if (index >= shard.num_experts * per_expert) {
         return;
     }
-    let e = index / per_expert;
+    let local = index / per_expert;
+    let e = shard.first_expert + local;
     let quad = index % per_expert;
     let first = expert_table[2u * n + e] * params.row_tile;
     let rows = expert_table[n + e];
     var sum = vec4(0.0);
     if (quad < 2u * f_quads) {
         let of_b3 = quad >= f_quads;
-        let bias_at = select(params.b1_at, params.b3_at, of_b3);
+        let bias_at = select(shard.b1_at, shard.b3_at, of_b3);
         if (bias_at == ABSENT) {
             return;
         }
@@ -61,10 +64,10 @@ fn main(
                 sum += d_a[at];
             }
         }
-        store4(bias_at + e * d_ff + 4u * q, sum, d_ff - 4u * q);
+        store4(bias_at + local * d_ff + 4u * q, sum, d_ff - 4u * q);
         return;
     }
-    if (params.b2_at == ABSENT) {
+    if (shard.b2_at == ABSENT) {
         return;
     }
     let q = quad - 2u * f_quads;
@@ -74,5 +77,5 @@ fn main(
         let token = slot_token[slot];
         sum += slot_scale[slot] * textureLoad(dy_rows, vec2(q, token % height), token / height, 0);
     }
-    store4(params.b2_at + e * d_model + 4u * q, sum, d_model - 4u * q);
+    store4(shard.b2_at + local * d_model + 4u * q, sum, d_model - 4u * q);
 }

@@ -6,10 +6,12 @@
 // expert's slots in slot order: the same bits on every run. db2 is expert_bias_backward's.
 // CPU twin: cpu_backward_kernels::expert_down_backward.
 //
-// Dispatch: x = column tiles of F, y = row tiles of D, z = experts; the tiling is the
-// layer's weight-gradient one. Slots past the expert's kept ones are masked to zero.
+// Dispatch: once per weight shard, x = column tiles of F, y = row tiles of D, z = the
+// shard's experts; the tiling is the layer's weight-gradient one. Slots past the expert's
+// kept ones are masked to zero.
 // Bindings: 0 params, 1 dy_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
-// 3 expert_table, 4 slot_scale [slots], 5 hidden [slots, F4] as vec4s, 6 gradients.
+// 3 expert_table, 4 slot_scale [slots], 5 hidden [slots, F4] as vec4s, 6 shard (its
+// ShardParams), 7 the shard's gradients.
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var dy_rows: texture_2d_array<f32>;
@@ -17,9 +19,11 @@
 @group(0) @binding(3) var<storage, read> expert_table: array<u32>;
 @group(0) @binding(4) var<storage, read> slot_scale: array<f32>;
 @group(0) @binding(5) var<storage, read> hidden: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> gradients: array<f32>;
+@group(0) @binding(6) var<uniform> shard: ShardParams;
+@group(0) @binding(7) var<storage, read_write> gradients: array<f32>;
 
 var<private> expert: u32;
+var<private> local_expert: u32;
 var<private> first_slot: u32;
 var<private> slots_end: u32;
 var<private> block_row0: u32;
@@ -76,7 +80,7 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
         for (var c = 0u; c < 4u; c++) {
             let f = block_col0 + 4u * col_quad + c;
             if (f < d_ff) {
-                gradients[params.w2_at + (expert * d_model + d) * d_ff + f] = value[c][r];
+                gradients[shard.w2_at + (local_expert * d_model + d) * d_ff + f] = value[c][r];
             }
         }
     }
@@ -88,7 +92,8 @@ fn main(
     @builtin(local_invocation_index) lane: u32,
 ) {
     let n = params.num_experts;
-    expert = workgroup_id.z;
+    local_expert = workgroup_id.z;
+    expert = shard.first_expert + local_expert;
     first_slot = expert_table[2u * n + expert] * params.row_tile;
     let kept = expert_table[n + expert];
     slots_end = first_slot + kept;

@@ -6,12 +6,12 @@
 // in slot order: the same bits on every run. db1 and db3 are expert_bias_backward's. CPU
 // twin: cpu_backward_kernels::expert_up_backward.
 //
-// Dispatch: x = column tiles of D, y = row tiles of F, z = experts (then experts again for
-// W3 when gated); the tiling is the layer's weight-gradient one. Slots past the expert's
-// kept ones are masked to zero.
+// Dispatch: once per weight shard, x = column tiles of D, y = row tiles of F, z = the
+// shard's experts (then its experts again for W3 when gated); the tiling is the layer's
+// weight-gradient one. Slots past the expert's kept ones are masked to zero.
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4] (the training forward's),
 // 2 slot_token [slots], 3 expert_table, 4 d_a [slots, F4] as vec4s, 5 d_v [slots, F4]
-// (gated), 6 gradients.
+// (gated), 6 shard (its ShardParams), 7 the shard's gradients.
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;
@@ -19,9 +19,11 @@
 @group(0) @binding(3) var<storage, read> expert_table: array<u32>;
 @group(0) @binding(4) var<storage, read> d_a: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> d_v: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> gradients: array<f32>;
+@group(0) @binding(6) var<uniform> shard: ShardParams;
+@group(0) @binding(7) var<storage, read_write> gradients: array<f32>;
 
 var<private> expert: u32;
+var<private> local_expert: u32;
 var<private> of_w3: bool;
 var<private> first_slot: u32;
 var<private> slots_end: u32;
@@ -71,7 +73,7 @@ fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
 fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
     let d_model = params.d_model;
     let d_ff = params.d_ff;
-    let matrix_at = select(params.w1_at, params.w3_at, of_w3);
+    let matrix_at = select(shard.w1_at, shard.w3_at, of_w3);
     for (var r = 0u; r < 4u; r++) {
         let f = block_row0 + 4u * row_quad + r;
         if (f >= d_ff) {
@@ -80,7 +82,7 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
         for (var c = 0u; c < 4u; c++) {
             let d = block_col0 + 4u * col_quad + c;
             if (d < d_model) {
-                gradients[matrix_at + (expert * d_ff + f) * d_model + d] = value[c][r];
+                gradients[matrix_at + (local_expert * d_ff + f) * d_model + d] = value[c][r];
             }
         }
     }
@@ -92,8 +94,9 @@ fn main(
     @builtin(local_invocation_index) lane: u32,
 ) {
     let n = params.num_experts;
-    expert = workgroup_id.z % n;
-    of_w3 = workgroup_id.z >= n;
+    local_expert = workgroup_id.z % shard.num_experts;
+    expert = shard.first_expert + local_expert;
+    of_w3 = workgroup_id.z >= shard.num_experts;
     first_slot = expert_table[2u * n + expert] * params.row_tile;
     let kept = expert_table[n + expert];
     slots_end = first_slot + kept;

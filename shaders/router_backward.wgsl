@@ -7,7 +7,8 @@
 // of each expert block holds the 4 biases), workgroups of 64 in 2-D. A block keeps its 16
 // sums in registers and loads 8 values per token for them (one per output, unblocked).
 // Loads past a tensor's edge feed only sums that are not written.
-// Bindings: 0 params, 1 x [T, D], 2 d_logits [T, N], 3 gradients.
+// Bindings: 0 params, 1 x [T, D], 2 d_logits [T, N], 3 the router's gradients (weight,
+// then bias: backward_common.wgsl).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;

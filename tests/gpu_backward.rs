@@ -557,3 +557,50 @@ fn set_weights_replaces_a_trainable_layers_weights_in_place() {
     let no_biases = MoeWeights::random(shape(4, 10, 6), true, false, 105);
     assert!(layer.set_weights(&no_biases).is_err());
 }
+
+#[test]
+fn training_over_several_weight_shards_equals_one_shard_bit_for_bit() {
+    // Uneven shards (2 + 2 + 1 experts), each with its own parameter, gradient and moment
+    // buffers: the same sums in the same order as one shard, so the same bits.
+    let context = gpu();
+    let config = MoeConfig {
+        gated: true,
+        activation: Activation::Silu,
+        normalize_top_k: true,
+        ..common::config(2)
+    };
+    let weights = MoeWeights::random(shape(5, 10, 14), true, true, 61);
+    let x = tokens(29, 10, 61);
+    let dy = SeededRng::new(62).normal_vec(x.len());
+    let coefficients = LossCoefficients {
+        aux: 0.01,
+        z: 0.002,
+    };
+    let train = |max_experts_per_shard: Option<usize>| {
+        let options = LayerOptions {
+            trainable: true,
+            max_experts_per_shard,
+            ..LayerOptions::default()
+        };
+        let layer = MoeLayer::with_options(&context, config.clone(), &weights, options).unwrap();
+        let mut gradients = Vec::new();
+        for _ in 0..3 {
+            layer.forward_train(&x, &[29, 10]).unwrap();
+            gradients.push(layer.backward(&dy, coefficients).unwrap());
+            layer.step(&Optimizer::adam_w(0.02)).unwrap();
+        }
+        let shards = layer.num_weight_shards();
+        let state = layer.adam_w_state().unwrap();
+        (shards, gradients, layer.trained_weights().unwrap(), state)
+    };
+    let (one, gradients, trained, state) = train(None);
+    let (three, sharded_gradients, sharded_trained, sharded_state) = train(Some(2));
+    assert_eq!((one, three), (1, 3));
+    assert_eq!(gradients, sharded_gradients, "gradients");
+    assert_eq!(trained, sharded_trained, "trained weights");
+    assert_eq!(state, sharded_state, "AdamW state");
+    // And the first backward equals the reference.
+    let cpu = cpu_backward::backward(&config, &weights, &x, &[29, 10], &dy, coefficients).unwrap();
+    let depth = 10 + 14 + 29 * 2 + 5;
+    assert_gradients_close("three shards", &sharded_gradients[0], &cpu, depth);
+}

@@ -68,8 +68,8 @@ pub struct StatsParams {
     pub _pad: u32,
 }
 
-/// `BackwardParams` of every backward kernel (backward_common.wgsl). Offsets are in floats
-/// into the flat parameter and gradient buffers, `u32::MAX` for an absent tensor.
+/// `BackwardParams` of every backward kernel (backward_common.wgsl). The router's offsets
+/// are in floats into its parameter (gradient) buffer, `u32::MAX` for an absent bias.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
 pub struct BackwardParams {
@@ -89,15 +89,25 @@ pub struct BackwardParams {
     pub z_coef: f32,
     pub router_weight_at: u32,
     pub router_bias_at: u32,
+    /// 1 after `forward_experts_train`: no router in the graph (see gate_backward.wgsl).
+    pub pre_routed: u32,
+    pub _pad: [u32; 3],
+}
+
+/// `ShardParams` of the backward's weight-gradient kernels (backward_common.wgsl): a weight
+/// shard's experts and where each tensor starts in its parameter buffer (floats,
+/// `u32::MAX` when absent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ShardParams {
+    pub first_expert: u32,
+    pub num_experts: u32,
     pub w1_at: u32,
     pub b1_at: u32,
     pub w2_at: u32,
     pub b2_at: u32,
     pub w3_at: u32,
     pub b3_at: u32,
-    /// 1 after `forward_experts_train`: no router in the graph (see gate_backward.wgsl).
-    pub pre_routed: u32,
-    pub _pad: u32,
 }
 
 /// `OptimizerParams` of optimizer_step.wgsl.

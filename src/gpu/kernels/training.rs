@@ -124,19 +124,19 @@ impl TrainingKernels {
             expert_down_backward: Kernel::with_constants(
                 device,
                 shaders::EXPERT_DOWN_BACKWARD,
-                &[U, Ta, Ro, Ro, Ro, Ro, Rw],
+                &[U, Ta, Ro, Ro, Ro, Ro, U, Rw],
                 &tiling,
             ),
             expert_up_backward: Kernel::with_constants(
                 device,
                 shaders::EXPERT_UP_BACKWARD,
-                &[U, Ta, Ro, Ro, Ro, Ro, Rw],
+                &[U, Ta, Ro, Ro, Ro, Ro, U, Rw],
                 &tiling,
             ),
             expert_bias_backward: Kernel::new(
                 device,
                 shaders::EXPERT_BIAS_BACKWARD,
-                &[U, Ta, Ro, Ro, Ro, Ro, Ro, Rw],
+                &[U, Ta, Ro, Ro, Ro, Ro, Ro, U, Rw],
             ),
             router_backward: Kernel::new(device, shaders::ROUTER_BACKWARD, &[U, Ro, Ro, Rw]),
             combine_backward: Kernel::new(

@@ -107,7 +107,7 @@ impl MoeLayer {
         wait: Wait,
     ) -> Result<BackwardRead> {
         let training = self.training()?;
-        let words = training.layout.total;
+        let gradient_floats = training.shards.buffer_floats();
         // The lock is held while encoding, not while the GPU works: the submitted commands
         // keep their buffers.
         let (scratch, staging, validation, plan, lengths, total) = {
@@ -133,7 +133,13 @@ impl MoeLayer {
                     return Err(error);
                 }
             };
-            let mut sources = vec![(&scratch.dx, values), (&training.gradients, words)];
+            let mut sources = vec![(&scratch.dx, values)];
+            sources.extend(
+                training
+                    .gradients
+                    .iter()
+                    .zip(gradient_floats.iter().copied()),
+            );
             let record = state.record.as_ref();
             let plan = record.map(|r| r.plan);
             if let (true, Some(record), Some(plan)) = (with_trace, record, plan) {
@@ -182,15 +188,21 @@ impl MoeLayer {
             });
         }
         let read = read?;
-        let parts = split_words(&read, &lengths);
+        let all_parts = split_words(&read, &lengths);
         let floats = |words: &[u32]| words.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
-        let gradients = training
-            .layout
-            .gradients(&floats(parts[1]), floats(parts[0]));
+        // dx, each gradient buffer, then what the trace (or a pre-routed backward) reads.
+        let buffers = gradient_floats.len();
+        let gradient_buffers: Vec<Vec<f32>> = all_parts[1..1 + buffers]
+            .iter()
+            .map(|p| floats(p))
+            .collect();
+        let flat = training.shards.join(&gradient_buffers);
+        let gradients = training.layout().gradients(&flat, floats(all_parts[0]));
+        let parts = &all_parts[1 + buffers..];
         let top_k_weights = match (routing, plan) {
             (Routing::PreRouted, Some(plan)) => Some(
                 // d_logits: the trace's, or the one part after dx and the gradients.
-                floats(parts[if with_trace { 8 } else { 2 }])
+                floats(parts[if with_trace { 6 } else { 0 }])
                     .chunks(self.shape.num_experts)
                     .flat_map(|row| row[..plan.top_k].to_vec())
                     .collect(),
@@ -218,21 +230,21 @@ impl MoeLayer {
         };
         let trace = match (with_trace, plan) {
             (true, Some(plan)) => Some(BackwardTrace {
-                logits: floats(parts[2]),
-                assignment_slot: parts[3].to_vec(),
-                slot_token: parts[4].to_vec(),
-                expert_table: parts[5].to_vec(),
+                logits: floats(parts[0]),
+                assignment_slot: parts[1].to_vec(),
+                slot_token: parts[2].to_vec(),
+                expert_table: parts[3].to_vec(),
                 row_tile: plan.tiling.row_tile(),
-                hidden: unpadded(parts[6]),
-                expert_out: floats(parts[7]),
-                d_logits: floats(parts[8]),
-                slot_scale: floats(parts[9]),
-                pass_scale: floats(parts[10]),
-                d_a: unpadded(parts[11]),
-                d_v: self.config.gated.then(|| unpadded(parts[12])),
-                d_x_slot: floats(parts[13]),
-                pre_activations: pre_activations(parts[14], 0),
-                pre_gates: self.config.gated.then(|| pre_activations(parts[14], 1)),
+                hidden: unpadded(parts[4]),
+                expert_out: floats(parts[5]),
+                d_logits: floats(parts[6]),
+                slot_scale: floats(parts[7]),
+                pass_scale: floats(parts[8]),
+                d_a: unpadded(parts[9]),
+                d_v: self.config.gated.then(|| unpadded(parts[10])),
+                d_x_slot: floats(parts[11]),
+                pre_activations: pre_activations(parts[12], 0),
+                pre_gates: self.config.gated.then(|| pre_activations(parts[12], 1)),
             }),
             _ => None,
         };
@@ -314,15 +326,16 @@ impl MoeLayer {
         let gated = self.config.gated;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let tiling = training.kernels.weight_gradient_tiling;
-        let grids = BackwardGrids::new(&plan, gated, tiling, max_dim)?;
+        let shard_experts: Vec<usize> = self.weights.shards.iter().map(|s| s.num_experts).collect();
+        let grids = BackwardGrids::new(&plan, (gated, &shard_experts), tiling, max_dim)?;
         let mut scratch = BackwardScratch::fitted(
             state.scratch.take(),
             &self.device,
             (self.shape, gated),
             (plan.num_tokens, plan.max_slots()),
-            training.layout.total,
+            training.layout().total,
         );
-        let params = backward_params(&plan, gated, routing, coefficients, &training.layout);
+        let params = backward_params(&plan, gated, routing, coefficients, &training.shards);
         let zeros = vec![0.0f32; self.shape.num_experts];
         let dy = match dy {
             DyFrom::Host(dy) => {
@@ -347,7 +360,7 @@ impl MoeLayer {
             (&self.device, kernels),
             (&record.workspace, &mut scratch),
             &self.weights,
-            &training.gradients,
+            (&training.gradients, &training.shard_params),
             (&plan, &grids),
             inputs,
             launches,

@@ -17,6 +17,8 @@ use crate::gpu::kernels::shaders::{
 };
 use crate::gpu::kernels::Kernels;
 use crate::gpu::plan::forward::ForwardPlan;
+use crate::gpu::plan::parameter_shards::ParameterShards;
+use crate::gpu::plan::parameters::ParameterLayout;
 use crate::gpu::plan::sizes::ScratchSizes;
 use crate::gpu::resources::training::Training;
 use crate::gpu::resources::weights::GpuWeights;
@@ -195,6 +197,22 @@ impl MoeLayer {
         let max_binding_bytes = options
             .max_activation_binding_bytes
             .map_or(device_binding, |cap| cap.min(device_binding));
+        // A trainable layer keeps each weight shard's parameters (and gradients, and
+        // AdamW's moments) in one binding: shards hold no more experts than fit.
+        let mut max_experts_per_shard = options.max_experts_per_shard;
+        if options.trainable {
+            let layout = ParameterLayout::new(weights)?;
+            let expert_bytes = ParameterShards::expert_floats(&layout) as u64 * 4;
+            if expert_bytes > device_binding {
+                return Err(MoeError::DeviceLimit {
+                    limit: "max_storage_buffer_binding_size (one expert's trainable parameters)",
+                    needed: expert_bytes,
+                    allowed: device_binding,
+                });
+            }
+            let fitting = (device_binding / expert_bytes.max(1)) as usize;
+            max_experts_per_shard = Some(max_experts_per_shard.map_or(fitting, |m| m.min(fitting)));
+        }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let weight_formats = [
             weights.w1.format,
@@ -210,7 +228,7 @@ impl MoeLayer {
             queue,
             weights,
             device_binding,
-            options.max_experts_per_shard,
+            max_experts_per_shard,
             options.trainable,
         )?;
         let training = if options.trainable {

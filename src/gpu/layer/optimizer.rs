@@ -66,38 +66,40 @@ impl MoeLayer {
                 message: "an optimizer step needs a backward first".to_string(),
             });
         }
-        let count = training.layout.total;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let grid = grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim)?;
+        let counts = training.shards.buffer_floats();
+        let grids = counts
+            .iter()
+            .map(|&count| grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim))
+            .collect::<Result<Vec<_>>>()?;
         // AdamW keeps two moments per parameter; SGD none (4-byte stand-ins for the
         // bindings). Switching to AdamW starts its moments and step count afresh.
-        let floats = match optimizer {
-            Optimizer::AdamW { .. } => count,
-            Optimizer::Sgd { .. } => 1,
+        let floats: Vec<usize> = match optimizer {
+            Optimizer::AdamW { .. } => counts.clone(),
+            Optimizer::Sgd { .. } => vec![1; counts.len()],
         };
-        if state
-            .optimizer
-            .as_ref()
-            .is_some_and(|m| m.first_moments.size() < floats as u64 * 4)
-        {
+        if state.optimizer.as_ref().is_some_and(|m| {
+            m.buffers
+                .iter()
+                .zip(&floats)
+                .any(|(b, &floats)| b.first_moments.size() < floats as u64 * 4)
+        }) {
             state.optimizer = None;
         }
         let device = (&self.device, &self.queue);
         let moments = state
             .optimizer
-            .get_or_insert_with(|| OptimizerState::new(device, training.step_targets(), floats));
+            .get_or_insert_with(|| OptimizerState::new(device, training.step_targets(), &floats));
         if matches!(optimizer, Optimizer::AdamW { .. }) {
             moments.adam_w_steps += 1;
         }
-        let params = optimizer.kernel_params(moments.adam_w_steps, count);
+        let params: Vec<_> = counts
+            .iter()
+            .map(|&count| optimizer.kernel_params(moments.adam_w_steps, count))
+            .collect();
         let step_kernel = (&self.device, &training.kernels.optimizer_step);
-        passes::optimizer::encode(encoder, step_kernel, moments, &params, grid);
-        passes::refresh::encode(
-            encoder,
-            &training.kernels,
-            &training.refresh,
-            &training.parameters,
-        );
+        passes::optimizer::encode(encoder, step_kernel, moments, &params, &grids);
+        passes::refresh::encode(encoder, &training.kernels, &training.refresh);
         Ok(())
     }
 
@@ -114,21 +116,28 @@ impl MoeLayer {
 
     async fn adam_w_state_with(&self, wait: Wait) -> Result<Option<AdamWState>> {
         let training = self.training()?;
-        let (first, second, steps) = {
+        let (moments, steps) = {
             let state = self.training_state()?;
             match state.optimizer.as_ref() {
                 Some(m) if m.adam_w_steps > 0 => (
-                    m.first_moments.clone(),
-                    m.second_moments.clone(),
+                    m.buffers
+                        .iter()
+                        .map(|b| (b.first_moments.clone(), b.second_moments.clone()))
+                        .collect::<Vec<_>>(),
                     m.adam_w_steps,
                 ),
                 _ => return Ok(None),
             }
         };
-        let total = training.layout.total;
+        let counts = training.shards.buffer_floats();
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        for ((first_buffer, second_buffer), &count) in moments.iter().zip(&counts) {
+            first.push(read_floats(&self.device, &self.queue, first_buffer, count, wait).await?);
+            second.push(read_floats(&self.device, &self.queue, second_buffer, count, wait).await?);
+        }
         Ok(Some(AdamWState {
-            first_moments: read_floats(&self.device, &self.queue, &first, total, wait).await?,
-            second_moments: read_floats(&self.device, &self.queue, &second, total, wait).await?,
+            first_moments: training.shards.join(&first),
+            second_moments: training.shards.join(&second),
             steps,
         }))
     }
@@ -136,7 +145,7 @@ impl MoeLayer {
     /// Resumes AdamW from a saved state: the next AdamW step continues it exactly.
     pub fn set_adam_w_state(&self, saved: &AdamWState) -> Result<()> {
         let training = self.training()?;
-        let total = training.layout.total;
+        let total = training.layout().total;
         for (name, moments) in [
             ("first_moments", &saved.first_moments),
             ("second_moments", &saved.second_moments),
@@ -150,10 +159,11 @@ impl MoeLayer {
                 });
             }
         }
-        let moments = (&saved.first_moments[..], &saved.second_moments[..]);
+        let first = training.shards.split(&saved.first_moments);
+        let second = training.shards.split(&saved.second_moments);
         let device = (&self.device, &self.queue);
         let targets = training.step_targets();
-        let state = OptimizerState::with_moments(device, targets, moments, saved.steps);
+        let state = OptimizerState::with_moments(device, targets, (&first, &second), saved.steps);
         self.training_state()?.optimizer = Some(state);
         Ok(())
     }
@@ -165,31 +175,23 @@ impl MoeLayer {
         let training = self.training()?;
         weights.check()?;
         let layout = ParameterLayout::new(weights)?;
-        if layout != training.layout {
+        let held = training.layout();
+        if layout != *held {
             return Err(MoeError::tensor(
                 "weights",
                 format!(
                     "{:?} with {} parameters, but the layer holds {:?} with {}",
-                    layout.shape, layout.total, training.layout.shape, training.layout.total
+                    layout.shape, layout.total, held.shape, held.total
                 ),
             ));
         }
-        self.queue.write_buffer(
-            &training.parameters,
-            0,
-            bytemuck::cast_slice(&layout.flatten(weights)),
-        );
+        training.write_parameters(&self.queue, &layout.flatten(weights));
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("set weights"),
             });
-        passes::refresh::encode(
-            &mut encoder,
-            &training.kernels,
-            &training.refresh,
-            &training.parameters,
-        );
+        passes::refresh::encode(&mut encoder, &training.kernels, &training.refresh);
         self.queue.submit([encoder.finish()]);
         Ok(())
     }
@@ -207,9 +209,14 @@ impl MoeLayer {
 
     async fn trained_weights_with(&self, wait: Wait) -> Result<MoeWeights> {
         let training = self.training()?;
-        let total = training.layout.total;
-        let flat =
-            read_floats(&self.device, &self.queue, &training.parameters, total, wait).await?;
-        Ok(training.layout.weights(&flat))
+        let mut buffers = Vec::with_capacity(training.parameters.len());
+        for (buffer, count) in training
+            .parameters
+            .iter()
+            .zip(training.shards.buffer_floats())
+        {
+            buffers.push(read_floats(&self.device, &self.queue, buffer, count, wait).await?);
+        }
+        Ok(training.layout().weights(&training.shards.join(&buffers)))
     }
 }

@@ -61,7 +61,6 @@ impl MoeLayer {
                 output.kept[experts].iter().map(|&k| k as u64).sum()
             })
             .collect();
-        let all_rows: u64 = shard_rows.iter().sum();
         let time = |record: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<()>| {
             let mut encoder = self
                 .device
@@ -108,20 +107,14 @@ impl MoeLayer {
             }
         }
         let names = passes::backward::launch_names(self.weights.shards.len());
-        let mut hidden_shard = 0;
-        let mut input_shard = 0;
+        // The matmuls and the bias sums run once per weight shard, in shard order.
+        let mut seen = std::collections::BTreeMap::<&str, usize>::new();
         for (index, name) in names.into_iter().enumerate() {
+            let shard = *seen.entry(name).and_modify(|n| *n += 1).or_insert(0);
+            let rows = shard_rows.get(shard).copied().unwrap_or(0);
             let multiply_adds = match name {
-                "expert_hidden_backward" => {
-                    hidden_shard += 1;
-                    shard_rows[hidden_shard - 1] * d * f
-                }
-                "expert_input_backward" => {
-                    input_shard += 1;
-                    shard_rows[input_shard - 1] * d * f * projections
-                }
-                "expert_down_backward" => all_rows * d * f,
-                "expert_up_backward" => all_rows * d * f * projections,
+                "expert_hidden_backward" | "expert_down_backward" => rows * d * f,
+                "expert_input_backward" | "expert_up_backward" => rows * d * f * projections,
                 _ => 0,
             };
             let mut recorded = None;

@@ -37,10 +37,10 @@ impl MoeLayer {
     }
 
     /// Dispatches of one backward, whatever the number of experts: gate, the staging of
-    /// dy, the two weight-gradient matmuls, the biases, the router and the combine, and
-    /// the two per-slot matmuls once per weight shard.
+    /// dy, the router and the combine, and once per weight shard the two per-slot
+    /// matmuls, the two weight-gradient ones and the bias sums.
     pub fn dispatches_per_backward(&self) -> usize {
-        7 + 2 * self.weights.shards.len()
+        4 + 5 * self.weights.shards.len()
     }
 
     /// A forward that keeps what the backward needs (the layer keeps the last one; the

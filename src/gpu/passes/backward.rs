@@ -1,17 +1,20 @@
 //! The backward pass, a constant number of dispatches whatever the number of experts, each
 //! output element summed by one invocation in a fixed order (the same bits on every run),
 //! over the training forward's workspace, the backward's scratch and the forward's weight
-//! textures, into the flat gradients; the four matmuls on the core of grouped_matmul.wgsl:
+//! textures, into the gradient buffers; the four matmuls on the core of grouped_matmul.wgsl:
 //!
 //! 1. gate_backward: dL/dh of the router logits per token, the slots' gate scales
 //! 2. stage_tokens on dy: dy's rows as a texture, as the matmuls read them
-//! 3. expert_hidden_backward (per weight shard): dA (and dV) per kept slot, dy·W2
+//! 3. expert_hidden_backward: dA (and dV) per kept slot, dy·W2
 //! 4. expert_down_backward: dW2 over each expert's own rows
 //! 5. expert_up_backward: dW1 (dW3) over each expert's own rows
-//! 6. expert_input_backward (per weight shard): each slot's input gradient, dA·W1 (+ dV·W3)
+//! 6. expert_input_backward: each slot's input gradient, dA·W1 (+ dV·W3)
 //! 7. expert_bias_backward: db1, db2 (db3) over each expert's own rows
 //! 8. router_backward: dWr, dbr over the tokens
 //! 9. combine_backward: dx gathered per token
+//!
+//! Steps 3 to 7 run once per weight shard: 3 and 6 read the shard's weight textures, 4, 5
+//! and 7 write the shard's gradient buffer.
 //!
 //! Semantics: SPEC "Backward"; the CPU reference is `cpu_backward::backward`.
 
@@ -60,7 +63,7 @@ pub(crate) fn encode(
     (device, kernels): (&wgpu::Device, BackwardKernels<'_>),
     (workspace, scratch): (&Workspace, &mut BackwardScratch),
     weights: &GpuWeights,
-    gradients: &wgpu::Buffer,
+    (gradients, shard_params): (&[wgpu::Buffer], &[wgpu::Buffer]),
     (plan, grids): (&ForwardPlan, &BackwardGrids),
     inputs: BackwardInputs<'_>,
     launches: Range<usize>,
@@ -87,7 +90,15 @@ pub(crate) fn encode(
         .as_ref()
         .is_some_and(|(id, _)| *id == workspace.id);
     if !fresh {
-        let groups = bind_groups(device, &kernels, workspace, scratch, weights, gradients);
+        let shard_gradients = (gradients, shard_params);
+        let groups = bind_groups(
+            device,
+            &kernels,
+            workspace,
+            scratch,
+            weights,
+            shard_gradients,
+        );
         scratch.bound = Some((workspace.id, groups));
     }
     let k = kernels.training;
@@ -105,23 +116,20 @@ pub(crate) fn encode(
         let args = Launch::Indirect((shard * 24) as u64);
         all.push((&slot_matmuls.hidden, args));
     }
-    all.push((
-        &k.expert_down_backward.pipeline,
-        Launch::Direct(grids.expert_down_backward),
-    ));
-    all.push((
-        &k.expert_up_backward.pipeline,
-        Launch::Direct(grids.expert_up_backward),
-    ));
+    for &grid in &grids.expert_down_backward {
+        all.push((&k.expert_down_backward.pipeline, Launch::Direct(grid)));
+    }
+    for &grid in &grids.expert_up_backward {
+        all.push((&k.expert_up_backward.pipeline, Launch::Direct(grid)));
+    }
     for shard in 0..shards {
         let args = Launch::Indirect((shard * 24 + 12) as u64);
         all.push((&slot_matmuls.input, args));
     }
+    for &grid in &grids.expert_bias_backward {
+        all.push((&k.expert_bias_backward.pipeline, planar(grid)));
+    }
     all.extend([
-        (
-            &k.expert_bias_backward.pipeline,
-            planar(grids.expert_bias_backward),
-        ),
         (&k.router_backward.pipeline, planar(grids.router_backward)),
         (&k.combine_backward.pipeline, planar(grids.combine_backward)),
     ]);
@@ -148,14 +156,16 @@ pub(crate) fn encode(
 /// The kernels of the backward's dispatches, in order, for weights in `shards` shards.
 pub(crate) fn launch_names(shards: usize) -> Vec<&'static str> {
     let mut names = vec!["gate_backward", "stage_tokens (dy)"];
-    names.extend(std::iter::repeat_n("expert_hidden_backward", shards));
-    names.extend(["expert_down_backward", "expert_up_backward"]);
-    names.extend(std::iter::repeat_n("expert_input_backward", shards));
-    names.extend([
+    for name in [
+        "expert_hidden_backward",
+        "expert_down_backward",
+        "expert_up_backward",
+        "expert_input_backward",
         "expert_bias_backward",
-        "router_backward",
-        "combine_backward",
-    ]);
+    ] {
+        names.extend(std::iter::repeat_n(name, shards));
+    }
+    names.extend(["router_backward", "combine_backward"]);
     names
 }
 
@@ -166,7 +176,7 @@ fn bind_groups(
     workspace: &Workspace,
     scratch: &BackwardScratch,
     weights: &GpuWeights,
-    gradients: &wgpu::Buffer,
+    (gradients, shard_params): (&[wgpu::Buffer], &[wgpu::Buffer]),
 ) -> Vec<wgpu::BindGroup> {
     let k = kernels.training;
     let w = &workspace.scratch;
@@ -223,34 +233,42 @@ fn bind_groups(
             ],
         ));
     }
-    groups.push(bind_resources(
-        device,
-        "expert_down_backward",
-        &k.expert_down_backward.layout,
-        vec![
-            s.params.as_entire_binding(),
-            view(&s.dy_rows),
-            w.slot_token.as_entire_binding(),
-            w.expert_table.as_entire_binding(),
-            s.slot_scale.as_entire_binding(),
-            w.hidden.as_entire_binding(),
-            gradients.as_entire_binding(),
-        ],
-    ));
-    groups.push(bind_resources(
-        device,
-        "expert_up_backward",
-        &k.expert_up_backward.layout,
-        vec![
-            s.params.as_entire_binding(),
-            view(&w.x_rows),
-            w.slot_token.as_entire_binding(),
-            w.expert_table.as_entire_binding(),
-            s.d_a.as_entire_binding(),
-            s.d_v.as_entire_binding(),
-            gradients.as_entire_binding(),
-        ],
-    ));
+    // Shard s's experts write their gradients into buffer 1 + s (buffer 0 is the router's).
+    let expert_gradients = || gradients[1..].iter().zip(shard_params);
+    for (shard_gradients, shard) in expert_gradients() {
+        groups.push(bind_resources(
+            device,
+            "expert_down_backward",
+            &k.expert_down_backward.layout,
+            vec![
+                s.params.as_entire_binding(),
+                view(&s.dy_rows),
+                w.slot_token.as_entire_binding(),
+                w.expert_table.as_entire_binding(),
+                s.slot_scale.as_entire_binding(),
+                w.hidden.as_entire_binding(),
+                shard.as_entire_binding(),
+                shard_gradients.as_entire_binding(),
+            ],
+        ));
+    }
+    for (shard_gradients, shard) in expert_gradients() {
+        groups.push(bind_resources(
+            device,
+            "expert_up_backward",
+            &k.expert_up_backward.layout,
+            vec![
+                s.params.as_entire_binding(),
+                view(&w.x_rows),
+                w.slot_token.as_entire_binding(),
+                w.expert_table.as_entire_binding(),
+                s.d_a.as_entire_binding(),
+                s.d_v.as_entire_binding(),
+                shard.as_entire_binding(),
+                shard_gradients.as_entire_binding(),
+            ],
+        ));
+    }
     for shard in &weights.shards {
         // W3's planes are 1-texel dummies when not gated: W1's stand in (never read).
         let w3 = if k.gated { &shard.w3 } else { &shard.w1 };
@@ -270,24 +288,27 @@ fn bind_groups(
             ],
         ));
     }
-    groups.push(bind_resources(
-        device,
-        "expert_bias_backward",
-        &k.expert_bias_backward.layout,
-        vec![
-            s.params.as_entire_binding(),
-            view(&s.dy_rows),
-            w.slot_token.as_entire_binding(),
-            w.expert_table.as_entire_binding(),
-            s.slot_scale.as_entire_binding(),
-            s.d_a.as_entire_binding(),
-            s.d_v.as_entire_binding(),
-            gradients.as_entire_binding(),
-        ],
-    ));
+    for (shard_gradients, shard) in expert_gradients() {
+        groups.push(bind_resources(
+            device,
+            "expert_bias_backward",
+            &k.expert_bias_backward.layout,
+            vec![
+                s.params.as_entire_binding(),
+                view(&s.dy_rows),
+                w.slot_token.as_entire_binding(),
+                w.expert_table.as_entire_binding(),
+                s.slot_scale.as_entire_binding(),
+                s.d_a.as_entire_binding(),
+                s.d_v.as_entire_binding(),
+                shard.as_entire_binding(),
+                shard_gradients.as_entire_binding(),
+            ],
+        ));
+    }
     groups.push(
         k.router_backward
-            .bind(device, &[&s.params, &w.x, &s.d_logits, gradients]),
+            .bind(device, &[&s.params, &w.x, &s.d_logits, &gradients[0]]),
     );
     groups.push(bind_resources(
         device,

@@ -6,12 +6,11 @@ use crate::gpu::device::encode::dispatch;
 use crate::gpu::kernels::TrainingKernels;
 use crate::gpu::resources::weight_refresh::WeightRefresh;
 
-/// Records `refresh` from `parameters` into `encoder`.
+/// Records `refresh` (which holds the parameter buffers it reads) into `encoder`.
 pub(crate) fn encode(
     encoder: &mut wgpu::CommandEncoder,
     kernels: &TrainingKernels,
     refresh: &WeightRefresh,
-    parameters: &wgpu::Buffer,
 ) {
     {
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -26,7 +25,7 @@ pub(crate) fn encode(
     let bytes = |floats: usize| (floats * 4) as u64;
     for copy in &refresh.bias_copies {
         encoder.copy_buffer_to_buffer(
-            parameters,
+            &copy.source,
             bytes(copy.from),
             &copy.buffer,
             bytes(copy.to),

@@ -10,7 +10,7 @@ use crate::gpu::kernels::params::BackwardParams;
 use crate::gpu::kernels::shaders::{MATMUL_BLOCK_ROWS, TRAINING_WORKGROUP};
 use crate::gpu::kernels::tiling::MatmulTiling;
 use crate::gpu::plan::forward::{ForwardPlan, Routing};
-use crate::gpu::plan::parameters::ParameterLayout;
+use crate::gpu::plan::parameter_shards::ParameterShards;
 use crate::weights::LayerShape;
 
 // The per-slot matmuls take row quads of one row tile (so of one expert): every row tile
@@ -24,16 +24,16 @@ const _: () = {
 };
 
 /// The `BackwardParams` of the backward of `plan` (a forward of `routing`) for a layer of
-/// `gated` experts whose parameters are laid out as `layout`.
+/// `gated` experts whose parameters sit on the device as `shards`.
 pub fn backward_params(
     plan: &ForwardPlan,
     gated: bool,
     routing: Routing,
     coefficients: LossCoefficients,
-    layout: &ParameterLayout,
+    shards: &ParameterShards,
 ) -> BackwardParams {
     let shape = plan.shape;
-    let mut params = BackwardParams {
+    BackwardParams {
         num_tokens: plan.num_tokens as u32,
         d_model: shape.d_model as u32,
         d_ff: shape.d_ff as u32,
@@ -48,11 +48,11 @@ pub fn backward_params(
         hidden_stride: padded_to_vec4(shape.d_ff) as u32,
         aux_coef: coefficients.aux,
         z_coef: coefficients.z,
+        router_weight_at: 0,
+        router_bias_at: shards.router_bias_at(),
         pre_routed: (routing == Routing::PreRouted) as u32,
         ..Default::default()
-    };
-    layout.kernel_offsets(&mut params);
-    params
+    }
 }
 
 /// The weight-gradient matmuls' tiling for a layer of `shape` with matmul blocks `block`
@@ -67,25 +67,28 @@ pub fn weight_gradient_tiling(shape: LayerShape, block: u32) -> MatmulTiling {
 /// matmuls are indirect, with the training forward's arguments): each kernel but the
 /// matmuls runs one invocation per output element (or per 4×4 block of them),
 /// TRAINING_WORKGROUP to a workgroup; the weight-gradient matmuls one workgroup per
-/// output tile of each expert (x: column tiles, y: row tiles, z: experts).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// output tile of each expert (x: column tiles, y: row tiles, z: the shard's experts). The
+/// kernels that write the experts' gradients run once per weight shard (its gradient
+/// buffer): one grid per shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackwardGrids {
     pub gate_backward: (u32, u32),
     /// stage_tokens on dy: the forward's route grid.
     pub stage_dy: (u32, u32),
-    pub expert_down_backward: (u32, u32, u32),
-    pub expert_up_backward: (u32, u32, u32),
-    pub expert_bias_backward: (u32, u32),
+    pub expert_down_backward: Vec<(u32, u32, u32)>,
+    pub expert_up_backward: Vec<(u32, u32, u32)>,
+    pub expert_bias_backward: Vec<(u32, u32)>,
     pub router_backward: (u32, u32),
     pub combine_backward: (u32, u32),
 }
 
 impl BackwardGrids {
-    /// The grids for the backward of `plan` with weight-gradient tiles `tiling` on a
-    /// device allowing `max_dim` workgroups per dimension.
+    /// The grids for the backward of `plan` with weight-gradient tiles `tiling`, weight
+    /// shards of `shard_experts` experts each, on a device allowing `max_dim` workgroups
+    /// per dimension.
     pub fn new(
         plan: &ForwardPlan,
-        gated: bool,
+        (gated, shard_experts): (bool, &[usize]),
         tiling: MatmulTiling,
         max_dim: u32,
     ) -> Result<Self> {
@@ -95,6 +98,7 @@ impl BackwardGrids {
             d_ff: f,
         } = plan.shape;
         let t = plan.num_tokens;
+        debug_assert_eq!(shard_experts.iter().sum::<usize>(), n);
         let projections = if gated { 2 } else { 1 };
         let grid = |invocations| training_grid(invocations, max_dim);
         let tiles = |rows: usize, cols: usize, experts: usize| {
@@ -116,9 +120,18 @@ impl BackwardGrids {
         Ok(BackwardGrids {
             gate_backward: grid(t)?,
             stage_dy: grid_2d(plan.num_route_blocks, max_dim)?,
-            expert_down_backward: tiles(d, f, n)?,
-            expert_up_backward: tiles(f, d, projections * n)?,
-            expert_bias_backward: grid(n * (2 * f.div_ceil(4) + d.div_ceil(4)))?,
+            expert_down_backward: shard_experts
+                .iter()
+                .map(|&count| tiles(d, f, count))
+                .collect::<Result<_>>()?,
+            expert_up_backward: shard_experts
+                .iter()
+                .map(|&count| tiles(f, d, projections * count))
+                .collect::<Result<_>>()?,
+            expert_bias_backward: shard_experts
+                .iter()
+                .map(|&count| grid(count * (2 * f.div_ceil(4) + d.div_ceil(4))))
+                .collect::<Result<_>>()?,
             router_backward: grid(n.div_ceil(4) * (d.div_ceil(4) + 1))?,
             combine_backward: grid(t * d.div_ceil(4))?,
         })

@@ -5,6 +5,7 @@
 pub mod backward;
 pub mod forward;
 pub mod optimizer;
+pub mod parameter_shards;
 pub mod parameters;
 pub mod sizes;
 pub mod tiling;
@@ -14,5 +15,6 @@ pub use crate::gpu::kernels::tiling::MatmulTiling;
 pub use backward::{backward_params, weight_gradient_tiling, BackwardGrids};
 pub use forward::{ForwardGrids, ForwardPlan, KernelParams, Routing};
 pub use optimizer::{AdamWState, Optimizer};
+pub use parameter_shards::{ExpertOffsets, ParameterShard, ParameterShards};
 pub use parameters::ParameterLayout;
 pub use sizes::{readback_len, ScratchSizes, StatisticsLayout};

@@ -1,11 +1,11 @@
-//! A trainable layer's tensors as ONE flat f32 layout, which its parameters, gradients and
-//! the optimizer's moments share on the device: one binding for every backward kernel, one
-//! dispatch for an optimizer step, one copy to read the gradients back. `ParameterLayout`
-//! is where each tensor starts, and the conversions between it and the host's tensors.
+//! A trainable layer's tensors as one flat f32 layout on the host, in the native names'
+//! order, which its gradients, its weights and AdamW's saved state follow:
+//! `ParameterLayout` is where each tensor starts, and the conversions between it and the
+//! host's tensors. On the device the same values sit in one buffer per weight shard
+//! (`parameter_shards`).
 
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
-use crate::gpu::kernels::params::BackwardParams;
 use crate::gradients::Gradients;
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -24,11 +24,6 @@ pub struct ParameterLayout {
     pub b3: Option<usize>,
     /// Floats in all.
     pub total: usize,
-}
-
-/// The offset the kernels take for a tensor (`u32::MAX` when absent).
-fn kernel_offset(at: Option<usize>) -> u32 {
-    at.map_or(u32::MAX, |at| at as u32)
 }
 
 impl ParameterLayout {
@@ -144,17 +139,5 @@ impl ParameterLayout {
             w3: self.w3.map(|at| matrices(at, f, d)),
             b3: part(self.b3, n * f),
         }
-    }
-
-    /// The offsets of `BackwardParams`.
-    pub(crate) fn kernel_offsets(&self, params: &mut BackwardParams) {
-        params.router_weight_at = self.router_weight as u32;
-        params.router_bias_at = kernel_offset(self.router_bias);
-        params.w1_at = self.w1 as u32;
-        params.b1_at = kernel_offset(self.b1);
-        params.w2_at = self.w2 as u32;
-        params.b2_at = kernel_offset(self.b2);
-        params.w3_at = kernel_offset(self.w3);
-        params.b3_at = kernel_offset(self.b3);
     }
 }

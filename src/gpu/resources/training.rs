@@ -7,10 +7,11 @@ use std::sync::Mutex;
 
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
-use crate::gpu::device::allocate::storage_buffer;
+use crate::gpu::device::allocate::{storage_buffer, uniform_buffer};
 use crate::gpu::kernels::TrainingKernels;
 use crate::gpu::plan::backward::weight_gradient_tiling;
 use crate::gpu::plan::forward::{ForwardPlan, Routing};
+use crate::gpu::plan::parameter_shards::ParameterShards;
 use crate::gpu::plan::parameters::ParameterLayout;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
 use crate::gpu::resources::optimizer_state::{OptimizerState, StepTargets};
@@ -22,11 +23,15 @@ use crate::weights::MoeWeights;
 /// What a trainable layer holds besides the forward's state.
 pub(crate) struct Training {
     pub(crate) kernels: TrainingKernels,
-    pub(crate) layout: ParameterLayout,
-    /// Every trainable tensor, flat (see plan::parameters).
-    pub(crate) parameters: wgpu::Buffer,
+    /// How the parameters sit in `parameters` (and alike in `gradients`), and the host's
+    /// flat layout.
+    pub(crate) shards: ParameterShards,
+    /// Every trainable tensor: the router's buffer, then each weight shard's.
+    pub(crate) parameters: Vec<wgpu::Buffer>,
     /// Their gradients from the last backward, laid out alike.
-    pub(crate) gradients: wgpu::Buffer,
+    pub(crate) gradients: Vec<wgpu::Buffer>,
+    /// Each weight shard's `ShardParams`, for the weight-gradient kernels.
+    pub(crate) shard_params: Vec<wgpu::Buffer>,
     /// What a step records to rewrite the forward's operands from `parameters`.
     pub(crate) refresh: WeightRefresh,
     pub(crate) state: Mutex<TrainingState>,
@@ -62,38 +67,76 @@ impl Training {
         (max_binding_bytes, matmul_block): (u64, u32),
     ) -> Result<Self> {
         let layout = ParameterLayout::new(weights)?;
-        if layout.bytes() > max_binding_bytes {
-            return Err(MoeError::DeviceLimit {
-                limit: "max_storage_buffer_binding_size (the trainable parameters)",
-                needed: layout.bytes(),
-                allowed: max_binding_bytes,
-            });
+        let experts: Vec<(usize, usize)> = on_device
+            .shards
+            .iter()
+            .map(|shard| (shard.first_expert, shard.num_experts))
+            .collect();
+        let shards = ParameterShards::new(layout, &experts);
+        // The weight shards were cut so that each shard's parameters fit one binding.
+        for (buffer, floats) in shards.buffer_floats().into_iter().enumerate() {
+            let bytes = floats as u64 * 4;
+            if bytes > max_binding_bytes || floats >= u32::MAX as usize {
+                return Err(MoeError::DeviceLimit {
+                    limit: if buffer == 0 {
+                        "max_storage_buffer_binding_size (the router's trainable parameters)"
+                    } else {
+                        "max_storage_buffer_binding_size (one weight shard's trainable parameters)"
+                    },
+                    needed: bytes,
+                    allowed: max_binding_bytes.min(u32::MAX as u64 - 1),
+                });
+            }
         }
         let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let parameters = storage_buffer(device, "parameters", layout.bytes(), usage);
-        queue.write_buffer(
-            &parameters,
-            0,
-            bytemuck::cast_slice(&layout.flatten(weights)),
-        );
+        let buffers = |label: &str| -> Vec<wgpu::Buffer> {
+            shards
+                .buffer_floats()
+                .into_iter()
+                .map(|floats| storage_buffer(device, label, floats as u64 * 4, usage))
+                .collect()
+        };
+        let parameters = buffers("parameters");
+        for (buffer, values) in parameters
+            .iter()
+            .zip(shards.split(&layout.flatten(weights)))
+        {
+            queue.write_buffer(buffer, 0, bytemuck::cast_slice(&values));
+        }
+        let shard_params = shards
+            .kernel_params()
+            .iter()
+            .map(|params| uniform_buffer(device, "shard params", params))
+            .collect();
         let tiling = weight_gradient_tiling(weights.shape, matmul_block);
         let kernels = TrainingKernels::new(device, config, tiling);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let refresh =
-            WeightRefresh::new(device, &kernels, &layout, &parameters, on_device, max_dim)?;
+            WeightRefresh::new(device, &kernels, (&shards, &parameters), on_device, max_dim)?;
         Ok(Training {
             kernels,
-            layout,
+            gradients: buffers("gradients"),
+            shards,
             parameters,
-            gradients: storage_buffer(device, "gradients", layout.bytes(), usage),
+            shard_params,
             refresh,
             state: Mutex::new(TrainingState::default()),
         })
     }
-}
 
-impl Training {
-    /// What optimizer_step updates and reads, for its bind group.
+    /// The host's flat layout of the parameters.
+    pub(crate) fn layout(&self) -> &ParameterLayout {
+        &self.shards.layout
+    }
+
+    /// Writes `flat` (the host's layout) into the parameter buffers through the queue.
+    pub(crate) fn write_parameters(&self, queue: &wgpu::Queue, flat: &[f32]) {
+        for (buffer, values) in self.parameters.iter().zip(self.shards.split(flat)) {
+            queue.write_buffer(buffer, 0, bytemuck::cast_slice(&values));
+        }
+    }
+
+    /// What optimizer_step updates and reads, for its bind groups.
     pub(crate) fn step_targets(&self) -> StepTargets<'_> {
         StepTargets {
             kernel: &self.kernels.optimizer_step,

@@ -10,7 +10,7 @@ use crate::gpu::device::encode::{div_ceil, grid_2d};
 use crate::gpu::kernels::params::RefreshParams;
 use crate::gpu::kernels::shaders::TRAINING_WORKGROUP;
 use crate::gpu::kernels::{bind_resources, Kernel, TrainingKernels};
-use crate::gpu::plan::parameters::ParameterLayout;
+use crate::gpu::plan::parameter_shards::ParameterShards;
 use crate::gpu::resources::weights::GpuWeights;
 use crate::weights::LayerShape;
 
@@ -28,8 +28,10 @@ pub(crate) struct RefreshDispatch {
     pub(crate) grid: (u32, u32),
 }
 
-/// A copy of `floats` floats from `from` in the parameter buffer to `to` in `buffer`.
+/// A copy of `floats` floats from `from` in the parameter buffer `source` to `to` in
+/// `buffer`.
 pub(crate) struct BiasCopy {
+    pub(crate) source: wgpu::Buffer,
     pub(crate) from: usize,
     pub(crate) buffer: wgpu::Buffer,
     pub(crate) to: usize,
@@ -46,8 +48,7 @@ impl WeightRefresh {
     pub(crate) fn new(
         device: &wgpu::Device,
         kernels: &TrainingKernels,
-        layout: &ParameterLayout,
-        parameters: &wgpu::Buffer,
+        (shards, parameters): (&ParameterShards, &[wgpu::Buffer]),
         weights: &GpuWeights,
         max_dim: u32,
     ) -> Result<Self> {
@@ -55,8 +56,9 @@ impl WeightRefresh {
             num_experts: n,
             d_model: d,
             d_ff: f,
-        } = layout.shape;
-        // (target, params, texture, texels)
+        } = shards.layout.shape;
+        let router_parameters = &parameters[0];
+        // (target, params, parameter buffer, texture, texels)
         let mut jobs = vec![(
             Target::Router,
             RefreshParams {
@@ -64,27 +66,36 @@ impl WeightRefresh {
                 cols: d as u32,
                 width: padded_to_vec4(d) as u32,
                 num_experts: n as u32,
-                tensor_at: layout.router_weight as u32,
+                tensor_at: 0,
                 ..Default::default()
             },
+            router_parameters,
             &weights.router,
             n * padded_to_vec4(d) / 4,
         )];
         let mut bias_copies = Vec::new();
-        if let Some(at) = layout.router_bias {
+        if shards.layout.router_bias.is_some() {
             bias_copies.push(BiasCopy {
-                from: at,
+                source: router_parameters.clone(),
+                from: n * d,
                 buffer: weights.router_bias.clone(),
                 to: 0,
                 floats: n,
             });
         }
-        for shard in &weights.shards {
-            let (first, count) = (shard.first_expert, shard.num_experts);
+        // Each shard's tensors sit in its own parameter buffer, its experts from 0 there.
+        for ((shard, parameter_shard), source) in weights
+            .shards
+            .iter()
+            .zip(&shards.shards)
+            .zip(&parameters[1..])
+        {
+            let count = shard.num_experts;
+            let o = &parameter_shard.offsets;
             let tensors = [
-                (Some(layout.w1), &shard.w1, f, d),
-                (layout.w3, &shard.w3, f, d),
-                (Some(layout.w2), &shard.w2, d, f),
+                (Some(o.w1), &shard.w1, f, d),
+                (o.w3, &shard.w3, f, d),
+                (Some(o.w2), &shard.w2, d, f),
             ];
             for (at, textures, rows, cols) in tensors {
                 let Some(at) = at else { continue };
@@ -94,7 +105,7 @@ impl WeightRefresh {
                     cols: cols as u32,
                     width: width as u32,
                     quads: quads as u32,
-                    first_expert: first as u32,
+                    first_expert: 0,
                     num_experts: count as u32,
                     tensor_at: at as u32,
                     _pad: 0,
@@ -102,20 +113,22 @@ impl WeightRefresh {
                 jobs.push((
                     Target::Experts,
                     params,
+                    source,
                     &textures.quants,
                     count * quads * width,
                 ));
             }
             // b1, and b3 after it, in the shard's up bias; b2 in its down bias.
             let biases = [
-                (layout.b1, &shard.up_bias, 0, f),
-                (layout.b3, &shard.up_bias, count * f, f),
-                (layout.b2, &shard.down_bias, 0, d),
+                (o.b1, &shard.up_bias, 0, f),
+                (o.b3, &shard.up_bias, count * f, f),
+                (o.b2, &shard.down_bias, 0, d),
             ];
             for (at, buffer, to, per_expert) in biases {
                 if let Some(at) = at {
                     bias_copies.push(BiasCopy {
-                        from: at + first * per_expert,
+                        source: source.clone(),
+                        from: at,
                         buffer: buffer.clone(),
                         to,
                         floats: count * per_expert,
@@ -124,7 +137,7 @@ impl WeightRefresh {
             }
         }
         let mut dispatches = Vec::with_capacity(jobs.len());
-        for (target, params, texture, texels) in jobs {
+        for (target, params, parameters, texture, texels) in jobs {
             let kernel = Self::kernel(kernels, target);
             let bind_group = bind_resources(
                 device,

@@ -1,0 +1,252 @@
+//! How a trainable layer's parameters (and alike their gradients and the optimizer's
+//! moments) sit on the device: the router's tensors in one buffer, then the experts of each
+//! weight shard in a buffer of their own, laid out within it as `ParameterLayout` lays out
+//! the whole layer (w1, b1, w2, b2, w3, b3 of the shard's experts). Every buffer is one
+//! binding, so a layer trains whatever its size as long as one shard fits one binding; the
+//! host keeps `ParameterLayout`'s order (for `AdamWState`, the gradients, the weights),
+//! and `split` and `join` convert between the two.
+
+use std::ops::Range;
+
+use crate::gpu::kernels::params::ShardParams;
+use crate::gpu::plan::parameters::ParameterLayout;
+use crate::weights::LayerShape;
+
+/// Where each expert tensor starts in a shard's buffer (floats; `None`: absent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertOffsets {
+    pub w1: usize,
+    pub b1: Option<usize>,
+    pub w2: usize,
+    pub b2: Option<usize>,
+    pub w3: Option<usize>,
+    pub b3: Option<usize>,
+    /// Floats in the shard's buffer.
+    pub total: usize,
+}
+
+/// The experts of one weight shard and where their tensors sit in its buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParameterShard {
+    pub first_expert: usize,
+    pub num_experts: usize,
+    pub offsets: ExpertOffsets,
+}
+
+/// The device buffers of a trainable layer's parameters: buffer 0 the router (weight
+/// `[N, D]`, then its bias `[N]`), buffer 1 + s weight shard s's experts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParameterShards {
+    pub layout: ParameterLayout,
+    pub shards: Vec<ParameterShard>,
+}
+
+/// The offset the kernels take for a tensor (`u32::MAX` when absent).
+fn kernel_offset(at: Option<usize>) -> u32 {
+    at.map_or(u32::MAX, |at| at as u32)
+}
+
+impl ParameterShards {
+    /// The buffers for `layout`'s tensors with the experts split as `shards` (first
+    /// expert, count).
+    pub fn new(layout: ParameterLayout, shards: &[(usize, usize)]) -> Self {
+        let LayerShape {
+            d_model: d,
+            d_ff: f,
+            ..
+        } = layout.shape;
+        let shards = shards
+            .iter()
+            .map(|&(first_expert, num_experts)| {
+                let mut total = 0usize;
+                let mut take = |present: bool, per_expert: usize| {
+                    present.then(|| {
+                        let at = total;
+                        total += num_experts * per_expert;
+                        at
+                    })
+                };
+                let w1 = take(true, f * d).unwrap_or(0);
+                let b1 = take(layout.b1.is_some(), f);
+                let w2 = take(true, d * f).unwrap_or(0);
+                let b2 = take(layout.b2.is_some(), d);
+                let w3 = take(layout.w3.is_some(), f * d);
+                let b3 = take(layout.b3.is_some(), f);
+                ParameterShard {
+                    first_expert,
+                    num_experts,
+                    offsets: ExpertOffsets {
+                        w1,
+                        b1,
+                        w2,
+                        b2,
+                        w3,
+                        b3,
+                        total,
+                    },
+                }
+            })
+            .collect();
+        ParameterShards { layout, shards }
+    }
+
+    /// Floats of one expert's tensors (w1, b1, w2, b2, w3, b3 as the layout has them).
+    pub fn expert_floats(layout: &ParameterLayout) -> usize {
+        let LayerShape {
+            d_model: d,
+            d_ff: f,
+            ..
+        } = layout.shape;
+        let bias = |present: Option<usize>, len: usize| present.map_or(0, |_| len);
+        2 * f * d
+            + layout.w3.map_or(0, |_| f * d)
+            + bias(layout.b1, f)
+            + bias(layout.b2, d)
+            + bias(layout.b3, f)
+    }
+
+    /// Floats of the router's buffer: its weight, then its bias.
+    pub fn router_floats(&self) -> usize {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            ..
+        } = self.layout.shape;
+        n * d + self.layout.router_bias.map_or(0, |_| n)
+    }
+
+    /// Floats of every buffer: the router's, then each shard's.
+    pub fn buffer_floats(&self) -> Vec<usize> {
+        std::iter::once(self.router_floats())
+            .chain(self.shards.iter().map(|s| s.offsets.total))
+            .collect()
+    }
+
+    /// Where the router's bias starts in its buffer (`u32::MAX` when absent).
+    pub fn router_bias_at(&self) -> u32 {
+        let n = self.layout.shape.num_experts;
+        kernel_offset(
+            self.layout
+                .router_bias
+                .map(|_| n * self.layout.shape.d_model),
+        )
+    }
+
+    /// The `ShardParams` the backward's weight-gradient kernels read for each shard.
+    pub fn kernel_params(&self) -> Vec<ShardParams> {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let o = &shard.offsets;
+                ShardParams {
+                    first_expert: shard.first_expert as u32,
+                    num_experts: shard.num_experts as u32,
+                    w1_at: o.w1 as u32,
+                    b1_at: kernel_offset(o.b1),
+                    w2_at: o.w2 as u32,
+                    b2_at: kernel_offset(o.b2),
+                    w3_at: kernel_offset(o.w3),
+                    b3_at: kernel_offset(o.b3),
+                }
+            })
+            .collect()
+    }
+
+    /// For every buffer, its pieces as (range in the host's flat layout, range in the
+    /// buffer), in the buffer's order.
+    fn pieces(&self) -> Vec<Vec<(Range<usize>, Range<usize>)>> {
+        let LayerShape {
+            num_experts: n,
+            d_model: d,
+            d_ff: f,
+        } = self.layout.shape;
+        let l = &self.layout;
+        let mut router = vec![(l.router_weight..l.router_weight + n * d, 0..n * d)];
+        if let Some(at) = l.router_bias {
+            router.push((at..at + n, n * d..n * d + n));
+        }
+        let mut all = vec![router];
+        for shard in &self.shards {
+            let (first, count) = (shard.first_expert, shard.num_experts);
+            let o = &shard.offsets;
+            let tensors = [
+                (Some(l.w1), Some(o.w1), f * d),
+                (l.b1, o.b1, f),
+                (Some(l.w2), Some(o.w2), d * f),
+                (l.b2, o.b2, d),
+                (l.w3, o.w3, f * d),
+                (l.b3, o.b3, f),
+            ];
+            all.push(
+                tensors
+                    .into_iter()
+                    .filter_map(|(host, device, per_expert)| {
+                        let (host, device) = (host?, device?);
+                        let len = count * per_expert;
+                        let from = host + first * per_expert;
+                        Some((from..from + len, device..device + len))
+                    })
+                    .collect(),
+            );
+        }
+        all
+    }
+
+    /// Values in the host's flat layout, as the device buffers hold them.
+    pub fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        self.pieces()
+            .into_iter()
+            .zip(self.buffer_floats())
+            .map(|(pieces, floats)| {
+                let mut buffer = vec![0.0f32; floats];
+                for (host, device) in pieces {
+                    buffer[device].copy_from_slice(&flat[host]);
+                }
+                buffer
+            })
+            .collect()
+    }
+
+    /// The device buffers' values in the host's flat layout.
+    pub fn join(&self, buffers: &[Vec<f32>]) -> Vec<f32> {
+        let mut flat = vec![0.0f32; self.layout.total];
+        for (pieces, buffer) in self.pieces().into_iter().zip(buffers) {
+            for (host, device) in pieces {
+                flat[host].copy_from_slice(&buffer[device]);
+            }
+        }
+        flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::MoeWeights;
+
+    #[test]
+    fn split_and_join_are_inverse_over_uneven_shards() {
+        for (gated, biases) in [(false, false), (true, true), (false, true)] {
+            let shape = LayerShape {
+                num_experts: 5,
+                d_model: 3,
+                d_ff: 2,
+            };
+            let weights = MoeWeights::random(shape, gated, biases, 7);
+            let layout = ParameterLayout::new(&weights).unwrap();
+            let shards = ParameterShards::new(layout, &[(0, 2), (2, 2), (4, 1)]);
+            let flat: Vec<f32> = (0..layout.total).map(|i| i as f32).collect();
+            let buffers = shards.split(&flat);
+            assert_eq!(buffers.len(), 4);
+            let sizes: usize = buffers.iter().map(Vec::len).sum();
+            assert_eq!(sizes, layout.total);
+            assert_eq!(shards.join(&buffers), flat);
+            // Shard 1's w1 holds experts 2 and 3's rows, in order.
+            let w1 = &buffers[2][..2 * 6];
+            let expected: Vec<f32> = (layout.w1 + 2 * 6..layout.w1 + 4 * 6)
+                .map(|i| i as f32)
+                .collect();
+            assert_eq!(w1, &expected[..]);
+        }
+    }
+}
