@@ -54,7 +54,7 @@ const DROPPED: u32 = 0xffffffffu;
 const WORKGROUP: u32 = 64u;
 
 // The linear index of an invocation in a 2-D grid of WORKGROUP-wide workgroups
-// (x + y·num_workgroups.x, as plan::grid_2d lays them out).
+// (x + y·num_workgroups.x, as device::encode::grid_2d lays them out).
 fn linear_index(workgroup_id: vec3<u32>, num_workgroups: vec3<u32>, lane: u32) -> u32 {
     return (workgroup_id.x + workgroup_id.y * num_workgroups.x) * WORKGROUP + lane;
 }

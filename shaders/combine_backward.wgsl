@@ -1,11 +1,12 @@
-// combine_backward: dx gathered per token (no scatter, no atomics):
-//   dx[t, d] = Σ_e Wr[e, d]·dh[t, e] + Σ_{kept j} dXslot[assignment_slot[t, j], d]
+// combine_backward: dx gathered per token (no scatter, no atomics), the router's term as a
+// matmul on the core of grouped_matmul.wgsl (prepended with backward_common):
+//   dx[t, d] = Σ_e dh[t, e]·Wr[e, d] + Σ_{kept j} dXslot[assignment_slot[t, j], d]
 //              + π[t]·dy[t, d]
-// the router's term in expert order (none after a pre-routed forward), then the choices in
+// the router's term first (K = N; none after a pre-routed forward), then the choices in
 // choice order, then the pass-through. CPU twin: cpu_backward_kernels::combine_backward.
 //
-// Dispatch: one invocation per token and 4 columns of D (the router weight's texels),
-// workgroups of 64 in 2-D.
+// Dispatch: x = column tiles of D, y = row tiles of T, with the layer's weight-gradient
+// tiling. Experts past N are masked to zero.
 // Bindings: 0 params, 1 dy [T, D], 2 d_logits [T, N], 3 assignment_slot [T, k],
 // 4 d_x_slot [slots, D], 5 pass_scale [T], 6 router [N][D4 / 4] texels (the forward's),
 // 7 dx [T, D].
@@ -19,45 +20,80 @@
 @group(0) @binding(6) var router: texture_2d<f32>;
 @group(0) @binding(7) var<storage, read_write> dx: array<f32>;
 
-// Four values of a [rows, D] tensor from `at` (past D: whatever lies there, never stored).
-fn row4(values_are_dy: bool, at: u32) -> vec4<f32> {
-    if (values_are_dy) {
-        return vec4(dy[at], dy[at + 1u], dy[at + 2u], dy[at + 3u]);
-    }
-    return vec4(d_x_slot[at], d_x_slot[at + 1u], d_x_slot[at + 2u], d_x_slot[at + 3u]);
+var<private> block_row0: u32;
+var<private> block_col0: u32;
+var<private> last_col_quad: u32;
+// The first dh of each of the block's rows (clamped to the last token), per row quad.
+var<private> row_at: array<vec4<u32>, 4>;
+
+// Nothing is shared along k beyond the block's own rows.
+fn prepare_k(k4: u32) {}
+
+// dh of 4 experts from e0 at `at` (zeros for experts past N).
+fn dh4(at: u32, e0: u32) -> vec4<f32> {
+    let kept = vec4(e0) + vec4(0u, 1u, 2u, 3u) < vec4(params.num_experts);
+    let i = at + e0;
+    return select(vec4(0.0), vec4(d_logits[i], d_logits[i + 1u], d_logits[i + 2u],
+        d_logits[i + 3u]), kept);
 }
 
-@compute @workgroup_size(64)
+fn a_quad(row_quad: u32, k4: u32) -> mat4x4<f32> {
+    let at = row_at[row_quad];
+    let e0 = 4u * k4;
+    return transpose(mat4x4(dh4(at.x, e0), dh4(at.y, e0), dh4(at.z, e0), dh4(at.w, e0)));
+}
+
+// Row c: the router row of expert 4·k4 + c at the column quad.
+fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
+    let d4 = min(block_col0 / 4u + col_quad, last_col_quad);
+    return transpose(mat4x4(textureLoad(router, vec2(d4, 4u * k4), 0),
+        textureLoad(router, vec2(d4, 4u * k4 + 1u), 0),
+        textureLoad(router, vec2(d4, 4u * k4 + 2u), 0),
+        textureLoad(router, vec2(d4, 4u * k4 + 3u), 0)));
+}
+
+fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
+    let d_model = params.d_model;
+    let k = params.top_k;
+    for (var r = 0u; r < 4u; r++) {
+        let token = block_row0 + 4u * row_quad + r;
+        if (token >= params.num_tokens) {
+            break;
+        }
+        for (var c = 0u; c < 4u; c++) {
+            let d = block_col0 + 4u * col_quad + c;
+            if (d >= d_model) {
+                break;
+            }
+            var sum = value[c][r];
+            for (var j = 0u; j < k; j++) {
+                let slot = assignment_slot[token * k + j];
+                if (slot != DROPPED) {
+                    sum += d_x_slot[slot * d_model + d];
+                }
+            }
+            let at = token * d_model + d;
+            dx[at] = sum + pass_scale[token] * dy[at];
+        }
+    }
+}
+
+@compute @workgroup_size(LANES)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
-    @builtin(num_workgroups) num_workgroups: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let index = linear_index(workgroup_id, num_workgroups, lane);
-    let d_model = params.d_model;
-    let quads = (d_model + 3u) / 4u;
-    if (index >= params.num_tokens * quads) {
-        return;
-    }
-    let token = index / quads;
-    let d4 = index % quads;
+    let origin = block_origin(workgroup_id.y, workgroup_id.x, lane);
+    block_row0 = origin.x;
+    block_col0 = origin.y;
+    last_col_quad = (params.d_model + 3u) / 4u - 1u;
     let n = select(params.num_experts, 0u, params.pre_routed != 0u);
-    var sum = vec4(0.0);
-    for (var e = 0u; e < n; e++) {
-        sum += textureLoad(router, vec2(d4, e), 0) * d_logits[token * n + e];
+    let last_token = max(params.num_tokens, 1u) - 1u;
+    for (var q = 0u; q < ROW_QUADS; q++) {
+        let tokens = min(vec4(block_row0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(last_token));
+        row_at[q] = tokens * params.num_experts;
     }
-    let k = params.top_k;
-    for (var j = 0u; j < k; j++) {
-        let slot = assignment_slot[token * k + j];
-        if (slot != DROPPED) {
-            sum += row4(false, slot * d_model + 4u * d4);
-        }
-    }
-    let at = token * d_model + 4u * d4;
-    let out = sum + pass_scale[token] * row4(true, at);
-    for (var c = 0u; c < 4u; c++) {
-        if (4u * d4 + c < d_model) {
-            dx[at + c] = out[c];
-        }
-    }
+    var block: Block;
+    multiply(&block, 0u, (n + 3u) / 4u);
+    store_block(block);
 }

@@ -29,6 +29,7 @@ var<private> slots_end: u32;
 var<private> block_row0: u32;
 var<private> block_col0: u32;
 var<private> last_col_quad: u32;
+var<private> height: u32;
 // The step's four slots: kept or not, their dy texture rows and layers, their scales.
 var<private> step_slots: vec4<u32>;
 var<private> step_kept: vec4<bool>;
@@ -42,9 +43,14 @@ fn prepare_k(k4: u32) {
     let slots = select(vec4(first_slot), step_slots, step_kept);
     let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z],
         slot_token[slots.w]);
-    let height = textureDimensions(dy_rows).y;
-    step_row = tokens % height;
-    step_layer = tokens / height;
+    // One layer holds every token of the batch unless it is taller than a texture.
+    if (params.num_tokens <= height) {
+        step_row = tokens;
+        step_layer = vec4(0u);
+    } else {
+        step_row = tokens % height;
+        step_layer = tokens / height;
+    }
     step_scale = select(vec4(0.0), vec4(slot_scale[slots.x], slot_scale[slots.y],
         slot_scale[slots.z], slot_scale[slots.w]), step_kept);
 }
@@ -100,6 +106,7 @@ fn main(
     let origin = block_origin(workgroup_id.y, workgroup_id.x, lane);
     block_row0 = origin.x;
     block_col0 = origin.y;
+    height = textureDimensions(dy_rows).y;
     last_col_quad = (params.d_ff + 3u) / 4u - 1u;
     var block: Block;
     multiply(&block, 0u, (kept + 3u) / 4u);

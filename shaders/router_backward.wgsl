@@ -1,67 +1,112 @@
-// router_backward: the router's weight gradients from dL/dh (gate_backward):
-//   dWr[e, d] = Σ_t dh[t, e]·x[t, d],   dbr[e] = Σ_t dh[t, e]
-// each summed over the tokens in order: the same bits on every run; zeros after a pre-routed
-// forward (the router was not in its graph). CPU twin: cpu_backward_kernels::router_backward.
+// router_backward: the router's weight gradients from dL/dh (gate_backward), as a matmul
+// over the tokens on the core of grouped_matmul.wgsl (prepended with backward_common):
+//   dWr[e, d] = Σ_t dh[t, e]·x[t, d]     (K = T),     dbr[e] = Σ_t dh[t, e]
+// each summed over the tokens in order: the same bits on every run; zeros after a
+// pre-routed forward (the router was not in its graph). CPU twin:
+// cpu_backward_kernels::router_backward.
 //
-// Dispatch: one invocation per block of 4 experts × 4 columns of D (the last column block
-// of each expert block holds the 4 biases), workgroups of 64 in 2-D. A block keeps its 16
-// sums in registers and loads 8 values per token for them (one per output, unblocked).
-// Loads past a tensor's edge feed only sums that are not written.
-// Bindings: 0 params, 1 x [T, D], 2 d_logits [T, N], 3 the router's gradients (weight,
-// then bias: backward_common.wgsl).
+// Dispatch: x = column tiles of D, y = row tiles of N, with the layer's weight-gradient
+// tiling; the invocations holding column 0 also sum the biases of their rows. Tokens past
+// T are masked to zero.
+// Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4] (the training forward's),
+// 2 d_logits [T, N], 3 the router's gradients (weight, then bias: backward_common.wgsl).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var x_rows: texture_2d_array<f32>;
 @group(0) @binding(2) var<storage, read> d_logits: array<f32>;
 @group(0) @binding(3) var<storage, read_write> gradients: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) workgroup_id: vec3<u32>,
-    @builtin(num_workgroups) num_workgroups: vec3<u32>,
-    @builtin(local_invocation_index) lane: u32,
-) {
-    let index = linear_index(workgroup_id, num_workgroups, lane);
-    let n = params.num_experts;
+var<private> block_row0: u32;
+var<private> block_col0: u32;
+var<private> last_col_quad: u32;
+var<private> num_tokens: u32;
+var<private> height: u32;
+// The step's four tokens: in the batch or not, and their x texture rows and layers.
+var<private> step_kept: vec4<bool>;
+var<private> step_row: vec4<u32>;
+var<private> step_layer: vec4<u32>;
+var<private> step_at: vec4<u32>;
+
+fn prepare_k(k4: u32) {
+    let tokens = vec4(4u * k4) + vec4(0u, 1u, 2u, 3u);
+    step_kept = tokens < vec4(num_tokens);
+    let kept = select(vec4(0u), tokens, step_kept);
+    // One layer holds every token of the batch unless it is taller than a texture.
+    if (params.num_tokens <= height) {
+        step_row = kept;
+        step_layer = vec4(0u);
+    } else {
+        step_row = kept % height;
+        step_layer = kept / height;
+    }
+    step_at = kept * params.num_experts;
+}
+
+// dh of 4 experts from e0 for the token at `at` (zeros past the batch).
+fn dh4(at: u32, e0: u32, kept: bool) -> vec4<f32> {
+    let i = at + e0;
+    return select(vec4(0.0), vec4(d_logits[i], d_logits[i + 1u], d_logits[i + 2u],
+        d_logits[i + 3u]), kept);
+}
+
+// Column c: dh of the step's token c at the block's row quad of experts (experts past N
+// feed only rows that are not stored).
+fn a_quad(row_quad: u32, k4: u32) -> mat4x4<f32> {
+    let e0 = block_row0 + 4u * row_quad;
+    return mat4x4(dh4(step_at.x, e0, step_kept.x), dh4(step_at.y, e0, step_kept.y),
+        dh4(step_at.z, e0, step_kept.z), dh4(step_at.w, e0, step_kept.w));
+}
+
+// Row c: x of the step's token c at the column quad.
+fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
+    let d4 = min(block_col0 / 4u + col_quad, last_col_quad);
+    let zero = vec4(0.0);
+    return transpose(mat4x4(
+        select(zero, textureLoad(x_rows, vec2(d4, step_row.x), step_layer.x, 0), step_kept.x),
+        select(zero, textureLoad(x_rows, vec2(d4, step_row.y), step_layer.y, 0), step_kept.y),
+        select(zero, textureLoad(x_rows, vec2(d4, step_row.z), step_layer.z, 0), step_kept.z),
+        select(zero, textureLoad(x_rows, vec2(d4, step_row.w), step_layer.w, 0), step_kept.w)));
+}
+
+fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
     let d_model = params.d_model;
-    let column_blocks = (d_model + 3u) / 4u + 1u;
-    if (index >= (n + 3u) / 4u * column_blocks) {
-        return;
-    }
-    let e0 = index / column_blocks * 4u;
-    let d0 = index % column_blocks * 4u;
-    let is_bias = d0 >= d_model;
-    if (is_bias && params.router_bias_at == ABSENT) {
-        return;
-    }
-    // acc[i][c]: expert e0 + i, column d0 + c (biases: component 0).
-    var acc = array<vec4<f32>, 4>();
-    let num_tokens = select(params.num_tokens, 0u, params.pre_routed != 0u);
-    for (var t = 0u; t < num_tokens; t++) {
-        let at = t * n + e0;
-        let dh = vec4(d_logits[at], d_logits[at + 1u], d_logits[at + 2u], d_logits[at + 3u]);
-        var xs = vec4(1.0, 0.0, 0.0, 0.0);
-        if (!is_bias) {
-            let row = t * d_model + d0;
-            xs = vec4(x[row], x[row + 1u], x[row + 2u], x[row + 3u]);
-        }
-        for (var i = 0u; i < 4u; i++) {
-            acc[i] += dh[i] * xs;
-        }
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let e = e0 + i;
-        if (e >= n) {
+    for (var r = 0u; r < 4u; r++) {
+        let e = block_row0 + 4u * row_quad + r;
+        if (e >= params.num_experts) {
             break;
         }
-        if (is_bias) {
-            gradients[params.router_bias_at + e] = acc[i].x;
-            continue;
-        }
         for (var c = 0u; c < 4u; c++) {
-            if (d0 + c < d_model) {
-                gradients[params.router_weight_at + e * d_model + d0 + c] = acc[i][c];
+            let d = block_col0 + 4u * col_quad + c;
+            if (d < d_model) {
+                gradients[params.router_weight_at + e * d_model + d] = value[c][r];
             }
         }
+    }
+}
+
+@compute @workgroup_size(LANES)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    num_tokens = select(params.num_tokens, 0u, params.pre_routed != 0u);
+    height = textureDimensions(x_rows).y;
+    let origin = block_origin(workgroup_id.y, workgroup_id.x, lane);
+    block_row0 = origin.x;
+    block_col0 = origin.y;
+    last_col_quad = (params.d_model + 3u) / 4u - 1u;
+    var block: Block;
+    multiply(&block, 0u, (num_tokens + 3u) / 4u);
+    store_block(block);
+    if (block_col0 != 0u || params.router_bias_at == ABSENT) {
+        return;
+    }
+    let n = params.num_experts;
+    for (var e = block_row0; e < min(block_row0 + 4u * ROW_QUADS, n); e++) {
+        var sum = 0.0;
+        for (var t = 0u; t < num_tokens; t++) {
+            sum += d_logits[t * n + e];
+        }
+        gradients[params.router_bias_at + e] = sum;
     }
 }

@@ -168,11 +168,13 @@ fn shared_constants_and_workgroup_sizes_agree_with_the_host() {
 }
 
 /// The backward's kernels built on the matmul core (their workgroup is `LANES`).
-const MATMUL_KERNELS: [&str; 4] = [
+const MATMUL_KERNELS: [&str; 6] = [
     "expert_hidden_backward",
     "expert_down_backward",
     "expert_up_backward",
     "expert_input_backward",
+    "router_backward",
+    "combine_backward",
 ];
 
 /// The overrides of one matmul tile shape.

@@ -48,8 +48,8 @@ shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common",
 shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common", "grouped_matmul");
 shader!(EXPERT_INPUT_BACKWARD, "expert_input_backward", prepend "backward_common", "grouped_matmul");
 shader!(EXPERT_BIAS_BACKWARD, "expert_bias_backward", prepend "backward_common");
-shader!(ROUTER_BACKWARD, "router_backward", prepend "backward_common");
-shader!(COMBINE_BACKWARD, "combine_backward", prepend "backward_common");
+shader!(ROUTER_BACKWARD, "router_backward", prepend "backward_common", "grouped_matmul");
+shader!(COMBINE_BACKWARD, "combine_backward", prepend "backward_common", "grouped_matmul");
 shader!(OPTIMIZER_STEP, "optimizer_step");
 shader!(REFRESH_EXPERT_WEIGHTS, "refresh_expert_weights", prepend "refresh_params");
 shader!(REFRESH_ROUTER_WEIGHTS, "refresh_router_weights", prepend "refresh_params");

@@ -138,11 +138,17 @@ impl TrainingKernels {
                 shaders::EXPERT_BIAS_BACKWARD,
                 &[U, Ta, Ro, Ro, Ro, Ro, Ro, U, Rw],
             ),
-            router_backward: Kernel::new(device, shaders::ROUTER_BACKWARD, &[U, Ro, Ro, Rw]),
-            combine_backward: Kernel::new(
+            router_backward: Kernel::with_constants(
+                device,
+                shaders::ROUTER_BACKWARD,
+                &[U, Ta, Ro, Rw],
+                &tiling,
+            ),
+            combine_backward: Kernel::with_constants(
                 device,
                 shaders::COMBINE_BACKWARD,
                 &[U, Ro, Ro, Ro, Ro, Ro, T, Rw],
+                &tiling,
             ),
             optimizer_step: Kernel::new(device, shaders::OPTIMIZER_STEP, &[U, Rw, Ro, Rw, Rw]),
             refresh_expert_weights: Kernel::new(

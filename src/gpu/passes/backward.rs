@@ -130,8 +130,14 @@ pub(crate) fn encode(
         all.push((&k.expert_bias_backward.pipeline, planar(grid)));
     }
     all.extend([
-        (&k.router_backward.pipeline, planar(grids.router_backward)),
-        (&k.combine_backward.pipeline, planar(grids.combine_backward)),
+        (
+            &k.router_backward.pipeline,
+            Launch::Direct(grids.router_backward),
+        ),
+        (
+            &k.combine_backward.pipeline,
+            Launch::Direct(grids.combine_backward),
+        ),
     ]);
     let groups = scratch
         .bound
@@ -306,10 +312,17 @@ fn bind_groups(
             ],
         ));
     }
-    groups.push(
-        k.router_backward
-            .bind(device, &[&s.params, &w.x, &s.d_logits, &gradients[0]]),
-    );
+    groups.push(bind_resources(
+        device,
+        "router_backward",
+        &k.router_backward.layout,
+        vec![
+            s.params.as_entire_binding(),
+            view(&w.x_rows),
+            s.d_logits.as_entire_binding(),
+            gradients[0].as_entire_binding(),
+        ],
+    ));
     groups.push(bind_resources(
         device,
         "combine_backward",

@@ -78,8 +78,8 @@ pub struct BackwardGrids {
     pub expert_down_backward: Vec<(u32, u32, u32)>,
     pub expert_up_backward: Vec<(u32, u32, u32)>,
     pub expert_bias_backward: Vec<(u32, u32)>,
-    pub router_backward: (u32, u32),
-    pub combine_backward: (u32, u32),
+    pub router_backward: (u32, u32, u32),
+    pub combine_backward: (u32, u32, u32),
 }
 
 impl BackwardGrids {
@@ -132,8 +132,8 @@ impl BackwardGrids {
                 .iter()
                 .map(|&count| grid(count * (2 * f.div_ceil(4) + d.div_ceil(4))))
                 .collect::<Result<_>>()?,
-            router_backward: grid(n.div_ceil(4) * (d.div_ceil(4) + 1))?,
-            combine_backward: grid(t * d.div_ceil(4))?,
+            router_backward: tiles(n, d, 1)?,
+            combine_backward: tiles(t, d, 1)?,
         })
     }
 }
