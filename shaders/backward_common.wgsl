@@ -5,9 +5,11 @@
 //
 // The layer's trainable tensors (and their gradients, laid out alike) live in one f32
 // buffer for the router — router.weight [N, D] at router_weight_at, router.bias [N] at
-// router_bias_at — and one per weight shard for its experts: w1 [n, F, D], b1 [n, F],
-// w2 [n, D, F], b2 [n, D], w3 [n, F, D], b3 [n, F] of the shard's n experts at the `_at`
-// offsets of its ShardParams (in floats); an absent tensor's offset is ABSENT. Every
+// router_bias_at — and one per weight shard for its experts: w1 [n, F, D4], b1 [n, F4],
+// w2 [n, D, F4], b2 [n, D4], w3 [n, F, D4], b3 [n, F4] of the shard's n experts at the `_at`
+// offsets of its ShardParams (in floats, multiples of 4), every row zero-padded to whole
+// vec4s (D4, F4) so that gradients go out four at a time; an absent tensor's offset is
+// ABSENT. Every
 // gradient element is written by one invocation that sums its terms in a fixed order: no
 // atomics, the same bits on every run.
 

@@ -8,7 +8,8 @@
 // biases return at once.
 // Bindings: 0 params, 1 dy_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
 // 3 expert_table, 4 slot_scale [slots], 5 d_a [slots, F4] as vec4s, 6 d_v [slots, F4] (gated),
-// 7 shard (its ShardParams), 8 the shard's gradients.
+// 7 shard (its ShardParams), 8 the shard's gradients as vec4s (bias rows padded to F4 and D4:
+// backward_common.wgsl).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var dy_rows: texture_2d_array<f32>;
@@ -18,14 +19,7 @@
 @group(0) @binding(5) var<storage, read> d_a: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> d_v: array<vec4<f32>>;
 @group(0) @binding(7) var<uniform> shard: ShardParams;
-@group(0) @binding(8) var<storage, read_write> gradients: array<f32>;
-
-// Writes the first `count` components of `sum` at `at`.
-fn store4(at: u32, sum: vec4<f32>, count: u32) {
-    for (var c = 0u; c < min(count, 4u); c++) {
-        gradients[at + c] = sum[c];
-    }
-}
+@group(0) @binding(8) var<storage, read_write> gradients: array<vec4<f32>>;
 
 @compute @workgroup_size(64)
 fn main(
@@ -64,7 +58,7 @@ fn main(
                 sum += d_a[at];
             }
         }
-        store4(bias_at + local * d_ff + 4u * q, sum, d_ff - 4u * q);
+        gradients[bias_at / 4u + local * f_quads + q] = sum;
         return;
     }
     if (shard.b2_at == ABSENT) {
@@ -77,5 +71,5 @@ fn main(
         let token = slot_token[slot];
         sum += slot_scale[slot] * textureLoad(dy_rows, vec2(q, token % height), token / height, 0);
     }
-    store4(shard.b2_at + local * d_model + 4u * q, sum, d_model - 4u * q);
+    gradients[shard.b2_at / 4u + local * d_quads + q] = sum;
 }

@@ -10,7 +10,7 @@
 // weight_quad of expert_matmul.wgsl, which the shader registry prepends, with the
 // accumulate both K loops use; keep this loop in step with expert_up's).
 // Bindings: 0 params, 1 hidden [slots, F4], 2 expert_table, 3-5 w2's quants, high bits and
-// scales ([shard experts][D4 / 4][...]), 6 down_bias [shard experts, D],
+// scales ([shard experts][D4 / 4][...]), 6 down_bias [shard experts, D4],
 // 7 expert_out [slots, D]; D4 and F4 are D and F rounded up to a multiple of 4.
 
 struct ExpertParams {
@@ -162,7 +162,7 @@ fn main(
         }
     }
 
-    let bias_at = shard_expert * d_model;
+    let bias_at = shard_expert * ((d_model + 3u) / 4u * 4u);
     store_row(out00, out01, out02, out03, row0, col0, rows_end, bias_at);
     if (ROW_QUADS >= 2u) {
         store_row(out10, out11, out12, out13, row0 + 4u, col0, rows_end, bias_at);

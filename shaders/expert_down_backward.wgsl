@@ -11,7 +11,7 @@
 // kept ones are masked to zero.
 // Bindings: 0 params, 1 dy_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
 // 3 expert_table, 4 slot_scale [slots], 5 hidden [slots, F4] as vec4s, 6 shard (its
-// ShardParams), 7 the shard's gradients.
+// ShardParams), 7 the shard's gradients as vec4s (rows padded: backward_common.wgsl).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var dy_rows: texture_2d_array<f32>;
@@ -20,7 +20,7 @@
 @group(0) @binding(4) var<storage, read> slot_scale: array<f32>;
 @group(0) @binding(5) var<storage, read> hidden: array<vec4<f32>>;
 @group(0) @binding(6) var<uniform> shard: ShardParams;
-@group(0) @binding(7) var<storage, read_write> gradients: array<f32>;
+@group(0) @binding(7) var<storage, read_write> gradients: array<vec4<f32>>;
 
 var<private> expert: u32;
 var<private> local_expert: u32;
@@ -75,20 +75,21 @@ fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
         select(zero, hidden[at.w], step_kept.w)));
 }
 
+// Rows of the quad go out as vec4s: the padding columns past F get H's zero padding.
 fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
     let d_model = params.d_model;
-    let d_ff = params.d_ff;
+    let f4 = params.hidden_stride / 4u;
+    let col4 = block_col0 / 4u + col_quad;
+    if (col4 >= f4) {
+        return;
+    }
+    let rows = transpose(value);
     for (var r = 0u; r < 4u; r++) {
         let d = block_row0 + 4u * row_quad + r;
         if (d >= d_model) {
             break;
         }
-        for (var c = 0u; c < 4u; c++) {
-            let f = block_col0 + 4u * col_quad + c;
-            if (f < d_ff) {
-                gradients[shard.w2_at + (local_expert * d_model + d) * d_ff + f] = value[c][r];
-            }
-        }
+        gradients[shard.w2_at / 4u + (local_expert * d_model + d) * f4 + col4] = rows[r];
     }
 }
 

@@ -22,7 +22,7 @@
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4], 2 slot_token [slots],
 // 3 expert_table, 4-6 w1's quants, high bits and scales ([shard experts][F4 / 4][...], see
 // expert_matmul.wgsl), 7-9 w3's likewise (dummies unless GATED), 10 up_bias
-// [shard experts, F] b1, then [shard experts, F] b3 when GATED, 11 hidden [slots, F4]; D4 and
+// [shard experts, F4] b1, then [shard experts, F4] b3 when GATED, 11 hidden [slots, F4]; D4 and
 // F4 are D and F rounded up to a multiple of 4; 12 pre_activations [slots][F4] a, each
 // followed by its v when GATED, written only when KEEP_PRE_ACTIVATIONS (a trainable
 // layer's forward keeps them for expert_hidden_backward; a 1-float dummy otherwise).
@@ -92,7 +92,7 @@ fn w3_quad(quad: u32, layer: u32, k4: u32, scales: QuadScales) -> mat4x4<f32> {
 fn store_quad(up: mat4x4<f32>, gate: mat4x4<f32>, row: u32, col: u32, rows_end: u32, bias_at: u32) {
     let d_ff = params.d_ff;
     let f_stride = (d_ff + 3u) / 4u * 4u;
-    let gate_bias_at = params.shard_num_experts * d_ff;
+    let gate_bias_at = params.shard_num_experts * f_stride;
     for (var r = 0u; r < 4u; r++) {
         let slot = row + r;
         if (slot >= rows_end) {
@@ -254,7 +254,7 @@ fn main(
         }
     }
 
-    let bias_at = shard_expert * d_ff;
+    let bias_at = shard_expert * ((d_ff + 3u) / 4u * 4u);
     store_row(up00, up01, up02, up03, gate00, gate01, gate02, gate03,
         row0, col0, rows_end, bias_at);
     if (ROW_QUADS >= 2u) {

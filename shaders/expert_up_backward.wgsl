@@ -11,7 +11,8 @@
 // weight-gradient one. Slots past the expert's kept ones are masked to zero.
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4] (the training forward's),
 // 2 slot_token [slots], 3 expert_table, 4 d_a [slots, F4] as vec4s, 5 d_v [slots, F4]
-// (gated), 6 shard (its ShardParams), 7 the shard's gradients.
+// (gated), 6 shard (its ShardParams), 7 the shard's gradients as vec4s (rows padded:
+// backward_common.wgsl).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;
@@ -20,7 +21,7 @@
 @group(0) @binding(4) var<storage, read> d_a: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> d_v: array<vec4<f32>>;
 @group(0) @binding(6) var<uniform> shard: ShardParams;
-@group(0) @binding(7) var<storage, read_write> gradients: array<f32>;
+@group(0) @binding(7) var<storage, read_write> gradients: array<vec4<f32>>;
 
 var<private> expert: u32;
 var<private> local_expert: u32;
@@ -76,21 +77,22 @@ fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
         textureLoad(x_rows, vec2(d4, step_row.w), step_layer.w, 0)));
 }
 
+// Rows of the quad go out as vec4s: the padding columns past D get x's zero padding.
 fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
-    let d_model = params.d_model;
     let d_ff = params.d_ff;
-    let matrix_at = select(shard.w1_at, shard.w3_at, of_w3);
+    let d4 = (params.d_model + 3u) / 4u;
+    let col4 = block_col0 / 4u + col_quad;
+    if (col4 >= d4) {
+        return;
+    }
+    let matrix_at = select(shard.w1_at, shard.w3_at, of_w3) / 4u;
+    let rows = transpose(value);
     for (var r = 0u; r < 4u; r++) {
         let f = block_row0 + 4u * row_quad + r;
         if (f >= d_ff) {
             break;
         }
-        for (var c = 0u; c < 4u; c++) {
-            let d = block_col0 + 4u * col_quad + c;
-            if (d < d_model) {
-                gradients[matrix_at + (local_expert * d_ff + f) * d_model + d] = value[c][r];
-            }
-        }
+        gradients[matrix_at + (local_expert * d_ff + f) * d4 + col4] = rows[r];
     }
 }
 

@@ -1,7 +1,8 @@
 // refresh_expert_weights: after an optimizer step, rewrites one f32 expert tensor's texture
 // (the forward's operand layout, expert_matmul.wgsl: texel (4·k4 + j, q) of layer e holds
-// row 4q + j at k = 4·k4 .. 4·k4 + 4, as f32 bits; padding zero) from the flat parameter
-// buffer. CPU twin: weight_textures::upload_weight_textures for f32.
+// row 4q + j at k = 4·k4 .. 4·k4 + 4, as f32 bits; padding zero) from its shard's parameter
+// buffer, whose rows are `width` floats apart (backward_common.wgsl). CPU twin:
+// weight_textures::upload_weight_textures for f32.
 //
 // Dispatch: one invocation per texel of the shard's layers, workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 parameters, 2 the tensor's quants plane (rgba32uint, write).
@@ -29,7 +30,7 @@ fn main(
     let expert = params.first_expert + layer;
     var bits = vec4(0u);
     if (row < params.rows) {
-        let row_at = params.tensor_at + (expert * params.rows + row) * params.cols;
+        let row_at = params.tensor_at + (expert * params.rows + row) * params.width;
         for (var c = 0u; c < 4u; c++) {
             if (k + c < params.cols) {
                 bits[c] = bitcast<u32>(parameters[row_at + k + c]);

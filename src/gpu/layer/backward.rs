@@ -333,7 +333,7 @@ impl MoeLayer {
             &self.device,
             (self.shape, gated),
             (plan.num_tokens, plan.max_slots()),
-            training.layout().total,
+            training.shards.buffer_floats().iter().sum(),
         );
         let params = backward_params(&plan, gated, routing, coefficients, &training.shards);
         let zeros = vec![0.0f32; self.shape.num_experts];

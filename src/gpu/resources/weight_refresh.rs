@@ -118,11 +118,13 @@ impl WeightRefresh {
                     count * quads * width,
                 ));
             }
-            // b1, and b3 after it, in the shard's up bias; b2 in its down bias.
+            // b1, and b3 after it, in the shard's up bias; b2 in its down bias; rows
+            // padded to whole vec4s on both sides.
+            let (d4, f4) = (padded_to_vec4(d), padded_to_vec4(f));
             let biases = [
-                (o.b1, &shard.up_bias, 0, f),
-                (o.b3, &shard.up_bias, count * f, f),
-                (o.b2, &shard.down_bias, 0, d),
+                (o.b1, &shard.up_bias, 0, f4),
+                (o.b3, &shard.up_bias, count * f4, f4),
+                (o.b2, &shard.down_bias, 0, d4),
             ];
             for (at, buffer, to, per_expert) in biases {
                 if let Some(at) = at {

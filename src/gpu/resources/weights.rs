@@ -51,10 +51,12 @@ pub struct WeightShard {
     pub w1: WeightTextures,
     /// W3 like W1 for gated FFNs, 1-texel dummies otherwise.
     pub w3: WeightTextures,
-    /// b1 `[experts, F]`, then b3 `[experts, F]` when gated (zeros for absent biases).
+    /// b1 `[experts, F4]`, then b3 `[experts, F4]` when gated (zeros for absent biases, and
+    /// in each row's padding).
     pub up_bias: wgpu::Buffer,
     /// W2 `[experts, D, F]` in its stored format.
     pub w2: WeightTextures,
+    /// b2 `[experts, D4]` (zeros for an absent bias, and in each row's padding).
     pub down_bias: wgpu::Buffer,
     pub params: wgpu::Buffer,
 }
@@ -115,7 +117,7 @@ impl GpuWeights {
             }
         }
         // Biases are buffers of [experts, F] (twice when gated) and [experts, D].
-        let bias_bytes = (2 * d_ff.max(d_model) * 4) as u64;
+        let bias_bytes = (2 * padded_to_vec4(d_ff.max(d_model)) * 4) as u64;
         let experts_per_shard = (max_binding_bytes / bias_bytes)
             .min(usable_layers(&limits) as u64)
             .min(max_experts_per_shard.unwrap_or(usize::MAX) as u64)
@@ -148,9 +150,11 @@ impl GpuWeights {
             let end = (first + experts_per_shard).min(num_experts);
             let count = end - first;
             let range = |per_expert: usize| first * per_expert..end * per_expert;
+            // Each expert's bias row zero-padded to whole vec4s (as the trainable
+            // parameters keep them, so an optimizer step copies them whole).
             let bias_or_zeros = |bias: &Option<Vec<f32>>, per_expert: usize| match bias {
-                Some(b) => b[range(per_expert)].to_vec(),
-                None => vec![0.0; count * per_expert],
+                Some(b) => pad_rows(&b[range(per_expert)], per_expert).into_owned(),
+                None => vec![0.0; count * padded_to_vec4(per_expert)],
             };
             let mut up_bias = bias_or_zeros(&weights.b1, d_ff);
             if weights.w3.is_some() {
