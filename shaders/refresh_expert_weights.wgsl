@@ -5,10 +5,11 @@
 // weight_textures::upload_weight_textures for f32.
 //
 // Dispatch: one invocation per texel of the shard's layers, workgroups of 64 in 2-D.
-// Bindings: 0 params, 1 parameters, 2 the tensor's quants plane (rgba32uint, write).
+// Bindings: 0 params, 1 parameters as vec4s (rows padded, tensors on vec4s), 2 the tensor's
+// quants plane (rgba32uint, write).
 
 @group(0) @binding(0) var<uniform> params: RefreshParams;
-@group(0) @binding(1) var<storage, read> parameters: array<f32>;
+@group(0) @binding(1) var<storage, read> parameters: array<vec4<f32>>;
 @group(0) @binding(2) var quants: texture_storage_2d_array<rgba32uint, write>;
 
 @compute @workgroup_size(64)
@@ -28,14 +29,11 @@ fn main(
     let row = 4u * quad + texel % 4u;
     let k = 4u * (texel / 4u);
     let expert = params.first_expert + layer;
+    // A row's padding columns hold zeros in the parameter buffer too: whole vec4s move.
     var bits = vec4(0u);
     if (row < params.rows) {
         let row_at = params.tensor_at + (expert * params.rows + row) * params.width;
-        for (var c = 0u; c < 4u; c++) {
-            if (k + c < params.cols) {
-                bits[c] = bitcast<u32>(parameters[row_at + k + c]);
-            }
-        }
+        bits = bitcast<vec4<u32>>(parameters[(row_at + k) / 4u]);
     }
     textureStore(quants, vec2(texel, quad), layer, bits);
 }

@@ -8,7 +8,8 @@
 //! tensors already on the device, timed on the wall clock from encoding to the GPU being
 //! done, with nothing read back (the host `backward` would also read back every weight's
 //! gradient: N experts' for the MoE, one for the dense FFN). Every case runs dropless, so
-//! both do the same expert FLOPs. The four timings take turns, run by run. Then each kernel
+//! both do the same expert FLOPs. The five timings (grouped forward, backward and AdamW
+//! step, dense forward and backward) take turns, run by run. Then each kernel
 //! of the grouped step alone (`MoeLayer::profile_training`), with the GFLOP/s of the
 //! matmuls: the forward's two beside the backward's four.
 
@@ -18,6 +19,7 @@ use switch_moe::gpu::KernelTime;
 use switch_moe::rng::SeededRng;
 use switch_moe::{
     GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
+    Optimizer,
 };
 
 use crate::{time_interleaved, Args};
@@ -30,9 +32,10 @@ pub struct TrainRecord {
     top_k: usize,
     d_model: usize,
     d_ff: usize,
-    /// Median ms of the grouped training forward, backward; the dense ones.
+    /// Median ms of the grouped training forward, backward, AdamW step; the dense ones.
     grouped_forward_ms: f64,
     grouped_backward_ms: f64,
+    grouped_step_ms: f64,
     dense_forward_ms: f64,
     dense_backward_ms: f64,
     /// Bytes of the forward's and the backward's scratch (activation memory).
@@ -94,13 +97,17 @@ fn print_kernels(kernels: &[KernelRecord]) {
     println!("        kernels: {}", line.join(" | "));
 }
 
-fn trainable(context: &GpuContext, config: &MoeConfig, weights: &MoeWeights) -> MoeLayer {
+/// A trainable layer, or the error saying why this device cannot hold one.
+fn trainable(
+    context: &GpuContext,
+    config: &MoeConfig,
+    weights: &MoeWeights,
+) -> switch_moe::Result<MoeLayer> {
     let options = LayerOptions {
         trainable: true,
         ..LayerOptions::default()
     };
     MoeLayer::with_options(context, config.clone(), weights, options)
-        .unwrap_or_else(|e| panic!("building a trainable layer: {e}"))
 }
 
 /// A layer's training calls recorded into an encoder of the bench's own, with its tensors
@@ -181,22 +188,35 @@ impl<'a> Encoded<'a> {
                 .unwrap_or_else(|e| panic!("backward: {e}"));
         })
     }
+
+    /// A training forward and backward (not timed), then an AdamW step (timed: the
+    /// optimizer over every parameter and the refresh of the forward's weights).
+    fn step_seconds(&self, coefficients: LossCoefficients) -> f64 {
+        self.backward_seconds(coefficients);
+        self.run(|encoder| {
+            self.layer
+                .encode_step(encoder, &Optimizer::adam_w(1e-4))
+                .unwrap_or_else(|e| panic!("step: {e}"));
+        })
+    }
 }
 
 pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
     let (d_model, d_ff) = (args.d_model, args.d_ff);
     println!(
-        "training step: encoded forward_train and backward (submit to done, nothing read back), dropless; \
-         dense = one expert over T·k tokens"
+        "training step: encoded forward_train, backward and AdamW step (submit to done, nothing \
+         read back), dropless; dense = one expert over T·k tokens; step/fwd = (fwd + bwd + step) / fwd"
     );
     println!(
-        "{:>5} {:>6} {:>3} | {:>10} {:>10} {:>8} | {:>10} {:>10} | {:>12} {:>10}",
+        "{:>5} {:>6} {:>3} | {:>10} {:>10} {:>8} {:>9} {:>8} | {:>10} {:>10} | {:>12} {:>10}",
         "N",
         "T",
         "k",
         "fwd ms",
         "bwd ms",
         "bwd/fwd",
+        "step ms",
+        "step/fwd",
         "dense fwd",
         "dense bwd",
         "MoE / dense",
@@ -217,7 +237,13 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     d_ff,
                 };
                 let weights = MoeWeights::random(shape, false, true, 5);
-                let layer = trainable(context, &config, &weights);
+                let layer = match trainable(context, &config, &weights) {
+                    Ok(layer) => layer,
+                    Err(error) => {
+                        println!("{n:>5} {tokens:>6} {top_k:>3} | not trainable here: {error}");
+                        continue;
+                    }
+                };
                 let dense_config = MoeConfig {
                     top_k: 1,
                     drop_tokens: false,
@@ -232,7 +258,8 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     true,
                     6,
                 );
-                let dense = trainable(context, &dense_config, &dense_weights);
+                let dense = trainable(context, &dense_config, &dense_weights)
+                    .unwrap_or_else(|e| panic!("the dense FFN: {e}"));
                 let coefficients = LossCoefficients {
                     aux: 0.01,
                     z: 0.001,
@@ -242,6 +269,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                 let mut times = {
                     let mut forward = || grouped.forward_seconds();
                     let mut backward = || grouped.backward_seconds(coefficients);
+                    let mut step = || grouped.step_seconds(coefficients);
                     let mut dense_forward = || floor.forward_seconds();
                     let mut dense_backward = || floor.backward_seconds(coefficients);
                     time_interleaved(
@@ -249,6 +277,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                         &mut [
                             &mut forward,
                             &mut backward,
+                            &mut step,
                             &mut dense_forward,
                             &mut dense_backward,
                         ],
@@ -265,6 +294,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     d_ff,
                     grouped_forward_ms: next(),
                     grouped_backward_ms: next(),
+                    grouped_step_ms: next(),
                     dense_forward_ms: next(),
                     dense_backward_ms: next(),
                     scratch_bytes: layer.scratch_bytes() + layer.training_scratch_bytes(),
@@ -273,14 +303,17 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                 };
                 let grouped = record.grouped_forward_ms + record.grouped_backward_ms;
                 let floor = record.dense_forward_ms + record.dense_backward_ms;
+                let step = grouped + record.grouped_step_ms;
                 println!(
-                    "{:>5} {:>6} {:>3} | {:>10.2} {:>10.2} {:>8.2} | {:>10.2} {:>10.2} | {:>12.2} {:>8.1} MiB",
+                    "{:>5} {:>6} {:>3} | {:>10.2} {:>10.2} {:>8.2} {:>9.2} {:>8.2} | {:>10.2} {:>10.2} | {:>12.2} {:>8.1} MiB",
                     n,
                     tokens,
                     top_k,
                     record.grouped_forward_ms,
                     record.grouped_backward_ms,
                     record.grouped_backward_ms / record.grouped_forward_ms,
+                    record.grouped_step_ms,
+                    step / record.grouped_forward_ms,
                     record.dense_forward_ms,
                     record.dense_backward_ms,
                     grouped / floor,

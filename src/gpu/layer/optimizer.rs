@@ -70,13 +70,13 @@ impl MoeLayer {
         let counts = training.shards.buffer_floats();
         let grids = counts
             .iter()
-            .map(|&count| grid_2d(div_ceil(count, TRAINING_WORKGROUP as usize), max_dim))
+            .map(|&count| grid_2d(div_ceil(count / 4, TRAINING_WORKGROUP as usize), max_dim))
             .collect::<Result<Vec<_>>>()?;
-        // AdamW keeps two moments per parameter; SGD none (4-byte stand-ins for the
+        // AdamW keeps two moments per parameter; SGD none (one-vec4 stand-ins for the
         // bindings). Switching to AdamW starts its moments and step count afresh.
         let floats: Vec<usize> = match optimizer {
             Optimizer::AdamW { .. } => counts.clone(),
-            Optimizer::Sgd { .. } => vec![1; counts.len()],
+            Optimizer::Sgd { .. } => vec![4; counts.len()],
         };
         if state.optimizer.as_ref().is_some_and(|m| {
             m.buffers

@@ -108,14 +108,15 @@ impl ParameterShards {
             + bias(layout.b3, f4)
     }
 
-    /// Floats of the router's buffer: its weight, then its bias.
+    /// Floats of the router's buffer: its weight, then its bias, then zeros to a whole
+    /// vec4 (the optimizer steps four at a time).
     pub fn router_floats(&self) -> usize {
         let LayerShape {
             num_experts: n,
             d_model: d,
             ..
         } = self.layout.shape;
-        n * d + self.layout.router_bias.map_or(0, |_| n)
+        padded_to_vec4(n * d + self.layout.router_bias.map_or(0, |_| n))
     }
 
     /// Floats of every buffer: the router's, then each shard's.

@@ -1,4 +1,4 @@
-//! The optimizer's moments on the device (AdamW; 4-byte stand-ins for SGD), one pair per
+//! The optimizer's moments on the device (AdamW; one-vec4 stand-ins for SGD), one pair per
 //! parameter buffer, its AdamW step count (for the bias corrections), and each buffer's
 //! step params and bind group, built once.
 
