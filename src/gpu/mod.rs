@@ -17,7 +17,9 @@ pub mod plan;
 pub mod resources;
 
 pub use device::context::{AdapterSummary, GpuContext};
-pub use layer::{BackwardTrace, ForwardTrace, KernelTime, LayerOptions, MoeLayer};
+#[cfg(not(target_arch = "wasm32"))]
+pub use layer::KernelTime;
+pub use layer::{BackwardTrace, ForwardTrace, LayerOptions, MoeLayer};
 pub use plan::optimizer::{AdamWState, Optimizer};
 pub use plan::sizes::StatisticsLayout;
 

@@ -27,7 +27,9 @@ pub(crate) enum DyFrom<'a> {
     Host(&'a [f32]),
     /// A caller's buffer (`COPY_SRC`, at least T·D floats), copied in the encoder.
     Buffer(&'a wgpu::Buffer),
-    /// The one the last backward left in the backward's scratch (profiling reruns).
+    /// The one the last backward left in the backward's scratch (profiling reruns,
+    /// native only).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     Kept,
 }
 

@@ -8,10 +8,12 @@ mod experts;
 mod inference;
 mod moe_layer;
 mod optimizer;
+#[cfg(not(target_arch = "wasm32"))]
 mod profile;
 mod trace;
 mod training;
 
 pub use moe_layer::{LayerOptions, MoeLayer};
+#[cfg(not(target_arch = "wasm32"))]
 pub use profile::KernelTime;
 pub use trace::{BackwardTrace, ForwardTrace};

@@ -31,7 +31,6 @@ impl MoeLayer {
     /// `passes::backward`). The layer keeps the training forward it ran, as
     /// [`MoeLayer::forward_train`] does. For benchmarks: it blocks, and each time includes
     /// a submission's overhead.
-    #[cfg(not(target_arch = "wasm32"))]
     pub fn profile_training(
         &self,
         x: &[f32],

@@ -160,6 +160,8 @@ pub(crate) fn encode(
 }
 
 /// The kernels of the backward's dispatches, in order, for weights in `shards` shards.
+// Profiling (native only) names them.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub(crate) fn launch_names(shards: usize) -> Vec<&'static str> {
     let mut names = vec!["gate_backward", "stage_tokens (dy)"];
     for name in [

@@ -98,6 +98,8 @@ fn dispatch_matmuls(
 
 /// Records `projection`'s matmul over one weight shard alone, in a workspace whose forward
 /// has run (to time it: it overwrites what it writes from the same inputs).
+// Profiling (native only) times them.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub(crate) fn encode_matmul_shard(
     encoder: &mut wgpu::CommandEncoder,
     (device, kernels): (&wgpu::Device, &Kernels),
