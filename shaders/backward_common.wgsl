@@ -33,9 +33,13 @@ struct BackwardParams {
     // 1: the training forward was forward_experts (the caller's routes and weights, no
     // router): gate_backward writes dL/dw, and the router's terms are left out.
     pre_routed: u32,
+    // The tokens of the whole batch (the aux and z losses' T): num_tokens unless the batch
+    // runs in chunks.
+    loss_tokens: u32,
+    // 1 for every chunk of a batch after the first: the gradient kernels add to what the
+    // earlier chunks wrote (in chunk order, so the same bits on every run).
+    accumulate: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 // A weight shard's experts in its parameter (gradient) buffer: the first and how many, and

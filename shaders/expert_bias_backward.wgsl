@@ -21,6 +21,14 @@
 @group(0) @binding(7) var<uniform> shard: ShardParams;
 @group(0) @binding(8) var<storage, read_write> gradients: array<vec4<f32>>;
 
+// `value`, plus what the earlier chunks of the batch left at `at` (accumulate).
+fn accumulated(at: u32, value: vec4<f32>) -> vec4<f32> {
+    if (params.accumulate != 0u) {
+        return gradients[at] + value;
+    }
+    return value;
+}
+
 @compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
@@ -58,7 +66,8 @@ fn main(
                 sum += d_a[at];
             }
         }
-        gradients[bias_at / 4u + local * f_quads + q] = sum;
+        let at = bias_at / 4u + local * f_quads + q;
+        gradients[at] = accumulated(at, sum);
         return;
     }
     if (shard.b2_at == ABSENT) {
@@ -71,5 +80,6 @@ fn main(
         let token = slot_token[slot];
         sum += slot_scale[slot] * textureLoad(dy_rows, vec2(q, token % height), token / height, 0);
     }
-    gradients[shard.b2_at / 4u + local * d_quads + q] = sum;
+    let at = shard.b2_at / 4u + local * d_quads + q;
+    gradients[at] = accumulated(at, sum);
 }

@@ -89,8 +89,17 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
         if (d >= d_model) {
             break;
         }
-        gradients[shard.w2_at / 4u + (local_expert * d_model + d) * f4 + col4] = rows[r];
+        let at = shard.w2_at / 4u + (local_expert * d_model + d) * f4 + col4;
+        gradients[at] = accumulated(at, rows[r]);
     }
+}
+
+// `value`, plus what the earlier chunks of the batch left at `at` (accumulate).
+fn accumulated(at: u32, value: vec4<f32>) -> vec4<f32> {
+    if (params.accumulate != 0u) {
+        return gradients[at] + value;
+    }
+    return value;
 }
 
 @compute @workgroup_size(LANES)

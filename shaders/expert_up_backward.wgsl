@@ -92,8 +92,17 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
         if (f >= d_ff) {
             break;
         }
-        gradients[matrix_at + (local_expert * d_ff + f) * d4 + col4] = rows[r];
+        let at = matrix_at + (local_expert * d_ff + f) * d4 + col4;
+        gradients[at] = accumulated(at, rows[r]);
     }
+}
+
+// `value`, plus what the earlier chunks of the batch left at `at` (accumulate).
+fn accumulated(at: u32, value: vec4<f32>) -> vec4<f32> {
+    if (params.accumulate != 0u) {
+        return gradients[at] + value;
+    }
+    return value;
 }
 
 @compute @workgroup_size(LANES)

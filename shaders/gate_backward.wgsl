@@ -17,7 +17,8 @@
 //
 // Dispatch: one invocation per token, workgroups of 64 in 2-D.
 // Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 logits [T, N], 4 routes [T, k],
-// 5 gates [T, k], 6 assignment_slot [T, k], 7 expert_out [slots, D], 8 expert_table,
+// 5 gates [T, k], 6 assignment_slot [T, k], 7 expert_out [slots, D], 8 counts [N] (the
+// whole batch's, when it runs in chunks; T in the loss terms is loss_tokens),
 // 9 d_logits [T, N], 10 slot_scale [slots] (s_j: dO[slot] = s_j·dy[t]),
 // 11 pass_scale [T] (π when the token passed through, else 0), 12 prob_sum_grad [N] (g).
 
@@ -29,7 +30,7 @@
 @group(0) @binding(5) var<storage, read> gates: array<f32>;
 @group(0) @binding(6) var<storage, read> assignment_slot: array<u32>;
 @group(0) @binding(7) var<storage, read> expert_out: array<f32>;
-@group(0) @binding(8) var<storage, read> expert_table: array<u32>;
+@group(0) @binding(8) var<storage, read> counts: array<u32>;
 @group(0) @binding(9) var<storage, read_write> d_logits: array<f32>;
 @group(0) @binding(10) var<storage, read_write> slot_scale: array<f32>;
 @group(0) @binding(11) var<storage, read_write> pass_scale: array<f32>;
@@ -83,7 +84,7 @@ fn main(
         return;
     }
     let scale_by_prob = params.scale_by_prob != 0u;
-    let tokens = f32(params.num_tokens);
+    let tokens = f32(params.loss_tokens);
 
     // The softmax as route_tokens computed it.
     var max_logit = logits[row];
@@ -99,7 +100,7 @@ fn main(
     // dp starts as route_prob_sum's terms: the aux loss's α·N·counts[e] / T², plus g[e].
     let aux_scale = params.aux_coef * f32(n) / (tokens * tokens);
     for (var e = 0u; e < n; e++) {
-        d_logits[row + e] = aux_scale * f32(expert_table[e]) + prob_sum_grad[e];
+        d_logits[row + e] = aux_scale * f32(counts[e]) + prob_sum_grad[e];
     }
 
     // Σ_j q_j over all choices, for the normalisation.

@@ -78,7 +78,8 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
         for (var c = 0u; c < 4u; c++) {
             let d = block_col0 + 4u * col_quad + c;
             if (d < d_model) {
-                gradients[params.router_weight_at + e * d_model + d] = value[c][r];
+                let at = params.router_weight_at + e * d_model + d;
+                gradients[at] = select(0.0, gradients[at], params.accumulate != 0u) + value[c][r];
             }
         }
     }
@@ -107,6 +108,7 @@ fn main(
         for (var t = 0u; t < num_tokens; t++) {
             sum += d_logits[t * n + e];
         }
-        gradients[params.router_bias_at + e] = sum;
+        let at = params.router_bias_at + e;
+        gradients[at] = select(0.0, gradients[at], params.accumulate != 0u) + sum;
     }
 }

@@ -153,3 +153,83 @@ fn a_million_tokens() {
         |e| relative * reference.route_prob_sum[e] as f64,
     );
 }
+
+/// A trainable layer with bindings capped at `cap` bytes, which chunks batches.
+fn trainable_capped(config: &MoeConfig, weights: &MoeWeights, cap: Option<u64>) -> MoeLayer {
+    let options = LayerOptions {
+        trainable: true,
+        max_activation_binding_bytes: cap,
+        ..Default::default()
+    };
+    MoeLayer::with_options(&gpu(), config.clone(), weights, options).unwrap()
+}
+
+fn check_chunked_training(config: MoeConfig, num_tokens: usize, cap: u64, seed: u64) {
+    use switch_moe::cpu_backward::{self, LossCoefficients};
+    use switch_moe::rng::SeededRng;
+    let weights = MoeWeights::random(shape(6, 16, 24), config.gated, true, seed);
+    let x = tokens(num_tokens, 16, seed);
+    let dy = SeededRng::new(seed ^ 0xC4).normal_vec(x.len());
+    // The aux and z losses need the whole batch's counts and T in every chunk.
+    let coefficients = LossCoefficients { aux: 0.05, z: 0.01 };
+    let shape = [num_tokens, 16];
+    let chunked = trainable_capped(&config, &weights, Some(cap));
+    let output = chunked.forward_train(&x, &shape).unwrap();
+    let reference = cpu_forward(&config, &weights, &x, &shape);
+    assert_matches_reference(&config, &weights, &x, &output, &reference);
+    let gradients = chunked.backward(&dy, coefficients).unwrap();
+    let cpu = cpu_backward::backward(&config, &weights, &x, &shape, &dy, coefficients).unwrap();
+    let depth = 16 + 24 + num_tokens * config.top_k + 6;
+    assert_gradients_close("chunked backward", &gradients, &cpu, depth);
+    // Equal to one pass within the same bounds, and rerun bit for bit.
+    let whole = trainable_capped(&config, &weights, None);
+    whole.forward_train(&x, &shape).unwrap();
+    let one_pass = whole.backward(&dy, coefficients).unwrap();
+    assert_gradients_close("chunked against one pass", &gradients, &one_pass, depth);
+    chunked.forward_train(&x, &shape).unwrap();
+    assert_eq!(
+        chunked.backward(&dy, coefficients).unwrap(),
+        gradients,
+        "rerun"
+    );
+    // The chunked path really ran: the backward's scratch holds a chunk, not the batch.
+    assert!(
+        2 * chunked.training_scratch_bytes() <= whole.training_scratch_bytes(),
+        "backward scratch {} bytes against {} in one pass: the batch was not chunked",
+        chunked.training_scratch_bytes(),
+        whole.training_scratch_bytes()
+    );
+    // A step after the chunked backward moves the weights as after the one-pass one.
+    chunked.step(&switch_moe::Optimizer::adam_w(0.01)).unwrap();
+    whole.step(&switch_moe::Optimizer::adam_w(0.01)).unwrap();
+    let (a, b) = (
+        chunked.trained_weights().unwrap(),
+        whole.trained_weights().unwrap(),
+    );
+    let moved = |w: &MoeWeights| w.router_weight.clone();
+    assert_close("router after a step", &moved(&a), &moved(&b), |_| 1e-5);
+    // Traces and the encoded backward cover one pass: clear errors.
+    chunked.forward_train(&x, &shape).unwrap();
+    assert!(matches!(
+        chunked.backward_with_trace(&dy, coefficients),
+        Err(MoeError::Training { .. })
+    ));
+}
+
+#[test]
+fn training_batches_beyond_one_pass_run_in_chunks() {
+    // Dropless, top-2, gated: chunks anywhere.
+    let dropless = MoeConfig {
+        drop_tokens: false,
+        gated: true,
+        ..config(2)
+    };
+    check_chunked_training(dropless, 700, 16 << 10, 11);
+    // With capacity groups of 100 and dropping: chunks of whole groups.
+    let grouped = MoeConfig {
+        group_size: Some(100),
+        capacity_factor: 0.8,
+        ..config(2)
+    };
+    check_chunked_training(grouped, 600, 64 << 10, 12);
+}

@@ -91,7 +91,11 @@ pub struct BackwardParams {
     pub router_bias_at: u32,
     /// 1 after `forward_experts_train`: no router in the graph (see gate_backward.wgsl).
     pub pre_routed: u32,
-    pub _pad: [u32; 3],
+    /// The whole batch's tokens (the aux and z losses' T), when it runs in chunks.
+    pub loss_tokens: u32,
+    /// 1 for a batch's chunks after the first: the gradients add up in chunk order.
+    pub accumulate: u32,
+    pub _pad: u32,
 }
 
 /// `ShardParams` of the backward's weight-gradient kernels (backward_common.wgsl): a weight

@@ -15,10 +15,10 @@ use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::layer::trace::BackwardTrace;
 use crate::gpu::passes;
 use crate::gpu::passes::backward::{BackwardInputs, BackwardKernels};
-use crate::gpu::plan::backward::{backward_params, BackwardGrids};
+use crate::gpu::plan::backward::{backward_params, BackwardGrids, BatchPart};
 use crate::gpu::plan::forward::Routing;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
-use crate::gpu::resources::training::{Training, TrainingState};
+use crate::gpu::resources::training::{Training, TrainingRecord, TrainingState};
 use crate::gradients::Gradients;
 
 /// Where a backward's `dy` comes from.
@@ -30,6 +30,16 @@ pub(crate) enum DyFrom<'a> {
     /// The one the last backward left in the backward's scratch (profiling reruns,
     /// native only).
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    Kept,
+}
+
+/// Where one pass of a backward takes dy from.
+pub(crate) enum PassDy<'a> {
+    /// Host values (checked), written through the queue.
+    Queue(&'a [f32]),
+    /// A buffer, from a byte offset, copied in the encoder.
+    Buffer(&'a wgpu::Buffer, u64),
+    /// What the scratch holds already.
     Kept,
 }
 
@@ -109,6 +119,23 @@ impl MoeLayer {
         wait: Wait,
     ) -> Result<BackwardRead> {
         let training = self.training()?;
+        if routing == Routing::Router && self.training_state()?.chunks.is_some() {
+            if with_trace {
+                return Err(MoeError::Training {
+                    message: "a backward trace covers one pass: the last training forward \
+                              ran in chunks (a batch beyond one pass)"
+                        .to_string(),
+                });
+            }
+            let gradients = self
+                .run_backward_chunked(dy, route_prob_sum_grad, coefficients, wait)
+                .await?;
+            return Ok(BackwardRead {
+                gradients,
+                trace: None,
+                top_k_weights: None,
+            });
+        }
         let gradient_floats = training.shards.buffer_floats();
         // The lock is held while encoding, not while the GPU works: the submitted commands
         // keep their buffers.
@@ -275,9 +302,13 @@ impl MoeLayer {
         launches: Range<usize>,
     ) -> Result<(BackwardScratch, usize)> {
         let record = state.record.as_ref().ok_or_else(|| MoeError::Training {
-            message: match routing {
-                Routing::Router => "backward needs a forward_train first",
-                Routing::PreRouted => "backward_experts needs a forward_experts_train first",
+            message: match (routing, state.chunks.is_some()) {
+                (Routing::Router, true) => {
+                    "the last training forward ran in chunks (a batch beyond one pass): its \
+                     backward is the host backward"
+                }
+                (Routing::Router, false) => "backward needs a forward_train first",
+                (Routing::PreRouted, _) => "backward_experts needs a forward_experts_train first",
             }
             .to_string(),
         })?;
@@ -315,6 +346,30 @@ impl MoeLayer {
                 }
             }
         }
+        self.check_loss_terms(route_prob_sum_grad, coefficients)?;
+        let dy = match dy {
+            DyFrom::Host(dy) => PassDy::Queue(dy),
+            DyFrom::Buffer(dy) => PassDy::Buffer(dy, 0),
+            DyFrom::Kept => PassDy::Kept,
+        };
+        let scratch = self.record_pass(
+            training,
+            (state.scratch.take(), record),
+            encoder,
+            (dy, routing, BatchPart::whole(&record.plan), None),
+            (route_prob_sum_grad, coefficients),
+            launches,
+        )?;
+        Ok((scratch, values))
+    }
+
+    /// The loss's terms beyond dy: a caller's gradient of route_prob_sum `[N]` (finite)
+    /// and finite coefficients.
+    pub(crate) fn check_loss_terms(
+        &self,
+        route_prob_sum_grad: Option<&[f32]>,
+        coefficients: LossCoefficients,
+    ) -> Result<()> {
         check_prob_sum_grad(route_prob_sum_grad, self.shape.num_experts)?;
         for (key, value) in [
             ("aux_loss_coef", coefficients.aux),
@@ -324,6 +379,22 @@ impl MoeLayer {
                 return Err(MoeError::config(key, format!("{value} is not finite")));
             }
         }
+        Ok(())
+    }
+
+    /// Records the backward of one training pass (`record`, `part` of its batch) with the
+    /// backward's scratch `scratch` fitted to it (returned), dy from `dy`, and the batch's
+    /// counts (`None`: the pass's own).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn record_pass(
+        &self,
+        training: &Training,
+        (scratch, record): (Option<BackwardScratch>, &TrainingRecord),
+        encoder: &mut wgpu::CommandEncoder,
+        (dy, routing, part, batch_counts): (PassDy<'_>, Routing, BatchPart, Option<&[u32]>),
+        (route_prob_sum_grad, coefficients): (Option<&[f32]>, LossCoefficients),
+        launches: Range<usize>,
+    ) -> Result<BackwardScratch> {
         let plan = record.plan;
         let gated = self.config.gated;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
@@ -331,27 +402,34 @@ impl MoeLayer {
         let shard_experts: Vec<usize> = self.weights.shards.iter().map(|s| s.num_experts).collect();
         let grids = BackwardGrids::new(&plan, (gated, &shard_experts), tiling, max_dim)?;
         let mut scratch = BackwardScratch::fitted(
-            state.scratch.take(),
+            scratch,
             &self.device,
             (self.shape, gated),
             (plan.num_tokens, plan.max_slots()),
             training.shards.buffer_floats().iter().sum(),
         );
-        let params = backward_params(&plan, gated, routing, coefficients, &training.shards);
+        let params = backward_params(
+            (&plan, part),
+            gated,
+            routing,
+            coefficients,
+            &training.shards,
+        );
         let zeros = vec![0.0f32; self.shape.num_experts];
         let dy = match dy {
-            DyFrom::Host(dy) => {
+            PassDy::Queue(dy) => {
                 self.queue
                     .write_buffer(&scratch.dy, 0, bytemuck::cast_slice(dy));
                 None
             }
-            DyFrom::Buffer(dy) => Some(dy),
-            DyFrom::Kept => None,
+            PassDy::Buffer(dy, offset) => Some((dy, offset)),
+            PassDy::Kept => None,
         };
         let inputs = BackwardInputs {
             params: &params,
             prob_sum_grad: route_prob_sum_grad.unwrap_or(&zeros),
             dy,
+            batch_counts,
         };
         let kernels = BackwardKernels {
             forward: &self.kernels,
@@ -367,7 +445,7 @@ impl MoeLayer {
             inputs,
             launches,
         );
-        Ok((scratch, values))
+        Ok(scratch)
     }
 
     /// [`MoeLayer::backward`] recorded into the caller's encoder after an encoded (or host)

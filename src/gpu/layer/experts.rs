@@ -9,6 +9,7 @@
 use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
 use crate::gpu::device::readback::{copy_and_submit, read_mapped, Wait};
+use crate::gpu::layer::chunked_training::released_workspaces;
 use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::layer::trace::BackwardTrace;
 use crate::gpu::passes;
@@ -161,7 +162,7 @@ impl MoeLayer {
         let idle = if train {
             let mut state = self.training_state()?;
             state.has_gradients = false;
-            state.record.take().map(|record| record.workspace)
+            released_workspaces(&mut state).pop()
         } else {
             self.pool.lock().ok().and_then(|mut pool| pool.pop())
         };

@@ -3,6 +3,7 @@
 //! alone, training and optimizer steps. The host conveniences wrap the passes' encoders.
 
 mod backward;
+mod chunked_training;
 mod encoded;
 mod experts;
 mod inference;

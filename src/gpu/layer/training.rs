@@ -4,6 +4,7 @@
 
 use crate::error::{MoeError, Result};
 use crate::gpu::device::readback::Wait;
+use crate::gpu::layer::chunked_training::released_workspaces;
 use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::plan::forward::Routing;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
@@ -44,8 +45,10 @@ impl MoeLayer {
     }
 
     /// A forward that keeps what the backward needs (the layer keeps the last one; the
-    /// next [`MoeLayer::backward`] differentiates it). The batch must fit one pass
-    /// ([`MoeLayer::max_tokens_per_pass`]); the layer must be trainable.
+    /// next [`MoeLayer::backward`] differentiates it); the layer must be trainable. A batch
+    /// beyond one pass ([`MoeLayer::max_tokens_per_pass`]) runs in chunks of whole capacity
+    /// groups, as [`MoeLayer::forward`] does, and keeps every chunk's pass: its backward
+    /// then gives the whole batch's gradients.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_train(&self, x: &[f32], shape: &[usize]) -> Result<MoeOutput> {
         pollster::block_on(self.forward_train_with(x, shape, Wait::Block))
@@ -62,13 +65,20 @@ impl MoeLayer {
         shape: &[usize],
         wait: Wait,
     ) -> Result<MoeOutput> {
-        let plan = self.plan(num_tokens_of(shape, x.len(), self.shape.d_model)?)?;
+        let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
+        let chunk = self.chunk_tokens(num_tokens)?;
+        if chunk < num_tokens {
+            return self
+                .forward_train_chunked(x, shape, (num_tokens, chunk), wait)
+                .await;
+        }
+        let plan = self.plan(num_tokens)?;
         // The previous record's workspace is reused; a failed forward keeps no record. No
         // lock is held while the GPU works.
         let previous = {
             let mut state = self.training_state()?;
             state.has_gradients = false;
-            state.record.take().map(|record| record.workspace)
+            released_workspaces(&mut state).pop()
         };
         let mut kept = None;
         let run = self
@@ -99,7 +109,7 @@ impl MoeLayer {
         let plan = self.plan_encoded(x, y, statistics, num_tokens)?;
         let mut state = self.training_state()?;
         state.has_gradients = false;
-        let previous = state.record.take().map(|record| record.workspace);
+        let previous = released_workspaces(&mut state).pop();
         let workspace = self.fitted(previous, &plan);
         let recorded = self.encode_forward_in(encoder, &workspace, &plan, x, y, statistics);
         state.record = Some(TrainingRecord {

@@ -34,9 +34,12 @@ pub(crate) struct BackwardInputs<'a> {
     pub(crate) params: &'a BackwardParams,
     /// `[N]`: the caller's gradient of route_prob_sum (zeros when it has none).
     pub(crate) prob_sum_grad: &'a [f32],
-    /// A caller's `dy` buffer (`COPY_SRC`, at least T·D floats) copied in inside the
-    /// command stream; `None` when `dy` was written to the scratch through the queue.
-    pub(crate) dy: Option<&'a wgpu::Buffer>,
+    /// A buffer (`COPY_SRC`) holding `dy` (T·D floats) from a byte offset, copied in inside
+    /// the command stream; `None` when `dy` was written to the scratch through the queue.
+    pub(crate) dy: Option<(&'a wgpu::Buffer, u64)>,
+    /// The batch's counts for the aux loss: `None` takes the forward's (its expert table's
+    /// head), a chunked batch gives its totals.
+    pub(crate) batch_counts: Option<&'a [u32]>,
 }
 
 /// The pipelines the backward runs: training's, and the forward's stage_tokens.
@@ -68,22 +71,26 @@ pub(crate) fn encode(
     inputs: BackwardInputs<'_>,
     launches: Range<usize>,
 ) {
-    encode_writes(
-        device,
-        encoder,
-        "backward params",
-        &[
-            (&scratch.params, bytemuck::bytes_of(inputs.params)),
-            (
-                &scratch.prob_sum_grad,
-                bytemuck::cast_slice(inputs.prob_sum_grad),
-            ),
-        ],
-    );
-    if let Some(dy) = inputs.dy {
+    let mut writes = vec![
+        (&scratch.params, bytemuck::bytes_of(inputs.params)),
+        (
+            &scratch.prob_sum_grad,
+            bytemuck::cast_slice(inputs.prob_sum_grad),
+        ),
+    ];
+    match inputs.batch_counts {
+        Some(counts) => writes.push((&scratch.batch_counts, bytemuck::cast_slice(counts))),
+        None => {
+            let bytes = inputs.params.num_experts as u64 * 4;
+            let table = &workspace.scratch.expert_table;
+            encoder.copy_buffer_to_buffer(table, 0, &scratch.batch_counts, 0, bytes);
+        }
+    }
+    encode_writes(device, encoder, "backward params", &writes);
+    if let Some((dy, offset)) = inputs.dy {
         let params = inputs.params;
         let bytes = (params.num_tokens as usize * params.d_model as usize * 4) as u64;
-        encoder.copy_buffer_to_buffer(dy, 0, &scratch.dy, 0, bytes);
+        encoder.copy_buffer_to_buffer(dy, offset, &scratch.dy, 0, bytes);
     }
     let fresh = scratch
         .bound
@@ -202,7 +209,7 @@ fn bind_groups(
                 &w.gates,
                 &w.assignment_slot,
                 &w.expert_out,
-                &w.expert_table,
+                &s.batch_counts,
                 &s.d_logits,
                 &s.slot_scale,
                 &s.pass_scale,

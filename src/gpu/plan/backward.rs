@@ -23,10 +23,28 @@ const _: () = {
     }
 };
 
-/// The `BackwardParams` of the backward of `plan` (a forward of `routing`) for a layer of
-/// `gated` experts whose parameters sit on the device as `shards`.
+/// Which part of a batch a backward pass is: the batch's tokens (the losses' T) and whether
+/// earlier chunks of it already wrote gradients to add to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPart {
+    pub loss_tokens: usize,
+    pub accumulate: bool,
+}
+
+impl BatchPart {
+    /// A batch in one pass of `plan`.
+    pub fn whole(plan: &ForwardPlan) -> Self {
+        BatchPart {
+            loss_tokens: plan.num_tokens,
+            accumulate: false,
+        }
+    }
+}
+
+/// The `BackwardParams` of the backward of `plan` (a forward of `routing`, `part` of its
+/// batch) for a layer of `gated` experts whose parameters sit on the device as `shards`.
 pub fn backward_params(
-    plan: &ForwardPlan,
+    (plan, part): (&ForwardPlan, BatchPart),
     gated: bool,
     routing: Routing,
     coefficients: LossCoefficients,
@@ -51,6 +69,8 @@ pub fn backward_params(
         router_weight_at: 0,
         router_bias_at: shards.router_bias_at(),
         pre_routed: (routing == Routing::PreRouted) as u32,
+        loss_tokens: part.loss_tokens as u32,
+        accumulate: part.accumulate as u32,
         ..Default::default()
     }
 }

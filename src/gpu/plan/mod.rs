@@ -12,7 +12,7 @@ pub mod tiling;
 
 pub use crate::gpu::device::encode::{div_ceil, grid_2d};
 pub use crate::gpu::kernels::tiling::MatmulTiling;
-pub use backward::{backward_params, weight_gradient_tiling, BackwardGrids};
+pub use backward::{backward_params, weight_gradient_tiling, BackwardGrids, BatchPart};
 pub use forward::{ForwardGrids, ForwardPlan, KernelParams, Routing};
 pub use optimizer::{AdamWState, Optimizer};
 pub use parameter_shards::{ExpertOffsets, ParameterShard, ParameterShards};

@@ -30,6 +30,9 @@ pub(crate) struct BackwardScratch {
     pub(crate) d_x_slot: wgpu::Buffer,
     /// `[N]`: the caller's gradient of route_prob_sum (zeros when none).
     pub(crate) prob_sum_grad: wgpu::Buffer,
+    /// `[N]` u32: the batch's counts for the aux loss (the forward's, or a chunked batch's
+    /// totals).
+    pub(crate) batch_counts: wgpu::Buffer,
     pub(crate) params: wgpu::Buffer,
     pub(crate) readback: wgpu::Buffer,
     /// The bind groups of the backward's dispatches and the id of the workspace they were
@@ -95,6 +98,7 @@ impl BackwardScratch {
             d_v: buffer("d_v", if gated { pre_floats } else { 4 }, traced),
             d_x_slot: buffer("d_x_slot", slots * d, traced),
             prob_sum_grad: buffer("prob_sum_grad", n, wgpu::BufferUsages::COPY_DST),
+            batch_counts: buffer("batch_counts", n, wgpu::BufferUsages::COPY_DST),
             params: uniform_buffer(device, "backward params", &BackwardParams::default()),
             // dx, the gradients, and after a pre-routed forward dL/dw (in d_logits).
             readback: staging_buffer(

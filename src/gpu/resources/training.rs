@@ -39,13 +39,24 @@ pub(crate) struct Training {
 
 #[derive(Default)]
 pub(crate) struct TrainingState {
-    /// The last training forward, which the next backward differentiates.
+    /// The last training forward, which the next backward differentiates (one pass).
     pub(crate) record: Option<TrainingRecord>,
+    /// Or the last training forward of a batch beyond one pass, in chunks.
+    pub(crate) chunks: Option<ChunkedBatch>,
     pub(crate) scratch: Option<BackwardScratch>,
     /// The optimizer's moments and step count (see optimizer_state.rs).
     pub(crate) optimizer: Option<OptimizerState>,
     /// Whether `gradients` holds a backward's result (an optimizer step needs one).
     pub(crate) has_gradients: bool,
+}
+
+/// A training forward that ran in chunks (a batch beyond one pass): each chunk's pass, and
+/// the batch's totals its backward needs.
+pub(crate) struct ChunkedBatch {
+    pub(crate) passes: Vec<TrainingRecord>,
+    /// `[N]`: the batch's counts (the aux loss's).
+    pub(crate) counts: Vec<u32>,
+    pub(crate) num_tokens: usize,
 }
 
 /// A training forward's workspace, kept for its backward.
