@@ -38,8 +38,10 @@ pub struct TrainRecord {
     grouped_step_ms: f64,
     dense_forward_ms: f64,
     dense_backward_ms: f64,
-    /// Bytes of the forward's and the backward's scratch (activation memory).
+    /// Bytes of the activations training keeps: the training forward's workspace and the
+    /// backward's scratch; and of the pre-activations within the first.
     scratch_bytes: u64,
+    pre_activation_bytes: u64,
     dispatches_per_backward: usize,
     /// Each kernel of the grouped step alone: name, ms, GFLOP/s (matmuls only).
     kernels: Vec<KernelRecord>,
@@ -208,7 +210,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
          read back), dropless; dense = one expert over T·k tokens; step/fwd = (fwd + bwd + step) / fwd"
     );
     println!(
-        "{:>5} {:>6} {:>3} | {:>10} {:>10} {:>8} {:>9} {:>8} | {:>10} {:>10} | {:>12} {:>10}",
+        "{:>5} {:>6} {:>3} | {:>10} {:>10} {:>8} {:>9} {:>8} | {:>10} {:>10} | {:>12} {:>24}",
         "N",
         "T",
         "k",
@@ -220,7 +222,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
         "dense fwd",
         "dense bwd",
         "MoE / dense",
-        "scratch"
+        "activations (pre-act.)"
     );
     let mut records = Vec::new();
     for &n in &args.experts {
@@ -297,7 +299,9 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     grouped_step_ms: next(),
                     dense_forward_ms: next(),
                     dense_backward_ms: next(),
-                    scratch_bytes: layer.scratch_bytes() + layer.training_scratch_bytes(),
+                    scratch_bytes: layer.training_forward_bytes().0
+                        + layer.training_scratch_bytes(),
+                    pre_activation_bytes: layer.training_forward_bytes().1,
                     dispatches_per_backward: layer.dispatches_per_backward(),
                     kernels: kernel_records(&layer, (tokens, d_model), coefficients, args.runs),
                 };
@@ -305,7 +309,7 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                 let floor = record.dense_forward_ms + record.dense_backward_ms;
                 let step = grouped + record.grouped_step_ms;
                 println!(
-                    "{:>5} {:>6} {:>3} | {:>10.2} {:>10.2} {:>8.2} {:>9.2} {:>8.2} | {:>10.2} {:>10.2} | {:>12.2} {:>8.1} MiB",
+                    "{:>5} {:>6} {:>3} | {:>10.2} {:>10.2} {:>8.2} {:>9.2} {:>8.2} | {:>10.2} {:>10.2} | {:>12.2} {:>10.1} MiB ({:.1} MiB)",
                     n,
                     tokens,
                     top_k,
@@ -317,7 +321,8 @@ pub fn train_sweep(context: &GpuContext, args: &Args) -> Vec<TrainRecord> {
                     record.dense_forward_ms,
                     record.dense_backward_ms,
                     grouped / floor,
-                    record.scratch_bytes as f64 / (1 << 20) as f64
+                    record.scratch_bytes as f64 / (1 << 20) as f64,
+                    record.pre_activation_bytes as f64 / (1 << 20) as f64
                 );
                 print_kernels(&record.kernels);
                 records.push(record);

@@ -289,7 +289,7 @@ impl MoeLayer {
 
     /// Records the backward of the last training forward (which `routing` names) into
     /// `encoder`, with the loss's terms beyond `dy`: checks, the scratch fitted to its
-    /// batch, the Params (inside the command stream), `dy`, the seven dispatches. Returns
+    /// batch, the Params (inside the command stream), `dy`, the dispatches. Returns
     /// the scratch (to go back into `state` once the caller is done with it; `dx` is in
     /// `scratch.dx`) and the values of `x`.
     pub(crate) fn record_backward(

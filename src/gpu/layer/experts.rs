@@ -3,7 +3,7 @@
 //! so the layer's pipeline runs without its router and without capacity — stage, count,
 //! scan, scatter, the expert matmuls, and combine with the caller's weights:
 //! `y[t] = Σ_j w[t, j]·E_{e[t, j]}(x[t])`; and its training forward and backward (the
-//! backward's seven dispatches with the router's terms left out, gate_backward writing
+//! backward's dispatches with the router's terms left out, gate_backward writing
 //! dL/dw_j = dy[t]·E_{e[t, j]}(x[t]) instead).
 
 use crate::cpu_backward::LossCoefficients;

@@ -1,7 +1,7 @@
 //! Optimizer steps on a trainable layer's own parameters, in place on the GPU: the
-//! optimizer pass over the flat parameter buffer with the last backward's gradients, then
-//! the refresh pass rewriting the forward's operands from it, all in one submission; and
-//! the optimizer's state and the weights read back or replaced.
+//! optimizer pass over every parameter buffer (the router's, each shard's) with the last
+//! backward's gradients, then the refresh pass rewriting the forward's operands from them,
+//! all in one submission; and the optimizer's state and the weights read back or replaced.
 
 use crate::error::{MoeError, Result};
 use crate::gpu::device::encode::{div_ceil, grid_2d};

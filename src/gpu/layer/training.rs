@@ -37,6 +37,26 @@ impl MoeLayer {
         state.scratch.as_ref().map_or(0, BackwardScratch::bytes)
     }
 
+    /// Bytes the last training forward keeps for the backward (0 before one): each pass's
+    /// workspace (routing tables, x, logits, hidden rows, expert outputs) and, within them,
+    /// the pre-activations A (and V) it stored: (all of it, the pre-activations).
+    pub fn training_forward_bytes(&self) -> (u64, u64) {
+        let Ok(state) = self.training_state() else {
+            return (0, 0);
+        };
+        let passes = state
+            .record
+            .iter()
+            .chain(state.chunks.iter().flat_map(|batch| batch.passes.iter()));
+        passes.fold((0, 0), |(all, pre), pass| {
+            let sizes = pass.workspace.scratch.sizes;
+            (
+                all + sizes.total_bytes(),
+                pre + sizes.pre_activations as u64 * 4,
+            )
+        })
+    }
+
     /// Dispatches of one backward, whatever the number of experts: gate, the staging of
     /// dy, the router and the combine, and once per weight shard the two per-slot
     /// matmuls, the two weight-gradient ones and the bias sums.

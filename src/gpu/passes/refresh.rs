@@ -1,4 +1,4 @@
-//! The refresh of the forward's own operands from the flat parameter buffer after a step
+//! The refresh of the forward's own operands from the parameter buffers after a step
 //! (or `set_weights`): the prepared dispatches of `resources::weight_refresh` (router and
 //! f32 expert textures), then the bias copies.
 

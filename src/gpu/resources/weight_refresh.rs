@@ -1,6 +1,7 @@
 //! What an optimizer step (or `set_weights`) records to rewrite the forward's own operands
-//! from the flat parameter buffer: the router texture (refresh_router_weights), each
-//! shard's f32 expert textures (refresh_expert_weights), and the bias buffers (copies).
+//! from the parameter buffers (the router's, each shard's): the router texture
+//! (refresh_router_weights), each shard's f32 expert textures (refresh_expert_weights),
+//! and the bias buffers (copies).
 //! Everything here is fixed by the layer, so it is prepared once, when the layer is built;
 //! `passes::refresh` records it.
 
