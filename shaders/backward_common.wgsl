@@ -59,6 +59,22 @@ const ABSENT: u32 = 0xffffffffu;
 const DROPPED: u32 = 0xffffffffu;
 const WORKGROUP: u32 = 64u;
 
+// Where four tokens' rows are in a texture of token rows `height` rows tall (x's or dy's,
+// as stage_tokens lays them out: token t at row t % height of layer t / height); one layer
+// holds every token of the batch unless it is taller than a texture, which saves the
+// division.
+struct TokenTexels {
+    row: vec4<u32>,
+    layer: vec4<u32>,
+}
+
+fn token_texels(tokens: vec4<u32>, height: u32) -> TokenTexels {
+    if (params.num_tokens <= height) {
+        return TokenTexels(tokens, vec4(0u));
+    }
+    return TokenTexels(tokens % height, tokens / height);
+}
+
 // The linear index of an invocation in a 2-D grid of WORKGROUP-wide workgroups
 // (x + y·num_workgroups.x, as device::encode::grid_2d lays them out).
 fn linear_index(workgroup_id: vec3<u32>, num_workgroups: vec3<u32>, lane: u32) -> u32 {

@@ -1,38 +1,26 @@
-// backward_slots: which expert owns a slot of the expert segments, for the backward kernels
-// that work per slot (the shader registry prepends it after backward_common; the kernel
-// declares `expert_table`).
+// backward_slots: where an invocation's block of the backward's per-slot matmuls lies
+// (the shader registry prepends it after backward_common and grouped_matmul to
+// expert_hidden_backward and expert_input_backward; the kernel declares `expert_table` and
+// `shard`). Their rows are the training forward's slots, in its row tiles of one weight
+// shard, dispatched with its indirect arguments as expert_up and expert_down were.
 // expert_table (see scan_expert_offsets.wgsl): counts [N] | kept [N] | tile_start [N + 1] |
-// n_dropped | tile_expert [tiles]. The expert owning `slot`, or ABSENT for a padding slot
-// (past the last tile, or past its expert's kept rows).
-fn slot_expert(slot: u32) -> u32 {
-    let n = params.num_experts;
-    let tile = slot / params.row_tile;
-    if (tile >= expert_table[2u * n + n]) {
-        return ABSENT;
-    }
-    let e = expert_table[3u * n + 2u + tile];
-    let first = expert_table[2u * n + e] * params.row_tile;
-    if (slot - first >= expert_table[n + e]) {
-        return ABSENT;
-    }
-    return e;
-}
+// n_dropped | tile_expert [tiles].
 
-// A block of 4 slots of one row tile (so of one expert): that expert (ABSENT when all 4 are
-// padding) and which of the 4 are kept.
-struct SlotBlock {
+// The expert owning a workgroup's row tile, its layer in the shard's weight textures, the
+// end of its kept slots, and the invocation's block origin (first slot, first column).
+struct SlotTile {
     expert: u32,
-    valid: vec4<bool>,
+    layer: u32,
+    rows_end: u32,
+    origin: vec2<u32>,
 }
 
-fn slot_block(slot0: u32) -> SlotBlock {
-    var block = SlotBlock(ABSENT, vec4<bool>(false));
-    for (var i = 0u; i < 4u; i++) {
-        let owner = slot_expert(slot0 + i);
-        block.valid[i] = owner != ABSENT;
-        if (owner != ABSENT) {
-            block.expert = owner;
-        }
-    }
-    return block;
+fn slot_tile(workgroup_id: vec3<u32>, lane: u32) -> SlotTile {
+    let n = params.num_experts;
+    let row_tile = ROW_LANES * 4u * ROW_QUADS;
+    let tile = expert_table[2u * n + shard.shard_first_expert] + workgroup_id.y;
+    let expert = expert_table[3u * n + 2u + tile];
+    let rows_end = expert_table[2u * n + expert] * row_tile + expert_table[n + expert];
+    return SlotTile(expert, expert - shard.shard_first_expert, rows_end,
+        block_origin(tile, workgroup_id.x, lane));
 }

@@ -30,49 +30,35 @@ var<private> block_row0: u32;
 var<private> block_col0: u32;
 var<private> last_col_quad: u32;
 var<private> height: u32;
-// The step's four slots: kept or not, their dy texture rows and layers, their scales.
-var<private> step_slots: vec4<u32>;
-var<private> step_kept: vec4<bool>;
-var<private> step_row: vec4<u32>;
-var<private> step_layer: vec4<u32>;
+// The step's four slots (their dy rows' texels) and their gate scales (0 past the kept).
+var<private> step: SlotStep;
 var<private> step_scale: vec4<f32>;
 
 fn prepare_k(k4: u32) {
-    step_slots = vec4(first_slot + 4u * k4) + vec4(0u, 1u, 2u, 3u);
-    step_kept = step_slots < vec4(slots_end);
-    let slots = select(vec4(first_slot), step_slots, step_kept);
-    let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z],
-        slot_token[slots.w]);
-    // One layer holds every token of the batch unless it is taller than a texture.
-    if (params.num_tokens <= height) {
-        step_row = tokens;
-        step_layer = vec4(0u);
-    } else {
-        step_row = tokens % height;
-        step_layer = tokens / height;
-    }
-    step_scale = select(vec4(0.0), vec4(slot_scale[slots.x], slot_scale[slots.y],
-        slot_scale[slots.z], slot_scale[slots.w]), step_kept);
+    step = slot_step(first_slot, slots_end, k4, height);
+    let s = select(vec4(first_slot), step.slots, step.kept);
+    step_scale = select(vec4(0.0), vec4(slot_scale[s.x], slot_scale[s.y], slot_scale[s.z],
+        slot_scale[s.w]), step.kept);
 }
 
 // Column c: s·dy of the step's slot c at rows d .. d + 4 of the block's row quad.
 fn a_quad(row_quad: u32, k4: u32) -> mat4x4<f32> {
     let d4 = block_row0 / 4u + row_quad;
-    return mat4x4(step_scale.x * textureLoad(dy_rows, vec2(d4, step_row.x), step_layer.x, 0),
-        step_scale.y * textureLoad(dy_rows, vec2(d4, step_row.y), step_layer.y, 0),
-        step_scale.z * textureLoad(dy_rows, vec2(d4, step_row.z), step_layer.z, 0),
-        step_scale.w * textureLoad(dy_rows, vec2(d4, step_row.w), step_layer.w, 0));
+    return mat4x4(step_scale.x * textureLoad(dy_rows, vec2(d4, step.texels.row.x), step.texels.layer.x, 0),
+        step_scale.y * textureLoad(dy_rows, vec2(d4, step.texels.row.y), step.texels.layer.y, 0),
+        step_scale.z * textureLoad(dy_rows, vec2(d4, step.texels.row.z), step.texels.layer.z, 0),
+        step_scale.w * textureLoad(dy_rows, vec2(d4, step.texels.row.w), step.texels.layer.w, 0));
 }
 
 // Row c: H of the step's slot c at the column quad (zeros for slots past the kept ones).
 fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
     let f4 = min(block_col0 / 4u + col_quad, last_col_quad);
     let stride = params.hidden_stride / 4u;
-    let at = step_slots * stride + vec4(f4);
+    let at = step.slots * stride + vec4(f4);
     let zero = vec4(0.0);
-    return transpose(mat4x4(select(zero, hidden[at.x], step_kept.x),
-        select(zero, hidden[at.y], step_kept.y), select(zero, hidden[at.z], step_kept.z),
-        select(zero, hidden[at.w], step_kept.w)));
+    return transpose(mat4x4(select(zero, hidden[at.x], step.kept.x),
+        select(zero, hidden[at.y], step.kept.y), select(zero, hidden[at.z], step.kept.z),
+        select(zero, hidden[at.w], step.kept.w)));
 }
 
 // Rows of the quad go out as vec4s: the padding columns past F get H's zero padding.

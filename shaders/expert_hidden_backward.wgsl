@@ -105,16 +105,12 @@ fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let n = params.num_experts;
-    let row_tile = ROW_LANES * 4u * ROW_QUADS;
-    let tile = expert_table[2u * n + shard.shard_first_expert] + workgroup_id.y;
-    let expert = expert_table[3u * n + 2u + tile];
-    expert_layer = expert - shard.shard_first_expert;
-    rows_end = expert_table[2u * n + expert] * row_tile + expert_table[n + expert];
-    let origin = block_origin(tile, workgroup_id.x, lane);
-    block_row0 = origin.x;
-    block_col0 = origin.y;
-    col_quad0 = origin.y / 4u;
+    let tile = slot_tile(workgroup_id, lane);
+    expert_layer = tile.layer;
+    rows_end = tile.rows_end;
+    block_row0 = tile.origin.x;
+    block_col0 = tile.origin.y;
+    col_quad0 = tile.origin.y / 4u;
     last_col_quad = (params.d_ff + 3u) / 4u - 1u;
     // Rows past the expert's slots read token 0; they are not stored.
     let height = textureDimensions(dy_rows).y;
@@ -122,9 +118,9 @@ fn main(
         let slots = vec4(block_row0 + 4u * q) + vec4(0u, 1u, 2u, 3u);
         let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z],
             slot_token[slots.w]);
-        let kept = select(vec4(0u), tokens, slots < vec4(rows_end));
-        dy_row[q] = kept % height;
-        dy_layer[q] = kept / height;
+        let texels = token_texels(select(vec4(0u), tokens, slots < vec4(rows_end)), height);
+        dy_row[q] = texels.row;
+        dy_layer[q] = texels.layer;
     }
     var block: Block;
     multiply(&block, 0u, (params.d_model + 3u) / 4u);

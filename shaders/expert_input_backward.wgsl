@@ -86,16 +86,12 @@ fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let n = params.num_experts;
-    let row_tile = ROW_LANES * 4u * ROW_QUADS;
-    let tile = expert_table[2u * n + shard.shard_first_expert] + workgroup_id.y;
-    let expert = expert_table[3u * n + 2u + tile];
-    expert_layer = expert - shard.shard_first_expert;
-    rows_end = expert_table[2u * n + expert] * row_tile + expert_table[n + expert];
-    let origin = block_origin(tile, workgroup_id.x, lane);
-    block_row0 = origin.x;
-    block_col0 = origin.y;
-    col_quad0 = origin.y / 4u;
+    let tile = slot_tile(workgroup_id, lane);
+    expert_layer = tile.layer;
+    rows_end = tile.rows_end;
+    block_row0 = tile.origin.x;
+    block_col0 = tile.origin.y;
+    col_quad0 = tile.origin.y / 4u;
     last_col_quad = (params.d_model + 3u) / 4u - 1u;
     // Rows past the expert's slots read the padding rows of their tile (they are in the
     // buffer and not stored).

@@ -32,49 +32,34 @@ var<private> block_row0: u32;
 var<private> block_col0: u32;
 var<private> last_col_quad: u32;
 var<private> height: u32;
-// The step's four slots: kept or not, and their x texture rows and layers.
-var<private> step_slots: vec4<u32>;
-var<private> step_kept: vec4<bool>;
-var<private> step_row: vec4<u32>;
-var<private> step_layer: vec4<u32>;
+// The step's four slots (their x rows' texels).
+var<private> step: SlotStep;
 
 fn prepare_k(k4: u32) {
-    step_slots = vec4(first_slot + 4u * k4) + vec4(0u, 1u, 2u, 3u);
-    step_kept = step_slots < vec4(slots_end);
-    let slots = select(vec4(first_slot), step_slots, step_kept);
-    let tokens = vec4(slot_token[slots.x], slot_token[slots.y], slot_token[slots.z],
-        slot_token[slots.w]);
-    // One layer holds every token of the batch unless it is taller than a texture.
-    if (params.num_tokens <= height) {
-        step_row = tokens;
-        step_layer = vec4(0u);
-    } else {
-        step_row = tokens % height;
-        step_layer = tokens / height;
-    }
+    step = slot_step(first_slot, slots_end, k4, height);
 }
 
 // Column c: dA (dV) of the step's slot c at rows f .. f + 4 of the block's row quad (zeros
 // for slots past the kept ones).
 fn a_quad(row_quad: u32, k4: u32) -> mat4x4<f32> {
     let f4 = block_row0 / 4u + row_quad;
-    let at = step_slots * (params.hidden_stride / 4u) + vec4(f4);
+    let at = step.slots * (params.hidden_stride / 4u) + vec4(f4);
     let zero = vec4(0.0);
     if (of_w3) {
-        return mat4x4(select(zero, d_v[at.x], step_kept.x), select(zero, d_v[at.y], step_kept.y),
-            select(zero, d_v[at.z], step_kept.z), select(zero, d_v[at.w], step_kept.w));
+        return mat4x4(select(zero, d_v[at.x], step.kept.x), select(zero, d_v[at.y], step.kept.y),
+            select(zero, d_v[at.z], step.kept.z), select(zero, d_v[at.w], step.kept.w));
     }
-    return mat4x4(select(zero, d_a[at.x], step_kept.x), select(zero, d_a[at.y], step_kept.y),
-        select(zero, d_a[at.z], step_kept.z), select(zero, d_a[at.w], step_kept.w));
+    return mat4x4(select(zero, d_a[at.x], step.kept.x), select(zero, d_a[at.y], step.kept.y),
+        select(zero, d_a[at.z], step.kept.z), select(zero, d_a[at.w], step.kept.w));
 }
 
 // Row c: x of the step's slot c at the column quad.
 fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
     let d4 = min(block_col0 / 4u + col_quad, last_col_quad);
-    return transpose(mat4x4(textureLoad(x_rows, vec2(d4, step_row.x), step_layer.x, 0),
-        textureLoad(x_rows, vec2(d4, step_row.y), step_layer.y, 0),
-        textureLoad(x_rows, vec2(d4, step_row.z), step_layer.z, 0),
-        textureLoad(x_rows, vec2(d4, step_row.w), step_layer.w, 0)));
+    return transpose(mat4x4(textureLoad(x_rows, vec2(d4, step.texels.row.x), step.texels.layer.x, 0),
+        textureLoad(x_rows, vec2(d4, step.texels.row.y), step.texels.layer.y, 0),
+        textureLoad(x_rows, vec2(d4, step.texels.row.z), step.texels.layer.z, 0),
+        textureLoad(x_rows, vec2(d4, step.texels.row.w), step.texels.layer.w, 0)));
 }
 
 // Rows of the quad go out as vec4s: the padding columns past D get x's zero padding.

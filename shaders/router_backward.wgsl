@@ -31,14 +31,9 @@ fn prepare_k(k4: u32) {
     let tokens = vec4(4u * k4) + vec4(0u, 1u, 2u, 3u);
     step_kept = tokens < vec4(num_tokens);
     let kept = select(vec4(0u), tokens, step_kept);
-    // One layer holds every token of the batch unless it is taller than a texture.
-    if (params.num_tokens <= height) {
-        step_row = kept;
-        step_layer = vec4(0u);
-    } else {
-        step_row = kept % height;
-        step_layer = kept / height;
-    }
+    let texels = token_texels(kept, height);
+    step_row = texels.row;
+    step_layer = texels.layer;
     step_at = kept * params.num_experts;
 }
 

@@ -40,13 +40,14 @@ shader!(COMBINE_OUTPUTS, "combine_outputs");
 shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 
 // The backward's kernels share their Params and parameter layout (backward_common); its
-// matmuls share the register-blocked core (grouped_matmul), the per-slot ones the
-// activations.
+// matmuls share the register-blocked core (grouped_matmul), the per-slot ones their tiles
+// (backward_slots), the weight-gradient ones their steps over an expert's slots
+// (slot_steps).
 shader!(GATE_BACKWARD, "gate_backward", prepend "backward_common");
-shader!(EXPERT_HIDDEN_BACKWARD, "expert_hidden_backward", prepend "backward_common", "grouped_matmul", "activation");
-shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common", "grouped_matmul");
-shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common", "grouped_matmul");
-shader!(EXPERT_INPUT_BACKWARD, "expert_input_backward", prepend "backward_common", "grouped_matmul");
+shader!(EXPERT_HIDDEN_BACKWARD, "expert_hidden_backward", prepend "backward_common", "grouped_matmul", "backward_slots", "activation");
+shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common", "grouped_matmul", "slot_steps");
+shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common", "grouped_matmul", "slot_steps");
+shader!(EXPERT_INPUT_BACKWARD, "expert_input_backward", prepend "backward_common", "grouped_matmul", "backward_slots");
 shader!(EXPERT_BIAS_BACKWARD, "expert_bias_backward", prepend "backward_common");
 shader!(ROUTER_BACKWARD, "router_backward", prepend "backward_common", "grouped_matmul");
 shader!(COMBINE_BACKWARD, "combine_backward", prepend "backward_common", "grouped_matmul");

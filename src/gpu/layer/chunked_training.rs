@@ -9,7 +9,7 @@ use crate::error::{MoeError, Result};
 use crate::gpu::device::allocate::staging_buffer;
 use crate::gpu::device::readback::{read_mapped, Wait};
 use crate::gpu::layer::backward::{PassDy, ALL_LAUNCHES};
-use crate::gpu::layer::inference::merge_chunks;
+use crate::gpu::layer::inference::{in_batch, merge_chunks};
 use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::plan::backward::BatchPart;
 use crate::gpu::plan::forward::Routing;
@@ -53,12 +53,7 @@ impl MoeLayer {
                     wait,
                 )
                 .await
-                .map_err(|e| match e {
-                    MoeError::NonFiniteInput { token } => MoeError::NonFiniteInput {
-                        token: index * chunk + token,
-                    },
-                    other => other,
-                })?;
+                .map_err(|e| in_batch(e, index * chunk))?;
             if let Some(workspace) = kept {
                 passes.push(TrainingRecord {
                     workspace,

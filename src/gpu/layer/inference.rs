@@ -320,15 +320,20 @@ impl MoeLayer {
             let run = self
                 .run(part, &[tokens, d_model], false, wait)
                 .await
-                .map_err(|e| match e {
-                    MoeError::NonFiniteInput { token } => MoeError::NonFiniteInput {
-                        token: index * chunk + token,
-                    },
-                    other => other,
-                })?;
+                .map_err(|e| in_batch(e, index * chunk))?;
             runs.push(run);
         }
         Ok(merge_chunks(runs, shape, self.shape.num_experts))
+    }
+}
+
+/// A chunk's error as the batch's: a non-finite token counted from the batch's start.
+pub(crate) fn in_batch(error: MoeError, first_token: usize) -> MoeError {
+    match error {
+        MoeError::NonFiniteInput { token } => MoeError::NonFiniteInput {
+            token: first_token + token,
+        },
+        other => other,
     }
 }
 
