@@ -6,6 +6,19 @@
 // expert_table (see scan_expert_offsets.wgsl): counts [N] | kept [N] | tile_start [N + 1] |
 // n_dropped | tile_expert [tiles].
 
+// expert_up's and expert_down's Params of one weight shard (mirrored by
+// gpu::params::ExpertParams), which the kernel binds as `shard`.
+struct ExpertParams {
+    d_model: u32,
+    d_ff: u32,
+    num_experts: u32,
+    shard_first_expert: u32,
+    shard_num_experts: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
 // The expert owning a workgroup's row tile, its layer in the shard's weight textures, the
 // end of its kept slots, and the invocation's block origin (first slot, first column).
 struct SlotTile {

@@ -16,17 +16,6 @@
 // [slots][F4] a, each followed by its v when gated (expert_up's), 8 d_a [slots, F4], 9 d_v
 // [slots, F4].
 
-struct ExpertParams {
-    d_model: u32,
-    d_ff: u32,
-    num_experts: u32,
-    shard_first_expert: u32,
-    shard_num_experts: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var<uniform> shard: ExpertParams;
 @group(0) @binding(2) var dy_rows: texture_2d_array<f32>;

@@ -13,17 +13,6 @@
 // [slots, F4], 4 d_v [slots, F4] (gated), 5 w1 quants, 6 w3 quants (f32 bits, [shard
 // experts][F4 / 4][D4]; W1's again when not gated), 7 d_x_slot [slots, D].
 
-struct ExpertParams {
-    d_model: u32,
-    d_ff: u32,
-    num_experts: u32,
-    shard_first_expert: u32,
-    shard_num_experts: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var<uniform> shard: ExpertParams;
 @group(0) @binding(2) var<storage, read> expert_table: array<u32>;
