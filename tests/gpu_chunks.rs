@@ -224,12 +224,12 @@ fn training_batches_beyond_one_pass_run_in_chunks() {
         gated: true,
         ..config(2)
     };
-    check_chunked_training(dropless, 700, 16 << 10, 11);
+    check_chunked_training(dropless, 400, 16 << 10, 11);
     // With capacity groups of 100 and dropping: chunks of whole groups.
     let grouped = MoeConfig {
         group_size: Some(100),
         capacity_factor: 0.8,
         ..config(2)
     };
-    check_chunked_training(grouped, 600, 64 << 10, 12);
+    check_chunked_training(grouped, 400, 64 << 10, 12);
 }
