@@ -2,8 +2,11 @@
 // expert_hidden_backward (the shader registry prepends this file to both). CPU twins:
 // cpu_reference::activate and cpu_backward::activation_derivative.
 
-// Activation codes: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu.
+// Activation codes: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 relu2, 5 swiglu_oai
+// (gated only: min(a, L)·σ(α·min(a, L)), its gate clamp(v, −L, L) + 1).
 override ACTIVATION: u32 = 0u;
+override SWIGLU_LIMIT: f32 = 7.0;
+override SWIGLU_ALPHA: f32 = 1.702;
 
 // erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, below f32 resolution of 1 + erf).
 fn erf_approx(v: f32) -> f32 {
@@ -31,10 +34,33 @@ fn activate(a: f32) -> f32 {
         case 3u: {
             return a / (1.0 + exp(-a));
         }
+        case 4u: {
+            return max(a, 0.0) * max(a, 0.0);
+        }
+        case 5u: {
+            let clamped = min(a, SWIGLU_LIMIT);
+            return clamped / (1.0 + exp(-SWIGLU_ALPHA * clamped));
+        }
         default: {
             return max(a, 0.0);
         }
     }
+}
+
+// What a gated FFN's gate projection v contributes: v, or swiglu_oai's clamp(v, −L, L) + 1.
+fn gate_value(v: f32) -> f32 {
+    if (ACTIVATION == 5u) {
+        return clamp(v, -SWIGLU_LIMIT, SWIGLU_LIMIT) + 1.0;
+    }
+    return v;
+}
+
+// gate_value′(v): 1, or 0 where swiglu_oai's clamp is active (|v| > L, as torch.clamp).
+fn gate_derivative(v: f32) -> f32 {
+    if (ACTIVATION == 5u) {
+        return select(1.0, 0.0, abs(v) > SWIGLU_LIMIT);
+    }
+    return 1.0;
 }
 
 // act′(a), as torch differentiates each activation; relu′(0) = 0.
@@ -53,6 +79,15 @@ fn activation_derivative(a: f32) -> f32 {
         case 3u: {
             let sigmoid = 1.0 / (1.0 + exp(-a));
             return sigmoid * (1.0 + a * (1.0 - sigmoid));
+        }
+        case 4u: {
+            return 2.0 * max(a, 0.0);
+        }
+        case 5u: {
+            // No gradient where min(a, L) clamps (a > L), as torch.clamp.
+            let sigmoid = 1.0 / (1.0 + exp(-SWIGLU_ALPHA * a));
+            return select(sigmoid * (1.0 + SWIGLU_ALPHA * a * (1.0 - sigmoid)), 0.0,
+                a > SWIGLU_LIMIT);
         }
         default: {
             return select(0.0, 1.0, a > 0.0);

@@ -2,7 +2,8 @@
 // a grouped matmul over every expert at once (the core of grouped_matmul.wgsl, which the
 // shader registry prepends with backward_common and activation):
 //   dH[slot]  = s·dy[t]·W2[e]                 (K = D; W2 [D, F] read transposed)
-//   dA = dH·v·act′(a),  dV = dH·act(a)        (dA = dH·act′(a) ungated)
+//   dA = dH·g(v)·act′(a),  dV = dH·act(a)·g′(v)   (dA = dH·act′(a) ungated; g(v) = v,
+//                                               or swiglu_oai's clamp(v, −L, L) + 1)
 // where a and v are the pre-activations the training forward's expert_up stored. CPU twin:
 // cpu_backward_kernels::expert_hidden_backward.
 //
@@ -74,8 +75,8 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
                 let a = pre_activations[slot * pre_stride + unit];
                 if (gated) {
                     let v = pre_activations[slot * pre_stride + f4 + unit];
-                    d_a[at] = grad_h * v * activation_derivative(a);
-                    d_v[at] = grad_h * activate(a);
+                    d_a[at] = grad_h * gate_value(v) * activation_derivative(a);
+                    d_v[at] = grad_h * activate(a) * gate_derivative(v);
                 } else {
                     d_a[at] = grad_h * activation_derivative(a);
                 }

@@ -105,7 +105,7 @@ fn store_quad(up: mat4x4<f32>, gate: mat4x4<f32>, row: u32, col: u32, rows_end: 
                 var h = activate(a);
                 if (GATED) {
                     let v = gate[c][r] + up_bias[gate_bias_at + bias_at + column];
-                    h *= v;
+                    h *= gate_value(v);
                     if (KEEP_PRE_ACTIVATIONS) {
                         pre_activations[(2u * slot + 1u) * f_stride + column] = v;
                     }

@@ -19,6 +19,12 @@ pub enum Activation {
     GeluTanh,
     /// `x·sigmoid(x)` (Mixtral's SwiGLU gate).
     Silu,
+    /// `relu(x)²` (Nemotron-H).
+    Relu2,
+    /// gpt-oss's clamped SwiGLU, gated only: with `a' = min(a, L)` and
+    /// `v' = clamp(v, −L, L)`, `h = a'·σ(α·a') ⊙ (v' + 1)` (`L = swiglu_limit`,
+    /// `α = swiglu_alpha`).
+    SwigluOai,
 }
 
 impl Activation {
@@ -29,6 +35,29 @@ impl Activation {
             Activation::Gelu => 1,
             Activation::GeluTanh => 2,
             Activation::Silu => 3,
+            Activation::Relu2 => 4,
+            Activation::SwigluOai => 5,
+        }
+    }
+}
+
+/// What one hidden unit of an expert computes from its pre-activations: the activation of
+/// `a` and, for gated FFNs, the factor `v` contributes (`v` itself, or gpt-oss's
+/// `clamp(v, −L, L) + 1`), with swiglu_oai's limit and slope.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HiddenUnit {
+    pub activation: Activation,
+    pub swiglu_limit: f32,
+    pub swiglu_alpha: f32,
+}
+
+impl From<Activation> for HiddenUnit {
+    /// The activation with gpt-oss's swiglu_oai constants (L = 7, α = 1.702).
+    fn from(activation: Activation) -> Self {
+        HiddenUnit {
+            activation,
+            swiglu_limit: 7.0,
+            swiglu_alpha: 1.702,
         }
     }
 }
@@ -80,6 +109,10 @@ pub struct MoeConfig {
     /// Multiply expert outputs by their gate weight.
     pub scale_by_prob: bool,
     pub activation: Activation,
+    /// swiglu_oai's clamp L (gpt-oss: 7).
+    pub swiglu_limit: f32,
+    /// swiglu_oai's sigmoid slope α (gpt-oss: 1.702).
+    pub swiglu_alpha: f32,
     /// Gated FFN: `act(x·W1ᵀ + b1) ⊙ (x·W3ᵀ + b3)`.
     pub gated: bool,
     /// Divide the top-k gate weights by their sum (Mixtral).
@@ -99,6 +132,8 @@ impl Default for MoeConfig {
             drop_policy: DropPolicy::PassThrough,
             scale_by_prob: true,
             activation: Activation::Relu,
+            swiglu_limit: 7.0,
+            swiglu_alpha: 1.702,
             gated: false,
             normalize_top_k: false,
             naming: Naming::Auto,
@@ -107,7 +142,7 @@ impl Default for MoeConfig {
 }
 
 /// Every key of the config JSON.
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 14] = [
     "n_experts",
     "top_k",
     "capacity_factor",
@@ -117,6 +152,8 @@ const KEYS: [&str; 12] = [
     "drop_policy",
     "scale_by_prob",
     "activation",
+    "swiglu_limit",
+    "swiglu_alpha",
     "gated",
     "normalize_top_k",
     "naming",
@@ -161,6 +198,8 @@ impl MoeConfig {
                 "drop_policy" => config.drop_policy = parse_value(&key, value)?,
                 "scale_by_prob" => config.scale_by_prob = parse_value(&key, value)?,
                 "activation" => config.activation = parse_value(&key, value)?,
+                "swiglu_limit" => config.swiglu_limit = parse_value(&key, value)?,
+                "swiglu_alpha" => config.swiglu_alpha = parse_value(&key, value)?,
                 "gated" => config.gated = parse_value(&key, value)?,
                 "normalize_top_k" => config.normalize_top_k = parse_value(&key, value)?,
                 "naming" => config.naming = parse_value(&key, value)?,
@@ -231,7 +270,34 @@ impl MoeConfig {
         if self.group_size == Some(0) {
             return Err(MoeError::config("group_size", "must be at least 1"));
         }
+        if self.activation == Activation::SwigluOai && !self.gated {
+            return Err(MoeError::config(
+                "activation",
+                "swiglu_oai is a gated activation (its v is the W3 projection): set \"gated\": true",
+            ));
+        }
+        if !(self.swiglu_limit.is_finite() && self.swiglu_limit > 0.0) {
+            return Err(MoeError::config(
+                "swiglu_limit",
+                format!("must be a finite number > 0, got {}", self.swiglu_limit),
+            ));
+        }
+        if !self.swiglu_alpha.is_finite() {
+            return Err(MoeError::config(
+                "swiglu_alpha",
+                format!("must be finite, got {}", self.swiglu_alpha),
+            ));
+        }
         Ok(())
+    }
+
+    /// What the experts' hidden units compute.
+    pub fn hidden_unit(&self) -> HiddenUnit {
+        HiddenUnit {
+            activation: self.activation,
+            swiglu_limit: self.swiglu_limit,
+            swiglu_alpha: self.swiglu_alpha,
+        }
     }
 
     /// Checks the config against the number of experts of the weights.

@@ -10,8 +10,10 @@
 // Index loops over several arrays at once read like the formulas they implement.
 #![allow(clippy::needless_range_loop)]
 
-use crate::config::{Activation, DropPolicy, MoeConfig};
-use crate::cpu_reference::{activate, assign_positions, dot, first_non_finite_token, route_tokens};
+use crate::config::{Activation, DropPolicy, HiddenUnit, MoeConfig};
+use crate::cpu_reference::{
+    activate, assign_positions, dot, first_non_finite_token, gate_value, route_tokens,
+};
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
 pub use crate::gradients::{ExpertsGradients, Gradients};
@@ -29,9 +31,10 @@ pub struct LossCoefficients {
 
 /// `act′(a)`, in f64: relu′(0) = 0; gelu the exact erf form; gelu_tanh and silu as torch
 /// differentiates them.
-pub fn activation_derivative(activation: Activation, a: f32) -> f32 {
+pub fn activation_derivative(unit: impl Into<HiddenUnit>, a: f32) -> f32 {
+    let unit = unit.into();
     let a = a as f64;
-    let derivative = match activation {
+    let derivative = match unit.activation {
         Activation::Relu => {
             if a > 0.0 {
                 1.0
@@ -53,8 +56,26 @@ pub fn activation_derivative(activation: Activation, a: f32) -> f32 {
             let sigmoid = 1.0 / (1.0 + (-a).exp());
             sigmoid * (1.0 + a * (1.0 - sigmoid))
         }
+        Activation::Relu2 => 2.0 * a.max(0.0),
+        // min(a, L): no gradient where the clamp is active (a > L), as torch.clamp.
+        Activation::SwigluOai if a > unit.swiglu_limit as f64 => 0.0,
+        Activation::SwigluOai => {
+            let alpha = unit.swiglu_alpha as f64;
+            let sigmoid = 1.0 / (1.0 + (-alpha * a).exp());
+            sigmoid * (1.0 + alpha * a * (1.0 - sigmoid))
+        }
     };
     derivative as f32
+}
+
+/// The derivative of [`gate_value`] with respect to v: 1, or for swiglu_oai 0 where the
+/// clamp is active (|v| > L, as torch.clamp).
+pub fn gate_derivative(unit: impl Into<HiddenUnit>, v: f32) -> f32 {
+    let unit = unit.into();
+    match unit.activation {
+        Activation::SwigluOai if v.abs() > unit.swiglu_limit => 0.0,
+        _ => 1.0,
+    }
 }
 
 /// Gradients in f64 while they are summed.
@@ -151,17 +172,17 @@ struct Experts<'a> {
     w1: &'a [f32],
     w2: &'a [f32],
     w3: Option<&'a [f32]>,
-    activation: Activation,
+    unit: HiddenUnit,
 }
 
 impl<'a> Experts<'a> {
-    fn new(weights: &'a MoeWeights, activation: Activation) -> Self {
+    fn new(weights: &'a MoeWeights, unit: HiddenUnit) -> Self {
         Experts {
             weights,
             w1: f32_values(&weights.w1),
             w2: f32_values(&weights.w2),
             w3: weights.w3.as_ref().map(f32_values),
-            activation,
+            unit,
         }
     }
 }
@@ -197,8 +218,9 @@ fn expert_backward(
     let v = w3_e.map(|w3_e| projection(w3_e, &weights.b3));
     let h: Vec<f32> = (0..f)
         .map(|ff| {
-            let act = activate(experts.activation, a[ff]);
-            v.as_ref().map_or(act, |v| act * v[ff])
+            let act = activate(experts.unit, a[ff]);
+            v.as_ref()
+                .map_or(act, |v| act * gate_value(experts.unit, v[ff]))
         })
         .collect();
     let o: Vec<f32> = (0..d)
@@ -219,9 +241,11 @@ fn expert_backward(
         }
     }
     for ff in 0..f {
-        let act = activate(experts.activation, a[ff]) as f64;
-        let slope = activation_derivative(experts.activation, a[ff]) as f64;
-        let value = v.as_ref().map_or(1.0, |v| v[ff] as f64);
+        let act = activate(experts.unit, a[ff]) as f64;
+        let slope = activation_derivative(experts.unit, a[ff]) as f64;
+        let value = v
+            .as_ref()
+            .map_or(1.0, |v| gate_value(experts.unit, v[ff]) as f64);
         let da = dh[ff] * value * slope;
         sums.b1[expert * f + ff] += da;
         let row = (expert * f + ff) * d;
@@ -230,7 +254,10 @@ fn expert_backward(
             sums.x[token * d + dd] += da * w1_e[ff * d + dd] as f64;
         }
         if let Some(w3_e) = w3_e {
-            let dv = dh[ff] * act;
+            let dv = dh[ff]
+                * act
+                * v.as_ref()
+                    .map_or(1.0, |v| gate_derivative(experts.unit, v[ff]) as f64);
             sums.b3[expert * f + ff] += dv;
             for dd in 0..d {
                 sums.w3[row + dd] += dv * x_row[dd] as f64;
@@ -286,7 +313,7 @@ pub fn backward_with_prob_sum_grad(
         return Err(MoeError::NonFiniteInput { token });
     }
     let (loads, positions) = assign_positions(config, &routing.routes, n, group_size);
-    let experts = Experts::new(weights, config.activation);
+    let experts = Experts::new(weights, config.hidden_unit());
     let mut sums = Sums::zeros(weights.shape, x.len());
     // dL/dp for every token and expert, from the gates, pass-through and the aux loss.
     let mut dp = vec![0.0f64; num_tokens * n];
@@ -385,7 +412,7 @@ pub fn backward_with_prob_sum_grad(
 /// expert tensor, the router's as zeros (it is not in the graph), and `top_k_weights`'
 /// (dL/dw[t, j] = dy[t]·E_{e[t, j]}(x[t])). Training needs f32 weights.
 pub fn backward_experts(
-    activation: Activation,
+    unit: impl Into<HiddenUnit>,
     weights: &MoeWeights,
     (x, shape): (&[f32], &[usize]),
     (top_k_index, top_k_weights): (&[u32], &[f32]),
@@ -405,7 +432,7 @@ pub fn backward_experts(
     if let Some(token) = first_non_finite_token(x, d) {
         return Err(MoeError::NonFiniteInput { token });
     }
-    let experts = Experts::new(weights, activation);
+    let experts = Experts::new(weights, unit.into());
     let mut sums = Sums::zeros(weights.shape, x.len());
     let mut d_weights = vec![0.0f32; top_k_index.len()];
     for token in 0..num_tokens {

@@ -7,8 +7,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::config::{DropPolicy, MoeConfig};
-use crate::cpu_backward::{activation_derivative, LossCoefficients};
-use crate::cpu_reference::activate;
+use crate::cpu_backward::{activation_derivative, gate_derivative, LossCoefficients};
+use crate::cpu_reference::{activate, gate_value};
 use crate::gpu::params::OptimizerParams;
 use crate::weights::{LayerShape, MoeWeights};
 
@@ -217,11 +217,12 @@ pub fn expert_hidden_backward(
             dh *= slot_scale[slot];
             let at = slot * f + unit;
             let a = pre_activations[at];
-            let slope = activation_derivative(config.activation, a);
+            let unit = config.hidden_unit();
+            let slope = activation_derivative(unit, a);
             match (&mut d_v, pre_gates) {
                 (Some(d_v), Some(v)) => {
-                    d_a[at] = dh * v[at] * slope;
-                    d_v[at] = dh * activate(config.activation, a);
+                    d_a[at] = dh * gate_value(unit, v[at]) * slope;
+                    d_v[at] = dh * activate(unit, a) * gate_derivative(unit, v[at]);
                 }
                 _ => d_a[at] = dh * slope,
             }

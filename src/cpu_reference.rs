@@ -7,7 +7,7 @@
 //! weight row is read once per expert rather than once per token, and dot products keep
 //! eight partial sums so that the compiler can vectorize them.
 
-use crate::config::{Activation, DropPolicy, MoeConfig};
+use crate::config::{Activation, DropPolicy, HiddenUnit, MoeConfig};
 use crate::error::{MoeError, Result};
 use crate::output::{num_tokens_of, MoeOutput};
 use crate::weights::{LayerShape, MoeWeights};
@@ -225,9 +225,10 @@ pub fn assign_positions(
 }
 
 /// The activation `act(a)`, evaluated in f64 for a reference-grade result.
-pub fn activate(activation: Activation, a: f32) -> f32 {
+pub fn activate(unit: impl Into<HiddenUnit>, a: f32) -> f32 {
+    let unit = unit.into();
     let a = a as f64;
-    let h = match activation {
+    let h = match unit.activation {
         Activation::Relu => a.max(0.0),
         Activation::Gelu => 0.5 * a * (1.0 + libm::erf(a / std::f64::consts::SQRT_2)),
         Activation::GeluTanh => {
@@ -235,8 +236,26 @@ pub fn activate(activation: Activation, a: f32) -> f32 {
             0.5 * a * (1.0 + inner.tanh())
         }
         Activation::Silu => a / (1.0 + (-a).exp()),
+        Activation::Relu2 => a.max(0.0) * a.max(0.0),
+        Activation::SwigluOai => {
+            let a = a.min(unit.swiglu_limit as f64);
+            a / (1.0 + (-(unit.swiglu_alpha as f64) * a).exp())
+        }
     };
     h as f32
+}
+
+/// What the gate projection `v` of a gated FFN contributes: `v`, or for swiglu_oai
+/// `clamp(v, −L, L) + 1`.
+pub fn gate_value(unit: impl Into<HiddenUnit>, v: f32) -> f32 {
+    let unit = unit.into();
+    match unit.activation {
+        Activation::SwigluOai => {
+            let limit = unit.swiglu_limit;
+            v.clamp(-limit, limit) + 1.0
+        }
+        _ => v,
+    }
 }
 
 /// `H = act(X·W1[e]ᵀ + b1[e])`, or `act(X·W1[e]ᵀ + b1[e]) ⊙ (X·W3[e]ᵀ + b3[e])` when
@@ -245,8 +264,9 @@ pub fn expert_up(
     x_rows: &[&[f32]],
     weights: &MoeWeights,
     expert: usize,
-    activation: Activation,
+    unit: impl Into<HiddenUnit>,
 ) -> Vec<f32> {
+    let unit = unit.into();
     let LayerShape { d_model, d_ff, .. } = weights.shape;
     // Stored formats decode as the GPU's operand loads do (formats::decode).
     let w1 = weights.w1.matrix_f32(expert);
@@ -257,9 +277,9 @@ pub fn expert_up(
         let b1 = weights.b1.as_ref().map_or(0.0, |b| b[expert * d_ff + f]);
         let b3 = weights.b3.as_ref().map_or(0.0, |b| b[expert * d_ff + f]);
         for (row, x_row) in x_rows.iter().enumerate() {
-            let mut value = activate(activation, dot(x_row, w1_row) + b1);
+            let mut value = activate(unit, dot(x_row, w1_row) + b1);
             if let Some(w3) = &w3 {
-                value *= dot(x_row, &w3[f * d_model..(f + 1) * d_model]) + b3;
+                value *= gate_value(unit, dot(x_row, &w3[f * d_model..(f + 1) * d_model]) + b3);
             }
             h[row * d_ff + f] = value;
         }
@@ -416,7 +436,7 @@ pub fn forward(
         .iter()
         .enumerate()
         .map(|(expert, rows)| {
-            let h = expert_up(rows, weights, expert, config.activation);
+            let h = expert_up(rows, weights, expert, config.hidden_unit());
             expert_down(&h, weights, expert)
         })
         .collect();
@@ -453,12 +473,13 @@ pub fn forward(
 /// The experts alone on pre-routed tokens (`MoeLayer::forward_experts`):
 /// `y[t] = Σ_j w[t, j]·E_{e[t, j]}(x[t])` in choice order, no router, no capacity.
 pub fn forward_experts(
-    activation: Activation,
+    unit: impl Into<HiddenUnit>,
     weights: &MoeWeights,
     x: &[f32],
     top_k_index: &[u32],
     top_k_weights: &[f32],
 ) -> Vec<f32> {
+    let unit = unit.into();
     let d = weights.shape.d_model;
     let num_tokens = x.len() / d;
     let k = top_k_index.len() / num_tokens.max(1);
@@ -467,7 +488,7 @@ pub fn forward_experts(
         let x_row = &x[t * d..(t + 1) * d];
         for j in 0..k {
             let e = top_k_index[t * k + j] as usize;
-            let h = expert_up(&[x_row], weights, e, activation);
+            let h = expert_up(&[x_row], weights, e, unit);
             let out = expert_down(&h, weights, e);
             for (acc, o) in y[t * d..(t + 1) * d].iter_mut().zip(out) {
                 *acc += top_k_weights[t * k + j] * o;

@@ -23,7 +23,7 @@ pub mod tensor_io;
 pub mod web;
 pub mod weights;
 
-pub use config::{Activation, DropPolicy, MoeConfig, Naming};
+pub use config::{Activation, DropPolicy, HiddenUnit, MoeConfig, Naming};
 pub use cpu_backward::LossCoefficients;
 pub use error::{MoeError, Result};
 pub use formats::{ExpertMatrices, WeightFormat};

@@ -10,10 +10,14 @@
 mod common;
 
 use common::*;
-use switch_moe::cpu_backward::{activation_derivative, backward, Gradients, LossCoefficients};
+use switch_moe::cpu_backward::{
+    activation_derivative, backward, gate_derivative, Gradients, LossCoefficients,
+};
 use switch_moe::cpu_reference;
+use switch_moe::cpu_reference::gate_value;
 use switch_moe::{
-    Activation, DropPolicy, ExpertMatrices, MoeConfig, MoeError, MoeWeights, WeightFormat,
+    Activation, DropPolicy, ExpertMatrices, HiddenUnit, MoeConfig, MoeError, MoeWeights,
+    WeightFormat,
 };
 
 /// Every tensor the loss depends on, in f64, in native layout.
@@ -88,8 +92,9 @@ fn gradient<'g>(gradients: &'g Gradients, name: &str) -> &'g [f32] {
     }
 }
 
-fn act(activation: Activation, a: f64) -> f64 {
-    match activation {
+fn act(unit: impl Into<HiddenUnit>, a: f64) -> f64 {
+    let unit = unit.into();
+    match unit.activation {
         Activation::Relu => a.max(0.0),
         Activation::Gelu => 0.5 * a * (1.0 + libm::erf(a / std::f64::consts::SQRT_2)),
         Activation::GeluTanh => {
@@ -97,6 +102,32 @@ fn act(activation: Activation, a: f64) -> f64 {
             0.5 * a * (1.0 + (k * (a + 0.044715 * a * a * a)).tanh())
         }
         Activation::Silu => a / (1.0 + (-a).exp()),
+        Activation::Relu2 => a.max(0.0).powi(2),
+        Activation::SwigluOai => {
+            let a = a.min(unit.swiglu_limit as f64);
+            a / (1.0 + (-(unit.swiglu_alpha as f64) * a).exp())
+        }
+    }
+}
+
+/// What a gated FFN's `v` contributes: `v`, or swiglu_oai's `clamp(v, −L, L) + 1`.
+fn gate(unit: HiddenUnit, v: f64) -> f64 {
+    match unit.activation {
+        Activation::SwigluOai => {
+            let limit = unit.swiglu_limit as f64;
+            v.clamp(-limit, limit) + 1.0
+        }
+        _ => v,
+    }
+}
+
+/// The points where the hidden unit's derivative jumps: of `a`, and of `v` when gated.
+fn kinks(unit: HiddenUnit) -> (Vec<f64>, Vec<f64>) {
+    let limit = unit.swiglu_limit as f64;
+    match unit.activation {
+        Activation::Relu | Activation::Relu2 => (vec![0.0], vec![]),
+        Activation::SwigluOai => (vec![limit], vec![-limit, limit]),
+        _ => (vec![], vec![]),
     }
 }
 
@@ -177,9 +208,10 @@ impl Layer {
         };
         let h: Vec<f64> = (0..f)
             .map(|j| {
-                let a = act(self.config.activation, linear(&p.w1, &p.b1, j));
+                let unit = self.config.hidden_unit();
+                let a = act(unit, linear(&p.w1, &p.b1, j));
                 match &p.w3 {
-                    Some(w3) => a * linear(w3, &p.b3, j),
+                    Some(w3) => a * gate(unit, linear(w3, &p.b3, j)),
                     None => a,
                 }
             })
@@ -279,7 +311,7 @@ fn check_finite_differences(
     biases: bool,
     coefficients: LossCoefficients,
     seed: u64,
-) {
+) -> Vec<(f64, Option<f64>)> {
     let (weights, x, dy) = setup(&config, n, d, f, t, biases, seed);
     let shape = [t, d];
     let gradients = backward(&config, &weights, &x, &shape, &dy, coefficients).expect("backward");
@@ -302,23 +334,31 @@ fn check_finite_differences(
         gates,
         first,
     };
-    // No pre-activation near relu's kink: a step of ε = 1e-5 moves one by far less than 1e-3.
-    if config.activation == Activation::Relu {
-        for (assignment, _) in decisions.kept.iter().enumerate().filter(|(_, kept)| **kept) {
-            let (t, e) = (
-                assignment / config.top_k,
-                decisions.routes[assignment] as usize,
+    // No pre-activation near a kink of the hidden unit: a step of ε = 1e-5 moves one by far
+    // less than 1e-3.
+    let (a_kinks, v_kinks) = kinks(config.hidden_unit());
+    let mut pre_activations = Vec::new();
+    for (assignment, _) in decisions.kept.iter().enumerate().filter(|(_, kept)| **kept) {
+        let (t, e) = (
+            assignment / config.top_k,
+            decisions.routes[assignment] as usize,
+        );
+        let linear = |w: &[f64], b: &Option<Vec<f64>>, row: usize| -> f64 {
+            (0..d)
+                .map(|i| base.x[t * d + i] * w[(e * f + row) * d + i])
+                .sum::<f64>()
+                + b.as_ref().map_or(0.0, |b| b[e * f + row])
+        };
+        for row in 0..f {
+            let a = linear(&base.w1, &base.b1, row);
+            let v = base.w3.as_ref().map(|w3| linear(w3, &base.b3, row));
+            pre_activations.push((a, v));
+            let near = |value: f64, kinks: &[f64]| kinks.iter().any(|k| (value - k).abs() <= 1e-3);
+            assert!(
+                !near(a, &a_kinks) && !v.is_some_and(|v| near(v, &v_kinks)),
+                "pre-activation {a} or {v:?} too close to a kink of {:?}: pick another seed",
+                config.activation
             );
-            for row in 0..f {
-                let a: f64 = (0..d)
-                    .map(|i| base.x[t * d + i] * base.w1[(e * f + row) * d + i])
-                    .sum::<f64>()
-                    + base.b1.as_ref().map_or(0.0, |b| b[e * f + row]);
-                assert!(
-                    a.abs() > 1e-3,
-                    "pre-activation {a} too close to relu's kink: pick another seed"
-                );
-            }
         }
     }
     let dy64 = f64s(&dy);
@@ -353,6 +393,7 @@ fn check_finite_differences(
         }
     }
     assert!(checked > 0);
+    pre_activations
 }
 
 fn tensor_of<'p>(params: &'p mut Params, name: &str) -> &'p mut Vec<f64> {
@@ -517,14 +558,48 @@ fn aux_and_z_losses_by_hand() {
 }
 
 #[test]
+fn relu2_top2_with_dropping() {
+    let config = MoeConfig {
+        top_k: 2,
+        activation: Activation::Relu2,
+        capacity_factor: 0.75,
+        ..MoeConfig::default()
+    };
+    check_finite_differences(config, 4, 5, 6, 8, true, BOTH, 5);
+}
+
+#[test]
+fn swiglu_oai_top2_with_biases_in_and_beyond_both_clamps() {
+    // A limit of 0.3 puts pre-activations on both sides of min(a, L) and clamp(v, −L, L).
+    let config = MoeConfig {
+        top_k: 2,
+        gated: true,
+        activation: Activation::SwigluOai,
+        swiglu_limit: 0.3,
+        swiglu_alpha: 1.702,
+        normalize_top_k: true,
+        ..MoeConfig::default()
+    };
+    let pre = check_finite_differences(config, 4, 5, 6, 8, true, BOTH, 6);
+    let limit = 0.3;
+    let count = |keep: &dyn Fn(&(f64, Option<f64>)) -> bool| pre.iter().filter(|p| keep(p)).count();
+    assert!(count(&|(a, _)| *a > limit) > 0 && count(&|(a, _)| *a < limit) > 0);
+    assert!(count(&|(_, v)| v.unwrap() > limit) > 0 && count(&|(_, v)| v.unwrap() < -limit) > 0);
+    assert!(count(&|(_, v)| v.unwrap().abs() < limit) > 0);
+}
+
+#[test]
 fn activation_derivatives_match_differences() {
     for activation in [
         Activation::Relu,
         Activation::Gelu,
         Activation::GeluTanh,
         Activation::Silu,
+        Activation::Relu2,
+        Activation::SwigluOai,
     ] {
-        for a in [-3.0f32, -0.7, -0.01, 0.02, 0.5, 2.5] {
+        // 8.5 lies beyond swiglu_oai's limit of 7, where min(a, 7) has no gradient.
+        for a in [-3.0f32, -0.7, -0.01, 0.02, 0.5, 2.5, 8.5] {
             let h = 1e-3f64;
             let numeric =
                 (act(activation, a as f64 + h) - act(activation, a as f64 - h)) / (2.0 * h);
@@ -536,6 +611,25 @@ fn activation_derivatives_match_differences() {
         }
     }
     assert_eq!(activation_derivative(Activation::Relu, 0.0), 0.0);
+    assert_eq!(activation_derivative(Activation::SwigluOai, 8.5), 0.0);
+    // swiglu_oai's gate factor clamp(v, −7, 7) + 1 and its derivative, by hand.
+    let unit = HiddenUnit::from(Activation::SwigluOai);
+    for (v, value, slope) in [
+        (-9.0, -6.0, 0.0),
+        (-2.0, -1.0, 1.0),
+        (3.0, 4.0, 1.0),
+        (7.5, 8.0, 0.0),
+    ] {
+        assert_eq!(gate_value(unit, v), value);
+        assert_eq!(gate_derivative(unit, v), slope);
+    }
+    assert_eq!(gate_value(Activation::Silu, -9.0), -9.0);
+    // h(a = 1, v = 0.5) = σ(1.702)·1.5, h(a = 9) = 7σ(7·1.702).
+    let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let h = cpu_reference::activate(unit, 1.0) as f64;
+    assert!((h - sigmoid(1.702)).abs() < 1e-7);
+    let h = cpu_reference::activate(unit, 9.0) as f64;
+    assert!((h - 7.0 * sigmoid(7.0 * 1.702)).abs() < 1e-6);
 }
 
 #[test]

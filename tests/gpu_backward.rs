@@ -109,6 +109,7 @@ fn gpu_backward_matches_the_reference_across_configs() {
         Activation::Gelu,
         Activation::GeluTanh,
         Activation::Silu,
+        Activation::Relu2,
     ] {
         for gated in [false, true] {
             let config = MoeConfig {
@@ -119,6 +120,15 @@ fn gpu_backward_matches_the_reference_across_configs() {
             cases.push(case(config, (4, 12, 20), 24));
         }
     }
+    // swiglu_oai with a limit its pre-activations cross on both sides (zero derivatives).
+    let swiglu_oai = MoeConfig {
+        activation: Activation::SwigluOai,
+        gated: true,
+        swiglu_limit: 0.4,
+        normalize_top_k: true,
+        ..config(2)
+    };
+    cases.push(case(swiglu_oai, (4, 12, 20), 24));
     // Top-k, normalised or not, with heavy dropping and both policies; unscaled gates.
     for (top_k, normalize) in [(2, true), (2, false), (3, true)] {
         for policy in [DropPolicy::PassThrough, DropPolicy::Zero] {

@@ -162,6 +162,7 @@ fn gated_with_biases_every_activation() {
         Activation::Gelu,
         Activation::GeluTanh,
         Activation::Silu,
+        Activation::Relu2,
     ]
     .into_iter()
     .enumerate()
@@ -174,6 +175,16 @@ fn gated_with_biases_every_activation() {
             };
             check(config, 6, 20, 36, 90, 14 + i as u64);
         }
+    }
+    // swiglu_oai is gated only; a limit of 0.5 puts pre-activations beyond both clamps.
+    for limit in [7.0, 0.5] {
+        let config = MoeConfig {
+            activation: Activation::SwigluOai,
+            gated: true,
+            swiglu_limit: limit,
+            ..config(2)
+        };
+        check(config, 6, 20, 36, 90, 19);
     }
 }
 

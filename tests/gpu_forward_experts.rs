@@ -43,10 +43,10 @@ fn check(
     let gpu = layer
         .forward_experts(&x, &[num_tokens, shape.d_model], &index, &gate)
         .unwrap();
-    let cpu = cpu_reference::forward_experts(config.activation, weights, &x, &index, &gate);
+    let cpu = cpu_reference::forward_experts(config.hidden_unit(), weights, &x, &index, &gate);
     let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
     let magnitude = cpu_reference::forward_experts(
-        config.activation,
+        magnitude_unit(config),
         &absolute(weights),
         &abs(&x),
         &index,
@@ -65,8 +65,19 @@ fn check(
 /// Every activation, gated or not, on shapes off every tile, T = 1 and N = 1 (biases on
 /// every other case): `check(config, weights, T, k, seed)` for each.
 fn for_each_case(mut seed: u64, mut check: impl FnMut(&MoeConfig, &MoeWeights, usize, usize, u64)) {
-    for activation in [Activation::Relu, Activation::Gelu, Activation::Silu] {
-        for gated in [false, true] {
+    let activations = [
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::Silu,
+        Activation::Relu2,
+        Activation::SwigluOai,
+    ];
+    for activation in activations {
+        // swiglu_oai is gated only.
+        for gated in [false, true]
+            .into_iter()
+            .filter(|&gated| gated || activation != Activation::SwigluOai)
+        {
             for (n, d, f, t, k) in [(4, 12, 20, 33, 2), (1, 5, 3, 1, 1), (6, 13, 35, 17, 3)] {
                 seed += 1;
                 let config = MoeConfig {
@@ -169,7 +180,7 @@ fn check_backward(
     );
     let gpu = layer.backward_experts(&dy).unwrap();
     let cpu = cpu_backward::backward_experts(
-        config.activation,
+        config.hidden_unit(),
         weights,
         (&x, &x_shape),
         (&index, &gate),
@@ -224,7 +235,7 @@ fn backward_experts_with_every_token_on_one_expert() {
     let gpu = layer.backward_experts(&dy).unwrap();
     let routes = (&index[..], &gate[..]);
     let cpu =
-        cpu_backward::backward_experts(config.activation, &weights, (&x, &[t, d]), routes, &dy)
+        cpu_backward::backward_experts(config.hidden_unit(), &weights, (&x, &[t, d]), routes, &dy)
             .unwrap();
     assert_gradients_close("one expert", &gpu.gradients, &cpu.gradients, d + 24 + t);
     // The other experts got no token: their gradients are exactly zero.

@@ -69,8 +69,8 @@ fn traced_case(
     // expert_up on every kept slot: H = act(x·W1ᵀ + b1) (⊙ ...), magnitude from |x|·|W|.
     let abs_weights = absolute(&weights);
     let gated = if config.gated { 2.0 } else { 1.0 };
-    let up_relative =
-        (ACTIVATION_LIPSCHITZ * gated * 2.0 * (d_model as f64 + 2.0) + 16.0) * U + 1e-7;
+    let up_relative = (ACTIVATION_LIPSCHITZ * gated * 2.0 * (d_model as f64 + 2.0) + 16.0) * U
+        + activation_relative(config.activation);
     let mut expert_outputs: Vec<Vec<f32>> = loads
         .kept
         .iter()
@@ -83,9 +83,8 @@ fn traced_case(
         let slot = trace.assignment_slot[assignment] as usize;
         let x_row = &x[token * d_model..(token + 1) * d_model];
         let abs_row: Vec<f32> = x_row.iter().map(|v| v.abs()).collect();
-        let expected = cpu_reference::expert_up(&[x_row], &weights, expert, config.activation);
-        let magnitude =
-            cpu_reference::expert_up(&[&abs_row], &abs_weights, expert, Activation::Relu);
+        let expected = cpu_reference::expert_up(&[x_row], &weights, expert, config.hidden_unit());
+        let magnitude = hidden_magnitude(&config, &abs_row, &abs_weights, expert);
         let gpu_hidden = &trace.hidden[slot * d_ff..(slot + 1) * d_ff];
         assert_close(
             &format!("expert_up slot {slot}"),
@@ -153,6 +152,19 @@ fn kernels_match_their_cpu_twins() {
         ..config(3)
     };
     traced_case(&gated, 8, 20, 28, 200, 3);
+    // relu2 ungated, and swiglu_oai with a limit its pre-activations cross.
+    let relu2 = MoeConfig {
+        activation: Activation::Relu2,
+        ..config(2)
+    };
+    traced_case(&relu2, 4, 20, 28, 100, 5);
+    let swiglu_oai = MoeConfig {
+        gated: true,
+        activation: Activation::SwigluOai,
+        swiglu_limit: 0.5,
+        ..config(2)
+    };
+    traced_case(&swiglu_oai, 4, 20, 28, 100, 6);
     traced_case(
         &MoeConfig {
             expert_capacity: Some(3),

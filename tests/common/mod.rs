@@ -3,7 +3,7 @@
 //! derived from f32 accumulation error.
 #![allow(dead_code)]
 
-use switch_moe::config::Activation;
+use switch_moe::config::{Activation, HiddenUnit};
 use switch_moe::cpu_reference::{self, dot};
 use switch_moe::rng::SeededRng;
 use switch_moe::{ExpertMatrices, GpuContext, LayerShape, MoeConfig, MoeOutput, MoeWeights};
@@ -103,7 +103,7 @@ pub fn magnitude_of_y(
                 continue;
             }
             let expert = reference.routes[token * k + choice] as usize;
-            let h = cpu_reference::expert_up(&[&abs_row], &abs_weights, expert, Activation::Relu);
+            let h = hidden_magnitude(config, &abs_row, &abs_weights, expert);
             let out = cpu_reference::expert_down(&h, &abs_weights, expert);
             let scale = if config.scale_by_prob {
                 reference.gates[token * k + choice] as f64
@@ -119,6 +119,43 @@ pub fn magnitude_of_y(
         }
     }
     magnitude
+}
+
+/// The hidden unit whose values on |x| and |W| bound |h| and the scale of its rounding
+/// errors: relu's |a|·|v| (|a| ungated) for activations of slope ≤ 1.13; relu2's |a|², its
+/// slope being 2|a|; for swiglu_oai |a|·(|v| + 1), its own formula without clamps and with a
+/// sigmoid of 1 (an α past every |a|⁻¹).
+pub fn magnitude_unit(config: &MoeConfig) -> HiddenUnit {
+    let activation = match config.activation {
+        Activation::Relu2 | Activation::SwigluOai => config.activation,
+        _ => Activation::Relu,
+    };
+    HiddenUnit {
+        activation,
+        swiglu_limit: f32::MAX,
+        swiglu_alpha: f32::MAX,
+    }
+}
+
+/// [`magnitude_unit`]'s hidden row for one token on one expert.
+pub fn hidden_magnitude(
+    config: &MoeConfig,
+    abs_row: &[f32],
+    abs_weights: &MoeWeights,
+    expert: usize,
+) -> Vec<f32> {
+    cpu_reference::expert_up(&[abs_row], abs_weights, expert, magnitude_unit(config))
+}
+
+/// Relative error of the GPU's activation beyond its inputs' rounding: the GPU's erf
+/// (A&S 7.1.26) errs by 1.5e-7 absolute, i.e. ≤ 1e-7·|a| in GELU; silu's and swiglu_oai's
+/// sigmoid takes WGSL's exp, which may err by a few ulp more than the f64 reference's.
+pub fn activation_relative(activation: Activation) -> f64 {
+    match activation {
+        Activation::Gelu => 1e-7,
+        Activation::Silu | Activation::SwigluOai => GATE_RELATIVE,
+        _ => 0.0,
+    }
 }
 
 /// Which assignments the reference keeps (recomputed with its own functions).
@@ -209,9 +246,11 @@ pub fn assert_matches_reference(
 
     let magnitude = magnitude_of_y(config, weights, x, cpu);
     let gated = if config.gated { 2.0 } else { 1.0 };
-    let ffn_relative = (2.0 * ACTIVATION_LIPSCHITZ * gated * (d_model as f64 + 2.0) + 2.0 * (d_ff as f64 + 2.0) + 16.0) * U
-        // the GPU's erf (A&S 7.1.26) errs by 1.5e-7 absolute, i.e. ≤ 1e-7·|a| in GELU
-        + if config.activation == Activation::Gelu { 1e-7 } else { 0.0 };
+    let ffn_relative = (2.0 * ACTIVATION_LIPSCHITZ * gated * (d_model as f64 + 2.0)
+        + 2.0 * (d_ff as f64 + 2.0)
+        + 16.0)
+        * U
+        + activation_relative(config.activation);
     assert_close("y", &gpu.y, &cpu.y, |i| {
         ffn_relative * magnitude[i] + prob_relative * (cpu.y[i] as f64).abs() + 1e-30
     });

@@ -30,6 +30,8 @@ pub struct ExpertMatmuls {
     down_module: wgpu::ShaderModule,
     activation: f64,
     gated: f64,
+    /// swiglu_oai's limit and slope (see activation.wgsl).
+    swiglu: (f64, f64),
     /// 1 in a trainable layer: expert_up also stores the pre-activations.
     keep_pre_activations: f64,
     /// The shader codes of W1's, W3's and W2's stored formats.
@@ -61,6 +63,7 @@ impl ExpertMatmuls {
             down_module: shader_module(device, shaders::EXPERT_DOWN),
             activation: config.activation.shader_code() as f64,
             gated: if config.gated { 1.0 } else { 0.0 },
+            swiglu: (config.swiglu_limit as f64, config.swiglu_alpha as f64),
             keep_pre_activations: if keep_pre_activations { 1.0 } else { 0.0 },
             formats: formats.map(|f| f.shader_code() as f64),
             variants: Default::default(),
@@ -79,6 +82,8 @@ impl ExpertMatmuls {
             };
             let up_constants = constants(&[
                 ("ACTIVATION", self.activation),
+                ("SWIGLU_LIMIT", self.swiglu.0),
+                ("SWIGLU_ALPHA", self.swiglu.1),
                 ("GATED", self.gated),
                 ("KEEP_PRE_ACTIVATIONS", self.keep_pre_activations),
                 ("W1_FORMAT", self.formats[0]),

@@ -30,6 +30,8 @@ pub struct SlotMatmuls {
     hidden_module: wgpu::ShaderModule,
     input_module: wgpu::ShaderModule,
     activation: f64,
+    /// swiglu_oai's limit and slope (see activation.wgsl).
+    swiglu: (f64, f64),
     variants: [OnceLock<SlotMatmulPipelines>; TILINGS],
 }
 
@@ -53,6 +55,7 @@ impl SlotMatmuls {
             hidden_module: shader_module(device, shaders::EXPERT_HIDDEN_BACKWARD),
             input_module: shader_module(device, shaders::EXPERT_INPUT_BACKWARD),
             activation: config.activation.shader_code() as f64,
+            swiglu: (config.swiglu_limit as f64, config.swiglu_alpha as f64),
             variants: Default::default(),
         }
     }
@@ -61,7 +64,11 @@ impl SlotMatmuls {
     pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &SlotMatmulPipelines {
         self.variants[tiling.variant()].get_or_init(|| {
             let mut hidden_constants = tiling.constants().to_vec();
-            hidden_constants.push(("ACTIVATION", self.activation));
+            hidden_constants.extend([
+                ("ACTIVATION", self.activation),
+                ("SWIGLU_LIMIT", self.swiglu.0),
+                ("SWIGLU_ALPHA", self.swiglu.1),
+            ]);
             SlotMatmulPipelines {
                 hidden: compute_pipeline(
                     device,
