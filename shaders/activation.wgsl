@@ -3,7 +3,8 @@
 // cpu_reference::activate and cpu_backward::activation_derivative.
 
 // Activation codes: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 relu2, 5 swiglu_oai
-// (gated only: min(a, L)·σ(α·min(a, L)), its gate clamp(v, −L, L) + 1).
+// (gated only: min(a, L)·σ(α·min(a, L)), its gate clamp(v, −L, L) + 1), 6 quick_gelu
+// (a·σ(1.702·a)).
 override ACTIVATION: u32 = 0u;
 override SWIGLU_LIMIT: f32 = 7.0;
 override SWIGLU_ALPHA: f32 = 1.702;
@@ -40,6 +41,9 @@ fn activate(a: f32) -> f32 {
         case 5u: {
             let clamped = min(a, SWIGLU_LIMIT);
             return clamped / (1.0 + exp(-SWIGLU_ALPHA * clamped));
+        }
+        case 6u: {
+            return a / (1.0 + exp(-1.702 * a));
         }
         default: {
             return max(a, 0.0);
@@ -88,6 +92,10 @@ fn activation_derivative(a: f32) -> f32 {
             let sigmoid = 1.0 / (1.0 + exp(-SWIGLU_ALPHA * a));
             return select(sigmoid * (1.0 + SWIGLU_ALPHA * a * (1.0 - sigmoid)), 0.0,
                 a > SWIGLU_LIMIT);
+        }
+        case 6u: {
+            let sigmoid = 1.0 / (1.0 + exp(-1.702 * a));
+            return sigmoid * (1.0 + 1.702 * a * (1.0 - sigmoid));
         }
         default: {
             return select(0.0, 1.0, a > 0.0);

@@ -21,6 +21,8 @@ pub enum Activation {
     Silu,
     /// `relu(x)²` (Nemotron-H).
     Relu2,
+    /// `x·sigmoid(1.702·x)` (transformers' QuickGELU; ERNIE 4.5 VL's experts).
+    QuickGelu,
     /// gpt-oss's clamped SwiGLU, gated only: with `a' = min(a, L)` and
     /// `v' = clamp(v, −L, L)`, `h = a'·σ(α·a') ⊙ (v' + 1)` (`L = swiglu_limit`,
     /// `α = swiglu_alpha`).
@@ -37,6 +39,7 @@ impl Activation {
             Activation::Silu => 3,
             Activation::Relu2 => 4,
             Activation::SwigluOai => 5,
+            Activation::QuickGelu => 6,
         }
     }
 }

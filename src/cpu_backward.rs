@@ -57,6 +57,11 @@ pub fn activation_derivative(unit: impl Into<HiddenUnit>, a: f32) -> f32 {
             sigmoid * (1.0 + a * (1.0 - sigmoid))
         }
         Activation::Relu2 => 2.0 * a.max(0.0),
+        Activation::QuickGelu => {
+            let slope = crate::cpu_reference::QUICK_GELU_SLOPE;
+            let sigmoid = 1.0 / (1.0 + (-slope * a).exp());
+            sigmoid * (1.0 + slope * a * (1.0 - sigmoid))
+        }
         // min(a, L): no gradient where the clamp is active (a > L), as torch.clamp.
         Activation::SwigluOai if a > unit.swiglu_limit as f64 => 0.0,
         Activation::SwigluOai => {

@@ -224,6 +224,9 @@ pub fn assign_positions(
     (loads, positions)
 }
 
+/// quick_gelu's sigmoid slope: `a·σ(1.702·a)`, as transformers' QuickGELUActivation.
+pub const QUICK_GELU_SLOPE: f64 = 1.702;
+
 /// The activation `act(a)`, evaluated in f64 for a reference-grade result.
 pub fn activate(unit: impl Into<HiddenUnit>, a: f32) -> f32 {
     let unit = unit.into();
@@ -237,6 +240,7 @@ pub fn activate(unit: impl Into<HiddenUnit>, a: f32) -> f32 {
         }
         Activation::Silu => a / (1.0 + (-a).exp()),
         Activation::Relu2 => a.max(0.0) * a.max(0.0),
+        Activation::QuickGelu => a / (1.0 + (-QUICK_GELU_SLOPE * a).exp()),
         Activation::SwigluOai => {
             let a = a.min(unit.swiglu_limit as f64);
             a / (1.0 + (-(unit.swiglu_alpha as f64) * a).exp())

@@ -103,6 +103,7 @@ fn act(unit: impl Into<HiddenUnit>, a: f64) -> f64 {
         }
         Activation::Silu => a / (1.0 + (-a).exp()),
         Activation::Relu2 => a.max(0.0).powi(2),
+        Activation::QuickGelu => a / (1.0 + (-1.702 * a).exp()),
         Activation::SwigluOai => {
             let a = a.min(unit.swiglu_limit as f64);
             a / (1.0 + (-(unit.swiglu_alpha as f64) * a).exp())
@@ -597,6 +598,7 @@ fn activation_derivatives_match_differences() {
         Activation::Silu,
         Activation::Relu2,
         Activation::SwigluOai,
+        Activation::QuickGelu,
     ] {
         // 8.5 lies beyond swiglu_oai's limit of 7, where min(a, 7) has no gradient.
         for a in [-3.0f32, -0.7, -0.01, 0.02, 0.5, 2.5, 8.5] {

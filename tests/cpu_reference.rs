@@ -214,6 +214,13 @@ fn every_activation_at_known_points() {
         (Activation::GeluTanh, -1.0, -0.158_808),
         (Activation::Silu, 1.0, 0.731_058_6),
         (Activation::Silu, -2.0, -0.238_405_84),
+        (Activation::Relu2, -1.0, 0.0),
+        (Activation::Relu2, 1.5, 2.25),
+        (Activation::QuickGelu, 1.0, 0.845_795_8),
+        (Activation::QuickGelu, -2.0, -0.064_341_38),
+        // swiglu_oai's activation half: a·σ(1.702·a) up to a = 7, then 7·σ(7·1.702).
+        (Activation::SwigluOai, 1.0, 0.845_795_8),
+        (Activation::SwigluOai, 9.0, 6.999_953),
     ];
     for (activation, a, expected) in cases {
         assert_relative_eq!(activate(activation, a), expected, max_relative = 1e-5);

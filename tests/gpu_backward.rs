@@ -110,6 +110,7 @@ fn gpu_backward_matches_the_reference_across_configs() {
         Activation::GeluTanh,
         Activation::Silu,
         Activation::Relu2,
+        Activation::QuickGelu,
     ] {
         for gated in [false, true] {
             let config = MoeConfig {

@@ -163,6 +163,7 @@ fn gated_with_biases_every_activation() {
         Activation::GeluTanh,
         Activation::Silu,
         Activation::Relu2,
+        Activation::QuickGelu,
     ]
     .into_iter()
     .enumerate()

@@ -195,7 +195,7 @@ fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
     match shader.name {
         "expert_up" => {
             for tiling in tilings() {
-                for activation in 0..6 {
+                for activation in 0..7 {
                     for (gated, keep) in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)] {
                         let mut constants = tiling_constants(tiling);
                         constants.insert("ACTIVATION".to_string(), activation as f64);
@@ -208,7 +208,7 @@ fn specializations(shader: ShaderSource) -> Vec<naga::back::PipelineConstants> {
         }
         "expert_hidden_backward" => {
             for tiling in tilings() {
-                for activation in 0..6 {
+                for activation in 0..7 {
                     let mut constants = tiling_constants(tiling);
                     constants.insert("ACTIVATION".to_string(), activation as f64);
                     all.push(constants);

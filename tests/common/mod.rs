@@ -153,7 +153,7 @@ pub fn hidden_magnitude(
 pub fn activation_relative(activation: Activation) -> f64 {
     match activation {
         Activation::Gelu => 1e-7,
-        Activation::Silu | Activation::SwigluOai => GATE_RELATIVE,
+        Activation::Silu | Activation::SwigluOai | Activation::QuickGelu => GATE_RELATIVE,
         _ => 0.0,
     }
 }
