@@ -18,6 +18,7 @@ from ._errors import (
     MoeError,
     TensorError,
     TrainingError,
+    UnsupportedError,
 )
 from ._native import MoeLayer, adapter, native_weights
 
@@ -32,4 +33,5 @@ __all__ = [
     "TrainingError",
     "FileError",
     "DeviceError",
+    "UnsupportedError",
 ]

@@ -23,6 +23,11 @@ class TrainingError(MoeError):
     batch that ran in chunks."""
 
 
+class UnsupportedError(MoeError, ValueError):
+    """A torch module whose computation the layer cannot express (an activation, a gate, a
+    norm or a routing it does not have); the message names the module and what it met."""
+
+
 class FileError(MoeError, OSError):
     """A file could not be read or written."""
 

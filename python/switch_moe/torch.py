@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._hidden_unit import activation_name
 from ._kept import KeptLayer, host
 from ._native import native_weights
 
@@ -217,17 +218,5 @@ def _state_arrays(module):
 
 
 def _activation_name(activation):
-    name = type(activation).__name__
-    if isinstance(activation, nn.ReLU) or name == "ReLUActivation":
-        return "relu"
-    if name == "SiLUActivation":
-        return "silu"
-    if isinstance(activation, nn.GELU):
-        return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
-    if isinstance(activation, nn.SiLU):
-        return "silu"
-    if name in ("GELUActivation",):
-        return "gelu"
-    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
-        return "gelu_tanh"
-    raise ValueError(f"activation {activation!r}: switch_moe has relu, gelu, gelu_tanh, silu")
+    """The layer's name for a torch activation (module or function), found by evaluating it."""
+    return activation_name(activation, type(activation).__name__)

@@ -1,0 +1,97 @@
+"""Whole tiny transformers models whose experts run through ``switch_moe.hf.register()``:
+the logits and a greedy generation equal those with transformers' eager experts (the model's
+own routers, shared experts and attention around them), one model per family."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import switch_moe.hf
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+)
+EXPERTS = dict(num_experts_per_tok=2)
+FAMILIES = {
+    "mixtral": dict(intermediate_size=48, num_local_experts=4),
+    "qwen3_moe": dict(
+        intermediate_size=48, moe_intermediate_size=24, num_experts=4, mlp_only_layers=[]
+    ),
+    "qwen2_moe": dict(
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        mlp_only_layers=[],
+    ),
+    "olmoe": dict(intermediate_size=24, num_experts=4),
+    # Layer 0 dense, layer 1 MoE with sigmoid group-limited routing and a shared expert.
+    "deepseek_v3": dict(
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_key_value_heads=4,
+    ),
+    "glm4_moe": dict(
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+    ),
+    # swiglu_oai, interleaved gate/up, biases, transposed weights.
+    "gpt_oss": dict(
+        intermediate_size=24,
+        num_local_experts=4,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=16,
+    ),
+    "granitemoe": dict(intermediate_size=24, num_local_experts=4),
+    "phimoe": dict(intermediate_size=24, num_local_experts=4),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_tiny_model_equals_eager(family):
+    switch_moe.hf.register()
+    config = AutoConfig.for_model(family, **{**TINY, **EXPERTS, **FAMILIES[family]})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        # Larger expert and router weights than the init's, so that routing and experts
+        # shape the logits.
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("experts", "gate", "router")):
+                parameter.normal_(std=0.2)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    generate = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.config._experts_implementation = "eager"
+        eager_logits = model(ids).logits
+        eager_tokens = model.generate(ids, **generate)
+        model.config._experts_implementation = "switch_moe"
+        logits = model(ids).logits
+        tokens = model.generate(ids, **generate)
+    assert any(hasattr(m, "_switch_moe_layer") for m in model.modules()), "experts did not run"
+    # f32 experts: rounding of D + F terms, relative to the largest logit.
+    worst = (logits - eager_logits).abs().max().item()
+    assert worst <= 2e-5 * eager_logits.abs().max().item(), f"{family}: logits differ by {worst}"
+    assert torch.equal(tokens, eager_tokens), f"{family}: {tokens} vs {eager_tokens}"
