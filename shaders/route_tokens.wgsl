@@ -1,6 +1,9 @@
-// route_tokens: router logits h = x·Wrᵀ + br, stable softmax, top-k selection (ties to the
-// lower expert index), gate weights (renormalised when asked), non-finite logits flagged,
-// and per-block partial sums for the router statistics.
+// route_tokens: router logits h = x·Wrᵀ + br, scores p (stable softmax, or sigmoid), the
+// choice of experts (top-k of p + score_bias, within the best groups of experts when the
+// router has groups; ties to the lower expert index and the lower group), gate weights (the
+// choices' unbiased p, renormalised when asked, times the routed scaling factor), non-finite
+// logits flagged, and per-block partial sums for the router statistics. CPU twin:
+// cpu_routing::route_tokens.
 //
 // Dispatch: one workgroup per block of BLOCK_TOKENS consecutive tokens; workgroups laid out
 // in 2-D (x + y·num_workgroups.x) so that any T fits. First the logits, each invocation
@@ -18,8 +21,8 @@
 // t % height of layer t / height), 2 router texels [N][D4 / 4] (zero-padded),
 // 3 logits [T, N], 4 routes [T, k], 5 gates [T, k], 6 route_prob_max [T],
 // 7 block_router_sums [blocks, N + 1] (Σ p per expert, then Σ lse²), 8 flags [1] (atomicMin
-// of the first token whose logits are not finite), 9 router_bias [MAX_EXPERTS / 4] vec4s
-// (zero-padded). D4 is D rounded up to a multiple of 4.
+// of the first token whose logits are not finite), 9 router_bias and 10 score_bias, each
+// [MAX_EXPERTS / 4] vec4s (zero-padded). D4 is D rounded up to a multiple of 4.
 
 struct RouteParams {
     num_tokens: u32,
@@ -27,9 +30,17 @@ struct RouteParams {
     num_experts: u32,
     top_k: u32,
     normalize_top_k: u32,
+    // 1: p = σ(h) per expert; 0: p = softmax(h).
+    sigmoid_scores: u32,
+    // Group-limited top-k: n_group groups of experts (0: none), topk_group of them kept,
+    // a group's score the sum of its two best selection scores (group_score_max 0) or its
+    // best (1).
+    n_group: u32,
+    topk_group: u32,
+    group_score_max: u32,
+    routed_scaling_factor: f32,
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 const BLOCK_TOKENS: u32 = 128u;
@@ -49,6 +60,12 @@ const MAX_EXPERTS: u32 = 2048u;
 @group(0) @binding(7) var<storage, read_write> block_router_sums: array<f32>;
 @group(0) @binding(8) var<storage, read_write> flags: array<atomic<u32>>;
 @group(0) @binding(9) var<uniform> router_bias: array<vec4<f32>, MAX_EXPERTS / 4u>;
+@group(0) @binding(10) var<uniform> score_bias: array<vec4<f32>, MAX_EXPERTS / 4u>;
+
+// The most expert groups: a token's kept groups are the bits of one u32.
+const MAX_EXPERT_GROUPS: u32 = 32u;
+// -f32::MAX, exactly: below every finite score.
+const LOWEST: f32 = -3.40282347e+38;
 
 var<workgroup> block_lse_sq: array<f32, BLOCK_TOKENS>;
 // The largest logit of each token (block order) among each quarter's experts, quarter-major.
@@ -151,7 +168,61 @@ fn store_logits(
     return largest;
 }
 
-// Softmax, top-k and gates of one token (`index` in its block) from its logits; flags
+// The score p of a logit: σ(h), or its softmax given the token's largest logit and
+// Σ exp(h − max) (the same expression wherever p is needed).
+fn score_of(logit: f32, max_logit: f32, sum: f32) -> f32 {
+    if (params.sigmoid_scores != 0u) {
+        return 1.0 / (1.0 + exp(-logit));
+    }
+    return exp(logit - max_logit) / sum;
+}
+
+// What expert e is chosen by: p + score_bias[e] (the bias is zero when the layer has none).
+fn selection_of(p_base: u32, e: u32, max_logit: f32, sum: f32) -> f32 {
+    return score_of(logits[p_base + e], max_logit, sum) + score_bias[e / 4u][e % 4u];
+}
+
+// The groups a token may choose from, as bits (every bit without groups): the topk_group
+// best by group score, ties to the lower group.
+fn kept_groups(p_base: u32, max_logit: f32, sum: f32) -> u32 {
+    let groups = params.n_group;
+    if (groups == 0u) {
+        return 0xffffffffu;
+    }
+    let size = params.num_experts / groups;
+    var group_scores: array<f32, MAX_EXPERT_GROUPS>;
+    for (var g = 0u; g < groups; g++) {
+        // The group's best and second-best selection scores, in the CPU twin's order.
+        var first = LOWEST;
+        var second = LOWEST;
+        for (var e = g * size; e < (g + 1u) * size; e++) {
+            let s = selection_of(p_base, e, max_logit, sum);
+            if (s > first) {
+                second = first;
+                first = s;
+            } else if (s > second) {
+                second = s;
+            }
+        }
+        group_scores[g] = select(first + second, first, params.group_score_max != 0u);
+    }
+    var kept = 0u;
+    for (var j = 0u; j < params.topk_group; j++) {
+        var best_g = 0u;
+        var found = false;
+        for (var g = 0u; g < groups; g++) {
+            let free = ((kept >> g) & 1u) == 0u;
+            if (free && (!found || group_scores[g] > group_scores[best_g])) {
+                best_g = g;
+                found = true;
+            }
+        }
+        kept |= 1u << best_g;
+    }
+    return kept;
+}
+
+// Scores, top-k and gates of one token (`index` in its block) from its logits; flags
 // non-finite logits, and leaves the token's largest logit and Σ exp(h - max) in token_max
 // and token_sum. Returns logsumexp².
 fn route_one_token(token: u32, index: u32) -> f32 {
@@ -172,36 +243,46 @@ fn route_one_token(token: u32, index: u32) -> f32 {
         atomicMin(&flags[0], token);
     }
 
-    // Top-k: the j-th choice is the best expert strictly after the (j-1)-th in the order
-    // (probability descending, index ascending); the scan keeps the first of equals.
+    // Top-k: the j-th choice is the best expert of the kept groups strictly after the
+    // (j-1)-th in the order (selection score descending, index ascending); the scan keeps
+    // the first of equals.
+    let kept = kept_groups(p_base, max_logit, sum);
+    let group_size = num_experts / max(params.n_group, 1u);
     let top_k = params.top_k;
-    var prev_p = 2.0;
+    var prev_s = 0.0;
     var prev_e = -1;
     var gate_sum = 0.0;
     for (var j = 0u; j < top_k; j++) {
         var best_e = 0u;
-        var best_p = -1.0;
+        var best_s = 0.0;
+        var found = false;
         for (var e = 0u; e < num_experts; e++) {
-            let p = exp(logits[p_base + e] - max_logit) / sum;
-            let after_prev = p < prev_p || (p == prev_p && i32(e) > prev_e);
-            if (after_prev && p > best_p) {
-                best_p = p;
+            if (((kept >> (e / group_size)) & 1u) == 0u) {
+                continue;
+            }
+            let s = selection_of(p_base, e, max_logit, sum);
+            let after_prev = j == 0u || s < prev_s || (s == prev_s && i32(e) > prev_e);
+            if (after_prev && (!found || s > best_s)) {
+                best_s = s;
                 best_e = e;
+                found = true;
             }
         }
+        let p = score_of(logits[p_base + best_e], max_logit, sum);
         routes[token * top_k + j] = best_e;
-        gates[token * top_k + j] = best_p;
-        gate_sum += best_p;
-        prev_p = best_p;
+        gates[token * top_k + j] = p;
+        gate_sum += p;
+        prev_s = best_s;
         prev_e = i32(best_e);
         if (j == 0u) {
-            route_prob_max[token] = best_p;
+            route_prob_max[token] = p;
         }
     }
-    if (params.normalize_top_k != 0u) {
-        for (var j = 0u; j < top_k; j++) {
-            gates[token * top_k + j] = gates[token * top_k + j] / gate_sum;
-        }
+    let scaling = params.routed_scaling_factor;
+    let normalize = params.normalize_top_k != 0u;
+    for (var j = 0u; j < top_k; j++) {
+        let g = gates[token * top_k + j];
+        gates[token * top_k + j] = select(g, g / gate_sum, normalize) * scaling;
     }
     return lse * lse;
 }
@@ -239,7 +320,7 @@ fn main(
         var sum = 0.0;
         for (var t = block_start; t < block_end; t++) {
             let i = t - block_start;
-            sum += exp(logits[t * num_experts + e] - token_max[i]) / token_sum[i];
+            sum += score_of(logits[t * num_experts + e], token_max[i], token_sum[i]);
         }
         block_router_sums[sums_base + e] = sum;
     }

@@ -15,9 +15,17 @@ struct RouteParams {
     num_experts: u32,
     top_k: u32,
     normalize_top_k: u32,
+    // 1: p = σ(h) per expert; 0: p = softmax(h).
+    sigmoid_scores: u32,
+    // Group-limited top-k: n_group groups of experts (0: none), topk_group of them kept,
+    // a group's score the sum of its two best selection scores (group_score_max 0) or its
+    // best (1).
+    n_group: u32,
+    topk_group: u32,
+    group_score_max: u32,
+    routed_scaling_factor: f32,
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 const BLOCK_TOKENS: u32 = 128u;

@@ -65,6 +65,63 @@ impl From<Activation> for HiddenUnit {
     }
 }
 
+/// How the router turns logits into scores `p` (SPEC "The families people run").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterScore {
+    /// `p = softmax(h)` over the experts (Switch, Mixtral, Qwen, OLMoE).
+    Softmax,
+    /// `p[e] = σ(h[e])` per expert (DeepSeek-V3, GLM-4.5, Kimi K2, Llama 4).
+    Sigmoid,
+}
+
+/// A group's score in group-limited top-k.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupScore {
+    /// The sum of its two highest selection scores (DeepSeek-V3).
+    Top2Sum,
+    /// Its highest selection score (DeepSeek-V2).
+    Max,
+}
+
+/// Group-limited top-k: the experts form `count` consecutive groups; only the experts of
+/// the `kept` best groups (by [`GroupScore`], ties to the lower group) may be chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertGroups {
+    pub count: usize,
+    pub kept: usize,
+    pub score: GroupScore,
+}
+
+/// Everything the router needs besides its weights (steps 1–4 of the forward).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Router {
+    pub top_k: usize,
+    pub normalize_top_k: bool,
+    pub score: RouterScore,
+    pub groups: Option<ExpertGroups>,
+    /// Multiplies the gates after normalisation.
+    pub routed_scaling_factor: f32,
+}
+
+impl Router {
+    /// Switch's and Mixtral's router: softmax, plain top-k, no scaling.
+    pub fn softmax(top_k: usize, normalize_top_k: bool) -> Self {
+        Router {
+            top_k,
+            normalize_top_k,
+            score: RouterScore::Softmax,
+            groups: None,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
+/// The most expert groups of group-limited top-k (the GPU keeps a token's groups in one
+/// 32-bit mask).
+pub const MAX_EXPERT_GROUPS: usize = 32;
+
 /// What a token gets when every one of its assignments was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -120,6 +177,15 @@ pub struct MoeConfig {
     pub gated: bool,
     /// Divide the top-k gate weights by their sum (Mixtral).
     pub normalize_top_k: bool,
+    /// Softmax or sigmoid scores.
+    pub router_score: RouterScore,
+    /// Expert groups for group-limited top-k (DeepSeek-V3: 8); `None`: no groups.
+    pub n_group: Option<usize>,
+    /// Groups kept per token (DeepSeek-V3: 4); needs `n_group`.
+    pub topk_group: Option<usize>,
+    pub group_score: GroupScore,
+    /// Multiplies the gates after normalisation (DeepSeek-V3: 2.5).
+    pub routed_scaling_factor: f32,
     pub naming: Naming,
 }
 
@@ -139,13 +205,18 @@ impl Default for MoeConfig {
             swiglu_alpha: 1.702,
             gated: false,
             normalize_top_k: false,
+            router_score: RouterScore::Softmax,
+            n_group: None,
+            topk_group: None,
+            group_score: GroupScore::Top2Sum,
+            routed_scaling_factor: 1.0,
             naming: Naming::Auto,
         }
     }
 }
 
 /// Every key of the config JSON.
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 19] = [
     "n_experts",
     "top_k",
     "capacity_factor",
@@ -159,6 +230,11 @@ const KEYS: [&str; 14] = [
     "swiglu_alpha",
     "gated",
     "normalize_top_k",
+    "router_score",
+    "n_group",
+    "topk_group",
+    "group_score",
+    "routed_scaling_factor",
     "naming",
 ];
 
@@ -205,6 +281,11 @@ impl MoeConfig {
                 "swiglu_alpha" => config.swiglu_alpha = parse_value(&key, value)?,
                 "gated" => config.gated = parse_value(&key, value)?,
                 "normalize_top_k" => config.normalize_top_k = parse_value(&key, value)?,
+                "router_score" => config.router_score = parse_value(&key, value)?,
+                "n_group" => config.n_group = parse_value(&key, value)?,
+                "topk_group" => config.topk_group = parse_value(&key, value)?,
+                "group_score" => config.group_score = parse_value(&key, value)?,
+                "routed_scaling_factor" => config.routed_scaling_factor = parse_value(&key, value)?,
                 "naming" => config.naming = parse_value(&key, value)?,
                 _ => return Err(MoeError::config(&key, "unknown key")),
             }
@@ -291,7 +372,49 @@ impl MoeConfig {
                 format!("must be finite, got {}", self.swiglu_alpha),
             ));
         }
-        Ok(())
+        self.validate_routing()
+    }
+
+    fn validate_routing(&self) -> Result<()> {
+        let factor = self.routed_scaling_factor;
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(MoeError::config(
+                "routed_scaling_factor",
+                format!("must be a finite number > 0, got {factor}"),
+            ));
+        }
+        match (self.n_group, self.topk_group) {
+            (Some(groups), _) if groups == 0 || groups > MAX_EXPERT_GROUPS => {
+                Err(MoeError::config(
+                    "n_group",
+                    format!("{groups}: must be 1 to {MAX_EXPERT_GROUPS}"),
+                ))
+            }
+            (None, Some(_)) => Err(MoeError::config(
+                "topk_group",
+                "needs n_group (the number of expert groups)",
+            )),
+            (Some(groups), Some(kept)) if kept == 0 || kept > groups => Err(MoeError::config(
+                "topk_group",
+                format!("{kept}: must be 1 to n_group ({groups})"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The router's settings.
+    pub fn router(&self) -> Router {
+        Router {
+            top_k: self.top_k,
+            normalize_top_k: self.normalize_top_k,
+            score: self.router_score,
+            groups: self.n_group.map(|count| ExpertGroups {
+                count,
+                kept: self.topk_group.unwrap_or(count),
+                score: self.group_score,
+            }),
+            routed_scaling_factor: self.routed_scaling_factor,
+        }
     }
 
     /// What the experts' hidden units compute.
@@ -319,6 +442,32 @@ impl MoeConfig {
                 "top_k",
                 format!("{} is more than the {num_experts} experts", self.top_k),
             ));
+        }
+        if let Some(groups) = self.router().groups {
+            if !num_experts.is_multiple_of(groups.count) {
+                return Err(MoeError::config(
+                    "n_group",
+                    format!("{} does not divide the {num_experts} experts", groups.count),
+                ));
+            }
+            let size = num_experts / groups.count;
+            if groups.score == GroupScore::Top2Sum && size < 2 {
+                return Err(MoeError::config(
+                    "group_score",
+                    format!("top2_sum needs 2 experts per group; {} groups of {num_experts} experts have {size}", groups.count),
+                ));
+            }
+            if self.top_k > groups.kept * size {
+                return Err(MoeError::config(
+                    "top_k",
+                    format!(
+                        "{} is more than the {} experts of the topk_group = {} groups kept",
+                        self.top_k,
+                        groups.kept * size,
+                        groups.kept
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -313,7 +313,7 @@ pub fn backward_with_prob_sum_grad(
     }
     let group_size = config.group_size_for(num_tokens)?;
     let k = config.top_k;
-    let routing = route_tokens(x, weights, k, config.normalize_top_k);
+    let routing = route_tokens(x, weights, config);
     if let Some(token) = routing.logsumexp.iter().position(|l| !l.is_finite()) {
         return Err(MoeError::NonFiniteInput { token });
     }

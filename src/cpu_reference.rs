@@ -12,21 +12,6 @@ use crate::error::{MoeError, Result};
 use crate::output::{num_tokens_of, MoeOutput};
 use crate::weights::{LayerShape, MoeWeights};
 
-/// Router results for every token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Routing {
-    /// `[T, N]`: softmax of the router logits.
-    pub probs: Vec<f32>,
-    /// `[T]`: `logsumexp_e h[t, e]`.
-    pub logsumexp: Vec<f32>,
-    /// `[T, k]`: chosen experts, best first.
-    pub routes: Vec<u32>,
-    /// `[T, k]`: gate weights (renormalised when asked).
-    pub gates: Vec<f32>,
-    /// `[T]`: the top-1 probability.
-    pub route_prob_max: Vec<f32>,
-}
-
 /// `Σ a[i]·b[i]` with eight partial sums (vectorizable), added pairwise at the end.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
@@ -52,69 +37,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
 }
 
-/// The experts of one token's probability row in order of preference: highest
-/// probability first, ties to the lower expert index.
-pub fn select_top_k(probs: &[f32], top_k: usize) -> Vec<u32> {
-    let mut order: Vec<u32> = (0..probs.len() as u32).collect();
-    // A stable sort by descending probability keeps lower indices first among equals.
-    order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]));
-    order.truncate(top_k);
-    order
-}
-
-/// Router matmul, stable softmax, top-k selection and gate weights for every token.
-pub fn route_tokens(
-    x: &[f32],
-    weights: &MoeWeights,
-    top_k: usize,
-    normalize_top_k: bool,
-) -> Routing {
-    let LayerShape {
-        num_experts,
-        d_model,
-        ..
-    } = weights.shape;
-    let num_tokens = x.len() / d_model;
-    let mut routing = Routing {
-        probs: vec![0.0; num_tokens * num_experts],
-        logsumexp: vec![0.0; num_tokens],
-        routes: Vec::with_capacity(num_tokens * top_k),
-        gates: Vec::with_capacity(num_tokens * top_k),
-        route_prob_max: vec![0.0; num_tokens],
-    };
-    for (token, x_row) in x.chunks_exact(d_model).enumerate() {
-        // h[t, e] = x[t]·Wr[e] + br[e]
-        let logits: Vec<f32> = (0..num_experts)
-            .map(|e| {
-                let bias = weights.router_bias.as_ref().map_or(0.0, |b| b[e]);
-                dot(
-                    x_row,
-                    MoeWeights::expert_slice(&weights.router_weight, e, d_model),
-                ) + bias
-            })
-            .collect();
-        // p = softmax(h), with the max subtracted so that exp never overflows.
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f32> = logits.iter().map(|h| (h - max).exp()).collect();
-        let sum: f32 = exps.iter().sum();
-        let probs = &mut routing.probs[token * num_experts..(token + 1) * num_experts];
-        for (p, e) in probs.iter_mut().zip(&exps) {
-            *p = e / sum;
-        }
-        routing.logsumexp[token] = max + sum.ln();
-        let chosen = select_top_k(probs, top_k);
-        let gates: Vec<f32> = chosen.iter().map(|&e| probs[e as usize]).collect();
-        let gate_sum: f32 = gates.iter().sum();
-        routing.route_prob_max[token] = gates[0];
-        routing.routes.extend(&chosen);
-        routing.gates.extend(
-            gates
-                .iter()
-                .map(|g| if normalize_top_k { g / gate_sum } else { *g }),
-        );
-    }
-    routing
-}
+pub use crate::cpu_routing::{route_tokens, select_top_k, Routing};
 
 /// `[groups, N]`: assignments routed to each expert in each group, before dropping.
 pub fn count_experts(
@@ -417,7 +340,7 @@ pub fn forward(
     }
     let top_k = config.top_k;
 
-    let routing = route_tokens(x, weights, top_k, config.normalize_top_k);
+    let routing = route_tokens(x, weights, config);
     if let Some(token) = routing.logsumexp.iter().position(|l| !l.is_finite()) {
         return Err(MoeError::NonFiniteInput { token });
     }

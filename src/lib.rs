@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu_backward;
 pub mod cpu_backward_kernels;
 pub mod cpu_reference;
+pub mod cpu_routing;
 pub mod error;
 pub mod formats;
 #[cfg(not(target_arch = "wasm32"))]
@@ -23,7 +24,10 @@ pub mod tensor_io;
 pub mod web;
 pub mod weights;
 
-pub use config::{Activation, DropPolicy, HiddenUnit, MoeConfig, Naming};
+pub use config::{
+    Activation, DropPolicy, ExpertGroups, GroupScore, HiddenUnit, MoeConfig, Naming, Router,
+    RouterScore,
+};
 pub use cpu_backward::LossCoefficients;
 pub use error::{MoeError, Result};
 pub use formats::{ExpertMatrices, WeightFormat};

@@ -302,6 +302,9 @@ fn setup(
     (weights, x, dy)
 }
 
+/// One hidden unit's pre-activations a and (gated) v.
+type PreActivation = (f64, Option<f64>);
+
 /// Checks every element of every gradient against central differences of the f64 loss.
 fn check_finite_differences(
     config: MoeConfig,
@@ -312,7 +315,7 @@ fn check_finite_differences(
     biases: bool,
     coefficients: LossCoefficients,
     seed: u64,
-) -> Vec<(f64, Option<f64>)> {
+) -> Vec<PreActivation> {
     let (weights, x, dy) = setup(&config, n, d, f, t, biases, seed);
     let shape = [t, d];
     let gradients = backward(&config, &weights, &x, &shape, &dy, coefficients).expect("backward");
@@ -484,6 +487,7 @@ fn pass_through_by_hand() {
         shape: shape(2, 2, 1),
         router_weight: vec![0.0; 4],
         router_bias: Some(vec![0.0; 2]),
+        score_bias: None,
         w1: ExpertMatrices::from_f32(2, 1, 2, vec![1.0; 4]),
         b1: None,
         w2: ExpertMatrices::from_f32(2, 2, 1, vec![1.0; 4]),
@@ -524,7 +528,7 @@ fn aux_and_z_losses_by_hand() {
     let config = config(1);
     let (weights, x, _) = setup(&config, 3, 4, 5, 6, true, 7);
     let dy = vec![0.0; x.len()];
-    let routing = cpu_reference::route_tokens(&x, &weights, 1, false);
+    let routing = cpu_reference::route_tokens(&x, &weights, switch_moe::Router::softmax(1, false));
     let forward = cpu_forward(&config, &weights, &x, &[6, 4]);
     let (n, tokens) = (3usize, 6.0f64);
     for (alpha, beta) in [(0.5f32, 0.0f32), (0.0, 0.25)] {
@@ -583,7 +587,7 @@ fn swiglu_oai_top2_with_biases_in_and_beyond_both_clamps() {
     };
     let pre = check_finite_differences(config, 4, 5, 6, 8, true, BOTH, 6);
     let limit = 0.3;
-    let count = |keep: &dyn Fn(&(f64, Option<f64>)) -> bool| pre.iter().filter(|p| keep(p)).count();
+    let count = |keep: &dyn Fn(&PreActivation) -> bool| pre.iter().filter(|p| keep(p)).count();
     assert!(count(&|(a, _)| *a > limit) > 0 && count(&|(a, _)| *a < limit) > 0);
     assert!(count(&|(_, v)| v.unwrap() > limit) > 0 && count(&|(_, v)| v.unwrap() < -limit) > 0);
     assert!(count(&|(_, v)| v.unwrap().abs() < limit) > 0);

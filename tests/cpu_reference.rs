@@ -29,6 +29,7 @@ fn hand_layer(gated: bool) -> MoeWeights {
         },
         router_weight: identity.clone(),
         router_bias: None,
+        score_bias: None,
         w1: ExpertMatrices::from_f32(N, N, N, repeat(&|_| 1.0)),
         b1: None,
         w2: ExpertMatrices::from_f32(N, N, N, repeat(&|e| (e + 1) as f32)),

@@ -106,8 +106,11 @@ fn a_million_tokens() {
         disagreements.len()
     );
     for &t in &disagreements {
-        let routing =
-            switch_moe::cpu_reference::route_tokens(&x[t * 64..(t + 1) * 64], &weights, 1, false);
+        let routing = switch_moe::cpu_reference::route_tokens(
+            &x[t * 64..(t + 1) * 64],
+            &weights,
+            switch_moe::Router::softmax(1, false),
+        );
         let (gpu_choice, cpu_choice) = (output.routes[t] as usize, reference.routes[t] as usize);
         let (p_gpu, p_cpu) = (routing.probs[gpu_choice], routing.probs[cpu_choice]);
         assert!(

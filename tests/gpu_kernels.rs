@@ -27,7 +27,7 @@ fn traced_case(
     let k = config.top_k;
 
     // route_tokens
-    let routing = cpu_reference::route_tokens(&x, &weights, k, config.normalize_top_k);
+    let routing = cpu_reference::route_tokens(&x, &weights, config);
     assert_eq!(output.routes, routing.routes, "route_tokens: routes");
 
     // count_experts + scan_expert_offsets
@@ -84,7 +84,7 @@ fn traced_case(
         let x_row = &x[token * d_model..(token + 1) * d_model];
         let abs_row: Vec<f32> = x_row.iter().map(|v| v.abs()).collect();
         let expected = cpu_reference::expert_up(&[x_row], &weights, expert, config.hidden_unit());
-        let magnitude = hidden_magnitude(&config, &abs_row, &abs_weights, expert);
+        let magnitude = hidden_magnitude(config, &abs_row, &abs_weights, expert);
         let gpu_hidden = &trace.hidden[slot * d_ff..(slot + 1) * d_ff];
         assert_close(
             &format!("expert_up slot {slot}"),
@@ -110,6 +110,7 @@ fn traced_case(
 
     // combine_outputs on the GPU's own expert outputs and gates: only k products and sums.
     let gpu_routing = Routing {
+        logits: Vec::new(),
         probs: Vec::new(),
         logsumexp: Vec::new(),
         routes: output.routes.clone(),

@@ -242,7 +242,8 @@ fn skew_router(weights: &mut MoeWeights, x: &[f32], skew: usize) {
     let d = weights.shape.d_model;
     let sample = &x[..x.len().min(512 * d)];
     let share = |weights: &MoeWeights| {
-        let routing = cpu_reference::route_tokens(sample, weights, 1, false);
+        let routing =
+            cpu_reference::route_tokens(sample, weights, switch_moe::Router::softmax(1, false));
         routing.routes.iter().filter(|&&e| e == 0).count() as f64 / routing.routes.len() as f64
     };
     let (mut low, mut high) = (0.0f32, 30.0f32);

@@ -265,6 +265,8 @@ impl MoeWeights {
                 .vector(ROUTER, &[n, d], &dims_from)?
                 .ok_or_else(|| MoeError::tensor(&router_name, "missing"))?,
             router_bias: reader.vector("ffn_gate_inp.bias", &[n], &dims_from)?,
+            // llama.cpp's name for DeepSeek-V3's selection bias.
+            score_bias: reader.vector("exp_probs_b.bias", &[n], &dims_from)?,
             w1: required(w1_key, [n, f, d])?,
             b1: reader.vector(b1_key, &[n, f], &dims_from)?,
             w2: required("ffn_down_exps.weight", [n, d, f])?,

@@ -4,7 +4,7 @@
 //! `gguf_layer`), or initialised from a seed.
 //!
 //! Native layout (`nn.Linear`'s `[out, in]` per expert, experts stacked first):
-//! router `[N, D]` (+ bias `[N]`), `w1 [N, F, D]` (+ `b1 [N, F]`), `w2 [N, D, F]`
+//! router `[N, D]` (+ bias `[N]`, + `score_bias [N]`), `w1 [N, F, D]` (+ `b1 [N, F]`), `w2 [N, D, F]`
 //! (+ `b2 [N, D]`), and for gated FFNs `w3 [N, F, D]` (+ `b3 [N, F]`).
 
 mod gguf_layer;
@@ -36,6 +36,9 @@ pub struct MoeWeights {
     pub shape: LayerShape,
     pub router_weight: Vec<f32>,
     pub router_bias: Option<Vec<f32>>,
+    /// `[N]` (`router.score_bias`; DeepSeek-V3's `e_score_correction_bias`): added to the
+    /// scores to choose the experts, never to the gates; not trained by gradient.
+    pub score_bias: Option<Vec<f32>>,
     /// `[N, F, D]`.
     pub w1: ExpertMatrices,
     pub b1: Option<Vec<f32>>,
@@ -83,6 +86,7 @@ impl MoeWeights {
             shape,
             router_weight,
             router_bias,
+            score_bias: None,
             w1,
             b1,
             w2,
@@ -106,9 +110,10 @@ impl MoeWeights {
                 format!("empty layer shape {:?}", self.shape),
             ));
         }
-        let vectors: [(&str, Option<&Vec<f32>>, usize); 5] = [
+        let vectors: [(&str, Option<&Vec<f32>>, usize); 6] = [
             ("router.weight", Some(&self.router_weight), n * d),
             ("router.bias", self.router_bias.as_ref(), n),
+            ("router.score_bias", self.score_bias.as_ref(), n),
             ("experts.b1", self.b1.as_ref(), n * f),
             ("experts.b2", self.b2.as_ref(), n * d),
             ("experts.b3", self.b3.as_ref(), n * f),
@@ -163,6 +168,7 @@ impl MoeWeights {
             shape: self.shape,
             router_weight: self.router_weight.clone(),
             router_bias: self.router_bias.clone(),
+            score_bias: self.score_bias.clone(),
             b1: self.b1.clone(),
             b2: self.b2.clone(),
             b3: self.b3.clone(),
@@ -203,6 +209,7 @@ impl MoeWeights {
         };
         put("router.weight", vec![n, d], Some(&self.router_weight));
         put("router.bias", vec![n], self.router_bias.as_ref());
+        put("router.score_bias", vec![n], self.score_bias.as_ref());
         put("experts.b1", vec![n, f], self.b1.as_ref());
         put("experts.b2", vec![n, d], self.b2.as_ref());
         put("experts.b3", vec![n, f], self.b3.as_ref());

@@ -52,9 +52,10 @@ fn expert_key<'k>(key: &'k str, marker: &str) -> Option<(usize, &'k str)> {
 
 /// Which layout a (prefix-stripped) tensor name belongs to, if any.
 fn layout_of(key: &str) -> Option<Layout> {
-    const NATIVE: [&str; 8] = [
+    const NATIVE: [&str; 9] = [
         "router.weight",
         "router.bias",
+        "router.score_bias",
         "experts.w1",
         "experts.b1",
         "experts.w2",
@@ -236,6 +237,7 @@ impl MoeWeights {
             shape,
             router_weight: source.required("router.weight", &[n, d], "[N, D]")?,
             router_bias: source.optional("router.bias", &[n], "[N]")?,
+            score_bias: source.optional("router.score_bias", &[n], "[N]")?,
             w1: source
                 .experts("experts.w1", [n, f, d], "[N, F, D]")?
                 .ok_or_else(|| missing(source, "experts.w1"))?,
@@ -287,6 +289,7 @@ impl MoeWeights {
                 Some(key) => source.optional(key, &[n], "[N]")?,
                 None => None,
             },
+            score_bias: None,
             w1,
             b1: optional(source, keys.b1, f)?,
             w2,
@@ -327,6 +330,8 @@ impl MoeWeights {
             },
             router_weight: source.required("gate.weight", &[n, d], "[N, D]")?,
             router_bias: None,
+            // DeepSeek-V3's and GLM-4.5's selection bias (transformers 5.x names it so).
+            score_bias: source.optional("gate.e_score_correction_bias", &[n], "[N]")?,
             w1,
             b1: None,
             w2: source

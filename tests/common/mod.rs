@@ -73,6 +73,7 @@ pub fn absolute(weights: &MoeWeights) -> MoeWeights {
         shape: weights.shape,
         router_weight: abs(&weights.router_weight),
         router_bias: weights.router_bias.as_ref().map(abs),
+        score_bias: weights.score_bias.clone(),
         w1: abs_matrices(&weights.w1),
         b1: weights.b1.as_ref().map(abs),
         w2: abs_matrices(&weights.w2),

@@ -141,7 +141,7 @@ impl Kernels {
             route_tokens: Kernel::new(
                 device,
                 shaders::ROUTE_TOKENS,
-                &[U, Ta, T, Rw, Rw, Rw, Rw, Rw, Rw, U],
+                &[U, Ta, T, Rw, Rw, Rw, Rw, Rw, Rw, U, U],
             ),
             count_experts: Kernel::new(device, shaders::COUNT_EXPERTS, &[U, Ro, Rw]),
             scan_expert_offsets: Kernel::new(

@@ -5,14 +5,22 @@ use bytemuck::{Pod, Zeroable};
 
 /// `RouteParams` of route_tokens.wgsl (and stage_tokens.wgsl, which reads two of them).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
 pub struct RouteParams {
     pub num_tokens: u32,
     pub d_model: u32,
     pub num_experts: u32,
     pub top_k: u32,
     pub normalize_top_k: u32,
-    pub _pad: [u32; 3],
+    /// 1: sigmoid scores; 0: softmax.
+    pub sigmoid_scores: u32,
+    /// Expert groups of group-limited top-k (0: none), the groups kept, and the group
+    /// score (0 top2_sum, 1 max).
+    pub n_group: u32,
+    pub topk_group: u32,
+    pub group_score_max: u32,
+    pub routed_scaling_factor: f32,
+    pub _pad: [u32; 2],
 }
 
 /// `AssignParams` of count_experts, scan_expert_offsets and scatter_assignments.

@@ -374,10 +374,10 @@ fn check_required_limits(limits: &wgpu::Limits) -> Result<()> {
             MAX_EXPERTS as u64 * 4,
             limits.max_compute_workgroup_storage_size as u64,
         ),
-        // route_tokens: its params and the router bias.
+        // route_tokens: its params, the router bias and the score bias.
         (
             "max_uniform_buffers_per_shader_stage",
-            2,
+            3,
             limits.max_uniform_buffers_per_shader_stage as u64,
         ),
         // expert_up binds x's rows, W1 and W3 as textures (route_tokens x's rows and the

@@ -12,6 +12,7 @@ use crate::gpu::passes;
 use crate::gpu::plan::optimizer::{AdamWState, Optimizer};
 use crate::gpu::plan::parameters::ParameterLayout;
 use crate::gpu::resources::optimizer_state::OptimizerState;
+use crate::gpu::resources::weights::score_bias_values;
 use crate::weights::MoeWeights;
 
 impl MoeLayer {
@@ -185,7 +186,19 @@ impl MoeLayer {
                 ),
             ));
         }
+        if weights.score_bias.is_some() != self.weights.has_score_bias {
+            return Err(MoeError::tensor(
+                "router.score_bias",
+                "present in only one of the new weights and the layer's",
+            ));
+        }
         training.write_parameters(&self.queue, &layout.flatten(weights));
+        let score_bias = score_bias_values(weights);
+        self.queue.write_buffer(
+            &self.weights.score_bias,
+            0,
+            bytemuck::cast_slice(&score_bias),
+        );
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -217,6 +230,12 @@ impl MoeLayer {
         {
             buffers.push(read_floats(&self.device, &self.queue, buffer, count, wait).await?);
         }
-        Ok(training.layout().weights(&training.shards.join(&buffers)))
+        let mut weights = training.layout().weights(&training.shards.join(&buffers));
+        if self.weights.has_score_bias {
+            let n = weights.shape.num_experts;
+            let bias = &self.weights.score_bias;
+            weights.score_bias = Some(read_floats(&self.device, &self.queue, bias, n, wait).await?);
+        }
+        Ok(weights)
     }
 }

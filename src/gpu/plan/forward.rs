@@ -3,7 +3,7 @@
 //! of its direct dispatches and its kernels' `Params`. Pure arithmetic, computed on the
 //! host before anything is encoded.
 
-use crate::config::{DropPolicy, MoeConfig};
+use crate::config::{DropPolicy, GroupScore, MoeConfig, Router, RouterScore};
 use crate::error::{MoeError, Result};
 use crate::gpu::device::allocate::padded_to_vec4;
 use crate::gpu::device::encode::{div_ceil, grid_2d};
@@ -15,7 +15,7 @@ use crate::gpu::kernels::tiling::MatmulTiling;
 use crate::weights::LayerShape;
 
 /// The sizes of one forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ForwardPlan {
     pub num_tokens: usize,
     pub top_k: usize,
@@ -32,6 +32,8 @@ pub struct ForwardPlan {
     /// How the gates combine the outputs (the config's, or the experts-only pass's:
     /// the caller's weights scale, nothing passes through).
     pub normalize_top_k: bool,
+    /// The router's scores, groups and scaling (route_tokens).
+    pub router: Router,
     pub scale_by_prob: bool,
     pub pass_through: bool,
     /// The expert matmuls' tiling for this batch.
@@ -103,6 +105,7 @@ impl ForwardPlan {
             num_route_blocks: div_ceil(num_tokens, BLOCK_TOKENS as usize),
             capacity,
             normalize_top_k: config.normalize_top_k,
+            router: config.router(),
             scale_by_prob: config.scale_by_prob,
             pass_through: config.drop_policy == DropPolicy::PassThrough,
             tiling,
@@ -197,7 +200,16 @@ impl ForwardPlan {
                 num_experts: num_experts as u32,
                 top_k: self.top_k as u32,
                 normalize_top_k: self.normalize_top_k as u32,
-                _pad: [0; 3],
+                sigmoid_scores: (self.router.score == RouterScore::Sigmoid) as u32,
+                n_group: self.router.groups.map_or(0, |g| g.count as u32),
+                topk_group: self.router.groups.map_or(0, |g| g.kept as u32),
+                group_score_max: self
+                    .router
+                    .groups
+                    .is_some_and(|g| g.score == GroupScore::Max)
+                    as u32,
+                routed_scaling_factor: self.router.routed_scaling_factor,
+                _pad: [0; 2],
             },
             assign: AssignParams {
                 num_tokens: self.num_tokens as u32,

@@ -132,6 +132,8 @@ impl ParameterLayout {
             shape: self.shape,
             router_weight: Self::slice(flat, self.router_weight, n * d),
             router_bias: part(self.router_bias, n),
+            // Not a parameter: the layer adds it back (see `MoeLayer::trained_weights`).
+            score_bias: None,
             w1: matrices(self.w1, f, d),
             b1: part(self.b1, n * f),
             w2: matrices(self.w2, d, f),

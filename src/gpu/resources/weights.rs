@@ -61,6 +61,15 @@ pub struct WeightShard {
     pub params: wgpu::Buffer,
 }
 
+/// The score bias as the uniform array holds it: MAX_EXPERTS floats, zero-padded.
+pub fn score_bias_values(weights: &MoeWeights) -> Vec<f32> {
+    let mut values = vec![0.0f32; MAX_EXPERTS as usize];
+    if let Some(bias) = &weights.score_bias {
+        values[..bias.len()].copy_from_slice(bias);
+    }
+    values
+}
+
 /// All weights on the device.
 #[derive(Debug)]
 pub struct GpuWeights {
@@ -68,6 +77,10 @@ pub struct GpuWeights {
     pub router: wgpu::TextureView,
     /// Router bias, a uniform array of MAX_EXPERTS floats (zero-padded).
     pub router_bias: wgpu::Buffer,
+    /// The selection's score bias, a uniform array of MAX_EXPERTS floats (zeros when the
+    /// layer has none: p + 0 is p exactly); read back with the trained weights.
+    pub score_bias: wgpu::Buffer,
+    pub has_score_bias: bool,
     pub shards: Vec<WeightShard>,
     /// First expert of every shard, then N.
     pub shard_first_expert: wgpu::Buffer,
@@ -138,11 +151,18 @@ impl GpuWeights {
             contents: bytemuck::cast_slice(&router_bias),
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         });
+        let score_bias = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("score bias"),
+            contents: bytemuck::cast_slice(&score_bias_values(weights)),
+            usage: wgpu::BufferUsages::UNIFORM
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+        });
 
         let num_shards = div_ceil(num_experts, experts_per_shard);
         // The router texture and its bias, then each shard's matrices and biases.
         let mut bytes =
-            (4 * padded_to_vec4(d_model) * num_experts + 4 * MAX_EXPERTS as usize) as u64;
+            (4 * padded_to_vec4(d_model) * num_experts + 8 * MAX_EXPERTS as usize) as u64;
         let mut shards = Vec::with_capacity(num_shards);
         let mut shard_first_expert = Vec::with_capacity(num_shards + 1);
         for shard in 0..num_shards {
@@ -208,6 +228,8 @@ impl GpuWeights {
         Ok(GpuWeights {
             router,
             router_bias,
+            score_bias,
+            has_score_bias: weights.score_bias.is_some(),
             shards,
             shard_first_expert: storage_buffer_init(
                 device,

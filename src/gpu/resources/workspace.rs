@@ -129,6 +129,7 @@ impl Workspace {
                     s.block_router_sums.as_entire_binding(),
                     s.flags.as_entire_binding(),
                     weights.router_bias.as_entire_binding(),
+                    weights.score_bias.as_entire_binding(),
                 ],
             ),
             count_experts: k
