@@ -39,7 +39,12 @@ struct BackwardParams {
     // 1 for every chunk of a batch after the first: the gradient kernels add to what the
     // earlier chunks wrote (in chunk order, so the same bits on every run).
     accumulate: u32,
+    // 1: the router's scores are sigmoids (route_tokens' sigmoid_scores).
+    sigmoid_scores: u32,
+    routed_scaling_factor: f32,
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 // A weight shard's experts in its parameter (gradient) buffer: the first and how many, and

@@ -7,8 +7,11 @@
 //   pass-through's dot(dy, x) on choice 0 when every choice was dropped,
 //   dp[e] = Σ_j dq_j [route_j = e] + α·N·counts[e] / T² + g[e]   (aux through
 //           route_prob_sum, and g the caller's own gradient of route_prob_sum),
-//   dh[e] = p[e]·(dp[e] − Σ_e' p[e']·dp[e']) + β·2·lse·p[e] / T   (softmax, z-loss).
-// p is recomputed from the saved logits as route_tokens computed it. dh is built in place in
+//   dh[e] = p[e]·(dp[e] − Σ_e' p[e']·dp[e']) + β·2·lse·softmax[e] / T   (softmax scores),
+//   dh[e] = dp[e]·p[e]·(1 − p[e]) + β·2·lse·softmax[e] / T             (sigmoid scores),
+// the z-loss's term through the logits' softmax whatever the scores, and dg scaled by the
+// routed scaling factor (g = s·normalised(q)). p is recomputed from the saved logits as
+// route_tokens computed it. dh is built in place in
 // the token's row of d_logits (routes of a token are distinct experts, so each dq_j has its
 // own element).
 // After a pre-routed forward (forward_experts: the caller's weights w are the gates, no
@@ -35,6 +38,15 @@
 @group(0) @binding(10) var<storage, read_write> slot_scale: array<f32>;
 @group(0) @binding(11) var<storage, read_write> pass_scale: array<f32>;
 @group(0) @binding(12) var<storage, read> prob_sum_grad: array<f32>;
+
+// The score p of a logit as route_tokens computes it: σ(h), or its softmax given the
+// token's largest logit and Σ exp(h − max).
+fn score_of(logit: f32, max_logit: f32, sum: f32, sigmoid: bool) -> f32 {
+    if (sigmoid) {
+        return 1.0 / (1.0 + exp(-logit));
+    }
+    return exp(logit - max_logit) / sum;
+}
 
 // dy[token]·x[token].
 fn dot_dy_x(token: u32) -> f32 {
@@ -96,6 +108,7 @@ fn main(
         sum += exp(logits[row + e] - max_logit);
     }
     let lse = max_logit + log(sum);
+    let sigmoid = params.sigmoid_scores != 0u;
 
     // dp starts as route_prob_sum's terms: the aux loss's α·N·counts[e] / T², plus g[e].
     let aux_scale = params.aux_coef * f32(n) / (tokens * tokens);
@@ -106,7 +119,7 @@ fn main(
     // Σ_j q_j over all choices, for the normalisation.
     var q_total = 0.0;
     for (var j = 0u; j < k; j++) {
-        q_total += exp(logits[row + routes[token * k + j]] - max_logit) / sum;
+        q_total += score_of(logits[row + routes[token * k + j]], max_logit, sum, sigmoid);
     }
     let normalize = params.normalize_top_k != 0u;
     let inverse_total = select(1.0, 1.0 / q_total, normalize);
@@ -122,9 +135,9 @@ fn main(
         }
         any_kept = true;
         let gate = gates[assignment];
-        let q = exp(logits[row + routes[assignment]] - max_logit) / sum;
+        let q = score_of(logits[row + routes[assignment]], max_logit, sum, sigmoid);
         let g_dot = dot_dy_out(token, slot);
-        let dg = select(g_dot / gate, g_dot, scale_by_prob);
+        let dg = params.routed_scaling_factor * select(g_dot / gate, g_dot, scale_by_prob);
         slot_scale[slot] = select(1.0, gate, scale_by_prob);
         d_logits[row + routes[assignment]] += dg * inverse_total;
         weighted += dg * q;
@@ -139,7 +152,7 @@ fn main(
     // Every choice dropped: y = π·x with π = q_0 (scaling) or q_0 / stop_gradient(q_0).
     var pi = 0.0;
     if (!any_kept && params.pass_through != 0u) {
-        let q0 = exp(logits[row + routes[token * k]] - max_logit) / sum;
+        let q0 = score_of(logits[row + routes[token * k]], max_logit, sum, sigmoid);
         pi = select(1.0, q0, scale_by_prob);
         let g_dot = dot_dy_x(token);
         d_logits[row + routes[token * k]] += select(g_dot / q0, g_dot, scale_by_prob);
@@ -147,11 +160,19 @@ fn main(
     pass_scale[token] = pi;
 
     // Softmax backward plus the z-loss: dh = p·(dp − Σ p·dp) + β·2·lse·p / T.
+    let z_scale = params.z_coef * 2.0 * lse / tokens;
+    if (sigmoid) {
+        for (var e = 0u; e < n; e++) {
+            let p = score_of(logits[row + e], max_logit, sum, true);
+            let softmax = exp(logits[row + e] - max_logit) / sum;
+            d_logits[row + e] = d_logits[row + e] * p * (1.0 - p) + z_scale * softmax;
+        }
+        return;
+    }
     var mean = 0.0;
     for (var e = 0u; e < n; e++) {
         mean += exp(logits[row + e] - max_logit) / sum * d_logits[row + e];
     }
-    let z_scale = params.z_coef * 2.0 * lse / tokens;
     for (var e = 0u; e < n; e++) {
         let p = exp(logits[row + e] - max_logit) / sum;
         d_logits[row + e] = p * (d_logits[row + e] - mean) + z_scale * p;

@@ -10,7 +10,7 @@
 // Index loops over several arrays at once read like the formulas they implement.
 #![allow(clippy::needless_range_loop)]
 
-use crate::config::{Activation, DropPolicy, HiddenUnit, MoeConfig};
+use crate::config::{Activation, DropPolicy, HiddenUnit, MoeConfig, RouterScore};
 use crate::cpu_reference::{
     activate, assign_positions, dot, first_non_finite_token, gate_value, route_tokens,
 };
@@ -351,6 +351,10 @@ pub fn backward_with_prob_sum_grad(
                 ds / gate as f64
             };
         }
+        // g = s·normalised(q): the routed scaling factor s first.
+        for value in dg.iter_mut() {
+            *value *= config.routed_scaling_factor as f64;
+        }
         // dL/dq: through the normalisation over ALL top-k choices (dropped ones too).
         let mut dq = if config.normalize_top_k {
             let total: f64 = q.iter().sum();
@@ -392,16 +396,22 @@ pub fn backward_with_prob_sum_grad(
                 + route_prob_sum_grad.map_or(0.0, |g| g[e] as f64);
         }
     }
-    // Softmax backward, plus z = mean_t lse_t²: ∂/∂h[t,e] = 2·lse_t·p[t,e] / T.
+    // The scores' backward (softmax: p ⊙ (dp − ⟨p, dp⟩); sigmoid: dp ⊙ p ⊙ (1 − p)), plus
+    // z = mean_t lse_t²: ∂/∂h[t,e] = 2·lse_t·softmax(h_t)[e] / T.
     for token in 0..num_tokens {
         let probs = &routing.probs[token * n..(token + 1) * n];
+        let logits = &routing.logits[token * n..(token + 1) * n];
         let dp_row = &dp[token * n..(token + 1) * n];
         let mean: f64 = probs.iter().zip(dp_row).map(|(&p, &g)| p as f64 * g).sum();
         let lse = routing.logsumexp[token] as f64;
         let x_row = &x[token * d..(token + 1) * d];
         for e in 0..n {
             let p = probs[e] as f64;
-            let dh = p * (dp_row[e] - mean) + coefficients.z as f64 * 2.0 * lse * p / tokens;
+            let (d_score, softmax) = match config.router_score {
+                RouterScore::Softmax => (p * (dp_row[e] - mean), p),
+                RouterScore::Sigmoid => (dp_row[e] * p * (1.0 - p), (logits[e] as f64 - lse).exp()),
+            };
+            let dh = d_score + coefficients.z as f64 * 2.0 * lse * softmax / tokens;
             sums.router_bias[e] += dh;
             for dd in 0..d {
                 sums.router_weight[e * d + dd] += dh * x_row[dd] as f64;

@@ -6,7 +6,7 @@
 // Index loops over several arrays at once read like the shaders they mirror.
 #![allow(clippy::needless_range_loop)]
 
-use crate::config::{DropPolicy, MoeConfig};
+use crate::config::{DropPolicy, MoeConfig, RouterScore};
 use crate::cpu_backward::{activation_derivative, gate_derivative, LossCoefficients};
 use crate::cpu_reference::{activate, gate_value};
 use crate::gpu::params::OptimizerParams;
@@ -86,7 +86,16 @@ pub fn gate_backward(
         let max_logit = row[1..].iter().fold(row[0], |m, &v| m.max(v));
         let sum = row.iter().fold(0.0f32, |s, &h| s + (h - max_logit).exp());
         let lse = max_logit + sum.ln();
-        let p = |e: usize| (row[e] - max_logit).exp() / sum;
+        let softmax = |e: usize| (row[e] - max_logit).exp() / sum;
+        let sigmoid = config.router_score == RouterScore::Sigmoid;
+        let p = |e: usize| {
+            if sigmoid {
+                1.0 / (1.0 + (-row[e]).exp())
+            } else {
+                softmax(e)
+            }
+        };
+        let scaling = config.routed_scaling_factor;
         let dp = &mut out.d_logits[token * n..(token + 1) * n];
         let aux_scale = coefficients.aux * n as f32 / (tokens * tokens);
         for e in 0..n {
@@ -111,11 +120,12 @@ pub fn gate_backward(
             let gate = gates[token * k + j];
             let e = choices[j] as usize;
             let g_dot = dot(dy_row, &expert_out[slot * d_model..(slot + 1) * d_model]);
-            let dg = if config.scale_by_prob {
-                g_dot
-            } else {
-                g_dot / gate
-            };
+            let dg = scaling
+                * if config.scale_by_prob {
+                    g_dot
+                } else {
+                    g_dot / gate
+                };
             out.slot_scale[slot] = if config.scale_by_prob { gate } else { 1.0 };
             dp[e] += dg * inverse_total;
             weighted += dg * p(e);
@@ -137,10 +147,16 @@ pub fn gate_backward(
                 g_dot / q0
             };
         }
-        let mean = (0..n).fold(0.0f32, |s, e| s + p(e) * dp[e]);
         let z_scale = coefficients.z * 2.0 * lse / tokens;
-        for e in 0..n {
-            dp[e] = p(e) * (dp[e] - mean) + z_scale * p(e);
+        if sigmoid {
+            for e in 0..n {
+                dp[e] = dp[e] * p(e) * (1.0 - p(e)) + z_scale * softmax(e);
+            }
+        } else {
+            let mean = (0..n).fold(0.0f32, |s, e| s + p(e) * dp[e]);
+            for e in 0..n {
+                dp[e] = p(e) * (dp[e] - mean) + z_scale * p(e);
+            }
         }
     }
     out

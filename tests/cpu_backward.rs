@@ -17,7 +17,7 @@ use switch_moe::cpu_reference;
 use switch_moe::cpu_reference::gate_value;
 use switch_moe::{
     Activation, DropPolicy, ExpertMatrices, HiddenUnit, MoeConfig, MoeError, MoeWeights,
-    WeightFormat,
+    RouterScore, WeightFormat,
 };
 
 /// Every tensor the loss depends on, in f64, in native layout.
@@ -151,7 +151,7 @@ struct Layer {
 }
 
 impl Layer {
-    /// Router probabilities and logsumexp of every token, in f64.
+    /// Router scores (softmax or sigmoid) and logsumexp of every token, in f64.
     fn route(&self, p: &Params) -> (Vec<f64>, Vec<f64>) {
         let (n, d) = (self.n, self.d);
         let tokens = p.x.len() / d;
@@ -169,14 +169,18 @@ impl Layer {
             let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = logits.iter().map(|h| (h - max).exp()).sum();
             for e in 0..n {
-                probs[t * n + e] = (logits[e] - max).exp() / sum;
+                probs[t * n + e] = match self.config.router_score {
+                    RouterScore::Softmax => (logits[e] - max).exp() / sum,
+                    RouterScore::Sigmoid => 1.0 / (1.0 + (-logits[e]).exp()),
+                };
             }
             lse[t] = max + sum.ln();
         }
         (probs, lse)
     }
 
-    /// Gates g of the decided routes from `probs`, and each token's q_0.
+    /// Gates g of the decided routes from `probs` (normalised when asked, then scaled), and
+    /// each token's q_0.
     fn gates(&self, probs: &[f64], routes: &[u32]) -> (Vec<f64>, Vec<f64>) {
         let k = self.config.top_k;
         let mut gates = Vec::new();
@@ -188,12 +192,14 @@ impl Layer {
                 .collect();
             let total: f64 = q.iter().sum();
             first.push(q[0]);
+            let scaling = self.config.routed_scaling_factor as f64;
             gates.extend(q.iter().map(|v| {
-                if self.config.normalize_top_k {
-                    v / total
-                } else {
-                    *v
-                }
+                scaling
+                    * if self.config.normalize_top_k {
+                        v / total
+                    } else {
+                        *v
+                    }
             }));
         }
         (gates, first)
@@ -297,6 +303,10 @@ fn setup(
     let mut weights = MoeWeights::random(shape(n, d, f), config.gated, biases, seed);
     // Scale the router up so that probabilities are far from uniform.
     weights.router_weight.iter_mut().for_each(|w| *w *= 3.0);
+    // Sigmoid routers get DeepSeek-V3's selection bias (a constant of the backward).
+    if config.router_score == RouterScore::Sigmoid {
+        weights.score_bias = Some(switch_moe::rng::SeededRng::new(seed ^ 0x5B).uniform_vec(n, 0.1));
+    }
     let x = tokens(t, d, seed);
     let dy = tokens(t, d, seed + 1000);
     (weights, x, dy)
@@ -410,6 +420,37 @@ fn tensor_of<'p>(params: &'p mut Params, name: &str) -> &'p mut Vec<f64> {
 }
 
 const BOTH: LossCoefficients = LossCoefficients { aux: 0.3, z: 0.2 };
+
+#[test]
+fn sigmoid_top2_grouped_normalised_scaled_with_dropping() {
+    let config = MoeConfig {
+        top_k: 2,
+        gated: true,
+        activation: Activation::Silu,
+        router_score: RouterScore::Sigmoid,
+        n_group: Some(3),
+        topk_group: Some(2),
+        normalize_top_k: true,
+        routed_scaling_factor: 2.5,
+        capacity_factor: 0.75,
+        ..MoeConfig::default()
+    };
+    check_finite_differences(config, 6, 5, 4, 9, true, BOTH, 7);
+}
+
+#[test]
+fn sigmoid_top1_unscaled_gates_passing_through() {
+    for scale_by_prob in [true, false] {
+        let config = MoeConfig {
+            router_score: RouterScore::Sigmoid,
+            routed_scaling_factor: 1.5,
+            capacity_factor: 0.5,
+            scale_by_prob,
+            ..MoeConfig::default()
+        };
+        check_finite_differences(config, 4, 5, 6, 9, true, BOTH, 8);
+    }
+}
 
 #[test]
 fn relu_top1_with_dropping_and_both_losses() {

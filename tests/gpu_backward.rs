@@ -130,6 +130,27 @@ fn gpu_backward_matches_the_reference_across_configs() {
         ..config(2)
     };
     cases.push(case(swiglu_oai, (4, 12, 20), 24));
+    // DeepSeek-V3's router (the score bias and groups only choose), and sigmoid top-1
+    // with heavy dropping.
+    let deepseek = MoeConfig {
+        router_score: switch_moe::RouterScore::Sigmoid,
+        n_group: Some(4),
+        topk_group: Some(2),
+        normalize_top_k: true,
+        routed_scaling_factor: 2.5,
+        drop_tokens: false,
+        gated: true,
+        activation: Activation::Silu,
+        ..config(4)
+    };
+    cases.push(case(deepseek, (16, 12, 20), 24));
+    let sigmoid_dropping = MoeConfig {
+        router_score: switch_moe::RouterScore::Sigmoid,
+        capacity_factor: 0.5,
+        routed_scaling_factor: 1.5,
+        ..config(1)
+    };
+    cases.push(case(sigmoid_dropping, (4, 12, 20), 33));
     // Top-k, normalised or not, with heavy dropping and both policies; unscaled gates.
     for (top_k, normalize) in [(2, true), (2, false), (3, true)] {
         for policy in [DropPolicy::PassThrough, DropPolicy::Zero] {

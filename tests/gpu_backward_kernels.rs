@@ -346,6 +346,33 @@ fn every_backward_kernel_matches_its_cpu_twin() {
             26,
         ),
         (config(1), (1, 5, 3), 1),
+        // DeepSeek-V3's router: sigmoid scores in groups, normalised and scaled, dropping.
+        (
+            MoeConfig {
+                router_score: switch_moe::RouterScore::Sigmoid,
+                n_group: Some(4),
+                topk_group: Some(2),
+                normalize_top_k: true,
+                routed_scaling_factor: 2.5,
+                capacity_factor: 0.75,
+                gated: true,
+                activation: Activation::Silu,
+                ..config(3)
+            },
+            (8, 10, 9),
+            29,
+        ),
+        (
+            MoeConfig {
+                router_score: switch_moe::RouterScore::Sigmoid,
+                scale_by_prob: false,
+                routed_scaling_factor: 1.5,
+                capacity_factor: 0.5,
+                ..config(1)
+            },
+            (3, 8, 6),
+            21,
+        ),
     ];
     for (i, (config, dims, t)) in cases.iter().enumerate() {
         kernels_case(config, *dims, *t, 300 + i as u64);

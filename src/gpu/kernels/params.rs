@@ -103,7 +103,10 @@ pub struct BackwardParams {
     pub loss_tokens: u32,
     /// 1 for a batch's chunks after the first: the gradients add up in chunk order.
     pub accumulate: u32,
-    pub _pad: u32,
+    /// 1: the router's scores are sigmoids.
+    pub sigmoid_scores: u32,
+    pub routed_scaling_factor: f32,
+    pub _pad: [u32; 3],
 }
 
 /// `ShardParams` of the backward's weight-gradient kernels (backward_common.wgsl): a weight

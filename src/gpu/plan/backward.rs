@@ -2,6 +2,7 @@
 //! kernel reads, the weight-gradient matmuls' tiling, and the grids of its dispatches.
 //! Pure arithmetic.
 
+use crate::config::RouterScore;
 use crate::cpu_backward::LossCoefficients;
 use crate::error::{MoeError, Result};
 use crate::gpu::device::allocate::padded_to_vec4;
@@ -71,6 +72,8 @@ pub fn backward_params(
         pre_routed: (routing == Routing::PreRouted) as u32,
         loss_tokens: part.loss_tokens as u32,
         accumulate: part.accumulate as u32,
+        sigmoid_scores: (plan.router.score == RouterScore::Sigmoid) as u32,
+        routed_scaling_factor: plan.router.routed_scaling_factor,
         ..Default::default()
     }
 }
