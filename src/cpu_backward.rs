@@ -14,6 +14,7 @@ use crate::config::{Activation, DropPolicy, HiddenUnit, MoeConfig, RouterScore};
 use crate::cpu_reference::{
     activate, assign_positions, dot, first_non_finite_token, gate_value, route_tokens,
 };
+use crate::cpu_shared_expert::{shared_expert_backward, SharedSums};
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
 pub use crate::gradients::{ExpertsGradients, Gradients};
@@ -131,6 +132,7 @@ impl Sums {
             b2: present(&weights.b2, &self.b2),
             w3: weights.w3.as_ref().map(|_| to_f32(&self.w3)),
             b3: present(&weights.b3, &self.b3),
+            shared: None,
         }
     }
 }
@@ -419,7 +421,23 @@ pub fn backward_with_prob_sum_grad(
             }
         }
     }
-    Ok(sums.into_gradients(weights))
+    // The shared expert: a dense FFN over every token (never dropped), its gate.
+    let shared = weights.shared.as_ref().map(|shared| {
+        let mut shared_sums = SharedSums::zeros(shared);
+        for token in 0..num_tokens {
+            let rows = (
+                &x[token * d..(token + 1) * d],
+                &dy[token * d..(token + 1) * d],
+            );
+            let dx = &mut sums.x[token * d..(token + 1) * d];
+            shared_expert_backward(&mut shared_sums, shared, config.hidden_unit(), rows, dx);
+        }
+        shared_sums.into_gradients(shared)
+    });
+    Ok(Gradients {
+        shared,
+        ..sums.into_gradients(weights)
+    })
 }
 
 /// The gradients of `L = Σ dy ⊙ y` for the experts alone on pre-routed tokens

@@ -38,6 +38,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 pub use crate::cpu_routing::{route_tokens, select_top_k, Routing};
+use crate::cpu_shared_expert::add_shared_expert;
 
 /// `[groups, N]`: assignments routed to each expert in each group, before dropping.
 pub fn count_experts(
@@ -368,7 +369,7 @@ pub fn forward(
         })
         .collect();
 
-    let y = combine_outputs(
+    let mut y = combine_outputs(
         x,
         &routing,
         &positions,
@@ -377,6 +378,9 @@ pub fn forward(
         d_model,
         config,
     );
+    if let Some(shared) = &weights.shared {
+        add_shared_expert(&mut y, x, shared, config.hidden_unit());
+    }
     let (route_prob_sum, aux_loss, z_loss) =
         reduce_router_stats(&routing, &loads.counts, num_tokens);
     let n_dropped = positions.iter().filter(|p| p.is_none()).count() as u32;

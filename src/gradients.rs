@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::tensor_io::{serialize_tensors, OwnedTensor};
-use crate::weights::LayerShape;
+use crate::weights::{LayerShape, SharedExpert};
 
 /// dL/d of every tensor the layer holds (native names and shapes), and of `x`.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +23,8 @@ pub struct Gradients {
     /// `[N, F, D]`, gated layers.
     pub w3: Option<Vec<f32>>,
     pub b3: Option<Vec<f32>>,
+    /// dL/d of each shared-expert tensor, when the layer has one.
+    pub shared: Option<SharedExpert>,
 }
 
 /// The gradients of the experts alone on pre-routed tokens (`forward_experts`).
@@ -49,10 +51,14 @@ impl Gradients {
             ("experts.w3", self.w3.as_ref()),
             ("experts.b3", self.b3.as_ref()),
         ];
-        tensors
+        let mut named: Vec<(&'static str, &[f32])> = tensors
             .into_iter()
             .filter_map(|(name, tensor)| tensor.map(|t| (name, t.as_slice())))
-            .collect()
+            .collect();
+        if let Some(shared) = &self.shared {
+            named.extend(shared.tensors());
+        }
+        named
     }
 
     /// Every gradient as [`Gradients::named`] lists them, with its shape (`x`'s is
@@ -70,6 +76,15 @@ impl Gradients {
         self.named()
             .into_iter()
             .map(|(name, values)| {
+                if let Some(shared) = self.shared.as_ref().filter(|_| name.starts_with("shared.")) {
+                    let dims = shared
+                        .named(d)
+                        .into_iter()
+                        .find(|(n, _, _)| *n == name)
+                        .map(|(_, _, dims)| dims)
+                        .unwrap_or_default();
+                    return (name, values, dims);
+                }
                 let dims = match name {
                     "x" => x_shape.to_vec(),
                     "router.weight" => vec![n, d],

@@ -10,6 +10,7 @@ pub mod cpu_backward;
 pub mod cpu_backward_kernels;
 pub mod cpu_reference;
 pub mod cpu_routing;
+pub mod cpu_shared_expert;
 pub mod error;
 pub mod formats;
 #[cfg(not(target_arch = "wasm32"))]

@@ -15,9 +15,10 @@ use switch_moe::cpu_backward::{
 };
 use switch_moe::cpu_reference;
 use switch_moe::cpu_reference::gate_value;
+use switch_moe::weights::SharedExpert;
 use switch_moe::{
-    Activation, DropPolicy, ExpertMatrices, HiddenUnit, MoeConfig, MoeError, MoeWeights,
-    RouterScore, WeightFormat,
+    Activation, DropPolicy, ExpertMatrices, HiddenUnit, LayerShape, MoeConfig, MoeError,
+    MoeWeights, RouterScore, WeightFormat,
 };
 
 /// Every tensor the loss depends on, in f64, in native layout.
@@ -32,6 +33,9 @@ struct Params {
     b2: Option<Vec<f64>>,
     w3: Option<Vec<f64>>,
     b3: Option<Vec<f64>>,
+    /// The shared expert's tensors by native name, and its width Fs.
+    shared: Vec<(&'static str, Vec<f64>)>,
+    shared_d_ff: usize,
 }
 
 fn f64s(values: &[f32]) -> Vec<f64> {
@@ -50,7 +54,22 @@ impl Params {
             b2: weights.b2.as_deref().map(f64s),
             w3: weights.w3.as_ref().map(|w| f64s(&w.to_f32())),
             b3: weights.b3.as_deref().map(f64s),
+            shared: weights
+                .shared
+                .iter()
+                .flat_map(|s| s.tensors())
+                .map(|(n, v)| (n, f64s(v)))
+                .collect(),
+            shared_d_ff: weights.shared.as_ref().map_or(0, |s| s.d_ff),
         }
+    }
+
+    /// A shared tensor by name, if the layer has it.
+    fn shared(&self, name: &str) -> Option<&[f64]> {
+        self.shared
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     /// Each tensor, named, mutable.
@@ -72,6 +91,7 @@ impl Params {
                 out.push((name, tensor));
             }
         }
+        out.extend(self.shared.iter_mut().map(|(name, tensor)| (*name, tensor)));
         out
     }
 }
@@ -88,6 +108,12 @@ fn gradient<'g>(gradients: &'g Gradients, name: &str) -> &'g [f32] {
         "experts.b2" => gradients.b2.as_deref().unwrap(),
         "experts.w3" => gradients.w3.as_deref().unwrap(),
         "experts.b3" => gradients.b3.as_deref().unwrap(),
+        shared if shared.starts_with("shared.") => gradients
+            .shared
+            .as_ref()
+            .and_then(|s| s.tensors().into_iter().find(|(n, _)| *n == shared))
+            .map(|(_, v)| v)
+            .unwrap(),
         other => panic!("no tensor {other}"),
     }
 }
@@ -233,6 +259,40 @@ impl Layer {
             .collect()
     }
 
+    /// σ(x·gate)·S(x) (or S(x)) of token t: zeros without a shared expert.
+    fn shared_expert(&self, p: &Params, t: usize) -> Vec<f64> {
+        let (d, f) = (self.d, p.shared_d_ff);
+        let Some(w1) = p.shared("shared.w1") else {
+            return vec![0.0; d];
+        };
+        let x = &p.x[t * d..(t + 1) * d];
+        let unit = self.config.hidden_unit();
+        let linear = |w: &[f64], b: Option<&[f64]>, row: usize| -> f64 {
+            (0..d).map(|i| x[i] * w[row * d + i]).sum::<f64>() + b.map_or(0.0, |b| b[row])
+        };
+        let h: Vec<f64> = (0..f)
+            .map(|j| {
+                let a = act(unit, linear(w1, p.shared("shared.b1"), j));
+                match p.shared("shared.w3") {
+                    Some(w3) => a * gate(unit, linear(w3, p.shared("shared.b3"), j)),
+                    None => a,
+                }
+            })
+            .collect();
+        let w2 = p.shared("shared.w2").unwrap();
+        let g = p.shared("shared.gate").map_or(1.0, |gate| {
+            let z: f64 = (0..d).map(|i| x[i] * gate[i]).sum();
+            1.0 / (1.0 + (-z).exp())
+        });
+        (0..d)
+            .map(|i| {
+                let o = (0..f).map(|j| h[j] * w2[i * f + j]).sum::<f64>()
+                    + p.shared("shared.b2").map_or(0.0, |b| b[i]);
+                g * o
+            })
+            .collect()
+    }
+
     /// L = Σ dy ⊙ y + α·aux + β·z with the decisions held constant.
     fn loss(
         &self,
@@ -274,6 +334,9 @@ impl Layer {
                 for i in 0..d {
                     y[i] = pi * p.x[t * d + i];
                 }
+            }
+            for (y, s) in y.iter_mut().zip(self.shared_expert(p, t)) {
+                *y += s;
             }
             loss += (0..d).map(|i| dy[t * d + i] * y[i]).sum::<f64>();
         }
@@ -327,6 +390,22 @@ fn check_finite_differences(
     seed: u64,
 ) -> Vec<PreActivation> {
     let (weights, x, dy) = setup(&config, n, d, f, t, biases, seed);
+    check_differences(config, &weights, (&x, &dy), coefficients)
+}
+
+/// [`check_finite_differences`] on given weights, input and dy.
+fn check_differences(
+    config: MoeConfig,
+    weights: &MoeWeights,
+    (x, dy): (&[f32], &[f32]),
+    coefficients: LossCoefficients,
+) -> Vec<PreActivation> {
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = weights.shape;
+    let t = x.len() / d;
     let shape = [t, d];
     let gradients = backward(&config, &weights, &x, &shape, &dy, coefficients).expect("backward");
     let reference = cpu_forward(&config, &weights, &x, &shape);
@@ -439,6 +518,33 @@ fn sigmoid_top2_grouped_normalised_scaled_with_dropping() {
 }
 
 #[test]
+fn shared_experts_gated_or_not_with_and_without_their_gate() {
+    // DeepSeek-V3: sigmoid routing, a gated shared expert of its own width, no gate.
+    let deepseek = MoeConfig {
+        top_k: 2,
+        gated: true,
+        activation: Activation::Silu,
+        router_score: RouterScore::Sigmoid,
+        normalize_top_k: true,
+        routed_scaling_factor: 2.5,
+        drop_tokens: false,
+        ..MoeConfig::default()
+    };
+    let (mut weights, x, dy) = setup(&deepseek, 4, 5, 6, 7, false, 9);
+    weights.shared = Some(SharedExpert::random((5, 7), true, false, false, 10));
+    check_differences(deepseek, &weights, (&x, &dy), BOTH);
+    // Qwen2-MoE: softmax routing, a shared expert weighed by σ(x·gate); ungated relu with
+    // biases and heavy dropping (the shared expert is never dropped).
+    let qwen = MoeConfig {
+        capacity_factor: 0.5,
+        ..config(1)
+    };
+    let (mut weights, x, dy) = setup(&qwen, 3, 5, 4, 8, true, 11);
+    weights.shared = Some(SharedExpert::random((5, 3), false, true, true, 12));
+    check_differences(qwen, &weights, (&x, &dy), BOTH);
+}
+
+#[test]
 fn sigmoid_top1_unscaled_gates_passing_through() {
     for scale_by_prob in [true, false] {
         let config = MoeConfig {
@@ -535,6 +641,7 @@ fn pass_through_by_hand() {
         b2: None,
         w3: None,
         b3: None,
+        shared: None,
     };
     let (x, dy) = ([1.0f32, 2.0], [1.0f32, 1.0]);
     for (scale_by_prob, dx, dh0) in [(true, 0.5, 0.75), (false, 1.0, 1.5)] {

@@ -36,6 +36,7 @@ fn hand_layer(gated: bool) -> MoeWeights {
         b2: None,
         w3: gated.then(|| ExpertMatrices::from_f32(N, N, N, repeat(&|_| 2.0))),
         b3: None,
+        shared: None,
     }
 }
 

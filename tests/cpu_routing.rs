@@ -28,6 +28,7 @@ fn identity_router(score_bias: [f32; 4]) -> MoeWeights {
         b2: None,
         w3: None,
         b3: None,
+        shared: None,
     }
 }
 

@@ -279,6 +279,7 @@ impl MoeWeights {
                 Some(key) => reader.vector(key, &[n, f], &dims_from)?,
                 None => None,
             },
+            shared: None,
         };
         weights.check()?;
         let architecture = file

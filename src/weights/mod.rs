@@ -9,9 +9,11 @@
 
 mod gguf_layer;
 mod namings;
+mod shared;
 mod tensor_source;
 
 pub use gguf_layer::{is_gguf, GgufLayerInfo};
+pub use shared::{SharedExpert, SHARED_NAMES};
 
 use std::collections::BTreeMap;
 
@@ -48,6 +50,8 @@ pub struct MoeWeights {
     /// `[N, F, D]`, gated FFNs only.
     pub w3: Option<ExpertMatrices>,
     pub b3: Option<Vec<f32>>,
+    /// The shared expert every token goes through (DeepSeek, Qwen2-MoE, GLM-4.5, Llama 4).
+    pub shared: Option<SharedExpert>,
 }
 
 /// An error naming `name` at its first non-finite value.
@@ -93,6 +97,7 @@ impl MoeWeights {
             b2,
             w3,
             b3,
+            shared: None,
         }
     }
 
@@ -152,7 +157,10 @@ impl MoeWeights {
         if self.b3.is_some() && self.w3.is_none() {
             return Err(MoeError::tensor("experts.b3", "present without experts.w3"));
         }
-        Ok(())
+        match &self.shared {
+            Some(shared) => shared.check(d, self.w3.is_some()),
+            None => Ok(()),
+        }
     }
 
     /// The same weights with the expert matrices converted to `format` (see
@@ -172,6 +180,7 @@ impl MoeWeights {
             b1: self.b1.clone(),
             b2: self.b2.clone(),
             b3: self.b3.clone(),
+            shared: self.shared.clone(),
         })
     }
 
@@ -213,6 +222,9 @@ impl MoeWeights {
         put("experts.b1", vec![n, f], self.b1.as_ref());
         put("experts.b2", vec![n, d], self.b2.as_ref());
         put("experts.b3", vec![n, f], self.b3.as_ref());
+        for (name, values, dims) in self.shared.iter().flat_map(|s| s.named(d)) {
+            tensors.insert(name.to_string(), OwnedTensor::f32(dims, values));
+        }
         for (name, matrices) in [
             ("experts.w1", Some(&self.w1)),
             ("experts.w2", Some(&self.w2)),

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::tensor_source::{rank2, rank3, TensorSource};
-use super::{LayerShape, MoeWeights};
+use super::{LayerShape, MoeWeights, SharedExpert, SHARED_NAMES};
 use crate::config::Naming;
 use crate::error::{MoeError, Result};
 #[cfg(not(target_arch = "wasm32"))]
@@ -63,7 +63,7 @@ fn layout_of(key: &str) -> Option<Layout> {
         "experts.w3",
         "experts.b3",
     ];
-    if NATIVE.contains(&key) {
+    if NATIVE.contains(&key) || SHARED_NAMES.contains(&key) {
         return Some(Layout::Native);
     }
     match key {
@@ -248,7 +248,27 @@ impl MoeWeights {
             b2: source.optional("experts.b2", &[n, d], "[N, D]")?,
             w3: source.experts("experts.w3", [n, f, d], "[N, F, D]")?,
             b3: source.optional("experts.b3", &[n, f], "[N, F]")?,
+            shared: Self::read_native_shared(source, d)?,
         })
+    }
+
+    /// The native `shared.*` tensors, if `shared.w1` is there (any other without it is
+    /// left unused, hence an error naming it).
+    fn read_native_shared(source: &mut TensorSource<'_>, d: usize) -> Result<Option<SharedExpert>> {
+        let Ok(w1_shape) = source.shape_of("shared.w1") else {
+            return Ok(None);
+        };
+        let (fs, _) = rank2(&source.full_name("shared.w1"), &w1_shape, "[Fs, D]")?;
+        Ok(Some(SharedExpert {
+            d_ff: fs,
+            w1: source.required("shared.w1", &[fs, d], "[Fs, D]")?,
+            b1: source.optional("shared.b1", &[fs], "[Fs]")?,
+            w2: source.required("shared.w2", &[d, fs], "[D, Fs]")?,
+            b2: source.optional("shared.b2", &[d], "[D]")?,
+            w3: source.optional("shared.w3", &[fs, d], "[Fs, D]")?,
+            b3: source.optional("shared.b3", &[fs], "[Fs]")?,
+            gate: source.optional("shared.gate", &[1, d], "[1, D]")?,
+        }))
     }
 
     fn read_per_expert(source: &mut TensorSource<'_>, keys: &PerExpertKeys) -> Result<Self> {
@@ -296,6 +316,7 @@ impl MoeWeights {
             b2: optional(source, keys.b2, d)?,
             w3,
             b3: optional(source, keys.b3, f)?,
+            shared: None,
         })
     }
 
@@ -340,6 +361,7 @@ impl MoeWeights {
             b2: None,
             w3: Some(w3),
             b3: None,
+            shared: None,
         })
     }
 }

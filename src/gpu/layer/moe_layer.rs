@@ -180,6 +180,13 @@ impl MoeLayer {
                 ),
             ));
         }
+        if weights.shared.is_some() {
+            return Err(MoeError::tensor(
+                "shared.w1",
+                "shared experts run on the CPU reference only (the forward tool's --device \
+                 cpu); the GPU layer does not run them yet",
+            ));
+        }
         if shape.num_experts > MAX_EXPERTS as usize {
             return Err(MoeError::config(
                 "n_experts",

@@ -114,6 +114,7 @@ impl ParameterLayout {
             b2: part(self.b2, n * d),
             w3: part(self.w3, n * f * d),
             b3: part(self.b3, n * f),
+            shared: None,
         }
     }
 
@@ -140,6 +141,8 @@ impl ParameterLayout {
             b2: part(self.b2, n * d),
             w3: self.w3.map(|at| matrices(at, f, d)),
             b3: part(self.b3, n * f),
+            // The GPU layer refuses shared experts (see `MoeLayer::new`).
+            shared: None,
         }
     }
 }
