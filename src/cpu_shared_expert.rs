@@ -3,6 +3,9 @@
 //! backward: a dense FFN over every token plus the gate by the chain rule. The forward runs in
 //! f32 as the routed experts do; the backward recomputes it and sums in f64.
 
+// Index loops over several arrays at once read like the formulas they implement.
+#![allow(clippy::needless_range_loop)]
+
 use crate::config::HiddenUnit;
 use crate::cpu_backward::{activation_derivative, gate_derivative};
 use crate::cpu_reference::{activate, dot, gate_value};

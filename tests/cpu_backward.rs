@@ -407,8 +407,8 @@ fn check_differences(
     } = weights.shape;
     let t = x.len() / d;
     let shape = [t, d];
-    let gradients = backward(&config, &weights, &x, &shape, &dy, coefficients).expect("backward");
-    let reference = cpu_forward(&config, &weights, &x, &shape);
+    let gradients = backward(&config, weights, x, &shape, dy, coefficients).expect("backward");
+    let reference = cpu_forward(&config, weights, x, &shape);
     let group_size = config.group_size_for(t).unwrap();
     let (_, positions) = cpu_reference::assign_positions(&config, &reference.routes, n, group_size);
     let layer = Layer {
@@ -417,7 +417,7 @@ fn check_differences(
         d,
         f,
     };
-    let base = Params::new(&weights, &x);
+    let base = Params::new(weights, x);
     let (probs, _) = layer.route(&base);
     let (gates, first) = layer.gates(&probs, &reference.routes);
     let decisions = Decisions {
@@ -454,7 +454,7 @@ fn check_differences(
             );
         }
     }
-    let dy64 = f64s(&dy);
+    let dy64 = f64s(dy);
     let epsilon = 1e-5;
     let mut params = base.clone();
     let mut checked = 0;

@@ -27,6 +27,9 @@ pub struct SharedExpert {
     pub gate: Option<Vec<f32>>,
 }
 
+/// A tensor that may be absent, with its native name and shape.
+type Named<'a> = (&'static str, Option<&'a Vec<f32>>, Vec<usize>);
+
 /// The native names of the shared tensors.
 pub const SHARED_NAMES: [&str; 7] = [
     "shared.w1",
@@ -51,7 +54,7 @@ impl SharedExpert {
     /// Each tensor held, with its native name and shape, in [`SHARED_NAMES`] order.
     pub fn named(&self, d_model: usize) -> Vec<(&'static str, &[f32], Vec<usize>)> {
         let (d, f) = (d_model, self.d_ff);
-        let tensors: [(&'static str, Option<&Vec<f32>>, Vec<usize>); 7] = [
+        let tensors: [Named<'_>; 7] = [
             ("shared.w1", Some(&self.w1), vec![f, d]),
             ("shared.b1", self.b1.as_ref(), vec![f]),
             ("shared.w2", Some(&self.w2), vec![d, f]),
