@@ -1,6 +1,6 @@
 // activation: the FFN activations and their derivatives, shared by expert_up (forward) and
 // expert_hidden_backward (the shader registry prepends this file to both). CPU twins:
-// cpu_reference::activate and cpu_backward::activation_derivative.
+// cpu_math::activate, gate_value, activation_derivative and gate_derivative.
 
 // Activation codes: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 relu2, 5 swiglu_oai
 // (gated only: min(a, L)·σ(α·min(a, L)), its gate clamp(v, −L, L) + 1), 6 quick_gelu

@@ -1,6 +1,7 @@
 // combine_outputs: y[t] = Σ_j s[t, j]·O[assignment_slot[t, j]] over the kept choices, in
-// choice order (a fixed order: no float atomics anywhere). A token with no kept choice
-// passes through (x[t], times route_prob_max[t] when scaling) or is zero, by drop policy.
+// choice order (a fixed order: no float atomics anywhere). A token with no kept routed
+// choice passes through (x[t], times route_prob_max[t] when scaling) or is zero, by drop
+// policy; then the shared expert's choices add their slices, weighed by their gates.
 //
 // Dispatch: one invocation per element of y, workgroups of 256 laid out in 2-D.
 // Bindings: 0 params, 1 x [T, D], 2 assignment_slot [T, k], 3 gates [T, k],
@@ -12,9 +13,11 @@ struct CombineParams {
     top_k: u32,
     scale_by_prob: u32,
     pass_through: u32,
+    // The routed choices, the first of top_k: the pass-through and the drop policy concern
+    // them only; the shared expert's choices after them are always weighed by their gates.
+    routed_top_k: u32,
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 const WORKGROUP: u32 = 256u;
@@ -46,7 +49,7 @@ fn main(
 
     var sum = 0.0;
     var any_kept = false;
-    for (var choice = 0u; choice < top_k; choice++) {
+    for (var choice = 0u; choice < params.routed_top_k; choice++) {
         let slot = assignment_slot[token * top_k + choice];
         if (slot != DROPPED) {
             any_kept = true;
@@ -56,6 +59,11 @@ fn main(
     }
     if (!any_kept && params.pass_through != 0u) {
         sum = x[index] * select(1.0, route_prob_max[token], scale_by_prob);
+    }
+    // The shared expert's slices: never dropped, weighed by σ(x·gate) or 1.
+    for (var choice = params.routed_top_k; choice < top_k; choice++) {
+        let slot = assignment_slot[token * top_k + choice];
+        sum += gates[token * top_k + choice] * expert_out[slot * d_model + column];
     }
     y[index] = sum;
 }

@@ -19,7 +19,8 @@ struct AssignParams {
     num_shards: u32,
     up_tiles_x: u32,
     down_tiles_x: u32,
-    _pad0: u32,
+    // Experts under capacity: the shared expert's slices after them never drop.
+    routed_experts: u32,
 }
 
 const BLOCK_TOKENS: u32 = 128u;

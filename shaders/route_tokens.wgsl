@@ -39,8 +39,10 @@ struct RouteParams {
     topk_group: u32,
     group_score_max: u32,
     routed_scaling_factor: f32,
-    _pad0: u32,
-    _pad1: u32,
+    // The shared expert's slices (experts num_experts.. of the matmuls), every token's
+    // choices after its top_k (0: none); 1 when the router's row num_experts is their gate.
+    shared_experts: u32,
+    shared_gate: u32,
 }
 
 const BLOCK_TOKENS: u32 = 128u;
@@ -74,6 +76,18 @@ var<workgroup> quarter_max: array<f32, 4u * BLOCK_TOKENS>;
 var<workgroup> token_max: array<f32, BLOCK_TOKENS>;
 var<workgroup> token_sum: array<f32, BLOCK_TOKENS>;
 
+// Rows of the router and columns of `logits`: the routed experts, then the shared expert's
+// gate when it has one.
+fn router_rows() -> u32 {
+    return params.num_experts + params.shared_gate;
+}
+
+// Each token's choices (the stride of routes and gates): its top_k, then the shared
+// expert's slices.
+fn choices() -> u32 {
+    return params.top_k + params.shared_experts;
+}
+
 // Checks the bit pattern rather than comparing floats, which a compiler may assume finite.
 fn is_finite_bits(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
@@ -84,7 +98,7 @@ fn is_finite_bits(v: f32) -> bool {
 // lane / QUARTER, eight per pass: each router texel fetched serves four tokens.
 fn block_logits(block_start: u32, block_end: u32, lane: u32) {
     let d_model = params.d_model;
-    let num_experts = params.num_experts;
+    let num_experts = router_rows();
     let d4 = (d_model + 3u) / 4u;
     let first = block_start + lane % QUARTER;
     // Tokens past the block's end compute on its last token and store nothing.
@@ -147,7 +161,7 @@ fn block_logits(block_start: u32, block_end: u32, lane: u32) {
 }
 
 // Token `token`'s logits for experts e0..e0 + 8 (those below e_end) plus the biases; returns
-// the largest of them.
+// the largest of the routed experts' (the shared gate's logit is no score).
 fn store_logits(
     token: u32, block_end: u32, e0: u32, e_end: u32, lo: vec4<f32>, hi: vec4<f32>,
 ) -> f32 {
@@ -155,14 +169,16 @@ fn store_logits(
     if (token >= block_end) {
         return largest;
     }
-    let p_base = token * params.num_experts;
+    let p_base = token * router_rows();
     for (var j = 0u; j < 8u; j++) {
         let e = e0 + j;
         if (e < e_end) {
             let dot_e = select(lo[j % 4u], hi[j % 4u], j >= 4u);
             let logit = dot_e + router_bias[e / 4u][e % 4u];
             logits[p_base + e] = logit;
-            largest = max(largest, logit);
+            if (e < params.num_experts) {
+                largest = max(largest, logit);
+            }
         }
     }
     return largest;
@@ -227,7 +243,8 @@ fn kept_groups(p_base: u32, max_logit: f32, sum: f32) -> u32 {
 // and token_sum. Returns logsumexp².
 fn route_one_token(token: u32, index: u32) -> f32 {
     let num_experts = params.num_experts;
-    let p_base = token * num_experts;
+    let p_base = token * router_rows();
+    let stride = choices();
 
     let max_logit = max(max(quarter_max[index], quarter_max[index + BLOCK_TOKENS]),
         max(quarter_max[index + 2u * BLOCK_TOKENS], quarter_max[index + 3u * BLOCK_TOKENS]));
@@ -269,8 +286,8 @@ fn route_one_token(token: u32, index: u32) -> f32 {
             }
         }
         let p = score_of(logits[p_base + best_e], max_logit, sum);
-        routes[token * top_k + j] = best_e;
-        gates[token * top_k + j] = p;
+        routes[token * stride + j] = best_e;
+        gates[token * stride + j] = p;
         gate_sum += p;
         prev_s = best_s;
         prev_e = i32(best_e);
@@ -281,8 +298,17 @@ fn route_one_token(token: u32, index: u32) -> f32 {
     let scaling = params.routed_scaling_factor;
     let normalize = params.normalize_top_k != 0u;
     for (var j = 0u; j < top_k; j++) {
-        let g = gates[token * top_k + j];
-        gates[token * top_k + j] = select(g, g / gate_sum, normalize) * scaling;
+        let g = gates[token * stride + j];
+        gates[token * stride + j] = select(g, g / gate_sum, normalize) * scaling;
+    }
+    // The shared expert's slices, weighed by σ(x·gate) (the router's row num_experts) or 1.
+    var shared_gate = 1.0;
+    if (params.shared_gate != 0u) {
+        shared_gate = 1.0 / (1.0 + exp(-logits[p_base + num_experts]));
+    }
+    for (var s = 0u; s < params.shared_experts; s++) {
+        routes[token * stride + top_k + s] = num_experts + s;
+        gates[token * stride + top_k + s] = shared_gate;
     }
     return lse * lse;
 }
@@ -320,7 +346,7 @@ fn main(
         var sum = 0.0;
         for (var t = block_start; t < block_end; t++) {
             let i = t - block_start;
-            sum += score_of(logits[t * num_experts + e], token_max[i], token_sum[i]);
+            sum += score_of(logits[t * router_rows() + e], token_max[i], token_sum[i]);
         }
         block_router_sums[sums_base + e] = sum;
     }

@@ -23,7 +23,8 @@ struct AssignParams {
     num_shards: u32,
     up_tiles_x: u32,
     down_tiles_x: u32,
-    _pad0: u32,
+    // Experts under capacity: the shared expert's slices after them never drop.
+    routed_experts: u32,
 }
 
 const WORKGROUP: u32 = 256u;
@@ -63,7 +64,7 @@ fn main(@builtin(local_invocation_index) lane: u32) {
                 }
             }
             group_kept_prefix[group * num_experts + e] = kept;
-            kept += min(running, params.capacity);
+            kept += min(running, select(params.capacity, 0xffffffffu, e >= params.routed_experts));
             routed += running;
         }
         expert_table[counts_at + e] = routed;

@@ -21,7 +21,8 @@ struct AssignParams {
     num_shards: u32,
     up_tiles_x: u32,
     down_tiles_x: u32,
-    _pad0: u32,
+    // Experts under capacity: the shared expert's slices after them never drop.
+    routed_experts: u32,
 }
 
 const BLOCK_TOKENS: u32 = 128u;
@@ -68,7 +69,8 @@ fn main(
                 rank += select(0u, 1u, block_routes[i] == expert);
             }
             var slot = DROPPED;
-            if (rank < params.capacity) {
+            let capacity = select(params.capacity, 0xffffffffu, expert >= params.routed_experts);
+            if (rank < capacity) {
                 slot = expert_table[tile_start_at + expert] * params.row_tile
                     + group_kept_prefix[group * num_experts + expert] + rank;
                 slot_token[slot] = token;

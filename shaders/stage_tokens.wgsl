@@ -24,8 +24,10 @@ struct RouteParams {
     topk_group: u32,
     group_score_max: u32,
     routed_scaling_factor: f32,
-    _pad0: u32,
-    _pad1: u32,
+    // The shared expert's slices (experts num_experts.. of the matmuls), every token's
+    // choices after its top_k (0: none); 1 when the router's row num_experts is their gate.
+    shared_experts: u32,
+    shared_gate: u32,
 }
 
 const BLOCK_TOKENS: u32 = 128u;

@@ -10,7 +10,7 @@
 // Index loops over several arrays at once read like the formulas they implement.
 #![allow(clippy::needless_range_loop)]
 
-use crate::config::{Activation, DropPolicy, HiddenUnit, MoeConfig, RouterScore};
+use crate::config::{DropPolicy, HiddenUnit, MoeConfig, RouterScore};
 use crate::cpu_reference::{
     activate, assign_positions, dot, first_non_finite_token, gate_value, route_tokens,
 };
@@ -30,59 +30,7 @@ pub struct LossCoefficients {
     pub z: f32,
 }
 
-/// `act′(a)`, in f64: relu′(0) = 0; gelu the exact erf form; gelu_tanh and silu as torch
-/// differentiates them.
-pub fn activation_derivative(unit: impl Into<HiddenUnit>, a: f32) -> f32 {
-    let unit = unit.into();
-    let a = a as f64;
-    let derivative = match unit.activation {
-        Activation::Relu => {
-            if a > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-        Activation::Gelu => {
-            let cdf = 0.5 * (1.0 + libm::erf(a / std::f64::consts::SQRT_2));
-            let pdf = (-0.5 * a * a).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            cdf + a * pdf
-        }
-        Activation::GeluTanh => {
-            let k = (2.0 / std::f64::consts::PI).sqrt();
-            let t = (k * (a + 0.044715 * a * a * a)).tanh();
-            0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * a * a)
-        }
-        Activation::Silu => {
-            let sigmoid = 1.0 / (1.0 + (-a).exp());
-            sigmoid * (1.0 + a * (1.0 - sigmoid))
-        }
-        Activation::Relu2 => 2.0 * a.max(0.0),
-        Activation::QuickGelu => {
-            let slope = crate::cpu_reference::QUICK_GELU_SLOPE;
-            let sigmoid = 1.0 / (1.0 + (-slope * a).exp());
-            sigmoid * (1.0 + slope * a * (1.0 - sigmoid))
-        }
-        // min(a, L): no gradient where the clamp is active (a > L), as torch.clamp.
-        Activation::SwigluOai if a > unit.swiglu_limit as f64 => 0.0,
-        Activation::SwigluOai => {
-            let alpha = unit.swiglu_alpha as f64;
-            let sigmoid = 1.0 / (1.0 + (-alpha * a).exp());
-            sigmoid * (1.0 + alpha * a * (1.0 - sigmoid))
-        }
-    };
-    derivative as f32
-}
-
-/// The derivative of [`gate_value`] with respect to v: 1, or for swiglu_oai 0 where the
-/// clamp is active (|v| > L, as torch.clamp).
-pub fn gate_derivative(unit: impl Into<HiddenUnit>, v: f32) -> f32 {
-    let unit = unit.into();
-    match unit.activation {
-        Activation::SwigluOai if v.abs() > unit.swiglu_limit => 0.0,
-        _ => 1.0,
-    }
-}
+pub use crate::cpu_math::{activation_derivative, gate_derivative};
 
 /// Gradients in f64 while they are summed.
 struct Sums {

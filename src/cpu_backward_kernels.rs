@@ -7,8 +7,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::config::{DropPolicy, MoeConfig, RouterScore};
-use crate::cpu_backward::{activation_derivative, gate_derivative, LossCoefficients};
-use crate::cpu_reference::{activate, gate_value};
+use crate::cpu_backward::LossCoefficients;
+use crate::cpu_math::{activate, activation_derivative, gate_derivative, gate_value};
 use crate::gpu::params::OptimizerParams;
 use crate::weights::{LayerShape, MoeWeights};
 

@@ -7,36 +7,12 @@
 //! weight row is read once per expert rather than once per token, and dot products keep
 //! eight partial sums so that the compiler can vectorize them.
 
-use crate::config::{Activation, DropPolicy, HiddenUnit, MoeConfig};
+use crate::config::{DropPolicy, HiddenUnit, MoeConfig};
 use crate::error::{MoeError, Result};
 use crate::output::{num_tokens_of, MoeOutput};
 use crate::weights::{LayerShape, MoeWeights};
 
-/// `Σ a[i]·b[i]` with eight partial sums (vectorizable), added pairwise at the end.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let mut chunks_a = a.chunks_exact(8);
-    let mut chunks_b = b.chunks_exact(8);
-    for (ca, cb) in (&mut chunks_a).zip(&mut chunks_b) {
-        for lane in 0..8 {
-            lanes[lane] += ca[lane] * cb[lane];
-        }
-    }
-    let tail: f32 = chunks_a
-        .remainder()
-        .iter()
-        .zip(chunks_b.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let quads = [
-        lanes[0] + lanes[4],
-        lanes[1] + lanes[5],
-        lanes[2] + lanes[6],
-        lanes[3] + lanes[7],
-    ];
-    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
-}
-
+pub use crate::cpu_math::{activate, dot, gate_value, QUICK_GELU_SLOPE};
 pub use crate::cpu_routing::{route_tokens, select_top_k, Routing};
 use crate::cpu_shared_expert::add_shared_expert;
 
@@ -146,44 +122,6 @@ pub fn assign_positions(
     let loads = scan_expert_offsets(&group_counts, num_experts, capacity);
     let positions = scatter_assignments(routes, &loads, num_experts, top_k, group_size, capacity);
     (loads, positions)
-}
-
-/// quick_gelu's sigmoid slope: `a·σ(1.702·a)`, as transformers' QuickGELUActivation.
-pub const QUICK_GELU_SLOPE: f64 = 1.702;
-
-/// The activation `act(a)`, evaluated in f64 for a reference-grade result.
-pub fn activate(unit: impl Into<HiddenUnit>, a: f32) -> f32 {
-    let unit = unit.into();
-    let a = a as f64;
-    let h = match unit.activation {
-        Activation::Relu => a.max(0.0),
-        Activation::Gelu => 0.5 * a * (1.0 + libm::erf(a / std::f64::consts::SQRT_2)),
-        Activation::GeluTanh => {
-            let inner = (2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a * a * a);
-            0.5 * a * (1.0 + inner.tanh())
-        }
-        Activation::Silu => a / (1.0 + (-a).exp()),
-        Activation::Relu2 => a.max(0.0) * a.max(0.0),
-        Activation::QuickGelu => a / (1.0 + (-QUICK_GELU_SLOPE * a).exp()),
-        Activation::SwigluOai => {
-            let a = a.min(unit.swiglu_limit as f64);
-            a / (1.0 + (-(unit.swiglu_alpha as f64) * a).exp())
-        }
-    };
-    h as f32
-}
-
-/// What the gate projection `v` of a gated FFN contributes: `v`, or for swiglu_oai
-/// `clamp(v, −L, L) + 1`.
-pub fn gate_value(unit: impl Into<HiddenUnit>, v: f32) -> f32 {
-    let unit = unit.into();
-    match unit.activation {
-        Activation::SwigluOai => {
-            let limit = unit.swiglu_limit;
-            v.clamp(-limit, limit) + 1.0
-        }
-        _ => v,
-    }
 }
 
 /// `H = act(X·W1[e]ᵀ + b1[e])`, or `act(X·W1[e]ᵀ + b1[e]) ⊙ (X·W3[e]ᵀ + b3[e])` when

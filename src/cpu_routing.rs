@@ -5,7 +5,7 @@
 //! people run" defines each variant.
 
 use crate::config::{ExpertGroups, GroupScore, Router, RouterScore};
-use crate::cpu_reference::dot;
+use crate::cpu_math::dot;
 use crate::weights::{LayerShape, MoeWeights};
 
 /// Router results for every token.

@@ -7,8 +7,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::config::HiddenUnit;
-use crate::cpu_backward::{activation_derivative, gate_derivative};
-use crate::cpu_reference::{activate, dot, gate_value};
+use crate::cpu_math::{activate, activation_derivative, dot, gate_derivative, gate_value};
 use crate::weights::SharedExpert;
 
 /// One token through the shared expert: its pre-activations `a` (and `v` when gated), its

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod cpu_backward;
 pub mod cpu_backward_kernels;
+pub mod cpu_math;
 pub mod cpu_reference;
 pub mod cpu_routing;
 pub mod cpu_shared_expert;

@@ -5,6 +5,7 @@
 
 use switch_moe::config::{Activation, HiddenUnit};
 use switch_moe::cpu_reference::{self, dot};
+use switch_moe::cpu_shared_expert;
 use switch_moe::rng::SeededRng;
 use switch_moe::{ExpertMatrices, GpuContext, LayerShape, MoeConfig, MoeOutput, MoeWeights};
 
@@ -130,6 +131,24 @@ pub fn magnitude_of_y(
             {
                 *m += scale * *o as f64;
             }
+        }
+    }
+    // The shared expert on |x| and |W| (its gate σ(·) ≤ 1).
+    if let Some(shared) = &abs_weights.shared {
+        let ungated = switch_moe::weights::SharedExpert {
+            gate: None,
+            ..shared.clone()
+        };
+        let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+        let mut shared_magnitude = vec![0.0f32; x.len()];
+        cpu_shared_expert::add_shared_expert(
+            &mut shared_magnitude,
+            &abs_x,
+            &ungated,
+            magnitude_unit(config),
+        );
+        for (m, s) in magnitude.iter_mut().zip(shared_magnitude) {
+            *m += s as f64;
         }
     }
     magnitude

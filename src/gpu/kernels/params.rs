@@ -20,7 +20,10 @@ pub struct RouteParams {
     pub topk_group: u32,
     pub group_score_max: u32,
     pub routed_scaling_factor: f32,
-    pub _pad: [u32; 2],
+    /// The shared expert's slices, chosen by every token after its top_k (0: none), and
+    /// 1 when its gate is the router's row num_experts.
+    pub shared_experts: u32,
+    pub shared_gate: u32,
 }
 
 /// `AssignParams` of count_experts, scan_expert_offsets and scatter_assignments.
@@ -39,7 +42,8 @@ pub struct AssignParams {
     pub num_shards: u32,
     pub up_tiles_x: u32,
     pub down_tiles_x: u32,
-    pub _pad: u32,
+    /// Experts under capacity (the shared expert's slices after them never drop).
+    pub routed_experts: u32,
 }
 
 /// `ExpertParams` of expert_up and expert_down (one per weight shard).
@@ -63,7 +67,10 @@ pub struct CombineParams {
     pub top_k: u32,
     pub scale_by_prob: u32,
     pub pass_through: u32,
-    pub _pad: [u32; 3],
+    /// The routed choices (the first of top_k): a token passes through when all of them
+    /// dropped; the shared expert's after them are always weighed by their gates.
+    pub routed_top_k: u32,
+    pub _pad: [u32; 2],
 }
 
 /// `StatsParams` of reduce_router_stats.

@@ -44,6 +44,12 @@ impl MoeLayer {
         statistics: Option<&wgpu::Buffer>,
         num_tokens: usize,
     ) -> Result<ForwardPlan> {
+        if self.shared.is_some() {
+            return Err(MoeError::tensor(
+                "shared.w1",
+                "encode_forward does not run a layer with a shared expert yet (forward does)",
+            ));
+        }
         let plan = self.plan(num_tokens)?;
         let values = (num_tokens * self.shape.d_model * 4) as u64;
         let layout = StatisticsLayout::new(num_tokens, self.config.top_k, self.shape.num_experts);

@@ -137,6 +137,13 @@ impl MoeLayer {
         train: bool,
         wait: Wait,
     ) -> Result<Vec<f32>> {
+        if self.shared.is_some() {
+            return Err(MoeError::tensor(
+                "shared.w1",
+                "forward_experts runs the routed experts alone: build the experts-only layer \
+                 without the shared expert (add it yourself, as transformers' blocks do)",
+            ));
+        }
         let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
         let n = self.shape.num_experts;
         let top_k = check_routes(n, num_tokens, top_k_index, top_k_weights)?;

@@ -87,7 +87,9 @@ impl MoeLayer {
         let plans = (&plan, &grids);
         passes::forward::encode(&mut encoder, kernels, workspace, plans, Routing::Router);
         let scratch = &workspace.scratch;
+        // Expert tables span every expert the matmuls run; the statistics the routed ones.
         let n = plan.shape.num_experts;
+        let routed = plan.routed_experts;
         let t = plan.num_tokens;
         let timestamps = workspace.timer.as_ref().map_or(0, |_| 4);
         let mut sources: Vec<(&wgpu::Buffer, usize)> = vec![
@@ -96,7 +98,7 @@ impl MoeLayer {
             (&scratch.gates, plan.num_assignments()),
             (&scratch.route_prob_max, t),
             (&scratch.expert_table, 3 * n + 2),
-            (&scratch.router_stats, n + 2),
+            (&scratch.router_stats, routed + 2),
             (&scratch.flags, 1),
             (
                 workspace
@@ -154,20 +156,28 @@ impl MoeLayer {
                 token: flags[0] as usize,
             });
         }
+        // The routed choices of each token (the shared expert's follow them).
+        let routed_choices = |words: &[u32]| -> Vec<u32> {
+            words
+                .chunks(plan.top_k)
+                .flat_map(|row| &row[..plan.routed_top_k])
+                .copied()
+                .collect()
+        };
         let output = MoeOutput {
             shape: shape.to_vec(),
-            num_experts: n,
-            top_k: plan.top_k,
+            num_experts: routed,
+            top_k: plan.routed_top_k,
             y: floats(y),
-            routes: routes.to_vec(),
-            gates: floats(gates),
+            routes: routed_choices(routes),
+            gates: floats(&routed_choices(gates)),
             route_prob_max: floats(route_prob_max),
-            counts: table[..n].to_vec(),
-            kept: table[n..2 * n].to_vec(),
-            route_prob_sum: floats(&stats[..n]),
+            counts: table[..routed].to_vec(),
+            kept: table[n..n + routed].to_vec(),
+            route_prob_sum: floats(&stats[..routed]),
             n_dropped: table[3 * n + 1],
-            aux_loss: f32::from_bits(stats[n]),
-            z_loss: f32::from_bits(stats[n + 1]),
+            aux_loss: f32::from_bits(stats[routed]),
+            z_loss: f32::from_bits(stats[routed + 1]),
         };
         // Some drivers (lavapipe among them) resolve pass timestamps to zeros: no time then.
         let gpu_seconds = workspace.timer.as_ref().and_then(|timer| {
@@ -229,7 +239,7 @@ impl MoeLayer {
     pub(crate) fn plan_with(&self, config: &MoeConfig, num_tokens: usize) -> Result<ForwardPlan> {
         let plan = ForwardPlan::new(
             config,
-            self.shape,
+            (self.shape, self.shared),
             num_tokens,
             self.matmul_block,
             (self.forced_row_lanes, self.forced_block_rows),

@@ -19,6 +19,7 @@ use crate::gpu::kernels::Kernels;
 use crate::gpu::plan::forward::ForwardPlan;
 use crate::gpu::plan::parameter_shards::ParameterShards;
 use crate::gpu::plan::parameters::ParameterLayout;
+use crate::gpu::plan::shared_experts::{with_shared_as_experts, SharedExperts};
 use crate::gpu::plan::sizes::ScratchSizes;
 use crate::gpu::resources::training::Training;
 use crate::gpu::resources::weights::GpuWeights;
@@ -71,7 +72,10 @@ pub struct MoeLayer {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     pub(crate) config: MoeConfig,
+    /// The routed experts' shape (what the caller gave).
     pub(crate) shape: LayerShape,
+    /// The shared expert's slices after the routed experts on the device, if any.
+    pub(crate) shared: Option<SharedExperts>,
     pub(crate) limits: wgpu::Limits,
     pub(crate) max_binding_bytes: u64,
     pub(crate) forced_row_lanes: Option<u32>,
@@ -180,19 +184,23 @@ impl MoeLayer {
                 ),
             ));
         }
-        if weights.shared.is_some() {
+        if weights.shared.is_some() && options.trainable {
             return Err(MoeError::tensor(
                 "shared.w1",
-                "shared experts run on the CPU reference only (the forward tool's --device \
-                 cpu); the GPU layer does not run them yet",
+                "training a layer with a shared expert runs on the CPU reference only \
+                 (cpu_backward); the GPU layer runs its forward",
             ));
         }
-        if shape.num_experts > MAX_EXPERTS as usize {
+        // The shared expert rides the grouped dispatch as experts after the routed ones.
+        let (expanded, shared) = with_shared_as_experts(weights)?;
+        let weights = &expanded;
+        if weights.shape.num_experts > MAX_EXPERTS as usize {
             return Err(MoeError::config(
                 "n_experts",
                 format!(
-                    "{} experts; the GPU layer supports at most {MAX_EXPERTS}",
-                    shape.num_experts
+                    "{} experts (with the shared expert's slices); the GPU layer supports at \
+                     most {MAX_EXPERTS}",
+                    weights.shape.num_experts
                 ),
             ));
         }
@@ -260,6 +268,7 @@ impl MoeLayer {
             queue: queue.clone(),
             config,
             shape,
+            shared,
             limits,
             max_binding_bytes,
             forced_row_lanes: options.row_lanes,

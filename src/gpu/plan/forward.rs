@@ -12,14 +12,22 @@ use crate::gpu::kernels::shaders::{
     BLOCK_TOKENS, COMBINE_WORKGROUP, MATMUL_BLOCK_ROWS, ROW_LANES_CHOICES,
 };
 use crate::gpu::kernels::tiling::MatmulTiling;
+use crate::gpu::plan::shared_experts::SharedExperts;
 use crate::weights::LayerShape;
 
 /// The sizes of one forward.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ForwardPlan {
     pub num_tokens: usize,
+    /// Choices per token: the routed `k`, then the shared expert's slices.
     pub top_k: usize,
+    /// The experts the kernels run: the routed ones, then the shared expert's slices.
     pub shape: LayerShape,
+    /// The routed experts and choices (the router's, and what the output reports).
+    pub routed_experts: usize,
+    pub routed_top_k: usize,
+    /// The shared expert's slices and gate, when the layer has one.
+    pub shared: Option<SharedExperts>,
     pub group_size: usize,
     pub num_groups: usize,
     /// Blocks of BLOCK_TOKENS per group (count_experts, scatter_assignments).
@@ -50,12 +58,12 @@ pub struct ForwardPlan {
 }
 
 impl ForwardPlan {
-    /// The plan for `num_tokens` tokens with matmul blocks `block` wide; `row_lanes` and
-    /// `block_rows` force those of the matmul tiling; `keep_pre_activations` for a
-    /// trainable layer.
+    /// The plan for `num_tokens` tokens with matmul blocks `block` wide over the routed
+    /// experts of `routed` (and `shared`'s slices); `row_lanes` and `block_rows` force those
+    /// of the matmul tiling; `keep_pre_activations` for a trainable layer.
     pub fn new(
         config: &MoeConfig,
-        shape: LayerShape,
+        (routed, shared): (LayerShape, Option<SharedExperts>),
         num_tokens: usize,
         block: u32,
         (row_lanes, block_rows): (Option<u32>, Option<u32>),
@@ -64,24 +72,32 @@ impl ForwardPlan {
         let group_size = config.group_size_for(num_tokens)?;
         let num_groups = num_tokens / group_size;
         let chunks_per_group = div_ceil(group_size, BLOCK_TOKENS as usize);
-        let capacity = config.capacity(group_size, shape.num_experts);
-        let assignments = num_tokens
-            .checked_mul(config.top_k)
+        let capacity = config.capacity(group_size, routed.num_experts);
+        let shared_experts = shared.map_or(0, |s| s.experts);
+        let top_k = config.top_k + shared_experts;
+        let shape = LayerShape {
+            num_experts: routed.num_experts + shared_experts,
+            ..routed
+        };
+        num_tokens
+            .checked_mul(top_k)
             .filter(|&a| a < u32::MAX as usize)
             .ok_or(MoeError::DeviceLimit {
                 limit: "assignments per forward (T·k, u32 indices)",
-                needed: (num_tokens as u64).saturating_mul(config.top_k as u64),
+                needed: (num_tokens as u64).saturating_mul(top_k as u64),
                 allowed: u32::MAX as u64 - 1,
             })?;
-        // Kept assignments cannot exceed T·k, nor capacity per group and expert.
+        // Kept routed assignments cannot exceed T·k, nor capacity per group and expert;
+        // the shared expert's T·m are always kept.
+        let routed_assignments = num_tokens * config.top_k;
         let kept_bound = match capacity {
-            Some(c) => assignments.min(
+            Some(c) => routed_assignments.min(
                 num_groups
-                    .saturating_mul(shape.num_experts)
+                    .saturating_mul(routed.num_experts)
                     .saturating_mul(c),
             ),
-            None => assignments,
-        };
+            None => routed_assignments,
+        } + num_tokens * shared_experts;
         let tiling = MatmulTiling::for_shape(
             kept_bound as f64 / shape.num_experts as f64,
             shape.d_model,
@@ -96,8 +112,11 @@ impl ForwardPlan {
         let shortest_row_tile = (ROW_LANES_CHOICES[0] * MATMUL_BLOCK_ROWS[0]) as usize;
         Ok(ForwardPlan {
             num_tokens,
-            top_k: config.top_k,
+            top_k,
             shape,
+            routed_experts: routed.num_experts,
+            routed_top_k: config.top_k,
+            shared,
             group_size,
             num_groups,
             chunks_per_group,
@@ -121,6 +140,12 @@ impl ForwardPlan {
 
     pub fn num_assignments(&self) -> usize {
         self.num_tokens * self.top_k
+    }
+
+    /// Rows of the router (and columns of the logits): the routed experts, and the shared
+    /// expert's gate.
+    pub fn router_rows(&self) -> usize {
+        self.routed_experts + self.shared.is_some_and(|s| s.gate) as usize
     }
 
     /// Rows of the `hidden` and `expert_out` buffers: whole row tiles.
@@ -193,12 +218,13 @@ impl ForwardPlan {
             d_model,
             d_ff,
         } = self.shape;
+        let shared_experts = self.shared.map_or(0, |s| s.experts) as u32;
         KernelParams {
             route: RouteParams {
                 num_tokens: self.num_tokens as u32,
                 d_model: d_model as u32,
-                num_experts: num_experts as u32,
-                top_k: self.top_k as u32,
+                num_experts: self.routed_experts as u32,
+                top_k: self.routed_top_k as u32,
                 normalize_top_k: self.normalize_top_k as u32,
                 sigmoid_scores: (self.router.score == RouterScore::Sigmoid) as u32,
                 n_group: self.router.groups.map_or(0, |g| g.count as u32),
@@ -209,7 +235,8 @@ impl ForwardPlan {
                     .is_some_and(|g| g.score == GroupScore::Max)
                     as u32,
                 routed_scaling_factor: self.router.routed_scaling_factor,
-                _pad: [0; 2],
+                shared_experts,
+                shared_gate: self.shared.is_some_and(|s| s.gate) as u32,
             },
             assign: AssignParams {
                 num_tokens: self.num_tokens as u32,
@@ -223,7 +250,7 @@ impl ForwardPlan {
                 num_shards: num_shards as u32,
                 up_tiles_x: div_ceil(d_ff, self.tiling.col_tile()) as u32,
                 down_tiles_x: div_ceil(d_model, self.tiling.col_tile()) as u32,
-                _pad: 0,
+                routed_experts: self.routed_experts as u32,
             },
             combine: CombineParams {
                 num_tokens: self.num_tokens as u32,
@@ -231,11 +258,12 @@ impl ForwardPlan {
                 top_k: self.top_k as u32,
                 scale_by_prob: self.scale_by_prob as u32,
                 pass_through: self.pass_through as u32,
-                _pad: [0; 3],
+                routed_top_k: self.routed_top_k as u32,
+                _pad: [0; 2],
             },
             stats: StatsParams {
                 num_tokens: self.num_tokens as u32,
-                num_experts: num_experts as u32,
+                num_experts: self.routed_experts as u32,
                 num_blocks: self.num_route_blocks as u32,
                 _pad: 0,
             },

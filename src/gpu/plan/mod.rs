@@ -7,6 +7,7 @@ pub mod forward;
 pub mod optimizer;
 pub mod parameter_shards;
 pub mod parameters;
+pub mod shared_experts;
 pub mod sizes;
 pub mod tiling;
 

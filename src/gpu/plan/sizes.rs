@@ -38,7 +38,7 @@ impl ScratchSizes {
             // Whole vec4s, at least one: stage_tokens binds x, expert_down hidden, as vec4
             // arrays.
             x: padded_to_vec4(t * d_model).max(4),
-            logits: t * num_experts,
+            logits: t * plan.router_rows(),
             assignments: plan.num_assignments(),
             tokens: t,
             block_router_sums: plan.num_route_blocks * (num_experts + 1),

@@ -135,16 +135,18 @@ impl GpuWeights {
             .min(usable_layers(&limits) as u64)
             .min(max_experts_per_shard.unwrap_or(usize::MAX) as u64)
             .max(1) as usize;
+        // N rows, and the shared expert's gate as row N when it rides the router.
+        let router_rows = weights.router_weight.len() / d_model;
         let router = router_texture(
             device,
             queue,
             &weights.router_weight,
-            (num_experts, d_model),
+            (router_rows, d_model),
             writable,
         );
         let mut router_bias = vec![0.0f32; MAX_EXPERTS as usize];
         if let Some(bias) = &weights.router_bias {
-            router_bias[..num_experts].copy_from_slice(bias);
+            router_bias[..bias.len()].copy_from_slice(bias);
         }
         let router_bias = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("router bias"),
