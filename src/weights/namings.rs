@@ -69,9 +69,25 @@ fn layout_of(key: &str) -> Option<Layout> {
     match key {
         "switch.weight" | "switch.bias" => return Some(Layout::Labml),
         "router.classifier.weight" | "router.classifier.bias" => return Some(Layout::HfSwitch),
-        "gate.weight" => return Some(Layout::HfMixtralRouter),
+        "gate.weight"
+        | "gate.e_score_correction_bias"
+        | "gate.moe_statics.e_score_correction_bias"
+        | "shared_expert_gate.weight" => return Some(Layout::HfMixtralRouter),
         "experts.gate_up_proj" | "experts.down_proj" => return Some(Layout::HfMixtralStacked),
         _ => {}
+    }
+    // transformers 5.x's shared expert (DeepSeek, GLM, ERNIE: shared_experts; Qwen2-MoE:
+    // shared_expert), read with the stacked experts.
+    if let Some(projection) = key
+        .strip_prefix("shared_experts.")
+        .or_else(|| key.strip_prefix("shared_expert."))
+    {
+        if matches!(
+            projection,
+            "gate_proj.weight" | "up_proj.weight" | "down_proj.weight"
+        ) {
+            return Some(Layout::HfMixtralRouter);
+        }
     }
     if let Some((_, rest)) = expert_key(key, "expert_") {
         if matches!(rest, "wi.weight" | "wi.bias" | "wo.weight" | "wo.bias") {
@@ -252,6 +268,31 @@ impl MoeWeights {
         })
     }
 
+    /// transformers 5.x's shared expert, if there: `shared_experts.*` (DeepSeek, GLM, ERNIE)
+    /// or `shared_expert.*` with `shared_expert_gate.weight` (Qwen2-MoE), each an MLP of
+    /// `gate_proj [Fs, D]`, `up_proj [Fs, D]`, `down_proj [D, Fs]`.
+    fn read_hf_shared(source: &mut TensorSource<'_>, d: usize) -> Result<Option<SharedExpert>> {
+        let Some(base) = ["shared_experts", "shared_expert"]
+            .into_iter()
+            .find(|base| source.shape_of(&format!("{base}.gate_proj.weight")).is_ok())
+        else {
+            return Ok(None);
+        };
+        let key = |projection: &str| format!("{base}.{projection}.weight");
+        let gate_shape = source.shape_of(&key("gate_proj"))?;
+        let (fs, _) = rank2(&source.full_name(&key("gate_proj")), &gate_shape, "[Fs, D]")?;
+        Ok(Some(SharedExpert {
+            d_ff: fs,
+            w1: source.required(&key("gate_proj"), &[fs, d], "[Fs, D]")?,
+            b1: None,
+            w2: source.required(&key("down_proj"), &[d, fs], "[D, Fs]")?,
+            b2: None,
+            w3: Some(source.required(&key("up_proj"), &[fs, d], "[Fs, D]")?),
+            b3: None,
+            gate: source.optional("shared_expert_gate.weight", &[1, d], "[1, D]")?,
+        }))
+    }
+
     /// The native `shared.*` tensors, if `shared.w1` is there (any other without it is
     /// left unused, hence an error naming it).
     fn read_native_shared(source: &mut TensorSource<'_>, d: usize) -> Result<Option<SharedExpert>> {
@@ -352,7 +393,16 @@ impl MoeWeights {
             router_weight: source.required("gate.weight", &[n, d], "[N, D]")?,
             router_bias: None,
             // DeepSeek-V3's and GLM-4.5's selection bias (transformers 5.x names it so).
-            score_bias: source.optional("gate.e_score_correction_bias", &[n], "[N]")?,
+            score_bias: match source.optional("gate.e_score_correction_bias", &[n], "[N]")? {
+                Some(bias) => Some(bias),
+                // ERNIE 4.5 keeps it as [1, N] in the router's moe_statics.
+                None => source.optional(
+                    "gate.moe_statics.e_score_correction_bias",
+                    &[1, n],
+                    "[1, N]",
+                )?,
+            },
+            shared: Self::read_hf_shared(source, d)?,
             w1,
             b1: None,
             w2: source
@@ -361,7 +411,6 @@ impl MoeWeights {
             b2: None,
             w3: Some(w3),
             b3: None,
-            shared: None,
         })
     }
 }
