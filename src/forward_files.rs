@@ -8,6 +8,7 @@ use crate::cpu_backward::{self, LossCoefficients};
 use crate::cpu_reference;
 use crate::error::{MoeError, Result};
 use crate::gpu::{GpuContext, LayerOptions, MoeLayer};
+use crate::hf_config::{config_from_transformers, is_transformers_config};
 use crate::output::MoeOutput;
 use crate::tensor_io::{parse_safetensors, read_f32_values, write_file_atomically, F32Tensor};
 use crate::weights::{is_gguf, MoeWeights};
@@ -71,10 +72,28 @@ pub enum ConfigSource<'a> {
 }
 
 impl ConfigSource<'_> {
-    fn parse_over(self, defaults: MoeConfig) -> Result<MoeConfig> {
-        match self {
-            ConfigSource::File(path) => MoeConfig::from_json_file_over(path, defaults),
-            ConfigSource::Json(text) => MoeConfig::from_json_str_over(text, defaults),
+    /// The layer's config JSON over `defaults`, or, given a transformers model config
+    /// (it has `model_type`), the config derived from it for the layer `prefix` names.
+    fn parse_over(self, defaults: MoeConfig, prefix: Option<&str>) -> Result<MoeConfig> {
+        let (text, origin) = match self {
+            ConfigSource::File(path) => (
+                std::fs::read_to_string(path).map_err(|e| MoeError::file(path, e))?,
+                Some(path),
+            ),
+            ConfigSource::Json(text) => (text.to_string(), None),
+        };
+        let in_file = |error: MoeError| match (error, origin) {
+            (MoeError::Config { key, message }, Some(path)) => MoeError::Config {
+                key,
+                message: format!("{message} (in {})", path.display()),
+            },
+            (other, _) => other,
+        };
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(value) if is_transformers_config(&value) => {
+                config_from_transformers(&value, prefix).map_err(in_file)
+            }
+            _ => MoeConfig::from_json_str_over(&text, defaults).map_err(in_file),
         }
     }
 }
@@ -102,7 +121,7 @@ pub fn load_layer_with(
         .map(|()| is_gguf(&magic))
         .unwrap_or(false);
     if !is_gguf {
-        let config = config.parse_over(MoeConfig::default())?;
+        let config = config.parse_over(MoeConfig::default(), prefix)?;
         let weights = MoeWeights::from_safetensors(weights_path, config.naming, prefix)?;
         return Ok((config, weights));
     }
@@ -112,7 +131,7 @@ pub fn load_layer_with(
         top_k: info.expert_used_count.unwrap_or(1),
         ..MoeConfig::default()
     };
-    let config = config.parse_over(defaults)?;
+    let config = config.parse_over(defaults, prefix)?;
     if !matches!(config.naming, Naming::Auto | Naming::Gguf) {
         return Err(MoeError::Naming {
             message: format!(

@@ -19,6 +19,7 @@ pub mod forward_files;
 pub mod gguf;
 pub mod gpu;
 pub mod gradients;
+pub mod hf_config;
 pub mod output;
 pub mod rng;
 pub mod tensor_io;
