@@ -76,19 +76,19 @@ fn is_dense(config: &Value, family: &str, layer: usize) -> bool {
         "deepseek_v3" | "glm4_moe" => {
             let dense = count(config, &["first_k_dense_replace"]).unwrap_or(0);
             let every = count(config, &["moe_layer_freq"]).unwrap_or(1).max(1);
-            layer < dense || layer % every != 0
+            layer < dense || !layer.is_multiple_of(every)
         }
         "qwen2_moe" | "qwen3_moe" => {
             let only = config.get("mlp_only_layers").and_then(Value::as_array);
             let step = count(config, &["decoder_sparse_step"]).unwrap_or(1).max(1);
             only.is_some_and(|l| l.iter().any(|v| v.as_u64() == Some(layer as u64)))
-                || (layer + 1) % step != 0
+                || !(layer + 1).is_multiple_of(step)
         }
         "ernie4_5_moe" => {
             let start = count(config, &["moe_layer_start_index"]).unwrap_or(0);
             let end = count(config, &["moe_layer_end_index"]).unwrap_or(usize::MAX);
             let every = count(config, &["moe_layer_interval"]).unwrap_or(1).max(1);
-            layer < start || layer > end || (layer - start) % every != 0
+            layer < start || layer > end || !(layer - start).is_multiple_of(every)
         }
         _ => false,
     }
