@@ -16,13 +16,16 @@
 //!
 //! With `--formats f32,bf16,q8_0,q4_0,q4_k`, it times instead the same weights stored in
 //! each format (see `format_sweep`); with `--train`, a training step's forward and backward
-//! against a dense FFN's (see train.rs).
+//! against a dense FFN's (see train.rs); with `--families`, the families' routing share of
+//! the forward and the shared expert's cost (see families.rs).
 //!
 //! cargo run --release --example bench -- [--quick] [--json FILE] [--svg FILE]
 //!     [--experts 1,8,32,64,128] [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4]
 //!     [--d-model 512] [--d-ff 2048] [--runs 5] [--formats f32,bf16,q8_0,q4_0,q4_k] [--train]
+//!     [--families]
 //! cargo run --release --example bench -- --replot FILE.json --svg FILE.svg
 
+mod families;
 mod train;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +72,10 @@ struct Args {
     /// Instead of the sweep: forward_train and backward against a dense FFN's (train.rs).
     #[arg(long)]
     train: bool,
+    /// Instead of the sweep: the families' routing share of the forward and the shared
+    /// expert's cost (families.rs; T 2048, D 512, F 512 unless given).
+    #[arg(long)]
+    families: bool,
     #[arg(long)]
     json: Option<String>,
     #[arg(long)]
@@ -81,7 +88,12 @@ struct Args {
 impl Args {
     /// The arguments with `--quick` applied.
     fn resolved(mut self) -> Self {
-        if self.quick && self.train {
+        if self.families {
+            let quick = self.quick;
+            self.tokens = vec![if quick { 512 } else { 2048 }];
+            self.d_model = if quick { 128 } else { 512 };
+            self.d_ff = if quick { 128 } else { 512 };
+        } else if self.quick && self.train {
             self.experts = vec![8];
             self.tokens = vec![512];
             self.top_k = vec![1];
@@ -123,7 +135,10 @@ fn time_runs(runs: usize, mut once: impl FnMut() -> f64) -> (f64, f64) {
 /// Median and min of `runs` timings of each of `variants` after one warm-up each, in ms.
 /// The variants take turns run by run, so that a slow spell of a shared machine lands on
 /// all of them rather than on one.
-fn time_interleaved(runs: usize, variants: &mut [&mut dyn FnMut() -> f64]) -> Vec<(f64, f64)> {
+pub(crate) fn time_interleaved(
+    runs: usize,
+    variants: &mut [&mut dyn FnMut() -> f64],
+) -> Vec<(f64, f64)> {
     let mut times = vec![Vec::with_capacity(runs); variants.len()];
     for variant in variants.iter_mut() {
         variant();
@@ -285,6 +300,10 @@ fn main() {
         args.d_model, args.d_ff
     );
 
+    if args.families {
+        families::families_sweep(&context, &args);
+        return;
+    }
     if args.train {
         let records = train::train_sweep(&context, &args);
         if let Some(path) = &args.json {
