@@ -23,7 +23,8 @@
 // a GPU's unpack2x16float would flush subnormals.
 
 // Formats are codes in WeightFormat's order: 0 f32, 1 f16, 2 bf16, 3 Q8_0, 4 Q4_0, 5 Q4_K,
-// 6 Q6_K. The kernels pass their weights' codes from overrides, so after specialisation the
+// 6 Q6_K, 7 MXFP4 (quants laid out as Q4_0's; scales: rgba16uint texel (k / 64, q), each
+// row's E8M0 exponent bytes of blocks 2b and 2b + 1 in its low and high byte). The kernels pass their weights' codes from overrides, so after specialisation the
 // switch below is on a constant and compiles to one branch.
 
 // An f16 (the low 16 bits of `bits`) as f32, exactly.
@@ -90,6 +91,12 @@ fn quad_scales(format: u32, scales: texture_2d_array<u32>, quad: u32, layer: u32
             return QuadScales(half4_to_f32(d & vec4(0xffffu)) * vec4<f32>(pairs & vec4(0xffu)),
                 half4_to_f32(d >> vec4(16u)) * vec4<f32>((pairs >> vec4(8u)) & vec4(0xffu)));
         }
+        case 7u: {
+            // MXFP4: 2^(e − 128), exact for e ≥ 2 (e < 2 is subnormal, which a GPU may flush).
+            let pair = textureLoad(scales, vec2(k4 / 16u, quad), layer, 0);
+            let e = (pair >> vec4(8u * ((k4 / 8u) % 2u))) & vec4(0xffu);
+            return QuadScales(ldexp(vec4(1.0), vec4<i32>(e) - vec4(128)), vec4(0.0));
+        }
         case 6u: {
             // The 32 values hold groups 2s and 2s + 1: bytes 2s % 4 and its next of a texel.
             let super_block = 5u * (k4 / 64u);
@@ -152,6 +159,13 @@ fn weight_quad(
                 scale.z * vec4<f32>(nibbles(q.z)) - offset.z,
                 scale.w * vec4<f32>(nibbles(q.w)) - offset.w);
         }
+        case 7u: {
+            // MXFP4: kv[q]·2^(e − 128); every product exact.
+            let q = textureLoad(quants, vec2(k4, quad), layer, 0);
+            let d = scales.first;
+            return mat4x4(e2m1_doubled(nibbles(q.x)) * d.x, e2m1_doubled(nibbles(q.y)) * d.y,
+                e2m1_doubled(nibbles(q.z)) * d.z, e2m1_doubled(nibbles(q.w)) * d.w);
+        }
         case 6u: {
             // Q6_K: (d·sc)·(q − 32), q = low nibble | high two bits << 4.
             let q = textureLoad(quants, vec2(k4, quad), layer, 0);
@@ -167,6 +181,17 @@ fn weight_quad(
                 bitcast<vec4<f32>>(textureLoad(quants, vec2(4u * k4 + 3u, quad), layer, 0)));
         }
     }
+}
+
+// MXFP4: ggml's doubled E2M1 values of four nibbles: 0, 1, 2, 3, 4, 6, 8, 12 for magnitude
+// codes m = 0 .. 7 (m < 2: m; else 2^(m / 2)·(1 + (m % 2) / 2)), negative for bit 3.
+fn e2m1_doubled(q: vec4<u32>) -> vec4<f32> {
+    let m = q & vec4(7u);
+    // ldexp is exact where exp2 need not be.
+    let large = ldexp(vec4(1.0) + 0.5 * vec4<f32>(m & vec4(1u)), vec4<i32>(m >> vec4(1u)));
+    let magnitude = select(large, vec4<f32>(m), m < vec4(2u));
+    // Code 8 is +0, as the table has it.
+    return select(magnitude, -magnitude, (q & vec4(8u)) != vec4(0u) & m != vec4(0u));
 }
 
 // Q6_K: a row's four values q − 32 (low nibbles in `packed`, top two bits in the low byte

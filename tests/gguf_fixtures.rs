@@ -240,3 +240,51 @@ fn gguf_file_from_gguf_py() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// MXFP4 (gpt-oss's format, GGUF type 39) against gguf-py 0.19's `dequantize` bit for bit
+/// (quantized rows, and random blocks with every exponent byte: subnormal scales for e < 2,
+/// infinities where 12·2^(e − 128) overflows) and its `quantize` byte for byte (ordinary,
+/// zero, tie and huge rows).
+#[test]
+fn mxfp4_matches_gguf_py() {
+    let bytes = read_fixture("mxfp4.safetensors");
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let format = WeightFormat::Mxfp4;
+    let mut failures = Vec::new();
+    for prefix in ["", "random."] {
+        let (blocks, [rows, row_bytes]) = u8_matrix(&file, &format!("{prefix}blocks"));
+        let (values, shape) = f32_tensor(&file, &format!("{prefix}values"));
+        let cols = shape[1];
+        let mut out = vec![f32::NAN; cols];
+        for row in 0..rows {
+            decode_row(
+                format,
+                &blocks[row * row_bytes..(row + 1) * row_bytes],
+                &mut out,
+            );
+            if let Some(m) = bit_mismatch(&out, &values[row * cols..(row + 1) * cols]) {
+                failures.push(format!("{prefix}row {row} {m}"));
+            }
+        }
+    }
+    let (source, shape) = f32_tensor(&file, "source");
+    let (blocks, [rows, row_bytes]) = u8_matrix(&file, "blocks");
+    let cols = shape[1];
+    for row in 0..rows {
+        let mut out = Vec::new();
+        encode_row(format, &source[row * cols..(row + 1) * cols], &mut out);
+        if out != blocks[row * row_bytes..(row + 1) * row_bytes] {
+            failures.push(format!("quantized row {row} differs from gguf-py's"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The random blocks whose values overflow are refused at load, naming the block.
+    let (random, [_, row_bytes]) = u8_matrix(&file, "random.blocks");
+    match switch_moe::formats::decode::check_finite(format, &random[..row_bytes * 32], "w") {
+        Err(switch_moe::MoeError::Tensor { name, message }) => {
+            assert_eq!(name, "w");
+            assert!(message.contains("mxfp4 block"), "{message}");
+        }
+        other => panic!("expected an overflow error, got {other:?}"),
+    }
+}

@@ -228,6 +228,7 @@ fn weight_bytes_are_the_stored_size() {
         (WeightFormat::Q4_0, 4.5, 1.0),
         (WeightFormat::Q4K, 4.5, 148.0 / 144.0),
         (WeightFormat::Q6K, 6.5625, 212.0 / 210.0),
+        (WeightFormat::Mxfp4, 4.25, 1.0),
     ] {
         let expected = matrices * bits / 8.0 * padding;
         let measured = bytes(format);

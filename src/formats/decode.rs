@@ -15,6 +15,20 @@ pub fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
+/// ggml's doubled E2M1 values of MXFP4's nibbles (`kvalues_mxfp4`).
+pub const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half of an E8M0 exponent byte's power of two, `2^(e − 128)`, exactly as ggml's
+/// `ggml_e8m0_to_fp32_half` (subnormal for e < 2).
+pub fn e8m0_half(e: u8) -> f32 {
+    let bits = if e < 2 {
+        0x0020_0000u32 << e
+    } else {
+        ((e as u32) - 1) << 23
+    };
+    f32::from_bits(bits)
+}
+
 /// A bf16 stored little-endian at `bytes[at..at + 2]`, as f32 (exact: its top 16 bits).
 pub fn bf16_at(bytes: &[u8], at: usize) -> f32 {
     f32::from_bits((u16::from_le_bytes([bytes[at], bytes[at + 1]]) as u32) << 16)
@@ -99,6 +113,14 @@ fn decode_block(format: WeightFormat, block: &[u8], out: &mut [f32]) {
                 *value = d1 * q4_k_quant(qs, v) as f32 - m1;
             }
         }
+        WeightFormat::Mxfp4 => {
+            let d = e8m0_half(block[0]);
+            for (j, value) in out.iter_mut().enumerate() {
+                let byte = block[1 + j % 16];
+                let nibble = if j < 16 { byte & 0xF } else { byte >> 4 };
+                *value = MXFP4_VALUES[nibble as usize] as f32 * d;
+            }
+        }
         WeightFormat::Q6K => {
             let (ql, qh) = (&block[0..128], &block[128..192]);
             let scales = &block[192..208];
@@ -118,6 +140,23 @@ pub fn check_finite(format: WeightFormat, bytes: &[u8], tensor: &str) -> Result<
     // Offsets of the f16 scales inside a block (or the one value of f16/bf16).
     let scales: &[usize] = match format {
         WeightFormat::F32 => return Ok(()),
+        // A finite power of two, but 12·2^(e − 128) overflows for e ≥ 253: decode and see.
+        WeightFormat::Mxfp4 => {
+            let mut values = [0.0f32; 32];
+            for (index, block) in bytes.chunks_exact(format.block_bytes()).enumerate() {
+                decode_block(format, block, &mut values);
+                if let Some(value) = values.iter().find(|v| !v.is_finite()) {
+                    return Err(MoeError::tensor(
+                        tensor,
+                        format!(
+                            "non-finite value {value} in mxfp4 block {index} (exponent byte {})",
+                            block[0]
+                        ),
+                    ));
+                }
+            }
+            return Ok(());
+        }
         WeightFormat::F16 | WeightFormat::Bf16 | WeightFormat::Q8_0 | WeightFormat::Q4_0 => &[0],
         WeightFormat::Q4K => &[0, 2],
         WeightFormat::Q6K => &[208],

@@ -1,5 +1,5 @@
 //! Stored weight formats: the element types checkpoints keep expert weights in (f32, f16,
-//! bf16) and llama.cpp's block quantizations (Q8_0, Q4_0, Q4_K, Q6_K), and
+//! bf16), llama.cpp's block quantizations (Q8_0, Q4_0, Q4_K, Q6_K) and MXFP4 (gpt-oss), and
 //! [`ExpertMatrices`], a stack of expert matrices kept in its stored format.
 //!
 //! Quantized rows are sequences of ggml blocks, byte for byte as in a GGUF file; a block
@@ -32,11 +32,15 @@ pub enum WeightFormat {
     /// 256 values: 4 low and 2 high bits per value, 16 i8 scales (one per 16 values),
     /// an f16 `d`; value = `d·sc·(q − 32)`.
     Q6K,
+    /// 32 values (OCP microscaling, gpt-oss's experts): an E8M0 exponent byte `e`, 16 bytes
+    /// of E2M1 nibbles; value = `kv[q]·2^(e − 128)` with ggml's doubled E2M1 table
+    /// `kv = 0, 1, 2, 3, 4, 6, 8, 12` (and their negatives for q ≥ 8).
+    Mxfp4,
 }
 
 impl WeightFormat {
     /// Every format, in the order of `ALL_NAMES`.
-    pub const ALL: [WeightFormat; 7] = [
+    pub const ALL: [WeightFormat; 8] = [
         WeightFormat::F32,
         WeightFormat::F16,
         WeightFormat::Bf16,
@@ -44,6 +48,7 @@ impl WeightFormat {
         WeightFormat::Q4_0,
         WeightFormat::Q4K,
         WeightFormat::Q6K,
+        WeightFormat::Mxfp4,
     ];
 
     /// The lower-case name used on command lines (`q4_k`).
@@ -56,6 +61,7 @@ impl WeightFormat {
             WeightFormat::Q4_0 => "q4_0",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
+            WeightFormat::Mxfp4 => "mxfp4",
         }
     }
 
@@ -74,6 +80,7 @@ impl WeightFormat {
             WeightFormat::Q4K => 12,
             WeightFormat::Q6K => 14,
             WeightFormat::Bf16 => 30,
+            WeightFormat::Mxfp4 => 39,
         }
     }
 
@@ -86,7 +93,7 @@ impl WeightFormat {
     pub fn block_values(self) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => 1,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 => 32,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Mxfp4 => 32,
             WeightFormat::Q4K | WeightFormat::Q6K => 256,
         }
     }
@@ -100,6 +107,7 @@ impl WeightFormat {
             WeightFormat::Q4_0 => 18,
             WeightFormat::Q4K => 144,
             WeightFormat::Q6K => 210,
+            WeightFormat::Mxfp4 => 17,
         }
     }
 

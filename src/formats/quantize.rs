@@ -1,11 +1,11 @@
 //! Encoding f32 rows into a stored format, as ggml does: f16 and bf16 round to nearest
-//! even; Q8_0, Q4_0, Q4_K and Q6_K follow ggml's reference quantizers
+//! even; Q8_0, Q4_0, Q4_K, Q6_K and MXFP4 follow ggml's reference quantizers
 //! (`quantize_row_*_ref`, the ones llama.cpp uses without an importance matrix),
 //! operation for operation in f32 so that the same input gives the same blocks.
 
 use half::f16;
 
-use super::decode::q4_k_scale_min;
+use super::decode::{e8m0_half, q4_k_scale_min, MXFP4_VALUES};
 use super::WeightFormat;
 
 /// ggml's `nearest_int`: round to nearest, ties to even, through the f32 adder (valid for
@@ -42,7 +42,32 @@ pub fn encode_row(format: WeightFormat, row: &[f32], out: &mut Vec<u8>) {
         WeightFormat::Q4_0 => row.chunks_exact(32).for_each(|b| q4_0_block(b, out)),
         WeightFormat::Q4K => row.chunks_exact(256).for_each(|b| q4_k_block(b, out)),
         WeightFormat::Q6K => row.chunks_exact(256).for_each(|b| q6_k_block(b, out)),
+        WeightFormat::Mxfp4 => row.chunks_exact(32).for_each(|b| mxfp4_block(b, out)),
     }
+}
+
+/// MXFP4 as ggml (and gguf-py) quantize it: `e = floor(log2(amax)) − 2 + 127` (0 for an
+/// all-zero block), then each value's nearest of `kv·2^(e − 128)`, the first of equals.
+fn mxfp4_block(x: &[f32], out: &mut Vec<u8>) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let e = if amax > 0.0 {
+        (amax.log2().floor() - 2.0 + 127.0).clamp(0.0, 255.0) as u8
+    } else {
+        0
+    };
+    let d = e8m0_half(e);
+    let nearest = |v: f32| {
+        let mut best = (0u8, f32::INFINITY);
+        for (q, &kv) in MXFP4_VALUES.iter().enumerate() {
+            let error = (d * kv as f32 - v).abs();
+            if error < best.1 {
+                best = (q as u8, error);
+            }
+        }
+        best.0
+    };
+    out.push(e);
+    out.extend((0..16).map(|j| nearest(x[j]) | (nearest(x[j + 16]) << 4)));
 }
 
 fn q8_0_block(x: &[f32], out: &mut Vec<u8>) {

@@ -62,7 +62,7 @@ impl<'a> LayerReader<'_, 'a> {
                 &tensor.name,
                 format!(
                     "type {type_name} (id {}) is not supported; stored formats: F32, F16, BF16, \
-                     Q8_0, Q4_0, Q4_K, Q6_K",
+                     Q8_0, Q4_0, Q4_K, Q6_K, MXFP4",
                     tensor.type_id
                 ),
             )

@@ -145,6 +145,12 @@ pub fn upload_weight_textures(
             dummy(),
             Plane::new(Rgba16Uint, cols / 32, quads, count),
         ),
+        // Two blocks' exponent bytes per u16: 4.25 bits per weight, as stored.
+        WeightFormat::Mxfp4 => (
+            Plane::new(Rgba16Uint, cols / 4, quads, count),
+            dummy(),
+            Plane::new(Rgba16Uint, (cols / 32).div_ceil(2), quads, count),
+        ),
         WeightFormat::Q4K => (
             Plane::new(Rgba16Uint, cols / 4, quads, count),
             dummy(),
@@ -178,15 +184,23 @@ pub fn upload_weight_textures(
                         quants.or(layer, quad, 4 * (k / 4) + j, k % 4, bits);
                     }
                 }
-                WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+                WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Mxfp4 => {
+                    // MXFP4's scale is its exponent byte; the others' f16 bits.
+                    let quants_at = if format == WeightFormat::Mxfp4 { 1 } else { 2 };
                     for (block, bytes) in stored.chunks_exact(block_bytes).enumerate() {
-                        scales.or(layer, quad, block, j, u16_at(block * block_bytes));
+                        match format {
+                            WeightFormat::Mxfp4 => {
+                                let e = (bytes[0] as u32) << (8 * (block % 2));
+                                scales.or(layer, quad, block / 2, j, e);
+                            }
+                            _ => scales.or(layer, quad, block, j, u16_at(block * block_bytes)),
+                        }
                         for v in 0..32 {
                             let (k, value) = (
                                 32 * block + v,
                                 match format {
                                     WeightFormat::Q8_0 => bytes[2 + v] as u32,
-                                    _ => (bytes[2 + v % 16] as u32 >> (4 * (v / 16))) & 0xf,
+                                    _ => (bytes[quants_at + v % 16] as u32 >> (4 * (v / 16))) & 0xf,
                                 },
                             );
                             let width = if format == WeightFormat::Q8_0 { 8 } else { 4 };
