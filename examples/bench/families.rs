@@ -8,6 +8,7 @@
 //!   biases, swiglu_oai);
 //! - the shared expert: DeepSeek's layer with its shared expert against without, and the
 //!   bound `1.1 · (1 + shared FLOPs / routed FLOPs)`.
+//!
 //! Every time is the wall time of the blocking call, the upload of x and the read-back of
 //! y included, alike for all variants (a layer with a shared expert does not encode into
 //! caller buffers, so this is the one method every variant shares).
