@@ -11,6 +11,10 @@
 //! loss curve as SVG, and the trained weights as native safetensors with their config
 //! JSON, which the `forward` example loads. The LAST line is `loss: first A last B`.
 //!
+//! `--router sigmoid --bias-balancing 0.001 --aux-loss-coef 0` trains DeepSeek-V3's way: sigmoid
+//! scores, a score bias that only chooses, moved after every step towards an even load;
+//! the run prints how uneven the load was over its first and last tenth of steps.
+//!
 //! Beside the weights it saves AdamW's state and how many tokens the run drew
 //! (`FILE.optimizer.safetensors`). `--resume FILE` continues from them, with the weights'
 //! shape: the data is regenerated from `--seed` and the tokens already drawn are skipped,
@@ -28,7 +32,7 @@ use switch_moe::rng::SeededRng;
 use switch_moe::tensor_io::{parse_safetensors, read_f32, serialize_tensors, OwnedTensor};
 use switch_moe::{
     GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
-    Naming, Optimizer,
+    Naming, Optimizer, RouterScore,
 };
 
 #[derive(Parser)]
@@ -58,6 +62,13 @@ struct Args {
     z_loss_coef: f32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The router's scores: softmax (Switch) or sigmoid (DeepSeek-V3).
+    #[arg(long, default_value = "softmax")]
+    router: RouterScore,
+    /// γ of DeepSeek-V3's balancing without an aux loss: after each step, every expert's
+    /// score bias moves by γ towards an even load (0: off; try with --aux-loss-coef 0).
+    #[arg(long, default_value_t = 0.0)]
+    bias_balancing: f32,
     /// Continue from these weights (native safetensors, as this example saves them) and
     /// the optimizer state saved beside them.
     #[arg(long)]
@@ -179,6 +190,7 @@ fn train(args: &Args) -> Result<(), String> {
     let error = |e: switch_moe::MoeError| e.to_string();
     let config = MoeConfig {
         n_experts: Some(args.experts),
+        router_score: args.router,
         ..MoeConfig::default()
     };
     let shape = LayerShape {
@@ -186,10 +198,14 @@ fn train(args: &Args) -> Result<(), String> {
         d_model: args.d_model,
         d_ff: args.d_ff,
     };
-    let weights = match &args.resume {
+    let mut weights = match &args.resume {
         Some(path) => MoeWeights::from_safetensors(path, Naming::Auto, None).map_err(error)?,
         None => MoeWeights::random(shape, false, true, args.seed ^ 0x7EA1),
     };
+    // Balancing moves a score bias: start it at zeros.
+    if args.bias_balancing > 0.0 && weights.score_bias.is_none() {
+        weights.score_bias = Some(vec![0.0; weights.shape.num_experts]);
+    }
     // Resumed weights bring their own shape.
     let LayerShape {
         num_experts,
@@ -237,6 +253,8 @@ fn train(args: &Args) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     );
     let mut losses = Vec::with_capacity(args.steps);
+    // max / mean of each step's counts: 1 is an even load.
+    let mut imbalance = Vec::with_capacity(args.steps);
     for step in 0..args.steps {
         let (x, target) = task.batch(&mut batches, args.batch);
         tokens_drawn += args.batch as u64;
@@ -247,6 +265,13 @@ fn train(args: &Args) -> Result<(), String> {
         let loss = squared + coefficients.aux * output.aux_loss + coefficients.z * output.z_loss;
         layer.backward(&dy, coefficients).map_err(error)?;
         layer.step(&optimizer).map_err(error)?;
+        if args.bias_balancing > 0.0 {
+            layer
+                .balance_score_bias(&output.counts, args.bias_balancing)
+                .map_err(error)?;
+        }
+        let mean = output.counts.iter().sum::<u32>() as f32 / output.counts.len() as f32;
+        imbalance.push(output.counts.iter().copied().max().unwrap_or(0) as f32 / mean);
         losses.push(loss);
         let dropped = output.n_dropped as f32 / args.batch as f32;
         bar.set_message(format!("loss {loss:.4} dropped {:.1}%", 100.0 * dropped));
@@ -300,6 +325,13 @@ fn train(args: &Args) -> Result<(), String> {
     );
     plot(&args.svg, &losses, "training loss")?;
     println!("loss curve: {}", args.svg.display());
+    let tenth = (imbalance.len() / 10).max(1);
+    let average = |values: &[f32]| values.iter().sum::<f32>() / values.len() as f32;
+    println!(
+        "load (max / mean of the counts): first tenth {:.3}, last tenth {:.3}",
+        average(&imbalance[..tenth]),
+        average(&imbalance[imbalance.len() - tenth..])
+    );
     println!(
         "loss: first {:.6} last {:.6}",
         losses[0],

@@ -75,6 +75,16 @@ pub enum RouterScore {
     Sigmoid,
 }
 
+impl std::str::FromStr for RouterScore {
+    type Err = String;
+
+    /// The config JSON's name (`softmax`, `sigmoid`).
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(text.to_string()))
+            .map_err(|_| format!("{text:?}: the router's scores are softmax or sigmoid"))
+    }
+}
+
 /// A group's score in group-limited top-k.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -141,6 +141,21 @@ pub fn route_tokens(x: &[f32], weights: &MoeWeights, router: impl Into<Router>) 
     routing
 }
 
+/// DeepSeek-V3's balancing without an aux loss, one step: `score_bias[e] += γ·sign(mean −
+/// counts[e])` (sign 0 at the mean), so that overloaded experts are chosen less and idle
+/// ones more; `mean` is Σ counts / N in f64, the update in f32.
+pub fn balance_score_bias(score_bias: &mut [f32], counts: &[u32], gamma: f32) {
+    let mean = counts.iter().map(|&c| c as f64).sum::<f64>() / counts.len().max(1) as f64;
+    for (bias, &count) in score_bias.iter_mut().zip(counts) {
+        let step = match (count as f64).partial_cmp(&mean) {
+            Some(std::cmp::Ordering::Less) => gamma,
+            Some(std::cmp::Ordering::Greater) => -gamma,
+            _ => 0.0,
+        };
+        *bias += step;
+    }
+}
+
 impl From<&crate::config::MoeConfig> for Router {
     fn from(config: &crate::config::MoeConfig) -> Self {
         config.router()

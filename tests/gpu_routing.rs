@@ -134,3 +134,54 @@ fn routing_variants_add_no_dispatch() {
     );
     assert_eq!(grouped.dispatches_per_forward(), 9);
 }
+
+#[test]
+fn bias_balancing_moves_the_score_bias_by_the_rule_and_the_next_forward_uses_it() {
+    let context = gpu();
+    let config = MoeConfig {
+        top_k: 2,
+        router_score: RouterScore::Sigmoid,
+        drop_tokens: false,
+        ..MoeConfig::default()
+    };
+    let mut weights = MoeWeights::random(shape(8, 16, 24), false, true, 39);
+    weights.score_bias = Some(vec![0.0; 8]);
+    let options = switch_moe::LayerOptions {
+        trainable: true,
+        ..switch_moe::LayerOptions::default()
+    };
+    let layer = MoeLayer::with_options(&context, config.clone(), &weights, options).unwrap();
+    let x = tokens(64, 16, 40);
+    let mut expected = vec![0.0f32; 8];
+    for _ in 0..3 {
+        let out = layer.forward_train(&x, &[64, 16]).unwrap();
+        layer.balance_score_bias(&out.counts, 0.05).unwrap();
+        switch_moe::cpu_routing::balance_score_bias(&mut expected, &out.counts, 0.05);
+        let trained = layer.trained_weights().unwrap();
+        assert_eq!(trained.score_bias.as_deref(), Some(&expected[..]));
+        // The next forward chooses with the moved bias, as the reference does.
+        let next = layer.forward(&x, &[64, 16]).unwrap();
+        assert_eq!(
+            next.routes,
+            cpu_forward(&config, &trained, &x, &[64, 16]).routes
+        );
+    }
+    assert!(expected.iter().any(|&b| b != 0.0));
+    // What it refuses, by name.
+    let named = |result: switch_moe::Result<()>| match result {
+        Err(switch_moe::MoeError::Tensor { name, .. })
+        | Err(switch_moe::MoeError::Config { key: name, .. }) => name,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert_eq!(named(layer.balance_score_bias(&[1, 2], 0.05)), "counts");
+    assert_eq!(
+        named(layer.balance_score_bias(&[0; 8], -1.0)),
+        "bias_balancing"
+    );
+    weights.score_bias = None;
+    let plain = MoeLayer::new(&context, config, &weights).unwrap();
+    assert_eq!(
+        named(plain.balance_score_bias(&[0; 8], 0.05)),
+        "router.score_bias"
+    );
+}

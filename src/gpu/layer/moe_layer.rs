@@ -95,6 +95,9 @@ pub struct MoeLayer {
     pub(crate) scratch_allocations: AtomicUsize,
     /// The parameters, gradients and state of training (trainable layers only).
     pub(crate) training: Option<Training>,
+    /// The host's copy of the score bias the device holds (balance_score_bias updates
+    /// both), zeros when the layer has none.
+    pub(crate) score_bias: Mutex<Vec<f32>>,
 }
 
 impl MoeLayer {
@@ -281,6 +284,12 @@ impl MoeLayer {
             encoded: Mutex::new(None),
             scratch_allocations: AtomicUsize::new(0),
             training,
+            score_bias: Mutex::new(
+                weights
+                    .score_bias
+                    .clone()
+                    .unwrap_or_else(|| vec![0.0; shape.num_experts]),
+            ),
         })
     }
 

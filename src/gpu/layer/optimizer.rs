@@ -3,6 +3,7 @@
 //! backward's gradients, then the refresh pass rewriting the forward's operands from them,
 //! all in one submission; and the optimizer's state and the weights read back or replaced.
 
+use crate::cpu_routing::balance_score_bias;
 use crate::error::{MoeError, Result};
 use crate::gpu::device::encode::{div_ceil, grid_2d};
 use crate::gpu::device::readback::{read_floats, Wait};
@@ -199,6 +200,9 @@ impl MoeLayer {
             0,
             bytemuck::cast_slice(&score_bias),
         );
+        if let (Some(bias), Ok(mut held)) = (&weights.score_bias, self.score_bias.lock()) {
+            held.clone_from(bias);
+        }
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -206,6 +210,40 @@ impl MoeLayer {
             });
         passes::refresh::encode(&mut encoder, &training.kernels, &training.refresh);
         self.queue.submit([encoder.finish()]);
+        Ok(())
+    }
+
+    /// DeepSeek-V3's aux-loss-free balancing, one step (after an optimizer step, with the
+    /// `counts` of the batch it trained on): `score_bias[e] += γ·sign(mean(counts) −
+    /// counts[e])` (cpu_routing::balance_score_bias), on the device before the next
+    /// forward. The layer needs a `router.score_bias` (zeros to start); `γ = 0` is off.
+    pub fn balance_score_bias(&self, counts: &[u32], gamma: f32) -> Result<()> {
+        if !self.weights.has_score_bias {
+            return Err(MoeError::tensor(
+                "router.score_bias",
+                "balancing moves the score bias: give the layer one (zeros to start)",
+            ));
+        }
+        if !(gamma.is_finite() && gamma >= 0.0) {
+            return Err(MoeError::config(
+                "bias_balancing",
+                format!("{gamma}: must be finite and ≥ 0"),
+            ));
+        }
+        let n = self.shape.num_experts;
+        if counts.len() != n {
+            return Err(MoeError::tensor(
+                "counts",
+                format!("{} values, expected one per expert ({n})", counts.len()),
+            ));
+        }
+        let mut bias = self.score_bias.lock().map_err(|_| MoeError::Device {
+            message: "a previous balance_score_bias panicked".to_string(),
+        })?;
+        balance_score_bias(&mut bias, counts, gamma);
+        // The first N of the uniform array's MAX_EXPERTS floats (the rest stay zeros).
+        self.queue
+            .write_buffer(&self.weights.score_bias, 0, bytemuck::cast_slice(&bias));
         Ok(())
     }
 
