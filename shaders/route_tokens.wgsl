@@ -66,8 +66,7 @@ const MAX_EXPERTS: u32 = 2048u;
 
 // The most expert groups: a token's kept groups are the bits of one u32.
 const MAX_EXPERT_GROUPS: u32 = 32u;
-// -f32::MAX, exactly: below every finite score.
-const LOWEST: f32 = -3.40282347e+38;
+
 
 var<workgroup> block_lse_sq: array<f32, BLOCK_TOKENS>;
 // The largest logit of each token (block order) among each quarter's experts, quarter-major.
@@ -209,8 +208,9 @@ fn kept_groups(p_base: u32, max_logit: f32, sum: f32) -> u32 {
     var group_scores: array<f32, MAX_EXPERT_GROUPS>;
     for (var g = 0u; g < groups; g++) {
         // The group's best and second-best selection scores, in the CPU twin's order.
-        var first = LOWEST;
-        var second = LOWEST;
+        // -f32::MAX, exactly (as bits: WebGPU's compilers refuse a decimal that rounds to it).
+        var first = bitcast<f32>(0xff7fffffu);
+        var second = first;
         for (var e = g * size; e < (g + 1u) * size; e++) {
             let s = selection_of(p_base, e, max_logit, sum);
             if (s > first) {
