@@ -191,7 +191,7 @@ fn e2m1_doubled(q: vec4<u32>) -> vec4<f32> {
     let large = ldexp(vec4(1.0) + 0.5 * vec4<f32>(m & vec4(1u)), vec4<i32>(m >> vec4(1u)));
     let magnitude = select(large, vec4<f32>(m), m < vec4(2u));
     // Code 8 is +0, as the table has it.
-    return select(magnitude, -magnitude, (q & vec4(8u)) != vec4(0u) & m != vec4(0u));
+    return select(magnitude, -magnitude, ((q & vec4(8u)) != vec4(0u)) & (m != vec4(0u)));
 }
 
 // Q6_K: a row's four values q − 32 (low nibbles in `packed`, top two bits in the low byte
