@@ -128,6 +128,12 @@ impl Router {
     }
 }
 
+impl From<&MoeConfig> for Router {
+    fn from(config: &MoeConfig) -> Self {
+        config.router()
+    }
+}
+
 /// The most expert groups of group-limited top-k (the GPU keeps a token's groups in one
 /// 32-bit mask).
 pub const MAX_EXPERT_GROUPS: usize = 32;

@@ -155,9 +155,3 @@ pub fn balance_score_bias(score_bias: &mut [f32], counts: &[u32], gamma: f32) {
         *bias += step;
     }
 }
-
-impl From<&crate::config::MoeConfig> for Router {
-    fn from(config: &crate::config::MoeConfig) -> Self {
-        config.router()
-    }
-}

@@ -139,18 +139,19 @@ impl SharedExpert {
         }
     }
 
-    /// Zeros shaped like `self` (the gradient sums' start).
-    pub fn zeros_like(&self) -> SharedExpert {
-        let zeros = |v: &Vec<f32>| vec![0.0; v.len()];
+    /// `f` of every value, the same tensors held (`|_| 0.0`: the gradient sums' start;
+    /// `f32::abs`: the magnitudes that bound rounding errors).
+    pub fn map(&self, f: impl Fn(f32) -> f32) -> SharedExpert {
+        let each = |v: &Vec<f32>| v.iter().map(|&x| f(x)).collect::<Vec<_>>();
         SharedExpert {
             d_ff: self.d_ff,
-            w1: zeros(&self.w1),
-            b1: self.b1.as_ref().map(zeros),
-            w2: zeros(&self.w2),
-            b2: self.b2.as_ref().map(zeros),
-            w3: self.w3.as_ref().map(zeros),
-            b3: self.b3.as_ref().map(zeros),
-            gate: self.gate.as_ref().map(zeros),
+            w1: each(&self.w1),
+            b1: self.b1.as_ref().map(each),
+            w2: each(&self.w2),
+            b2: self.b2.as_ref().map(each),
+            w3: self.w3.as_ref().map(each),
+            b3: self.b3.as_ref().map(each),
+            gate: self.gate.as_ref().map(each),
         }
     }
 }

@@ -81,19 +81,7 @@ pub fn absolute(weights: &MoeWeights) -> MoeWeights {
         b2: weights.b2.as_ref().map(abs),
         w3: weights.w3.as_ref().map(abs_matrices),
         b3: weights.b3.as_ref().map(abs),
-        shared: weights
-            .shared
-            .as_ref()
-            .map(|s| switch_moe::weights::SharedExpert {
-                d_ff: s.d_ff,
-                w1: abs(&s.w1),
-                b1: s.b1.as_ref().map(abs),
-                w2: abs(&s.w2),
-                b2: s.b2.as_ref().map(abs),
-                w3: s.w3.as_ref().map(abs),
-                b3: s.b3.as_ref().map(abs),
-                gate: s.gate.as_ref().map(abs),
-            }),
+        shared: weights.shared.as_ref().map(|s| s.map(f32::abs)),
     }
 }
 

@@ -160,14 +160,14 @@ impl MoeLayer {
         let routed_choices = |words: &[u32]| -> Vec<u32> {
             words
                 .chunks(plan.top_k)
-                .flat_map(|row| &row[..plan.routed_top_k])
+                .flat_map(|row| &row[..plan.router.top_k])
                 .copied()
                 .collect()
         };
         let output = MoeOutput {
             shape: shape.to_vec(),
             num_experts: routed,
-            top_k: plan.routed_top_k,
+            top_k: plan.router.top_k,
             y: floats(y),
             routes: routed_choices(routes),
             gates: floats(&routed_choices(gates)),

@@ -195,8 +195,9 @@ impl MoeLayer {
             ));
         }
         // The shared expert rides the grouped dispatch as experts after the routed ones.
-        let (expanded, shared) = with_shared_as_experts(weights)?;
-        let weights = &expanded;
+        let expanded = with_shared_as_experts(weights)?;
+        let shared = expanded.as_ref().map(|(_, shared)| *shared);
+        let weights = expanded.as_ref().map_or(weights, |(expanded, _)| expanded);
         if weights.shape.num_experts > MAX_EXPERTS as usize {
             return Err(MoeError::config(
                 "n_experts",

@@ -269,10 +269,12 @@ impl MoeLayer {
             buffers.push(read_floats(&self.device, &self.queue, buffer, count, wait).await?);
         }
         let mut weights = training.layout().weights(&training.shards.join(&buffers));
+        // The score bias is no parameter: the layer's host copy is what the device holds.
         if self.weights.has_score_bias {
-            let n = weights.shape.num_experts;
-            let bias = &self.weights.score_bias;
-            weights.score_bias = Some(read_floats(&self.device, &self.queue, bias, n, wait).await?);
+            let bias = self.score_bias.lock().map_err(|_| MoeError::Device {
+                message: "a previous balance_score_bias panicked".to_string(),
+            })?;
+            weights.score_bias = Some(bias.clone());
         }
         Ok(weights)
     }

@@ -23,9 +23,9 @@ pub struct ForwardPlan {
     pub top_k: usize,
     /// The experts the kernels run: the routed ones, then the shared expert's slices.
     pub shape: LayerShape,
-    /// The routed experts and choices (the router's, and what the output reports).
+    /// The routed experts (the router's, and what the output reports; their choices per
+    /// token are `router.top_k`).
     pub routed_experts: usize,
-    pub routed_top_k: usize,
     /// The shared expert's slices and gate, when the layer has one.
     pub shared: Option<SharedExperts>,
     pub group_size: usize,
@@ -115,7 +115,6 @@ impl ForwardPlan {
             top_k,
             shape,
             routed_experts: routed.num_experts,
-            routed_top_k: config.top_k,
             shared,
             group_size,
             num_groups,
@@ -224,7 +223,7 @@ impl ForwardPlan {
                 num_tokens: self.num_tokens as u32,
                 d_model: d_model as u32,
                 num_experts: self.routed_experts as u32,
-                top_k: self.routed_top_k as u32,
+                top_k: self.router.top_k as u32,
                 normalize_top_k: self.normalize_top_k as u32,
                 sigmoid_scores: (self.router.score == RouterScore::Sigmoid) as u32,
                 n_group: self.router.groups.map_or(0, |g| g.count as u32),
@@ -258,7 +257,7 @@ impl ForwardPlan {
                 top_k: self.top_k as u32,
                 scale_by_prob: self.scale_by_prob as u32,
                 pass_through: self.pass_through as u32,
-                routed_top_k: self.routed_top_k as u32,
+                routed_top_k: self.router.top_k as u32,
                 _pad: [0; 2],
             },
             stats: StatsParams {

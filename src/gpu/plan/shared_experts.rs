@@ -89,13 +89,14 @@ fn appended_bias(
     Some(values)
 }
 
-/// The layer's weights as the GPU runs them: the routed experts then the shared expert's
-/// `m` slices, the router with the shared gate as row N (when it has one); and how many.
-/// The result's router has N (+ 1) rows for N + m experts: the GPU's own layout, not a
-/// layer `MoeWeights::check` accepts.
-pub fn with_shared_as_experts(weights: &MoeWeights) -> Result<(MoeWeights, Option<SharedExperts>)> {
+/// The layer's weights as the GPU runs them when it has a shared expert (None without
+/// one: the weights as they are): the routed experts then the shared expert's `m` slices,
+/// the router with the shared gate as row N (when it has one); and how many. The result's
+/// router has N (+ 1) rows for N + m experts: the GPU's own layout, not a layer
+/// `MoeWeights::check` accepts.
+pub fn with_shared_as_experts(weights: &MoeWeights) -> Result<Option<(MoeWeights, SharedExperts)>> {
     let Some(shared) = &weights.shared else {
-        return Ok((weights.clone(), None));
+        return Ok(None);
     };
     let LayerShape {
         num_experts: n,
@@ -161,11 +162,11 @@ pub fn with_shared_as_experts(weights: &MoeWeights) -> Result<(MoeWeights, Optio
         b3: appended_bias(&weights.b3, padded(&shared.b3, fs, m * f), (n, f), m * f),
         shared: None,
     };
-    Ok((
+    Ok(Some((
         expanded,
-        Some(SharedExperts {
+        SharedExperts {
             experts: m,
             gate: shared.gate.is_some(),
-        }),
-    ))
+        },
+    )))
 }

@@ -78,7 +78,7 @@ pub struct GpuWeights {
     /// Router bias, a uniform array of MAX_EXPERTS floats (zero-padded).
     pub router_bias: wgpu::Buffer,
     /// The selection's score bias, a uniform array of MAX_EXPERTS floats (zeros when the
-    /// layer has none: p + 0 is p exactly); read back with the trained weights.
+    /// layer has none: p + 0 is p exactly); the layer keeps a host copy.
     pub score_bias: wgpu::Buffer,
     pub has_score_bias: bool,
     pub shards: Vec<WeightShard>,
@@ -156,9 +156,7 @@ impl GpuWeights {
         let score_bias = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("score bias"),
             contents: bytemuck::cast_slice(&score_bias_values(weights)),
-            usage: wgpu::BufferUsages::UNIFORM
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         });
 
         let num_shards = div_ceil(num_experts, experts_per_shard);
