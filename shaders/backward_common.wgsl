@@ -4,8 +4,8 @@
 // dispatches and cpu_backward.rs for the sums they compute.
 //
 // The layer's trainable tensors (and their gradients, laid out alike) live in one f32
-// buffer for the router — router.weight [N, D] at router_weight_at, router.bias [N] at
-// router_bias_at — and one per weight shard for its experts: w1 [n, F, D4], b1 [n, F4],
+// buffer for the router — router.weight [R, D] at router_weight_at, router.bias [R] at
+// router_bias_at (R = router_rows) — and one per weight shard for its experts: w1 [n, F, D4], b1 [n, F4],
 // w2 [n, D, F4], b2 [n, D4], w3 [n, F, D4], b3 [n, F4] of the shard's n experts at the `_at`
 // offsets of its ShardParams (in floats, multiples of 4), every row zero-padded to whole
 // vec4s (D4, F4) so that gradients go out four at a time; an absent tensor's offset is
@@ -42,9 +42,13 @@ struct BackwardParams {
     // 1: the router's scores are sigmoids (route_tokens' sigmoid_scores).
     sigmoid_scores: u32,
     routed_scaling_factor: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // The router's rows (and d_logits' columns): the routed experts, then the shared
+    // expert's gate when it has one; the routed experts (the rest of num_experts are the
+    // shared expert's slices); each token's routed choices (the rest of top_k are those
+    // slices).
+    router_rows: u32,
+    routed_experts: u32,
+    routed_top_k: u32,
 }
 
 // A weight shard's experts in its parameter (gradient) buffer: the first and how many, and

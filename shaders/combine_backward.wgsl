@@ -2,13 +2,14 @@
 // matmul on the core of grouped_matmul.wgsl (prepended with backward_common):
 //   dx[t, d] = Σ_e dh[t, e]·Wr[e, d] + Σ_{kept j} dXslot[assignment_slot[t, j], d]
 //              + π[t]·dy[t, d]
-// the router's term first (K = N; none after a pre-routed forward), then the choices in
-// choice order, then the pass-through. CPU twin: cpu_backward_kernels::combine_backward.
+// the router's term first (K = R, its rows: the routed experts and a shared expert's gate;
+// none after a pre-routed forward), then the choices (routed, then a shared expert's
+// slices) in choice order, then the pass-through. CPU twin: cpu_backward_kernels::combine_backward.
 //
 // Dispatch: x = column tiles of D, y = row tiles of T, with the layer's weight-gradient
-// tiling. Experts past N are masked to zero.
-// Bindings: 0 params, 1 dy [T, D], 2 d_logits [T, N], 3 assignment_slot [T, k],
-// 4 d_x_slot [slots, D], 5 pass_scale [T], 6 router [N][D4 / 4] texels (the forward's),
+// tiling. Rows past R are masked to zero.
+// Bindings: 0 params, 1 dy [T, D], 2 d_logits [T, R], 3 assignment_slot [T, k],
+// 4 d_x_slot [slots, D], 5 pass_scale [T], 6 router [R][D4 / 4] texels (the forward's),
 // 7 dx [T, D].
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
@@ -29,9 +30,9 @@ var<private> row_at: array<vec4<u32>, 4>;
 // Nothing is shared along k beyond the block's own rows.
 fn prepare_k(k4: u32) {}
 
-// dh of 4 experts from e0 at `at` (zeros for experts past N).
+// dh of 4 router rows from e0 at `at` (zeros past R).
 fn dh4(at: u32, e0: u32) -> vec4<f32> {
-    let kept = vec4(e0) + vec4(0u, 1u, 2u, 3u) < vec4(params.num_experts);
+    let kept = vec4(e0) + vec4(0u, 1u, 2u, 3u) < vec4(params.router_rows);
     let i = at + e0;
     return select(vec4(0.0), vec4(d_logits[i], d_logits[i + 1u], d_logits[i + 2u],
         d_logits[i + 3u]), kept);
@@ -87,11 +88,11 @@ fn main(
     block_row0 = origin.x;
     block_col0 = origin.y;
     last_col_quad = (params.d_model + 3u) / 4u - 1u;
-    let n = select(params.num_experts, 0u, params.pre_routed != 0u);
+    let n = select(params.router_rows, 0u, params.pre_routed != 0u);
     let last_token = max(params.num_tokens, 1u) - 1u;
     for (var q = 0u; q < ROW_QUADS; q++) {
         let tokens = min(vec4(block_row0 + 4u * q) + vec4(0u, 1u, 2u, 3u), vec4(last_token));
-        row_at[q] = tokens * params.num_experts;
+        row_at[q] = tokens * params.router_rows;
     }
     var block: Block;
     multiply(&block, 0u, (n + 3u) / 4u);

@@ -1,6 +1,8 @@
 // expert_bias_backward: the experts' bias gradients, each a sum over the expert's own kept
 // slots in slot order (no atomics, the same bits on every run):
 //   db1[e, f] = Σ dA[slot, f],   db3[e, f] = Σ dV[slot, f] (gated),   db2[e, d] = Σ s·dy[t, d]
+// A shared expert's slices after the first (experts past routed_experts) hold no b2 of
+// their own (the shared b2 is added once, by the first): their db2 is 0, so that it stays 0.
 // CPU twin: cpu_backward_kernels::expert_bias_backward.
 //
 // Dispatch: once per weight shard, one invocation per expert of the shard and 4 bias
@@ -75,7 +77,8 @@ fn main(
     }
     let q = quad - 2u * f_quads;
     let height = textureDimensions(dy_rows).y;
-    for (var r = 0u; r < rows; r++) {
+    let b2_rows = select(rows, 0u, e > params.routed_experts);
+    for (var r = 0u; r < b2_rows; r++) {
         let slot = first + r;
         let token = slot_token[slot];
         sum += slot_scale[slot] * textureLoad(dy_rows, vec2(q, token % height), token / height, 0);

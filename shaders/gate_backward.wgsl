@@ -13,16 +13,20 @@
 // routed scaling factor (g = s·normalised(q)). p is recomputed from the saved logits as
 // route_tokens computed it. dh is built in place in
 // the token's row of d_logits (routes of a token are distinct experts, so each dq_j has its
-// own element).
+// own element). All of it is over the routed experts and choices (routed_experts,
+// routed_top_k); a shared expert's slices, the choices after them, are scaled by their gate
+// s = σ(h_N) (the router's row N, no score) or 1, and its logit gets
+//   dh_N = Σ_slices dy[t]·O[slot]·s·(1 − s).
 // After a pre-routed forward (forward_experts: the caller's weights w are the gates, no
 // router), the token's row of d_logits holds dL/dw_j = dy[t]·O[slot_j] in its first k
 // columns instead, slot_scale[slot_j] = w_j, and pass_scale is 0.
 //
 // Dispatch: one invocation per token, workgroups of 64 in 2-D.
-// Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 logits [T, N], 4 routes [T, k],
-// 5 gates [T, k], 6 assignment_slot [T, k], 7 expert_out [slots, D], 8 counts [N] (the
+// Bindings: 0 params, 1 dy [T, D], 2 x [T, D], 3 logits [T, R] (R = router_rows),
+// 4 routes [T, k], 5 gates [T, k], 6 assignment_slot [T, k] (k = top_k: the routed choices
+// then the shared slices), 7 expert_out [slots, D], 8 counts [N] (the
 // whole batch's, when it runs in chunks; T in the loss terms is loss_tokens),
-// 9 d_logits [T, N], 10 slot_scale [slots] (s_j: dO[slot] = s_j·dy[t]),
+// 9 d_logits [T, R], 10 slot_scale [slots] (s_j: dO[slot] = s_j·dy[t]),
 // 11 pass_scale [T] (π when the token passed through, else 0), 12 prob_sum_grad [N] (g).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
@@ -78,9 +82,10 @@ fn main(
     if (token >= params.num_tokens) {
         return;
     }
-    let n = params.num_experts;
-    let k = params.top_k;
-    let row = token * n;
+    let n = params.routed_experts;
+    let k = params.routed_top_k;
+    let stride = params.top_k;
+    let row = token * params.router_rows;
     if (params.pre_routed != 0u) {
         for (var j = 0u; j < k; j++) {
             let assignment = token * k + j;
@@ -119,7 +124,7 @@ fn main(
     // Σ_j q_j over all choices, for the normalisation.
     var q_total = 0.0;
     for (var j = 0u; j < k; j++) {
-        q_total += score_of(logits[row + routes[token * k + j]], max_logit, sum, sigmoid);
+        q_total += score_of(logits[row + routes[token * stride + j]], max_logit, sum, sigmoid);
     }
     let normalize = params.normalize_top_k != 0u;
     let inverse_total = select(1.0, 1.0 / q_total, normalize);
@@ -128,7 +133,7 @@ fn main(
     var weighted = 0.0;
     var any_kept = false;
     for (var j = 0u; j < k; j++) {
-        let assignment = token * k + j;
+        let assignment = token * stride + j;
         let slot = assignment_slot[assignment];
         if (slot == DROPPED) {
             continue;
@@ -145,19 +150,33 @@ fn main(
     if (normalize) {
         let shift = weighted * inverse_total * inverse_total;
         for (var j = 0u; j < k; j++) {
-            d_logits[row + routes[token * k + j]] -= shift;
+            d_logits[row + routes[token * stride + j]] -= shift;
         }
     }
 
     // Every choice dropped: y = π·x with π = q_0 (scaling) or q_0 / stop_gradient(q_0).
     var pi = 0.0;
     if (!any_kept && params.pass_through != 0u) {
-        let q0 = score_of(logits[row + routes[token * k]], max_logit, sum, sigmoid);
+        let q0 = score_of(logits[row + routes[token * stride]], max_logit, sum, sigmoid);
         pi = select(1.0, q0, scale_by_prob);
         let g_dot = dot_dy_x(token);
-        d_logits[row + routes[token * k]] += select(g_dot / q0, g_dot, scale_by_prob);
+        d_logits[row + routes[token * stride]] += select(g_dot / q0, g_dot, scale_by_prob);
     }
     pass_scale[token] = pi;
+
+    // The shared expert's slices (never dropped): scaled by their gate s, whose logit is
+    // the router's row N when it has one.
+    var d_shared = 0.0;
+    for (var j = k; j < stride; j++) {
+        let assignment = token * stride + j;
+        let slot = assignment_slot[assignment];
+        slot_scale[slot] = gates[assignment];
+        d_shared += dot_dy_out(token, slot);
+    }
+    if (params.router_rows > n) {
+        let s = 1.0 / (1.0 + exp(-logits[row + n]));
+        d_logits[row + n] = d_shared * s * (1.0 - s);
+    }
 
     // Softmax backward plus the z-loss: dh = p·(dp − Σ p·dp) + β·2·lse·p / T.
     let z_scale = params.z_coef * 2.0 * lse / tokens;

@@ -1,15 +1,17 @@
 // router_backward: the router's weight gradients from dL/dh (gate_backward), as a matmul
 // over the tokens on the core of grouped_matmul.wgsl (prepended with backward_common):
 //   dWr[e, d] = Σ_t dh[t, e]·x[t, d]     (K = T),     dbr[e] = Σ_t dh[t, e]
-// each summed over the tokens in order: the same bits on every run; zeros after a
-// pre-routed forward (the router was not in its graph). CPU twin:
+// over the router's rows R (the routed experts, and a shared expert's gate), each summed
+// over the tokens in order: the same bits on every run; zeros after a pre-routed forward
+// (the router was not in its graph). The shared gate has no bias: its place in a router
+// bias gets 0, so that it stays 0. CPU twin:
 // cpu_backward_kernels::router_backward.
 //
 // Dispatch: x = column tiles of D, y = row tiles of N, with the layer's weight-gradient
 // tiling; the invocations holding column 0 also sum the biases of their rows. Tokens past
 // T are masked to zero.
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4] (the training forward's),
-// 2 d_logits [T, N], 3 the router's gradients (weight, then bias: backward_common.wgsl).
+// 2 d_logits [T, R], 3 the router's gradients (weight, then bias: backward_common.wgsl).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;
@@ -34,7 +36,7 @@ fn prepare_k(k4: u32) {
     let texels = token_texels(kept, height);
     step_row = texels.row;
     step_layer = texels.layer;
-    step_at = kept * params.num_experts;
+    step_at = kept * params.router_rows;
 }
 
 // dh of 4 experts from e0 for the token at `at` (zeros past the batch).
@@ -67,7 +69,7 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
     let d_model = params.d_model;
     for (var r = 0u; r < 4u; r++) {
         let e = block_row0 + 4u * row_quad + r;
-        if (e >= params.num_experts) {
+        if (e >= params.router_rows) {
             break;
         }
         for (var c = 0u; c < 4u; c++) {
@@ -97,10 +99,11 @@ fn main(
     if (block_col0 != 0u || params.router_bias_at == ABSENT) {
         return;
     }
-    let n = params.num_experts;
+    let n = params.router_rows;
     for (var e = block_row0; e < min(block_row0 + 4u * ROW_QUADS, n); e++) {
         var sum = 0.0;
-        for (var t = 0u; t < num_tokens; t++) {
+        let tokens = select(num_tokens, 0u, e >= params.routed_experts);
+        for (var t = 0u; t < tokens; t++) {
             sum += d_logits[t * n + e];
         }
         let at = params.router_bias_at + e;

@@ -49,7 +49,8 @@ impl SlotTables<'_> {
 /// What gate_backward writes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GateGradients {
-    /// `[T, N]`: dL/dh of the router logits.
+    /// `[T, R]`: dL/dh of the router logits (R: the routed experts, and a shared
+    /// expert's gate).
     pub d_logits: Vec<f32>,
     /// `[slots]`: each kept slot's gate scale (0 where no kept assignment wrote one).
     pub slot_scale: Vec<f32>,
@@ -57,7 +58,9 @@ pub struct GateGradients {
     pub pass_scale: Vec<f32>,
 }
 
-/// gate_backward.wgsl: per token, dL/dh from the gates, pass-through, aux and z losses.
+/// gate_backward.wgsl: per token, dL/dh from the gates, pass-through, aux and z losses;
+/// `shared`: the shared expert's slices after each token's routed choices and whether its
+/// gate is the router's row N (`(0, false)` without one).
 #[allow(clippy::too_many_arguments)]
 pub fn gate_backward(
     config: &MoeConfig,
@@ -69,19 +72,23 @@ pub fn gate_backward(
     expert_out: &[f32],
     (counts, prob_sum_grad): (&[u32], &[f32]),
     (d_model, num_slots): (usize, usize),
+    shared: (usize, bool),
 ) -> GateGradients {
     let n = counts.len();
+    let rows = n + shared.1 as usize;
     let k = config.top_k;
+    let stride = k + shared.0;
     let num_tokens = x.len() / d_model;
     let tokens = num_tokens as f32;
     let mut out = GateGradients {
-        d_logits: vec![0.0; num_tokens * n],
+        d_logits: vec![0.0; num_tokens * rows],
         slot_scale: vec![0.0; num_slots],
         pass_scale: vec![0.0; num_tokens],
     };
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0.0f32, |s, (p, q)| s + p * q);
     for token in 0..num_tokens {
-        let row = &logits[token * n..(token + 1) * n];
+        let all_logits = &logits[token * rows..(token + 1) * rows];
+        let row = &all_logits[..n];
         let dy_row = &dy[token * d_model..(token + 1) * d_model];
         let max_logit = row[1..].iter().fold(row[0], |m, &v| m.max(v));
         let sum = row.iter().fold(0.0f32, |s, &h| s + (h - max_logit).exp());
@@ -96,12 +103,12 @@ pub fn gate_backward(
             }
         };
         let scaling = config.routed_scaling_factor;
-        let dp = &mut out.d_logits[token * n..(token + 1) * n];
+        let dp = &mut out.d_logits[token * rows..(token + 1) * rows];
         let aux_scale = coefficients.aux * n as f32 / (tokens * tokens);
         for e in 0..n {
             dp[e] = aux_scale * counts[e] as f32 + prob_sum_grad[e];
         }
-        let choices = &routes[token * k..(token + 1) * k];
+        let choices = &routes[token * stride..token * stride + k];
         let q_total = choices.iter().fold(0.0f32, |s, &e| s + p(e as usize));
         let inverse_total = if config.normalize_top_k {
             1.0 / q_total
@@ -111,13 +118,13 @@ pub fn gate_backward(
         let mut weighted = 0.0f32;
         let mut any_kept = false;
         for j in 0..k {
-            let slot = assignment_slot[token * k + j];
+            let slot = assignment_slot[token * stride + j];
             if slot == DROPPED {
                 continue;
             }
             any_kept = true;
             let slot = slot as usize;
-            let gate = gates[token * k + j];
+            let gate = gates[token * stride + j];
             let e = choices[j] as usize;
             let g_dot = dot(dy_row, &expert_out[slot * d_model..(slot + 1) * d_model]);
             let dg = scaling
@@ -146,6 +153,16 @@ pub fn gate_backward(
             } else {
                 g_dot / q0
             };
+        }
+        let mut d_shared = 0.0f32;
+        for j in k..stride {
+            let slot = assignment_slot[token * stride + j] as usize;
+            out.slot_scale[slot] = gates[token * stride + j];
+            d_shared += dot(dy_row, &expert_out[slot * d_model..(slot + 1) * d_model]);
+        }
+        if shared.1 {
+            let s = 1.0 / (1.0 + (-all_logits[n]).exp());
+            dp[n] = d_shared * s * (1.0 - s);
         }
         let z_scale = coefficients.z * 2.0 * lse / tokens;
         if sigmoid {
@@ -315,9 +332,10 @@ pub struct BiasGradients {
 }
 
 /// expert_bias_backward.wgsl: db1 = Σ dA, db3 = Σ dV and db2 = Σ s·dy over each expert's
-/// kept slots, in slot order.
+/// kept slots, in slot order; db2 is 0 for experts past `routed_experts` + 1 (a shared
+/// expert's slices after its first, which holds its b2).
 pub fn expert_bias_backward(
-    shape: LayerShape,
+    (shape, routed_experts): (LayerShape, usize),
     tables: SlotTables<'_>,
     (dy, slot_scale): (&[f32], &[f32]),
     (d_a, d_v): (&[f32], Option<&[f32]>),
@@ -339,7 +357,7 @@ pub fn expert_bias_backward(
         sums
     };
     let mut b2 = vec![0.0f32; n * d];
-    for e in 0..n {
+    for e in 0..n.min(routed_experts + 1) {
         for slot in tables.expert_slots(e) {
             let token = tables.slot_token[slot] as usize;
             for dd in 0..d {
@@ -390,14 +408,23 @@ pub fn expert_input_backward(
     out
 }
 
-/// router_backward.wgsl: dWr `[N, D]` and dbr `[N]` over the tokens.
-pub fn router_backward(x: &[f32], d_logits: &[f32], n: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+/// router_backward.wgsl: dWr `[R, D]` and dbr `[R]` over the tokens, for a router of
+/// `rows` (the routed experts, and a shared expert's gate: its bias gradient is 0).
+pub fn router_backward(
+    x: &[f32],
+    d_logits: &[f32],
+    (rows, routed_experts): (usize, usize),
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let num_tokens = x.len() / d;
+    let n = rows;
     let (mut dw, mut db) = (vec![0.0f32; n * d], vec![0.0f32; n]);
     for t in 0..num_tokens {
         for e in 0..n {
             let dh = d_logits[t * n + e];
-            db[e] += dh;
+            if e < routed_experts {
+                db[e] += dh;
+            }
             for dd in 0..d {
                 dw[e * d + dd] += dh * x[t * d + dd];
             }

@@ -80,6 +80,7 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
         &trace.expert_out,
         (&output.counts, &vec![0.0; n]),
         (d, slots),
+        (0, false),
     );
     assert_norm_close(
         &format!("{what}: gate_backward d_logits"),
@@ -112,8 +113,8 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
     );
 
     // router_backward (fed the GPU's d_logits)
-    let (dwr, dbr) = twins::router_backward(&x, &trace.d_logits, n, d);
-    let (dwr_abs, dbr_abs) = twins::router_backward(&abs(&x), &abs(&trace.d_logits), n, d);
+    let (dwr, dbr) = twins::router_backward(&x, &trace.d_logits, (n, n), d);
+    let (dwr_abs, dbr_abs) = twins::router_backward(&abs(&x), &abs(&trace.d_logits), (n, n), d);
     assert_sum_close(
         &format!("{what}: router_backward dWr"),
         &gradients.router_weight,
@@ -242,13 +243,13 @@ fn check_expert_kernels(
 
     // expert_bias_backward (fed the GPU's dA, dV and scales)
     let biases = twins::expert_bias_backward(
-        layer_shape,
+        (layer_shape, layer_shape.num_experts),
         tables,
         (dy, &trace.slot_scale),
         (&trace.d_a, trace.d_v.as_deref()),
     );
     let biases_abs = twins::expert_bias_backward(
-        layer_shape,
+        (layer_shape, layer_shape.num_experts),
         tables,
         (&abs(dy), &abs(&trace.slot_scale)),
         (&abs(&trace.d_a), trace.d_v.as_deref().map(abs).as_deref()),
@@ -377,6 +378,128 @@ fn every_backward_kernel_matches_its_cpu_twin() {
     for (i, (config, dims, t)) in cases.iter().enumerate() {
         kernels_case(config, *dims, *t, 300 + i as u64);
     }
+}
+
+/// With a shared expert (two slices, a gate, a router bias): gate_backward's slot scales
+/// and the gate's dh, router_backward's rows R = N + 1 (the gate's bias gradient 0) and
+/// combine_backward over every choice, each against its twin on the GPU's own inputs.
+#[test]
+fn the_backward_kernels_take_a_shared_expert_as_their_twins_do() {
+    use switch_moe::weights::SharedExpert;
+    let context = gpu();
+    let (n, d, f, fs, t) = (5, 12, 8, 14, 29);
+    let config = MoeConfig {
+        activation: Activation::Silu,
+        gated: true,
+        normalize_top_k: true,
+        capacity_factor: 0.75,
+        ..config(2)
+    };
+    let mut weights = MoeWeights::random(shape(n, d, f), true, true, 31);
+    weights.shared = Some(SharedExpert::random((d, fs), true, true, true, 32));
+    let options = LayerOptions {
+        trainable: true,
+        ..LayerOptions::default()
+    };
+    let layer = MoeLayer::with_options(&context, config.clone(), &weights, options).unwrap();
+    let x = tokens(t, d, 33);
+    let dy = SeededRng::new(34).normal_vec(t * d);
+    let coefficients = LossCoefficients {
+        aux: 0.02,
+        z: 0.003,
+    };
+    let output = layer.forward_train(&x, &[t, d]).unwrap();
+    let (gradients, trace) = layer.backward_with_trace(&dy, coefficients).unwrap();
+    let (k, m, rows) = (config.top_k, fs.div_ceil(f), n + 1);
+    // Every token's choices as the kernels hold them: its k routed, then the m slices
+    // (experts N..N + m) weighed by σ(h_N).
+    let mut routes = Vec::new();
+    let mut gates = Vec::new();
+    for token in 0..t {
+        routes.extend_from_slice(&output.routes[token * k..(token + 1) * k]);
+        gates.extend_from_slice(&output.gates[token * k..(token + 1) * k]);
+        let s = 1.0 / (1.0 + (-trace.logits[token * rows + n]).exp());
+        for i in 0..m {
+            routes.push((n + i) as u32);
+            gates.push(s);
+        }
+    }
+    let slots = trace.slot_token.len();
+    let gate = twins::gate_backward(
+        &config,
+        coefficients,
+        (&x, &dy),
+        &trace.logits,
+        (&routes, &gates),
+        &trace.assignment_slot,
+        &trace.expert_out,
+        (&output.counts, &vec![0.0; n]),
+        (d, slots),
+        (m, true),
+    );
+    assert_norm_close(
+        "shared: gate_backward d_logits",
+        &trace.d_logits,
+        &gate.d_logits,
+        64.0 * (d + n + k + m) as f64,
+        |_| true,
+    );
+    let tables = SlotTables {
+        num_experts: n + m,
+        slot_token: &trace.slot_token,
+        expert_table: &trace.expert_table,
+        row_tile: trace.row_tile,
+    };
+    // The slices' scales are the kernel's σ(h_N) against the host's σ here (a few ulp
+    // apart), the routed ones the forward's gates.
+    for slot in (0..slots).filter(|&s| tables.slot_expert(s).is_some()) {
+        let (gpu, cpu) = (trace.slot_scale[slot], gate.slot_scale[slot]);
+        let tolerance = GATE_RELATIVE * cpu.abs() as f64;
+        assert!(
+            (gpu as f64 - cpu as f64).abs() <= tolerance,
+            "shared: gate_backward slot_scale[{slot}]: {gpu} against {cpu}"
+        );
+    }
+    // router_backward: the routed rows then the gate's; the gate's bias gradient is 0.
+    let d_logits = &trace.d_logits;
+    let (dwr, dbr) = twins::router_backward(&x, d_logits, (rows, n), d);
+    let (dwr_abs, dbr_abs) = twins::router_backward(&abs(&x), &abs(d_logits), (rows, n), d);
+    let shared_gradients = gradients.shared.as_ref().unwrap();
+    let mut gpu_dwr = gradients.router_weight.clone();
+    gpu_dwr.extend(shared_gradients.gate.as_ref().unwrap());
+    assert_sum_close("shared: router_backward dWr", &gpu_dwr, &dwr, &dwr_abs, t);
+    assert_eq!(dbr[n], 0.0);
+    assert_sum_close(
+        "shared: router_backward dbr",
+        gradients.router_bias.as_ref().unwrap(),
+        &dbr[..n],
+        &dbr_abs[..n],
+        t,
+    );
+    // combine_backward over the router's R rows and every choice.
+    let mut router = weights.router_weight.clone();
+    router.extend(weights.shared.as_ref().unwrap().gate.as_ref().unwrap());
+    let dx = twins::combine_backward(
+        Some((&router, d_logits)),
+        (&trace.assignment_slot, k + m),
+        &trace.d_x_slot,
+        &trace.pass_scale,
+        &dy,
+    );
+    let dx_abs = twins::combine_backward(
+        Some((&abs(&router), &abs(d_logits))),
+        (&trace.assignment_slot, k + m),
+        &abs(&trace.d_x_slot),
+        &abs(&trace.pass_scale),
+        &abs(&dy),
+    );
+    assert_sum_close(
+        "shared: combine_backward",
+        &gradients.x,
+        &dx,
+        &dx_abs,
+        rows + k + m + 1,
+    );
 }
 
 #[test]

@@ -113,7 +113,12 @@ pub struct BackwardParams {
     /// 1: the router's scores are sigmoids.
     pub sigmoid_scores: u32,
     pub routed_scaling_factor: f32,
-    pub _pad: [u32; 3],
+    /// The router's rows (d_logits' columns): the routed experts, and a shared expert's
+    /// gate; the routed experts and each token's routed choices (num_experts and top_k
+    /// beyond them are the shared expert's slices).
+    pub router_rows: u32,
+    pub routed_experts: u32,
+    pub routed_top_k: u32,
 }
 
 /// `ShardParams` of the backward's weight-gradient kernels (backward_common.wgsl): a weight

@@ -173,7 +173,8 @@ impl MoeLayer {
             let plan = record.map(|r| r.plan);
             if let (true, Some(record), Some(plan)) = (with_trace, record, plan) {
                 let w = &record.workspace.scratch;
-                let n = self.shape.num_experts;
+                // The router's rows: with a shared expert's gate, one past the experts.
+                let n = plan.router_rows();
                 let (t, slots) = (plan.num_tokens, plan.max_slots());
                 let (d, f4) = (self.shape.d_model, padded_to_vec4(self.shape.d_ff));
                 let gated = if self.config.gated { slots * f4 } else { 0 };
@@ -226,7 +227,8 @@ impl MoeLayer {
             .map(|p| floats(p))
             .collect();
         let flat = training.shards.join(&gradient_buffers);
-        let gradients = training.layout().gradients(&flat, floats(all_parts[0]));
+        let gradients =
+            self.own_gradients(training.layout().gradients(&flat, floats(all_parts[0])));
         let parts = &all_parts[1 + buffers..];
         let top_k_weights = match (routing, plan) {
             (Routing::PreRouted, Some(plan)) => Some(
@@ -401,10 +403,12 @@ impl MoeLayer {
         let tiling = training.kernels.weight_gradient_tiling;
         let shard_experts: Vec<usize> = self.weights.shards.iter().map(|s| s.num_experts).collect();
         let grids = BackwardGrids::new(&plan, (gated, &shard_experts), tiling, max_dim)?;
+        // The plan's shape: with a shared expert, its slices are among the experts (and its
+        // gate among d_logits' columns).
         let mut scratch = BackwardScratch::fitted(
             scratch,
             &self.device,
-            (self.shape, gated),
+            (plan.shape, gated),
             (plan.num_tokens, plan.max_slots()),
             training.shards.buffer_floats().iter().sum(),
         );

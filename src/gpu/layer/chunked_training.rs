@@ -180,9 +180,11 @@ impl MoeLayer {
         }
         let flat = training.shards.join(&buffers);
         self.training_state()?.has_gradients = true;
-        Ok(training
-            .layout()
-            .gradients(&flat, floats[..values].to_vec()))
+        Ok(self.own_gradients(
+            training
+                .layout()
+                .gradients(&flat, floats[..values].to_vec()),
+        ))
     }
 }
 

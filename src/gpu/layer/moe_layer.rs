@@ -19,7 +19,9 @@ use crate::gpu::kernels::Kernels;
 use crate::gpu::plan::forward::ForwardPlan;
 use crate::gpu::plan::parameter_shards::ParameterShards;
 use crate::gpu::plan::parameters::ParameterLayout;
-use crate::gpu::plan::shared_experts::{with_shared_as_experts, SharedExperts};
+use crate::gpu::plan::shared_experts::{
+    check_trainable as check_trainable_shared, with_shared_as_experts, SharedExperts,
+};
 use crate::gpu::plan::sizes::ScratchSizes;
 use crate::gpu::resources::training::Training;
 use crate::gpu::resources::weights::GpuWeights;
@@ -187,12 +189,8 @@ impl MoeLayer {
                 ),
             ));
         }
-        if weights.shared.is_some() && options.trainable {
-            return Err(MoeError::tensor(
-                "shared.w1",
-                "training a layer with a shared expert runs on the CPU reference only \
-                 (cpu_backward); the GPU layer runs its forward",
-            ));
+        if options.trainable {
+            check_trainable_shared(weights)?;
         }
         // The shared expert rides the grouped dispatch as experts after the routed ones.
         let expanded = with_shared_as_experts(weights)?;

@@ -19,10 +19,12 @@ pub struct ForwardTrace {
 }
 
 /// The buffers one backward read and wrote, read back for tests and debugging (slots:
-/// the training forward's slot bound; only kept slots hold meaningful values).
+/// the training forward's slot bound; only kept slots hold meaningful values). With a
+/// shared expert, as the device holds them: its slices are experts N.. (and choices k..
+/// of each token), its gate the router's row N (R = N + 1 below).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackwardTrace {
-    /// Of the training forward: `[T, N]` router logits (unwritten, so stale, after a
+    /// Of the training forward: `[T, R]` router logits (unwritten, so stale, after a
     /// pre-routed forward).
     pub logits: Vec<f32>,
     /// `[T, k]`: the slot of every assignment, or `u32::MAX` if dropped.
@@ -37,7 +39,7 @@ pub struct BackwardTrace {
     pub hidden: Vec<f32>,
     /// `[slots, D]`: the expert outputs O (before the gate).
     pub expert_out: Vec<f32>,
-    /// Of the backward: `[T, N]` dL/dh of the logits (gate_backward); after a pre-routed
+    /// Of the backward: `[T, R]` dL/dh of the logits (gate_backward); after a pre-routed
     /// forward, dL/dw of the caller's weights in each row's first k columns.
     pub d_logits: Vec<f32>,
     /// `[slots]`: each kept slot's gate scale s (dO = s·dy).

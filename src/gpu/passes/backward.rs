@@ -81,7 +81,8 @@ pub(crate) fn encode(
     match inputs.batch_counts {
         Some(counts) => writes.push((&scratch.batch_counts, bytemuck::cast_slice(counts))),
         None => {
-            let bytes = inputs.params.num_experts as u64 * 4;
+            // The routed experts' counts (a shared expert's slices have none to balance).
+            let bytes = inputs.params.routed_experts as u64 * 4;
             let table = &workspace.scratch.expert_table;
             encoder.copy_buffer_to_buffer(table, 0, &scratch.batch_counts, 0, bytes);
         }

@@ -74,7 +74,9 @@ pub fn backward_params(
         accumulate: part.accumulate as u32,
         sigmoid_scores: (plan.router.score == RouterScore::Sigmoid) as u32,
         routed_scaling_factor: plan.router.routed_scaling_factor,
-        ..Default::default()
+        router_rows: plan.router_rows() as u32,
+        routed_experts: plan.routed_experts as u32,
+        routed_top_k: plan.router.top_k as u32,
     }
 }
 
@@ -155,7 +157,7 @@ impl BackwardGrids {
                 .iter()
                 .map(|&count| grid(count * (2 * f.div_ceil(4) + d.div_ceil(4))))
                 .collect::<Result<_>>()?,
-            router_backward: tiles(n, d, 1)?,
+            router_backward: tiles(plan.router_rows(), d, 1)?,
             combine_backward: tiles(t, d, 1)?,
         })
     }

@@ -111,11 +111,7 @@ impl ParameterShards {
     /// Floats of the router's buffer: its weight, then its bias, then zeros to a whole
     /// vec4 (the optimizer steps four at a time).
     pub fn router_floats(&self) -> usize {
-        let LayerShape {
-            num_experts: n,
-            d_model: d,
-            ..
-        } = self.layout.shape;
+        let (n, d) = (self.layout.router_rows, self.layout.shape.d_model);
         padded_to_vec4(n * d + self.layout.router_bias.map_or(0, |_| n))
     }
 
@@ -128,7 +124,7 @@ impl ParameterShards {
 
     /// Where the router's bias starts in its buffer (`u32::MAX` when absent).
     pub fn router_bias_at(&self) -> u32 {
-        let n = self.layout.shape.num_experts;
+        let n = self.layout.router_rows;
         kernel_offset(
             self.layout
                 .router_bias
@@ -159,9 +155,9 @@ impl ParameterShards {
     /// For every buffer, its pieces in the buffer's order.
     fn pieces(&self) -> Vec<Vec<Piece>> {
         let LayerShape {
-            num_experts: n,
             d_model: d,
             d_ff: f,
+            ..
         } = self.layout.shape;
         let (d4, f4) = padded_rows(self.layout.shape);
         let l = &self.layout;
@@ -172,9 +168,10 @@ impl ParameterShards {
             cols: len,
             stride: len,
         };
-        let mut router = vec![unpadded(l.router_weight, 0, n * d)];
+        let rows = l.router_rows;
+        let mut router = vec![unpadded(l.router_weight, 0, rows * d)];
         if let Some(at) = l.router_bias {
-            router.push(unpadded(at, n * d, n));
+            router.push(unpadded(at, rows * d, rows));
         }
         let mut all = vec![router];
         for shard in &self.shards {

@@ -14,6 +14,9 @@ use crate::weights::{LayerShape, MoeWeights};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParameterLayout {
     pub shape: LayerShape,
+    /// The router's rows: the experts, or with a shared expert riding the dispatch (see
+    /// `shared_experts`) the routed ones and its gate.
+    pub router_rows: usize,
     pub router_weight: usize,
     pub router_bias: Option<usize>,
     pub w1: usize,
@@ -35,6 +38,7 @@ impl ParameterLayout {
             d_model: d,
             d_ff: f,
         } = weights.shape;
+        let router_rows = weights.router_weight.len() / d.max(1);
         let mut total = 0usize;
         let mut take = |present: bool, len: usize| {
             present.then(|| {
@@ -43,8 +47,8 @@ impl ParameterLayout {
                 at
             })
         };
-        let router_weight = take(true, n * d).unwrap_or(0);
-        let router_bias = take(weights.router_bias.is_some(), n);
+        let router_weight = take(true, router_rows * d).unwrap_or(0);
+        let router_bias = take(weights.router_bias.is_some(), router_rows);
         let w1 = take(true, n * f * d).unwrap_or(0);
         let b1 = take(weights.b1.is_some(), n * f);
         let w2 = take(true, n * d * f).unwrap_or(0);
@@ -60,6 +64,7 @@ impl ParameterLayout {
         }
         Ok(ParameterLayout {
             shape: weights.shape,
+            router_rows,
             router_weight,
             router_bias,
             w1,
@@ -106,8 +111,8 @@ impl ParameterLayout {
         let part = |at: Option<usize>, len: usize| at.map(|at| Self::slice(flat, at, len));
         Gradients {
             x,
-            router_weight: Self::slice(flat, self.router_weight, n * d),
-            router_bias: part(self.router_bias, n),
+            router_weight: Self::slice(flat, self.router_weight, self.router_rows * d),
+            router_bias: part(self.router_bias, self.router_rows),
             w1: Self::slice(flat, self.w1, n * f * d),
             b1: part(self.b1, n * f),
             w2: Self::slice(flat, self.w2, n * d * f),
@@ -131,8 +136,8 @@ impl ParameterLayout {
         };
         MoeWeights {
             shape: self.shape,
-            router_weight: Self::slice(flat, self.router_weight, n * d),
-            router_bias: part(self.router_bias, n),
+            router_weight: Self::slice(flat, self.router_weight, self.router_rows * d),
+            router_bias: part(self.router_bias, self.router_rows),
             // Not a parameter: the layer adds it back (see `MoeLayer::trained_weights`).
             score_bias: None,
             w1: matrices(self.w1, f, d),
@@ -141,7 +146,7 @@ impl ParameterLayout {
             b2: part(self.b2, n * d),
             w3: self.w3.map(|at| matrices(at, f, d)),
             b3: part(self.b3, n * f),
-            // The GPU layer refuses shared experts (see `MoeLayer::new`).
+            // A shared expert is among the experts here (see `MoeLayer::trained_weights`).
             shared: None,
         }
     }

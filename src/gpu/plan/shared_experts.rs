@@ -5,10 +5,15 @@
 //! a zero column of W2 add exactly nothing), and every token chooses all `m` of them after
 //! its `k` routed choices, weighed by `σ(x·gate)` (or 1), never dropped. Their gate's
 //! weights ride the router as its row `N`: route_tokens computes the logit with the
-//! others and excludes it from the scores. Pure data: the layer uploads the result.
+//! others and excludes it from the scores. Training runs on this layout too (its padding
+//! rows get zero gradients and stay zero; the slices after the first get no b2 gradient;
+//! the gate's place in a router bias stays 0), and [`routed_and_shared`] turns what it
+//! reads back (gradients, trained weights) into the layer's own tensors. Pure data: the
+//! layer uploads the result.
 
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
+use crate::gradients::Gradients;
 use crate::weights::{LayerShape, MoeWeights, SharedExpert};
 
 /// How a layer's shared expert rides the grouped dispatch.
@@ -16,6 +21,8 @@ use crate::weights::{LayerShape, MoeWeights, SharedExpert};
 pub struct SharedExperts {
     /// Experts it becomes, after the routed ones.
     pub experts: usize,
+    /// Its own width `Fs`.
+    pub d_ff: usize,
     /// Whether the router holds its gate as row N.
     pub gate: bool,
 }
@@ -166,7 +173,227 @@ pub fn with_shared_as_experts(weights: &MoeWeights) -> Result<Option<(MoeWeights
         expanded,
         SharedExperts {
             experts: m,
+            d_ff: fs,
             gate: shared.gate.is_some(),
         },
     )))
+}
+
+/// The tensors of a layer laid out as [`with_shared_as_experts`] lays them out (weights or
+/// their gradients), f32.
+pub struct ExpandedTensors {
+    pub router_weight: Vec<f32>,
+    pub router_bias: Option<Vec<f32>>,
+    pub w1: Vec<f32>,
+    pub b1: Option<Vec<f32>>,
+    pub w2: Vec<f32>,
+    pub b2: Option<Vec<f32>>,
+    pub w3: Option<Vec<f32>>,
+    pub b3: Option<Vec<f32>>,
+}
+
+/// `[Fs, D]` of `m` row slices `[m, F, D]` (W1, W3): the padding rows left out.
+fn joined_rows(slices: &[f32], fs: usize, d: usize) -> Vec<f32> {
+    slices[..fs * d].to_vec()
+}
+
+/// `[D, Fs]` of `m` column slices `[m, D, F]` (W2).
+fn joined_columns(slices: &[f32], (d, fs): (usize, usize), f: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; d * fs];
+    for row in 0..d {
+        for col in 0..fs {
+            let (i, within) = (col / f, col % f);
+            out[row * fs + col] = slices[(i * d + row) * f + within];
+        }
+    }
+    out
+}
+
+/// Expanded tensors split back into the routed experts' (N rows of the router, N experts)
+/// and the shared expert's: its slices joined, b2 from the first slice, its gate the
+/// router's row N. Inverse of [`with_shared_as_experts`] for the tensors both parts have.
+pub fn routed_and_shared(
+    expanded: ExpandedTensors,
+    routed: LayerShape,
+    shared: SharedExperts,
+) -> (ExpandedTensors, SharedExpert) {
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = routed;
+    let fs = shared.d_ff;
+    let split = |values: Vec<f32>, per_expert: usize| {
+        let tail = values[n * per_expert..].to_vec();
+        let mut head = values;
+        head.truncate(n * per_expert);
+        (head, tail)
+    };
+    let split_bias = |values: Option<Vec<f32>>, per_expert: usize| match values {
+        Some(values) => {
+            let (head, tail) = split(values, per_expert);
+            (Some(head), Some(tail))
+        }
+        None => (None, None),
+    };
+    let (router_weight, gate) = split(expanded.router_weight, d);
+    let router_bias = expanded.router_bias.map(|mut bias| {
+        bias.truncate(n);
+        bias
+    });
+    let (w1, shared_w1) = split(expanded.w1, f * d);
+    let (w2, shared_w2) = split(expanded.w2, d * f);
+    let (w3, shared_w3) = split_bias(expanded.w3, f * d);
+    let (b1, shared_b1) = split_bias(expanded.b1, f);
+    let (b2, shared_b2) = split_bias(expanded.b2, d);
+    let (b3, shared_b3) = split_bias(expanded.b3, f);
+    let unpadded = |bias: Vec<f32>, len: usize| bias[..len].to_vec();
+    let shared_expert = SharedExpert {
+        d_ff: fs,
+        w1: joined_rows(&shared_w1, fs, d),
+        b1: shared_b1.map(|b| unpadded(b, fs)),
+        w2: joined_columns(&shared_w2, (d, fs), f),
+        b2: shared_b2.map(|b| unpadded(b, d)),
+        w3: shared_w3.map(|w| joined_rows(&w, fs, d)),
+        b3: shared_b3.map(|b| unpadded(b, fs)),
+        gate: shared.gate.then_some(gate),
+    };
+    let routed_tensors = ExpandedTensors {
+        router_weight,
+        router_bias,
+        w1,
+        b1,
+        w2,
+        b2,
+        w3,
+        b3,
+    };
+    (routed_tensors, shared_expert)
+}
+
+/// [`routed_and_shared`] of gradients read back from the expanded layout.
+pub fn routed_gradients(
+    expanded: Gradients,
+    routed: LayerShape,
+    shared: SharedExperts,
+) -> Gradients {
+    let x = expanded.x;
+    let tensors = ExpandedTensors {
+        router_weight: expanded.router_weight,
+        router_bias: expanded.router_bias,
+        w1: expanded.w1,
+        b1: expanded.b1,
+        w2: expanded.w2,
+        b2: expanded.b2,
+        w3: expanded.w3,
+        b3: expanded.b3,
+    };
+    let (t, shared_expert) = routed_and_shared(tensors, routed, shared);
+    Gradients {
+        x,
+        router_weight: t.router_weight,
+        router_bias: t.router_bias,
+        w1: t.w1,
+        b1: t.b1,
+        w2: t.w2,
+        b2: t.b2,
+        w3: t.w3,
+        b3: t.b3,
+        shared: Some(shared_expert),
+    }
+}
+
+/// [`routed_and_shared`] of trained weights read back from the expanded layout (f32).
+pub fn routed_weights(
+    expanded: MoeWeights,
+    routed: LayerShape,
+    shared: SharedExperts,
+) -> MoeWeights {
+    let values = |m: &ExpertMatrices| m.f32_values().unwrap_or_default().to_vec();
+    let tensors = ExpandedTensors {
+        router_weight: expanded.router_weight,
+        router_bias: expanded.router_bias,
+        w1: values(&expanded.w1),
+        b1: expanded.b1,
+        w2: values(&expanded.w2),
+        b2: expanded.b2,
+        w3: expanded.w3.as_ref().map(values),
+        b3: expanded.b3,
+    };
+    let (t, shared_expert) = routed_and_shared(tensors, routed, shared);
+    let LayerShape {
+        num_experts: n,
+        d_model: d,
+        d_ff: f,
+    } = routed;
+    MoeWeights {
+        shape: routed,
+        router_weight: t.router_weight,
+        router_bias: t.router_bias,
+        score_bias: expanded.score_bias,
+        w1: ExpertMatrices::from_f32(n, f, d, t.w1),
+        b1: t.b1,
+        w2: ExpertMatrices::from_f32(n, d, f, t.w2),
+        b2: t.b2,
+        w3: t.w3.map(|w3| ExpertMatrices::from_f32(n, f, d, w3)),
+        b3: t.b3,
+        shared: Some(shared_expert),
+    }
+}
+
+/// Training on this layout trains exactly the layer's own parameters when every bias is
+/// held by both the routed experts and the shared expert or by neither (a bias only one
+/// part has would be trained, as zeros, in the other). Errors name the bias.
+pub fn check_trainable(weights: &MoeWeights) -> Result<()> {
+    let Some(shared) = &weights.shared else {
+        return Ok(());
+    };
+    for (name, routed, of_shared) in [
+        ("b1", weights.b1.is_some(), shared.b1.is_some()),
+        ("b2", weights.b2.is_some(), shared.b2.is_some()),
+        ("b3", weights.b3.is_some(), shared.b3.is_some()),
+    ] {
+        if routed != of_shared {
+            let tensor = if routed {
+                format!("shared.{name}")
+            } else {
+                format!("experts.{name}")
+            };
+            return Err(MoeError::tensor(
+                &tensor,
+                format!(
+                    "missing: training on the GPU with a shared expert needs {name} on both \
+                     the routed experts and the shared expert, or on neither"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Expanding then splitting gives the layer's own tensors back, for a width off F
+    /// (padding), with biases and a gate.
+    #[test]
+    fn the_split_inverts_the_expansion() {
+        let (n, d, f, fs) = (3, 5, 4, 10);
+        let mut weights = MoeWeights::random(
+            LayerShape {
+                num_experts: n,
+                d_model: d,
+                d_ff: f,
+            },
+            true,
+            true,
+            7,
+        );
+        weights.shared = Some(SharedExpert::random((d, fs), true, true, true, 9));
+        let (expanded, slices) = with_shared_as_experts(&weights).unwrap().unwrap();
+        assert_eq!(slices.experts, 3);
+        let back = routed_weights(expanded, weights.shape, slices);
+        assert_eq!(back, weights);
+    }
 }

@@ -59,11 +59,13 @@ impl WeightRefresh {
             d_ff: f,
         } = shards.layout.shape;
         let router_parameters = &parameters[0];
+        // The router's rows: the experts', or the routed ones' and a shared expert's gate.
+        let rows = shards.layout.router_rows;
         // (target, params, parameter buffer, texture, texels)
         let mut jobs = vec![(
             Target::Router,
             RefreshParams {
-                rows: n as u32,
+                rows: rows as u32,
                 cols: d as u32,
                 width: padded_to_vec4(d) as u32,
                 num_experts: n as u32,
@@ -72,16 +74,16 @@ impl WeightRefresh {
             },
             router_parameters,
             &weights.router,
-            n * padded_to_vec4(d) / 4,
+            rows * padded_to_vec4(d) / 4,
         )];
         let mut bias_copies = Vec::new();
         if shards.layout.router_bias.is_some() {
             bias_copies.push(BiasCopy {
                 source: router_parameters.clone(),
-                from: n * d,
+                from: rows * d,
                 buffer: weights.router_bias.clone(),
                 to: 0,
-                floats: n,
+                floats: rows,
             });
         }
         // Each shard's tensors sit in its own parameter buffer, its experts from 0 there.
