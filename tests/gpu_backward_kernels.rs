@@ -516,7 +516,7 @@ fn optimizer_step_matches_its_cpu_twin() {
         trainable: true,
         ..LayerOptions::default()
     };
-    let layout = ParameterLayout::new(&weights).unwrap();
+    let layout = ParameterLayout::new(&weights, None).unwrap();
     for optimizer in [
         Optimizer::adam_w(0.01),
         Optimizer::Sgd {

@@ -78,11 +78,9 @@ fn with_shared(
     }
 }
 
-#[test]
-fn the_gpu_runs_deepseek_shaped_shared_experts() {
-    // Sigmoid groups, top-4 of 16, a gated shared expert twice as wide as the routed ones
-    // (two slices), no gate, dropless.
-    let config = MoeConfig {
+/// DeepSeek-V3's routing: sigmoid scores, top-4 of 4 groups keeping 2, scaling, dropless.
+fn deepseek_config() -> MoeConfig {
+    MoeConfig {
         top_k: 4,
         gated: true,
         activation: Activation::Silu,
@@ -93,7 +91,14 @@ fn the_gpu_runs_deepseek_shaped_shared_experts() {
         routed_scaling_factor: 2.5,
         drop_tokens: false,
         ..MoeConfig::default()
-    };
+    }
+}
+
+#[test]
+fn the_gpu_runs_deepseek_shaped_shared_experts() {
+    // Sigmoid groups, top-4 of 16, a gated shared expert twice as wide as the routed ones
+    // (two slices), no gate, dropless.
+    let config = deepseek_config();
     let mut weights = MoeWeights::random(shape(16, 24, 20), true, false, 61);
     weights.score_bias = Some(switch_moe::rng::SeededRng::new(62).uniform_vec(16, 0.1));
     let weights = with_shared(weights, 40, (true, false, false), 63);
@@ -267,18 +272,7 @@ fn check_backward_capped(
 fn the_gpu_backward_of_shared_experts_matches_the_reference() {
     // DeepSeek-shaped: sigmoid groups and scaling, a gated shared expert two slices wide,
     // no gate, no biases.
-    let deepseek = MoeConfig {
-        top_k: 4,
-        gated: true,
-        activation: Activation::Silu,
-        router_score: RouterScore::Sigmoid,
-        n_group: Some(4),
-        topk_group: Some(2),
-        normalize_top_k: true,
-        routed_scaling_factor: 2.5,
-        drop_tokens: false,
-        ..MoeConfig::default()
-    };
+    let deepseek = deepseek_config();
     let mut weights = MoeWeights::random(shape(16, 12, 8), true, false, 81);
     weights.score_bias = Some(SeededRng::new(82).uniform_vec(16, 0.1));
     check_backward(

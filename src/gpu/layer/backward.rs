@@ -227,8 +227,7 @@ impl MoeLayer {
             .map(|p| floats(p))
             .collect();
         let flat = training.shards.join(&gradient_buffers);
-        let gradients =
-            self.own_gradients(training.layout().gradients(&flat, floats(all_parts[0])));
+        let gradients = training.layout().gradients(&flat, floats(all_parts[0]));
         let parts = &all_parts[1 + buffers..];
         let top_k_weights = match (routing, plan) {
             (Routing::PreRouted, Some(plan)) => Some(

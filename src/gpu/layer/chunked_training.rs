@@ -180,11 +180,9 @@ impl MoeLayer {
         }
         let flat = training.shards.join(&buffers);
         self.training_state()?.has_gradients = true;
-        Ok(self.own_gradients(
-            training
-                .layout()
-                .gradients(&flat, floats[..values].to_vec()),
-        ))
+        Ok(training
+            .layout()
+            .gradients(&flat, floats[..values].to_vec()))
     }
 }
 

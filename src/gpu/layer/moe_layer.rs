@@ -218,7 +218,7 @@ impl MoeLayer {
         // AdamW's moments) in one binding: shards hold no more experts than fit.
         let mut max_experts_per_shard = options.max_experts_per_shard;
         if options.trainable {
-            let layout = ParameterLayout::new(weights)?;
+            let layout = ParameterLayout::new(weights, shared)?;
             let expert_bytes = ParameterShards::expert_floats(&layout) as u64 * 4;
             if expert_bytes > device_binding {
                 return Err(MoeError::DeviceLimit {
@@ -253,7 +253,7 @@ impl MoeLayer {
                 device,
                 queue,
                 &config,
-                weights,
+                (weights, shared),
                 &weights_on_device,
                 (device_binding, matmul_block),
             )?)

@@ -12,7 +12,7 @@ use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::passes;
 use crate::gpu::plan::optimizer::{AdamWState, Optimizer};
 use crate::gpu::plan::parameters::ParameterLayout;
-use crate::gpu::plan::shared_experts::{routed_weights, with_shared_as_experts};
+use crate::gpu::plan::shared_experts::with_shared_as_experts;
 use crate::gpu::resources::optimizer_state::OptimizerState;
 use crate::gpu::resources::weights::score_bias_values;
 use crate::weights::MoeWeights;
@@ -186,7 +186,7 @@ impl MoeLayer {
         // On the device a shared expert rides as experts after the routed ones.
         let expanded = with_shared_as_experts(weights)?;
         let weights = expanded.as_ref().map_or(weights, |(expanded, _)| expanded);
-        let layout = ParameterLayout::new(weights)?;
+        let layout = ParameterLayout::new(weights, expanded.as_ref().map(|(_, s)| *s))?;
         let held = training.layout();
         if layout != *held {
             return Err(MoeError::tensor(
@@ -279,9 +279,6 @@ impl MoeLayer {
             buffers.push(read_floats(&self.device, &self.queue, buffer, count, wait).await?);
         }
         let mut weights = training.layout().weights(&training.shards.join(&buffers));
-        if let Some(shared) = self.shared {
-            weights = routed_weights(weights, self.shape, shared);
-        }
         // The score bias is no parameter: the layer's host copy is what the device holds.
         if self.weights.has_score_bias {
             let bias = self.score_bias.lock().map_err(|_| MoeError::Device {

@@ -7,10 +7,8 @@ use crate::gpu::device::readback::Wait;
 use crate::gpu::layer::chunked_training::released_workspaces;
 use crate::gpu::layer::moe_layer::MoeLayer;
 use crate::gpu::plan::forward::Routing;
-use crate::gpu::plan::shared_experts::routed_gradients;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
 use crate::gpu::resources::training::{Training, TrainingRecord, TrainingState};
-use crate::gradients::Gradients;
 use crate::output::{num_tokens_of, MoeOutput};
 
 impl MoeLayer {
@@ -18,15 +16,6 @@ impl MoeLayer {
         self.training.as_ref().ok_or_else(|| MoeError::Training {
             message: "the layer was built without `LayerOptions::trainable`".to_string(),
         })
-    }
-
-    /// Gradients read back from the device in the layer's own tensors: a shared expert's
-    /// split back out of the experts it rides as.
-    pub(crate) fn own_gradients(&self, gradients: Gradients) -> Gradients {
-        match self.shared {
-            Some(shared) => routed_gradients(gradients, self.shape, shared),
-            None => gradients,
-        }
     }
 
     pub(crate) fn training_state(&self) -> Result<std::sync::MutexGuard<'_, TrainingState>> {

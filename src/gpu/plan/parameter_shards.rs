@@ -111,7 +111,7 @@ impl ParameterShards {
     /// Floats of the router's buffer: its weight, then its bias, then zeros to a whole
     /// vec4 (the optimizer steps four at a time).
     pub fn router_floats(&self) -> usize {
-        let (n, d) = (self.layout.router_rows, self.layout.shape.d_model);
+        let (n, d) = (self.layout.router_rows(), self.layout.shape.d_model);
         padded_to_vec4(n * d + self.layout.router_bias.map_or(0, |_| n))
     }
 
@@ -124,7 +124,7 @@ impl ParameterShards {
 
     /// Where the router's bias starts in its buffer (`u32::MAX` when absent).
     pub fn router_bias_at(&self) -> u32 {
-        let n = self.layout.router_rows;
+        let n = self.layout.router_rows();
         kernel_offset(
             self.layout
                 .router_bias
@@ -168,7 +168,7 @@ impl ParameterShards {
             cols: len,
             stride: len,
         };
-        let rows = l.router_rows;
+        let rows = l.router_rows();
         let mut router = vec![unpadded(l.router_weight, 0, rows * d)];
         if let Some(at) = l.router_bias {
             router.push(unpadded(at, rows * d, rows));
@@ -275,7 +275,7 @@ mod tests {
                 d_ff: 2,
             };
             let weights = MoeWeights::random(shape, gated, biases, 7);
-            let layout = ParameterLayout::new(&weights).unwrap();
+            let layout = ParameterLayout::new(&weights, None).unwrap();
             let shards = ParameterShards::new(layout, &[(0, 2), (2, 2), (4, 1)]);
             let flat: Vec<f32> = (0..layout.total).map(|i| i as f32).collect();
             let buffers = shards.split(&flat);

@@ -2,21 +2,24 @@
 //! order, which its gradients, its weights and AdamW's saved state follow:
 //! `ParameterLayout` is where each tensor starts, and the conversions between it and the
 //! host's tensors. On the device the same values sit in one buffer per weight shard
-//! (`parameter_shards`).
+//! (`parameter_shards`). With a shared expert the layout is the device's (its slices
+//! among the experts, its gate among the router's rows: `shared_experts`), and what is
+//! read out of it comes back under the layer's own names.
 
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
+use crate::gpu::plan::shared_experts::{routed_and_shared, LayerTensors, SharedExperts};
 use crate::gradients::Gradients;
-use crate::weights::{LayerShape, MoeWeights};
+use crate::weights::{LayerShape, MoeWeights, SharedExpert};
 
 /// Where each tensor starts in the flat buffer (in floats; `None`: the layer has none).
 /// Order: router.weight, router.bias, w1, b1, w2, b2, w3, b3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParameterLayout {
+    /// The device's: with a shared expert, its slices are among the experts.
     pub shape: LayerShape,
-    /// The router's rows: the experts, or with a shared expert riding the dispatch (see
-    /// `shared_experts`) the routed ones and its gate.
-    pub router_rows: usize,
+    /// The shared expert's slices and gate, when the layer has one.
+    pub shared: Option<SharedExperts>,
     pub router_weight: usize,
     pub router_bias: Option<usize>,
     pub w1: usize,
@@ -30,15 +33,17 @@ pub struct ParameterLayout {
 }
 
 impl ParameterLayout {
-    /// The layout of `weights`' tensors; training needs f32 expert matrices.
-    pub fn new(weights: &MoeWeights) -> Result<Self> {
+    /// The layout of `weights`' tensors as the device holds them (`shared`: the shared
+    /// expert they hold among their experts, see `with_shared_as_experts`); training needs
+    /// f32 expert matrices.
+    pub fn new(weights: &MoeWeights, shared: Option<SharedExperts>) -> Result<Self> {
         weights.check_trainable()?;
         let LayerShape {
             num_experts: n,
             d_model: d,
             d_ff: f,
         } = weights.shape;
-        let router_rows = weights.router_weight.len() / d.max(1);
+        let router_rows = router_rows(n, shared);
         let mut total = 0usize;
         let mut take = |present: bool, len: usize| {
             present.then(|| {
@@ -64,7 +69,7 @@ impl ParameterLayout {
         }
         Ok(ParameterLayout {
             shape: weights.shape,
-            router_rows,
+            shared,
             router_weight,
             router_bias,
             w1,
@@ -97,57 +102,94 @@ impl ParameterLayout {
         flat
     }
 
-    fn slice(flat: &[f32], at: usize, len: usize) -> Vec<f32> {
-        flat[at..at + len].to_vec()
+    /// The router's rows: the experts, or the routed ones and a shared expert's gate.
+    pub fn router_rows(&self) -> usize {
+        router_rows(self.shape.num_experts, self.shared)
     }
 
-    /// Gradients read back in this layout, with `x`'s.
-    pub fn gradients(&self, flat: &[f32], x: Vec<f32>) -> Gradients {
+    /// The layer's own shape: the routed experts, without a shared expert's slices.
+    fn routed_shape(&self) -> LayerShape {
+        LayerShape {
+            num_experts: self.shape.num_experts - self.shared.map_or(0, |s| s.experts),
+            ..self.shape
+        }
+    }
+
+    /// The tensors of values in this layout under the layer's own names: the routed ones,
+    /// and the shared expert's split back out of the experts it rides as.
+    fn own_tensors(&self, flat: &[f32]) -> (LayerTensors, Option<SharedExpert>) {
         let LayerShape {
             num_experts: n,
             d_model: d,
             d_ff: f,
         } = self.shape;
-        let part = |at: Option<usize>, len: usize| at.map(|at| Self::slice(flat, at, len));
-        Gradients {
-            x,
-            router_weight: Self::slice(flat, self.router_weight, self.router_rows * d),
-            router_bias: part(self.router_bias, self.router_rows),
-            w1: Self::slice(flat, self.w1, n * f * d),
+        let slice = |at: usize, len: usize| flat[at..at + len].to_vec();
+        let part = |at: Option<usize>, len: usize| at.map(|at| slice(at, len));
+        let rows = self.router_rows();
+        let tensors = LayerTensors {
+            router_weight: slice(self.router_weight, rows * d),
+            router_bias: part(self.router_bias, rows),
+            w1: slice(self.w1, n * f * d),
             b1: part(self.b1, n * f),
-            w2: Self::slice(flat, self.w2, n * d * f),
+            w2: slice(self.w2, n * d * f),
             b2: part(self.b2, n * d),
             w3: part(self.w3, n * f * d),
             b3: part(self.b3, n * f),
-            shared: None,
+        };
+        match self.shared {
+            Some(shared) => {
+                let (routed, shared) = routed_and_shared(tensors, self.routed_shape(), shared);
+                (routed, Some(shared))
+            }
+            None => (tensors, None),
+        }
+    }
+
+    /// Gradients read back in this layout, with `x`'s.
+    pub fn gradients(&self, flat: &[f32], x: Vec<f32>) -> Gradients {
+        let (t, shared) = self.own_tensors(flat);
+        Gradients {
+            x,
+            router_weight: t.router_weight,
+            router_bias: t.router_bias,
+            w1: t.w1,
+            b1: t.b1,
+            w2: t.w2,
+            b2: t.b2,
+            w3: t.w3,
+            b3: t.b3,
+            shared,
         }
     }
 
     /// The layer's weights from values in this layout (f32 expert matrices).
     pub fn weights(&self, flat: &[f32]) -> MoeWeights {
+        let shape = self.routed_shape();
         let LayerShape {
             num_experts: n,
             d_model: d,
             d_ff: f,
-        } = self.shape;
-        let part = |at: Option<usize>, len: usize| at.map(|at| Self::slice(flat, at, len));
-        let matrices = |at: usize, rows: usize, cols: usize| {
-            ExpertMatrices::from_f32(n, rows, cols, Self::slice(flat, at, n * rows * cols))
-        };
+        } = shape;
+        let (t, shared) = self.own_tensors(flat);
         MoeWeights {
-            shape: self.shape,
-            router_weight: Self::slice(flat, self.router_weight, self.router_rows * d),
-            router_bias: part(self.router_bias, self.router_rows),
+            shape,
+            router_weight: t.router_weight,
+            router_bias: t.router_bias,
             // Not a parameter: the layer adds it back (see `MoeLayer::trained_weights`).
             score_bias: None,
-            w1: matrices(self.w1, f, d),
-            b1: part(self.b1, n * f),
-            w2: matrices(self.w2, d, f),
-            b2: part(self.b2, n * d),
-            w3: self.w3.map(|at| matrices(at, f, d)),
-            b3: part(self.b3, n * f),
-            // A shared expert is among the experts here (see `MoeLayer::trained_weights`).
-            shared: None,
+            w1: ExpertMatrices::from_f32(n, f, d, t.w1),
+            b1: t.b1,
+            w2: ExpertMatrices::from_f32(n, d, f, t.w2),
+            b2: t.b2,
+            w3: t.w3.map(|w3| ExpertMatrices::from_f32(n, f, d, w3)),
+            b3: t.b3,
+            shared,
         }
     }
+}
+
+/// Rows of the router of `experts` (with a shared expert's slices among them): one per
+/// routed expert, and one for the shared expert's gate.
+fn router_rows(experts: usize, shared: Option<SharedExperts>) -> usize {
+    shared.map_or(experts, |s| experts - s.experts + s.gate as usize)
 }

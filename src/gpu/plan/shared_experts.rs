@@ -7,13 +7,12 @@
 //! weights ride the router as its row `N`: route_tokens computes the logit with the
 //! others and excludes it from the scores. Training runs on this layout too (its padding
 //! rows get zero gradients and stay zero; the slices after the first get no b2 gradient;
-//! the gate's place in a router bias stays 0), and [`routed_and_shared`] turns what it
-//! reads back (gradients, trained weights) into the layer's own tensors. Pure data: the
+//! the gate's place in a router bias stays 0), and [`routed_and_shared`] turns what is
+//! read back (gradients, trained weights: `ParameterLayout`) into the layer's own tensors. Pure data: the
 //! layer uploads the result.
 
 use crate::error::{MoeError, Result};
 use crate::formats::ExpertMatrices;
-use crate::gradients::Gradients;
 use crate::weights::{LayerShape, MoeWeights, SharedExpert};
 
 /// How a layer's shared expert rides the grouped dispatch.
@@ -179,9 +178,9 @@ pub fn with_shared_as_experts(weights: &MoeWeights) -> Result<Option<(MoeWeights
     )))
 }
 
-/// The tensors of a layer laid out as [`with_shared_as_experts`] lays them out (weights or
-/// their gradients), f32.
-pub struct ExpandedTensors {
+/// A layer's f32 tensors but its shared expert's (weights or their gradients): as
+/// [`with_shared_as_experts`] lays them out, or the routed part alone.
+pub struct LayerTensors {
     pub router_weight: Vec<f32>,
     pub router_bias: Option<Vec<f32>>,
     pub w1: Vec<f32>,
@@ -213,10 +212,10 @@ fn joined_columns(slices: &[f32], (d, fs): (usize, usize), f: usize) -> Vec<f32>
 /// and the shared expert's: its slices joined, b2 from the first slice, its gate the
 /// router's row N. Inverse of [`with_shared_as_experts`] for the tensors both parts have.
 pub fn routed_and_shared(
-    expanded: ExpandedTensors,
+    expanded: LayerTensors,
     routed: LayerShape,
     shared: SharedExperts,
-) -> (ExpandedTensors, SharedExpert) {
+) -> (LayerTensors, SharedExpert) {
     let LayerShape {
         num_experts: n,
         d_model: d,
@@ -258,7 +257,7 @@ pub fn routed_and_shared(
         b3: shared_b3.map(|b| unpadded(b, fs)),
         gate: shared.gate.then_some(gate),
     };
-    let routed_tensors = ExpandedTensors {
+    let routed_tensors = LayerTensors {
         router_weight,
         router_bias,
         w1,
@@ -269,76 +268,6 @@ pub fn routed_and_shared(
         b3,
     };
     (routed_tensors, shared_expert)
-}
-
-/// [`routed_and_shared`] of gradients read back from the expanded layout.
-pub fn routed_gradients(
-    expanded: Gradients,
-    routed: LayerShape,
-    shared: SharedExperts,
-) -> Gradients {
-    let x = expanded.x;
-    let tensors = ExpandedTensors {
-        router_weight: expanded.router_weight,
-        router_bias: expanded.router_bias,
-        w1: expanded.w1,
-        b1: expanded.b1,
-        w2: expanded.w2,
-        b2: expanded.b2,
-        w3: expanded.w3,
-        b3: expanded.b3,
-    };
-    let (t, shared_expert) = routed_and_shared(tensors, routed, shared);
-    Gradients {
-        x,
-        router_weight: t.router_weight,
-        router_bias: t.router_bias,
-        w1: t.w1,
-        b1: t.b1,
-        w2: t.w2,
-        b2: t.b2,
-        w3: t.w3,
-        b3: t.b3,
-        shared: Some(shared_expert),
-    }
-}
-
-/// [`routed_and_shared`] of trained weights read back from the expanded layout (f32).
-pub fn routed_weights(
-    expanded: MoeWeights,
-    routed: LayerShape,
-    shared: SharedExperts,
-) -> MoeWeights {
-    let values = |m: &ExpertMatrices| m.f32_values().unwrap_or_default().to_vec();
-    let tensors = ExpandedTensors {
-        router_weight: expanded.router_weight,
-        router_bias: expanded.router_bias,
-        w1: values(&expanded.w1),
-        b1: expanded.b1,
-        w2: values(&expanded.w2),
-        b2: expanded.b2,
-        w3: expanded.w3.as_ref().map(values),
-        b3: expanded.b3,
-    };
-    let (t, shared_expert) = routed_and_shared(tensors, routed, shared);
-    let LayerShape {
-        num_experts: n,
-        d_model: d,
-        d_ff: f,
-    } = routed;
-    MoeWeights {
-        shape: routed,
-        router_weight: t.router_weight,
-        router_bias: t.router_bias,
-        score_bias: expanded.score_bias,
-        w1: ExpertMatrices::from_f32(n, f, d, t.w1),
-        b1: t.b1,
-        w2: ExpertMatrices::from_f32(n, d, f, t.w2),
-        b2: t.b2,
-        w3: t.w3.map(|w3| ExpertMatrices::from_f32(n, f, d, w3)),
-        b3: t.b3,
-        shared: Some(shared_expert),
-    }
 }
 
 /// Training on this layout trains exactly the layer's own parameters when every bias is
@@ -374,9 +303,10 @@ pub fn check_trainable(weights: &MoeWeights) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::plan::parameters::ParameterLayout;
 
-    /// Expanding then splitting gives the layer's own tensors back, for a width off F
-    /// (padding), with biases and a gate.
+    /// Expanding, flattening as training holds it and reading back gives the layer's own
+    /// tensors, for a width off F (padding), with biases and a gate.
     #[test]
     fn the_split_inverts_the_expansion() {
         let (n, d, f, fs) = (3, 5, 4, 10);
@@ -393,7 +323,7 @@ mod tests {
         weights.shared = Some(SharedExpert::random((d, fs), true, true, true, 9));
         let (expanded, slices) = with_shared_as_experts(&weights).unwrap().unwrap();
         assert_eq!(slices.experts, 3);
-        let back = routed_weights(expanded, weights.shape, slices);
-        assert_eq!(back, weights);
+        let layout = ParameterLayout::new(&expanded, Some(slices)).unwrap();
+        assert_eq!(layout.weights(&layout.flatten(&expanded)), weights);
     }
 }

@@ -13,6 +13,7 @@ use crate::gpu::plan::backward::weight_gradient_tiling;
 use crate::gpu::plan::forward::{ForwardPlan, Routing};
 use crate::gpu::plan::parameter_shards::ParameterShards;
 use crate::gpu::plan::parameters::ParameterLayout;
+use crate::gpu::plan::shared_experts::SharedExperts;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
 use crate::gpu::resources::optimizer_state::{OptimizerState, StepTargets};
 use crate::gpu::resources::weight_refresh::WeightRefresh;
@@ -73,11 +74,11 @@ impl Training {
         device: &wgpu::Device,
         queue: &wgpu::Queue,
         config: &MoeConfig,
-        weights: &MoeWeights,
+        (weights, shared): (&MoeWeights, Option<SharedExperts>),
         on_device: &GpuWeights,
         (max_binding_bytes, matmul_block): (u64, u32),
     ) -> Result<Self> {
-        let layout = ParameterLayout::new(weights)?;
+        let layout = ParameterLayout::new(weights, shared)?;
         let experts: Vec<(usize, usize)> = on_device
             .shards
             .iter()

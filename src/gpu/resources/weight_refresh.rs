@@ -60,7 +60,7 @@ impl WeightRefresh {
         } = shards.layout.shape;
         let router_parameters = &parameters[0];
         // The router's rows: the experts', or the routed ones' and a shared expert's gate.
-        let rows = shards.layout.router_rows;
+        let rows = shards.layout.router_rows();
         // (target, params, parameter buffer, texture, texels)
         let mut jobs = vec![(
             Target::Router,
