@@ -1,12 +1,14 @@
 //! `forward`: runs the layer on files.
 //!
 //! cargo run --release --example forward -- --weights W.safetensors|W.gguf --input X.safetensors \
-//!     --config C.json --output Y.safetensors [--prefix P] [--device gpu|cpu] \
+//!     [--config C.json] --output Y.safetensors [--prefix P] [--device gpu|cpu] \
 //!     [--grad-output DY.safetensors --grads-output G.safetensors [--aux-loss-coef A] \
 //!      [--z-loss-coef B]]
 //!
 //! With `--grad-output` it also differentiates `L = Σ dy ⊙ y + A·aux_loss + B·z_loss` and
 //! writes `x`'s and every weight tensor's gradient (native names, f32) to `--grads-output`.
+//! `--config` is the layer's config JSON or a transformers model `config.json`; a GGUF
+//! file's metadata gives its family's config without one (the JSON's keys win).
 //! Any error prints one line naming the file, tensor or key, exits with code 2, and
 //! writes nothing.
 
@@ -36,9 +38,10 @@ struct Args {
     /// safetensors with the tensor `x`, [T, D] or [S, B, D].
     #[arg(long)]
     input: PathBuf,
-    /// The config JSON.
+    /// The config JSON: the layer's own, or a transformers model config.json. Optional
+    /// for GGUF, whose metadata gives the family's config.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Where to write every output statistic (safetensors).
     #[arg(long)]
     output: PathBuf,

@@ -14,6 +14,7 @@
 //! `--router sigmoid --bias-balancing 0.001 --aux-loss-coef 0` trains DeepSeek-V3's way: sigmoid
 //! scores, a score bias that only chooses, moved after every step towards an even load;
 //! the run prints how uneven the load was over its first and last tenth of steps.
+//! `--shared-experts 1` adds DeepSeek's shared expert (width d_ff), trained with the rest.
 //!
 //! Beside the weights it saves AdamW's state and how many tokens the run drew
 //! (`FILE.optimizer.safetensors`). `--resume FILE` continues from them, with the weights'
@@ -30,6 +31,7 @@ use plotters::prelude::*;
 use switch_moe::gpu::AdamWState;
 use switch_moe::rng::SeededRng;
 use switch_moe::tensor_io::{parse_safetensors, read_f32, serialize_tensors, OwnedTensor};
+use switch_moe::weights::SharedExpert;
 use switch_moe::{
     GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
     Naming, Optimizer, RouterScore,
@@ -69,6 +71,10 @@ struct Args {
     /// score bias moves by γ towards an even load (0: off; try with --aux-loss-coef 0).
     #[arg(long, default_value_t = 0.0)]
     bias_balancing: f32,
+    /// DeepSeek's shared experts: this many of width d_ff, which every token goes through
+    /// beside its routed ones (one FFN of their summed width).
+    #[arg(long, default_value_t = 0)]
+    shared_experts: usize,
     /// Continue from these weights (native safetensors, as this example saves them) and
     /// the optimizer state saved beside them.
     #[arg(long)]
@@ -200,7 +206,14 @@ fn train(args: &Args) -> Result<(), String> {
     };
     let mut weights = match &args.resume {
         Some(path) => MoeWeights::from_safetensors(path, Naming::Auto, None).map_err(error)?,
-        None => MoeWeights::random(shape, false, true, args.seed ^ 0x7EA1),
+        None => {
+            let mut weights = MoeWeights::random(shape, false, true, args.seed ^ 0x7EA1);
+            weights.shared = (args.shared_experts > 0).then(|| {
+                let width = args.shared_experts * args.d_ff;
+                SharedExpert::random((args.d_model, width), false, true, false, args.seed ^ 0x5EA)
+            });
+            weights
+        }
     };
     // Balancing moves a score bias: start it at zeros.
     if args.bias_balancing > 0.0 && weights.score_bias.is_none() {
@@ -224,8 +237,12 @@ fn train(args: &Args) -> Result<(), String> {
     let layer =
         MoeLayer::with_options(&context, config.clone(), &weights, options).map_err(error)?;
     println!(
-        "training a Switch layer: {} experts, d_model {}, d_ff {}, batch {}, {} steps on {}",
+        "training a Switch layer: {} experts{}, d_model {}, d_ff {}, batch {}, {} steps on {}",
         num_experts,
+        match &weights.shared {
+            Some(shared) => format!(" and a shared one of width {}", shared.d_ff),
+            None => String::new(),
+        },
         d_model,
         d_ff,
         args.batch,

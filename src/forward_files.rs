@@ -7,6 +7,7 @@ use crate::config::{MoeConfig, Naming};
 use crate::cpu_backward::{self, LossCoefficients};
 use crate::cpu_reference;
 use crate::error::{MoeError, Result};
+use crate::gguf_config::config_from_gguf;
 use crate::gpu::{GpuContext, LayerOptions, MoeLayer};
 use crate::hf_config::{config_from_transformers, is_transformers_config};
 use crate::output::MoeOutput;
@@ -27,7 +28,9 @@ pub enum Device {
 pub struct ForwardRequest {
     pub weights: PathBuf,
     pub input: PathBuf,
-    pub config: PathBuf,
+    /// The config JSON (the layer's own, or a transformers model config); optional for a
+    /// GGUF file, whose metadata gives the config it does not.
+    pub config: Option<PathBuf>,
     pub output: PathBuf,
     /// Prefix of the layer's tensor names inside a whole model's state dict, or of the
     /// layer in a GGUF file (`blk.3.`).
@@ -69,6 +72,8 @@ pub enum ConfigSource<'a> {
     File(&'a Path),
     /// Config JSON text.
     Json(&'a str),
+    /// None given: a GGUF file's metadata is the whole config (safetensors need one).
+    Metadata,
 }
 
 impl ConfigSource<'_> {
@@ -76,6 +81,7 @@ impl ConfigSource<'_> {
     /// (it has `model_type`), the config derived from it for the layer `prefix` names.
     fn parse_over(self, defaults: MoeConfig, prefix: Option<&str>) -> Result<MoeConfig> {
         let (text, origin) = match self {
+            ConfigSource::Metadata => return Ok(defaults),
             ConfigSource::File(path) => (
                 std::fs::read_to_string(path).map_err(|e| MoeError::file(path, e))?,
                 Some(path),
@@ -99,14 +105,16 @@ impl ConfigSource<'_> {
 }
 
 /// Reads the config and the weights of a layer: a GGUF file (recognised by its magic),
-/// whose metadata gives `n_experts` and `top_k` where the config does not, or safetensors
-/// in any naming.
+/// whose metadata gives the family's config where the config JSON does not (see
+/// `gguf_config`; the JSON's keys win, a transformers config replaces it), or safetensors
+/// in any naming, which need the config.
 pub fn load_layer(
     weights_path: &Path,
-    config_path: &Path,
+    config_path: Option<&Path>,
     prefix: Option<&str>,
 ) -> Result<(MoeConfig, MoeWeights)> {
-    load_layer_with(weights_path, ConfigSource::File(config_path), prefix)
+    let config = config_path.map_or(ConfigSource::Metadata, ConfigSource::File);
+    load_layer_with(weights_path, config, prefix)
 }
 
 /// [`load_layer`] with the config from `config`.
@@ -121,16 +129,25 @@ pub fn load_layer_with(
         .map(|()| is_gguf(&magic))
         .unwrap_or(false);
     if !is_gguf {
+        if matches!(config, ConfigSource::Metadata) {
+            return Err(MoeError::file(
+                weights_path,
+                "is safetensors, which carry no config: give the layer's config JSON or the \
+                 model's transformers config.json (--config)",
+            ));
+        }
         let config = config.parse_over(MoeConfig::default(), prefix)?;
         let weights = MoeWeights::from_safetensors(weights_path, config.naming, prefix)?;
         return Ok((config, weights));
     }
     let (weights, info) = MoeWeights::from_gguf(weights_path, prefix)?;
-    let defaults = MoeConfig {
-        n_experts: info.expert_count,
-        top_k: info.expert_used_count.unwrap_or(1),
-        ..MoeConfig::default()
-    };
+    let defaults = config_from_gguf(&info, &weights).map_err(|error| match error {
+        MoeError::Config { key, message } => MoeError::Config {
+            key,
+            message: format!("{message} (in {})", weights_path.display()),
+        },
+        other => other,
+    })?;
     let config = config.parse_over(defaults, prefix)?;
     if !matches!(config.naming, Naming::Auto | Naming::Gguf) {
         return Err(MoeError::Naming {
@@ -147,8 +164,11 @@ pub fn load_layer_with(
 /// Runs the request and writes its output file (and the gradients' file, when asked); on
 /// any error nothing is written.
 pub fn run_forward_files(request: &ForwardRequest) -> Result<MoeOutput> {
-    let (config, weights) =
-        load_layer(&request.weights, &request.config, request.prefix.as_deref())?;
+    let (config, weights) = load_layer(
+        &request.weights,
+        request.config.as_deref(),
+        request.prefix.as_deref(),
+    )?;
     let input = read_input(&request.input)?;
     let dy = match &request.gradients {
         Some(g) => {

@@ -17,6 +17,7 @@ pub mod formats;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod forward_files;
 pub mod gguf;
+pub mod gguf_config;
 pub mod gpu;
 pub mod gradients;
 pub mod hf_config;

@@ -117,7 +117,7 @@ fn check_case(case: &str) {
     let request = ForwardRequest {
         weights: fixture_dir(case).join("weights_native.safetensors"),
         input: fixture_dir(case).join("input.safetensors"),
-        config: fixture_dir(case).join("config.json"),
+        config: Some(fixture_dir(case).join("config.json")),
         output: dir.join("out.safetensors"),
         prefix: None,
         device: Device::Gpu,

@@ -175,8 +175,9 @@ fn the_gpu_gives_each_familys_output_and_gradients() {
 fn the_blocks_own_state_dicts_load_as_the_native_weights() {
     // transformers 5.x's names: gate.weight, gate.e_score_correction_bias (ERNIE's in
     // gate.moe_statics), experts.gate_up_proj / down_proj, shared_experts.* or
-    // shared_expert.* with shared_expert_gate.weight. gpt-oss names its own (not yet read).
-    for name in FAMILIES.into_iter().filter(|&n| n != "gpt_oss") {
+    // shared_expert.* with shared_expert_gate.weight; gpt-oss's own router.weight/bias,
+    // experts.gate_up_proj [N, D, 2F] interleaved and down_proj [N, F, D], with biases.
+    for name in FAMILIES {
         let bytes = std::fs::read(path(name, "weights.safetensors")).unwrap();
         let theirs = MoeWeights::from_safetensors_bytes(&bytes, Naming::Auto, None, name)
             .unwrap_or_else(|e| panic!("{name}: {e}"));

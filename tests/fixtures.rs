@@ -88,7 +88,7 @@ fn check_case(case: &str, weight_files: &[&str]) {
             let request = ForwardRequest {
                 weights: dir.join(weights),
                 input: dir.join("input.safetensors"),
-                config: dir.join("config.json"),
+                config: Some(dir.join("config.json")),
                 output: out_dir.join("out.safetensors"),
                 prefix: None,
                 device,

@@ -37,7 +37,7 @@ fn write_case(dir: &Path, config_json: &str) -> ForwardRequest {
     ForwardRequest {
         weights: dir.join("weights.safetensors"),
         input: dir.join("input.safetensors"),
-        config: dir.join("config.json"),
+        config: Some(dir.join("config.json")),
         output: dir.join("out.safetensors"),
         prefix: None,
         device: Device::Gpu,
@@ -65,7 +65,8 @@ fn gpu_and_cpu_write_every_statistic() {
         ..gpu_request.clone()
     };
     let cpu = run_forward_files(&cpu_request).unwrap();
-    let config = switch_moe::MoeConfig::from_json_file(&gpu_request.config).unwrap();
+    let config =
+        switch_moe::MoeConfig::from_json_file(gpu_request.config.as_ref().unwrap()).unwrap();
     let weights = MoeWeights::from_safetensors(&gpu_request.weights, config.naming, None).unwrap();
     let x = read_input(&gpu_request.input).unwrap().data;
     assert_matches_reference(&config, &weights, &x, &gpu, &cpu);
@@ -125,10 +126,10 @@ fn errors_name_the_culprit_and_write_nothing() {
     let good = write_case(&dir, "{}");
 
     let bad_config = ForwardRequest {
-        config: dir.join("bad.json"),
+        config: Some(dir.join("bad.json")),
         ..good.clone()
     };
-    std::fs::write(&bad_config.config, r#"{"top_k": 9}"#).unwrap();
+    std::fs::write(bad_config.config.as_ref().unwrap(), r#"{"top_k": 9}"#).unwrap();
     assert!(matches!(expect_failure(&bad_config), MoeError::Config { key, .. } if key == "top_k"));
 
     let missing_weights = ForwardRequest {

@@ -144,8 +144,12 @@ fn metadata_gives_experts_and_top_k_where_the_config_does_not() {
         r#"{"top_k": null, "gated": true, "activation": "silu"}"#,
     )
     .unwrap();
-    let (config, weights) =
-        load_layer(&fixture("moe_layer.gguf"), &config_path, Some("blk.1.")).unwrap();
+    let (config, weights) = load_layer(
+        &fixture("moe_layer.gguf"),
+        Some(&config_path),
+        Some("blk.1."),
+    )
+    .unwrap();
     assert_eq!((config.n_experts, config.top_k), (Some(4), 2));
     assert_eq!(weights.shape.d_ff, 32);
     std::fs::write(
@@ -153,10 +157,20 @@ fn metadata_gives_experts_and_top_k_where_the_config_does_not() {
         r#"{"top_k": 1, "gated": true, "naming": "labml"}"#,
     )
     .unwrap();
-    let error = load_layer(&fixture("moe_layer.gguf"), &config_path, Some("blk.1.")).unwrap_err();
+    let error = load_layer(
+        &fixture("moe_layer.gguf"),
+        Some(&config_path),
+        Some("blk.1."),
+    )
+    .unwrap_err();
     assert!(matches!(error, MoeError::Naming { .. }), "{error}");
     std::fs::write(&config_path, r#"{"top_k": 1, "gated": true}"#).unwrap();
-    let (config, _) = load_layer(&fixture("moe_layer.gguf"), &config_path, Some("blk.0.")).unwrap();
+    let (config, _) = load_layer(
+        &fixture("moe_layer.gguf"),
+        Some(&config_path),
+        Some("blk.0."),
+    )
+    .unwrap();
     assert_eq!(config.top_k, 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }

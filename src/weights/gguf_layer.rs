@@ -7,8 +7,13 @@
 //! `ffn_gate_inp.bias` and `ffn_{gate,up,down}_exps.bias` follow their weights. GGUF lists
 //! dimensions innermost first, so w1 `[N, F, D]` has dims `[D, F, N]`: its rows are the
 //! file's rows, byte for byte.
+//!
+//! A shared expert is `ffn_{gate,up,down}_shexp.weight` (w1, w3, w2 as above, one matrix
+//! each) with Qwen2-MoE's sigmoid gate `ffn_gate_inp_shexp.weight`; DeepSeek's selection
+//! bias is `exp_probs_b.bias`. The metadata the layer's semantics come from is kept in
+//! [`GgufLayerInfo`] (see `gguf_config` for how a family's config follows from it).
 
-use super::{check_finite, LayerShape, MoeWeights};
+use super::{check_finite, LayerShape, MoeWeights, SharedExpert};
 use crate::error::{MoeError, Result};
 use crate::formats::{ExpertMatrices, WeightFormat};
 use crate::gguf::{ggml_type_name, GgufFile, GgufTensor};
@@ -17,7 +22,7 @@ use crate::gguf::{ggml_type_name, GgufFile, GgufTensor};
 const ROUTER: &str = "ffn_gate_inp.weight";
 
 /// What a GGUF file says about the layer beyond its tensors.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GgufLayerInfo {
     /// The layer's prefix (`blk.3.`), given or found.
     pub prefix: String,
@@ -27,6 +32,18 @@ pub struct GgufLayerInfo {
     pub expert_count: Option<usize>,
     /// `{arch}.expert_used_count`: the model's top-k.
     pub expert_used_count: Option<usize>,
+    /// `{arch}.expert_group_count`: DeepSeek's expert groups.
+    pub expert_group_count: Option<usize>,
+    /// `{arch}.expert_group_used_count`: the groups a token chooses from.
+    pub expert_group_used_count: Option<usize>,
+    /// `{arch}.expert_gating_func`, llama.cpp's numbering: 1 softmax, 2 sigmoid, 3 softmax
+    /// over the chosen logits (0 or absent: the architecture's own).
+    pub expert_gating_func: Option<u64>,
+    /// `{arch}.expert_weights_scale`: the routed weights' scale (DeepSeek's
+    /// `routed_scaling_factor`).
+    pub expert_weights_scale: Option<f64>,
+    /// `{arch}.expert_weights_norm`: whether the chosen weights are renormalised.
+    pub expert_weights_norm: Option<bool>,
 }
 
 /// True when `bytes` start with GGUF's magic.
@@ -135,6 +152,45 @@ impl<'a> LayerReader<'_, 'a> {
         check_finite(&tensor.name, &values)
             .map_err(|e| self.error(&tensor.name, strip_tensor(e)))?;
         Ok(Some(values))
+    }
+}
+
+impl LayerReader<'_, '_> {
+    /// The shared expert, if `ffn_up_shexp.weight` is there: gated like the routed experts
+    /// (`gated`), of the width its up projection `[D, Fs]` (dims innermost first) gives.
+    fn shared(&self, d: usize, gated: bool, router_name: &str) -> Result<Option<SharedExpert>> {
+        const UP: &str = "ffn_up_shexp.weight";
+        let Some(up) = self.tensor(UP) else {
+            return Ok(None);
+        };
+        let fs = match up.dims[..] {
+            [_, fs] => fs as usize,
+            _ => return Err(self.error(&up.name, format!("dims {:?}, expected [D, Fs]", up.dims))),
+        };
+        let dims_from = format!("D = {d} from `{router_name}`, Fs = {fs} from `{}`", up.name);
+        let required = |key: &str, dims: &[usize]| {
+            self.vector(key, dims, &dims_from)?.ok_or_else(|| {
+                MoeError::tensor(&self.name(key), format!("missing in `{}`", self.origin))
+            })
+        };
+        let (w1, w3) = if gated {
+            (
+                required("ffn_gate_shexp.weight", &[fs, d])?,
+                Some(required(UP, &[fs, d])?),
+            )
+        } else {
+            (required(UP, &[fs, d])?, None)
+        };
+        Ok(Some(SharedExpert {
+            d_ff: fs,
+            w1,
+            b1: None,
+            w2: required("ffn_down_shexp.weight", &[d, fs])?,
+            b2: None,
+            w3,
+            b3: None,
+            gate: self.vector("ffn_gate_inp_shexp.weight", &[1, d], &dims_from)?,
+        }))
     }
 }
 
@@ -279,7 +335,7 @@ impl MoeWeights {
                 Some(key) => reader.vector(key, &[n, f], &dims_from)?,
                 None => None,
             },
-            shared: None,
+            shared: reader.shared(d, gated, &router_name)?,
         };
         weights.check()?;
         let architecture = file
@@ -287,11 +343,11 @@ impl MoeWeights {
             .get("general.architecture")
             .and_then(|v| v.as_str())
             .map(str::to_string);
-        let count = |key: &str| {
+        let value = |key: &str| {
             let arch = architecture.as_deref()?;
-            let value = file.metadata.get(&format!("{arch}.{key}"))?.as_u64()?;
-            usize::try_from(value).ok()
+            file.metadata.get(&format!("{arch}.{key}"))
         };
+        let count = |key: &str| usize::try_from(value(key)?.as_u64()?).ok();
         if let (Some(arch), Some(count)) = (&architecture, count("expert_count")) {
             if count != n {
                 return Err(MoeError::file(
@@ -305,6 +361,11 @@ impl MoeWeights {
         let info = GgufLayerInfo {
             expert_count: count("expert_count"),
             expert_used_count: count("expert_used_count"),
+            expert_group_count: count("expert_group_count"),
+            expert_group_used_count: count("expert_group_used_count"),
+            expert_gating_func: value("expert_gating_func").and_then(|v| v.as_u64()),
+            expert_weights_scale: value("expert_weights_scale").and_then(|v| v.as_f64()),
+            expert_weights_norm: value("expert_weights_norm").and_then(|v| v.as_bool()),
             prefix,
             architecture: architecture.clone(),
         };

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::gpt_oss::GPT_OSS_KEYS;
 use super::tensor_source::{rank2, rank3, TensorSource};
 use super::{LayerShape, MoeWeights, SharedExpert, SHARED_NAMES};
 use crate::config::Naming;
@@ -25,6 +26,8 @@ enum Layout {
     HfMixtralStacked,
     /// `gate.weight`: Mixtral's router, shared by both Mixtral layouts.
     HfMixtralRouter,
+    /// transformers' gpt-oss: `router.*` with `experts.gate_up_proj [N, D, 2F]` and biases.
+    HfGptOss,
 }
 
 impl Layout {
@@ -33,9 +36,10 @@ impl Layout {
             Layout::Native => Naming::Native,
             Layout::Labml => Naming::Labml,
             Layout::HfSwitch => Naming::HfSwitch,
-            Layout::HfMixtralPerExpert | Layout::HfMixtralStacked | Layout::HfMixtralRouter => {
-                Naming::HfMixtral
-            }
+            Layout::HfMixtralPerExpert
+            | Layout::HfMixtralStacked
+            | Layout::HfMixtralRouter
+            | Layout::HfGptOss => Naming::HfMixtral,
         }
     }
 }
@@ -143,16 +147,24 @@ impl MoeWeights {
         let mut names = file.names();
         names.sort();
         let mut considered = 0;
+        let has = |key: &str| file.tensor(&format!("{prefix}{key}")).is_ok();
+        let gpt_oss = has("router.weight") && has("experts.gate_up_proj");
         for name in names {
             let Some(key) = name.strip_prefix(prefix) else {
                 continue;
             };
             considered += 1;
-            let layout = layout_of(key).ok_or_else(|| {
+            let layout = if gpt_oss && GPT_OSS_KEYS.contains(&key) {
+                Some(Layout::HfGptOss)
+            } else {
+                layout_of(key)
+            };
+            let layout = layout.ok_or_else(|| {
                 MoeError::tensor(
                     name,
-                    "not a tensor of any known MoE naming (native, labml, hf_switch, hf_mixtral); \
-                     for a whole model's state dict, give the layer's prefix",
+                    "not a tensor of any known MoE naming (native, labml, hf_switch, hf_mixtral \
+                     and the families' transformers names); for a whole model's state dict, \
+                     give the layer's prefix",
                 )
             })?;
             layouts.entry(layout).or_insert_with(|| name.to_string());
@@ -195,6 +207,7 @@ impl MoeWeights {
                 Self::read_per_expert(&mut source, &HF_MIXTRAL_KEYS)?
             }
             Layout::HfMixtralStacked => Self::read_mixtral_stacked(&mut source)?,
+            Layout::HfGptOss => Self::read_gpt_oss(&mut source)?,
         };
         // Everything of the layer must have been used: an extra expert or tensor is an error.
         for name in file.names() {

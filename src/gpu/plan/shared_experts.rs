@@ -299,31 +299,3 @@ pub fn check_trainable(weights: &MoeWeights) -> Result<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gpu::plan::parameters::ParameterLayout;
-
-    /// Expanding, flattening as training holds it and reading back gives the layer's own
-    /// tensors, for a width off F (padding), with biases and a gate.
-    #[test]
-    fn the_split_inverts_the_expansion() {
-        let (n, d, f, fs) = (3, 5, 4, 10);
-        let mut weights = MoeWeights::random(
-            LayerShape {
-                num_experts: n,
-                d_model: d,
-                d_ff: f,
-            },
-            true,
-            true,
-            7,
-        );
-        weights.shared = Some(SharedExpert::random((d, fs), true, true, true, 9));
-        let (expanded, slices) = with_shared_as_experts(&weights).unwrap().unwrap();
-        assert_eq!(slices.experts, 3);
-        let layout = ParameterLayout::new(&expanded, Some(slices)).unwrap();
-        assert_eq!(layout.weights(&layout.flatten(&expanded)), weights);
-    }
-}
