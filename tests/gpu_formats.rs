@@ -260,3 +260,53 @@ fn quantized_weights_do_not_convert_and_rows_must_be_whole_blocks() {
         other => panic!("expected a tensor error, got {other:?}"),
     }
 }
+
+/// gpt-oss's published MXFP4 experts (tests/fixtures/gpt_oss_mxfp4, made by
+/// make_gpt_oss_mxfp4_fixture.py): loaded as stored, they decode to exactly what
+/// transformers' own dequantization gives, and the GPU runs them as the CPU reference does.
+#[test]
+fn gpt_oss_checkpoint_mxfp4_experts_load_as_transformers_dequantizes_them_and_run() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss_mxfp4");
+    let load = |file: &str| {
+        MoeWeights::from_safetensors(dir.join(file), switch_moe::Naming::Auto, None)
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let packed = load("weights.safetensors");
+    let dequantized = load("dequantized.safetensors");
+    for (name, ours, theirs) in [
+        ("w1", &packed.w1, &dequantized.w1),
+        ("w2", &packed.w2, &dequantized.w2),
+        (
+            "w3",
+            packed.w3.as_ref().unwrap(),
+            dequantized.w3.as_ref().unwrap(),
+        ),
+    ] {
+        assert_eq!(ours.format, WeightFormat::Mxfp4, "{name}");
+        assert_eq!(
+            ours.to_f32(),
+            theirs.to_f32(),
+            "{name}: decoded vs transformers'"
+        );
+    }
+    assert_eq!((&packed.b1, &packed.b3), (&dequantized.b1, &dequantized.b3));
+    assert_eq!(
+        (&packed.b2, &packed.router_bias),
+        (&dequantized.b2, &dequantized.router_bias)
+    );
+    let config = MoeConfig {
+        top_k: 2,
+        drop_tokens: false,
+        gated: true,
+        normalize_top_k: true,
+        activation: Activation::SwigluOai,
+        ..MoeConfig::default()
+    };
+    let (num_tokens, d) = (13, packed.shape.d_model);
+    let x = tokens(num_tokens, d, 5);
+    let layer = MoeLayer::new(&gpu(), config.clone(), &packed).expect("layer");
+    assert_eq!(layer.weight_formats(), [WeightFormat::Mxfp4; 3]);
+    let gpu_output = layer.forward(&x, &[num_tokens, d]).expect("GPU forward");
+    let cpu_output = cpu_forward(&config, &packed, &x, &[num_tokens, d]);
+    assert_matches_reference(&config, &packed, &x, &gpu_output, &cpu_output);
+}

@@ -606,3 +606,34 @@ fn read(view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
+
+/// gpt-oss's MXFP4 blocks whose shape disagrees with the router's D, or that are not u8,
+/// are errors naming the tensor.
+#[test]
+fn gpt_oss_mxfp4_blocks_of_the_wrong_shape_or_dtype_are_named() {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_oss_mxfp4");
+    let bytes = std::fs::read(dir.join("weights.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let rewrite = |name: &str, dtype: Dtype, shape: Vec<usize>| {
+        let data = vec![0u8; shape.iter().product::<usize>() * dtype.bitsize() / 8];
+        let mut views: BTreeMap<String, TensorView<'_>> = file.tensors().into_iter().collect();
+        views.insert(
+            name.to_string(),
+            TensorView::new(dtype, shape, &data).unwrap(),
+        );
+        let bytes = safetensors::serialize(&views, None).unwrap();
+        MoeWeights::from_safetensors_bytes(&bytes, Naming::Auto, None, "gpt-oss").unwrap_err()
+    };
+    let short = rewrite("experts.down_proj_blocks", Dtype::U8, vec![4, 32, 1, 16]);
+    assert!(
+        matches!(&short, MoeError::Tensor { name, .. } if name == "experts.down_proj_blocks"),
+        "{short}"
+    );
+    let wrong_dtype = rewrite("experts.gate_up_proj_scales", Dtype::F32, vec![4, 64, 2]);
+    assert!(
+        matches!(&wrong_dtype, MoeError::Tensor { name, .. } if name == "experts.gate_up_proj_scales"),
+        "{wrong_dtype}"
+    );
+}

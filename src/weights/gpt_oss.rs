@@ -4,21 +4,38 @@
 //! up at odd) — with `experts.gate_up_proj_bias [N, 2F]`, and `experts.down_proj [N, F, D]`
 //! with `experts.down_proj_bias [N, D]`. Read into the native layout (w1 the gate, w3 up,
 //! `[out, in]`), as f32: the transposes leave no stored rows to keep.
+//!
+//! The published checkpoints store the experts in MXFP4 instead, `[out, in]` already:
+//! `experts.gate_up_proj_blocks [N, 2F, D/32, 16]` (u8, two E2M1 values a byte, the low
+//! nibble first) with `experts.gate_up_proj_scales [N, 2F, D/32]` (u8, E8M0), the gate and
+//! up rows interleaved, and `experts.down_proj_blocks [N, D, F/32, 16]` with its scales.
+//! Those are kept in MXFP4: each 32 values are repacked into ggml's block (the scale byte,
+//! then value j in the low nibble of byte j and value j + 16 in its high nibble).
 
-use super::tensor_source::{rank2, rank3, TensorSource};
+use super::tensor_source::{rank2, TensorSource};
 use super::{LayerShape, MoeWeights};
 use crate::error::{MoeError, Result};
-use crate::formats::ExpertMatrices;
+use crate::formats::{ExpertMatrices, WeightFormat};
 
-/// gpt-oss's names: `router.weight` with `experts.gate_up_proj` marks its layout.
-pub(super) const GPT_OSS_KEYS: [&str; 6] = [
+/// gpt-oss's names: `router.weight` with `experts.gate_up_proj` (or its MXFP4 blocks)
+/// marks its layout.
+pub(super) const GPT_OSS_KEYS: [&str; 10] = [
     "router.weight",
     "router.bias",
     "experts.gate_up_proj",
+    "experts.gate_up_proj_blocks",
+    "experts.gate_up_proj_scales",
     "experts.gate_up_proj_bias",
     "experts.down_proj",
+    "experts.down_proj_blocks",
+    "experts.down_proj_scales",
     "experts.down_proj_bias",
 ];
+
+/// Whether the layer's tensors (prefix stripped) are gpt-oss's.
+pub(super) fn is_gpt_oss(has: impl Fn(&str) -> bool) -> bool {
+    has("router.weight") && (has("experts.gate_up_proj") || has("experts.gate_up_proj_blocks"))
+}
 
 /// Each expert's `[rows, cols]` transposed: `[N, rows, cols]` → `[N, cols, rows]`.
 fn transpose_experts(values: &[f32], [n, rows, cols]: [usize; 3]) -> Vec<f32> {
@@ -31,22 +48,93 @@ fn transpose_experts(values: &[f32], [n, rows, cols]: [usize; 3]) -> Vec<f32> {
     out
 }
 
-/// Every other value of each expert's row, from `first`: the gate's or up's columns.
-fn deinterleave(values: &[f32], first: usize) -> Vec<f32> {
-    values.iter().skip(first).step_by(2).copied().collect()
+/// Rows of `row_len` items, the gate's and up's interleaved, split into the gate's even
+/// rows and up's odd ones; a bias `[N, 2F]` is rows of one.
+fn deinterleave_rows<T: Copy>(values: &[T], row_len: usize) -> (Vec<T>, Vec<T>) {
+    let half = values.len() / 2;
+    let (mut gate, mut up) = (Vec::with_capacity(half), Vec::with_capacity(half));
+    for (i, row) in values.chunks_exact(row_len).enumerate() {
+        if i % 2 == 0 { &mut gate } else { &mut up }.extend_from_slice(row);
+    }
+    (gate, up)
+}
+
+/// The value count of a packed row that `blocks` of 16 bytes hold, from a shape
+/// `[N, rows, blocks, 16]`.
+fn packed_shape(source: &TensorSource<'_>, key: &str) -> Result<(usize, usize, usize)> {
+    let name = source.full_name(key);
+    match source.shape_of(key)?[..] {
+        [n, rows, blocks, 16] => Ok((n, rows, blocks * 32)),
+        ref shape => Err(MoeError::tensor(
+            &name,
+            format!("shape {shape:?}, expected [N, rows, cols / 32, 16] (MXFP4 blocks)"),
+        )),
+    }
+}
+
+/// MXFP4 matrices `[n, rows, cols]` from the checkpoint's `{key}_blocks` and `{key}_scales`,
+/// repacked into ggml's blocks.
+fn mxfp4_experts(
+    source: &mut TensorSource<'_>,
+    key: &str,
+    [n, rows, cols]: [usize; 3],
+) -> Result<Vec<u8>> {
+    let (blocks_key, scales_key) = (format!("{key}_blocks"), format!("{key}_scales"));
+    let groups = cols / 32;
+    let missing =
+        |source: &TensorSource<'_>, key: &str| MoeError::tensor(&source.full_name(key), "missing");
+    let blocks = source
+        .packed_bytes(
+            &blocks_key,
+            &[n, rows, groups, 16],
+            "[N, rows, cols / 32, 16]",
+        )?
+        .ok_or_else(|| missing(source, &blocks_key))?;
+    let scales = source
+        .packed_bytes(&scales_key, &[n, rows, groups], "[N, rows, cols / 32]")?
+        .ok_or_else(|| missing(source, &scales_key))?;
+    let mut out = Vec::with_capacity(scales.len() * WeightFormat::Mxfp4.block_bytes());
+    for (&scale, packed) in scales.iter().zip(blocks.chunks_exact(16)) {
+        let nibble = |v: usize| (packed[v / 2] >> (4 * (v % 2))) & 0xF;
+        out.push(scale);
+        out.extend((0..16).map(|j| nibble(j) | nibble(j + 16) << 4));
+    }
+    Ok(out)
 }
 
 impl MoeWeights {
     pub(super) fn read_gpt_oss(source: &mut TensorSource<'_>) -> Result<Self> {
         let router_shape = source.shape_of("router.weight")?;
         let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
-        let name = source.full_name("experts.gate_up_proj");
-        let gate_up_shape = source.shape_of("experts.gate_up_proj")?;
-        let (_, _, two_f) = rank3(&name, &gate_up_shape, "[N, D, 2F]")?;
+        let mxfp4 = source.shape_of("experts.gate_up_proj_blocks").is_ok();
+        let gate_up_key = if mxfp4 {
+            "experts.gate_up_proj_blocks"
+        } else {
+            "experts.gate_up_proj"
+        };
+        let name = source.full_name(gate_up_key);
+        let gate_up_shape = source.shape_of(gate_up_key)?;
+        let two_f = match gate_up_shape[..] {
+            [_, two_f, _, _] if mxfp4 => two_f,
+            [_, _, two_f] if !mxfp4 => two_f,
+            _ => {
+                return Err(MoeError::tensor(
+                    &name,
+                    format!(
+                        "shape {gate_up_shape:?}, expected {}",
+                        if mxfp4 {
+                            "[N, 2F, D / 32, 16]"
+                        } else {
+                            "[N, D, 2F]"
+                        }
+                    ),
+                ))
+            }
+        };
         if two_f % 2 != 0 {
             return Err(MoeError::tensor(
                 &name,
-                format!("shape {gate_up_shape:?}: the last dimension 2F must be even"),
+                format!("shape {gate_up_shape:?}: 2F must be even"),
             ));
         }
         let f = two_f / 2;
@@ -54,11 +142,27 @@ impl MoeWeights {
             "N, D from `{}` {router_shape:?}, 2F from `{name}` {gate_up_shape:?}",
             source.full_name("router.weight")
         );
-        // Transposed to [N, 2F, D], rows 2f are the gate's and 2f + 1 up's.
-        let gate_up = source.required("experts.gate_up_proj", &[n, d, two_f], "[N, D, 2F]")?;
-        let (gate, up) = split_interleaved_rows(&transpose_experts(&gate_up, [n, d, two_f]), d);
+        let (w1, w2, w3) = if mxfp4 {
+            Self::gpt_oss_mxfp4(source, n, d, f)?
+        } else {
+            // Transposed to [N, 2F, D], rows 2f are the gate's and 2f + 1 up's.
+            let gate_up = source.required("experts.gate_up_proj", &[n, d, two_f], "[N, D, 2F]")?;
+            let (gate, up) = deinterleave_rows(&transpose_experts(&gate_up, [n, d, two_f]), d);
+            let down = source.required("experts.down_proj", &[n, f, d], "[N, F, D]")?;
+            (
+                ExpertMatrices::from_f32(n, f, d, gate),
+                ExpertMatrices::from_f32(n, d, f, transpose_experts(&down, [n, f, d])),
+                ExpertMatrices::from_f32(n, f, d, up),
+            )
+        };
         let gate_up_bias = source.optional("experts.gate_up_proj_bias", &[n, two_f], "[N, 2F]")?;
-        let down = source.required("experts.down_proj", &[n, f, d], "[N, F, D]")?;
+        let (b1, b3) = match gate_up_bias {
+            Some(bias) => {
+                let (gate, up) = deinterleave_rows(&bias, 1);
+                (Some(gate), Some(up))
+            }
+            None => (None, None),
+        };
         Ok(MoeWeights {
             shape: LayerShape {
                 num_experts: n,
@@ -68,24 +172,51 @@ impl MoeWeights {
             router_weight: source.required("router.weight", &[n, d], "[N, D]")?,
             router_bias: source.optional("router.bias", &[n], "[N]")?,
             score_bias: None,
-            w1: ExpertMatrices::from_f32(n, f, d, gate),
-            b1: gate_up_bias.as_deref().map(|b| deinterleave(b, 0)),
-            w2: ExpertMatrices::from_f32(n, d, f, transpose_experts(&down, [n, f, d])),
+            w1,
+            b1,
+            w2,
             b2: source.optional("experts.down_proj_bias", &[n, d], "[N, D]")?,
-            w3: Some(ExpertMatrices::from_f32(n, f, d, up)),
-            b3: gate_up_bias.as_deref().map(|b| deinterleave(b, 1)),
+            w3: Some(w3),
+            b3,
             shared: None,
         })
     }
-}
 
-/// Rows of `d` values, the gate's and up's interleaved (`[N, 2F, D]`), split into the
-/// gate's even rows and up's odd ones (each `[N, F, D]`).
-fn split_interleaved_rows(values: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = values.len() / 2;
-    let (mut gate, mut up) = (Vec::with_capacity(half), Vec::with_capacity(half));
-    for (i, row) in values.chunks_exact(d).enumerate() {
-        if i % 2 == 0 { &mut gate } else { &mut up }.extend_from_slice(row);
+    /// w1, w2 and w3 from the checkpoint's MXFP4 blocks, kept in MXFP4.
+    fn gpt_oss_mxfp4(
+        source: &mut TensorSource<'_>,
+        n: usize,
+        d: usize,
+        f: usize,
+    ) -> Result<(ExpertMatrices, ExpertMatrices, ExpertMatrices)> {
+        for (key, rows, cols) in [
+            ("experts.gate_up_proj", 2 * f, d),
+            ("experts.down_proj", d, f),
+        ] {
+            let blocks = format!("{key}_blocks");
+            if packed_shape(source, &blocks)? != (n, rows, cols) {
+                return Err(MoeError::tensor(
+                    &source.full_name(&blocks),
+                    format!(
+                        "shape {:?}, expected [{n}, {rows}, {}, 16] ({})",
+                        source.shape_of(&blocks)?,
+                        cols / 32,
+                        source.dims_from
+                    ),
+                ));
+            }
+        }
+        let row_bytes = WeightFormat::Mxfp4.row_bytes(d, "experts.gate_up_proj_blocks")?;
+        let gate_up = mxfp4_experts(source, "experts.gate_up_proj", [n, 2 * f, d])?;
+        let (gate, up) = deinterleave_rows(&gate_up, row_bytes);
+        let down = mxfp4_experts(source, "experts.down_proj", [n, d, f])?;
+        let stored = |name: &str, dims: [usize; 3], bytes: Vec<u8>| {
+            ExpertMatrices::from_stored(WeightFormat::Mxfp4, dims, bytes, &source.full_name(name))
+        };
+        Ok((
+            stored("experts.gate_up_proj_blocks", [n, f, d], gate)?,
+            stored("experts.down_proj_blocks", [n, d, f], down)?,
+            stored("experts.gate_up_proj_blocks", [n, f, d], up)?,
+        ))
     }
-    (gate, up)
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::gpt_oss::GPT_OSS_KEYS;
+use super::gpt_oss::{is_gpt_oss, GPT_OSS_KEYS};
 use super::tensor_source::{rank2, rank3, TensorSource};
 use super::{LayerShape, MoeWeights, SharedExpert, SHARED_NAMES};
 use crate::config::Naming;
@@ -148,7 +148,7 @@ impl MoeWeights {
         names.sort();
         let mut considered = 0;
         let has = |key: &str| file.tensor(&format!("{prefix}{key}")).is_ok();
-        let gpt_oss = has("router.weight") && has("experts.gate_up_proj");
+        let gpt_oss = is_gpt_oss(has);
         for name in names {
             let Some(key) = name.strip_prefix(prefix) else {
                 continue;

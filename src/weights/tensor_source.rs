@@ -151,6 +151,38 @@ impl TensorSource<'_> {
             .map(Some)
     }
 
+    /// The bytes of the u8 tensor `key` (packed values such as MXFP4's), if present, with
+    /// its shape checked.
+    pub(super) fn packed_bytes(
+        &mut self,
+        key: &str,
+        expected: &[usize],
+        meaning: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let name = self.full_name(key);
+        let Ok(view) = self.file.tensor(&name) else {
+            return Ok(None);
+        };
+        if view.dtype() != safetensors::Dtype::U8 {
+            return Err(MoeError::tensor(
+                &name,
+                format!("dtype {:?}, expected U8 (packed bytes)", view.dtype()),
+            ));
+        }
+        if view.shape() != expected {
+            return Err(MoeError::tensor(
+                &name,
+                format!(
+                    "shape {:?}, expected {meaning} = {expected:?} ({})",
+                    view.shape(),
+                    self.dims_from
+                ),
+            ));
+        }
+        self.used.insert(name);
+        Ok(Some(view.data().to_vec()))
+    }
+
     /// The shape of `key` without reading it, or a "missing" error.
     pub(super) fn shape_of(&self, key: &str) -> Result<Vec<usize>> {
         let name = self.full_name(key);
