@@ -5,65 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::activation::{Activation, HiddenUnit};
 use crate::error::{MoeError, Result};
 use crate::weights::MoeWeights;
-
-/// The expert FFN's activation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    Relu,
-    /// Exact GELU, `0.5·x·(1 + erf(x/√2))` (PyTorch's default `nn.GELU()`).
-    Gelu,
-    /// Tanh-approximated GELU (`nn.GELU(approximate="tanh")`, T5's `gelu_new`).
-    GeluTanh,
-    /// `x·sigmoid(x)` (Mixtral's SwiGLU gate).
-    Silu,
-    /// `relu(x)²` (Nemotron-H).
-    Relu2,
-    /// `x·sigmoid(1.702·x)` (transformers' QuickGELU; ERNIE 4.5 VL's experts).
-    QuickGelu,
-    /// gpt-oss's clamped SwiGLU, gated only: with `a' = min(a, L)` and
-    /// `v' = clamp(v, −L, L)`, `h = a'·σ(α·a') ⊙ (v' + 1)` (`L = swiglu_limit`,
-    /// `α = swiglu_alpha`).
-    SwigluOai,
-}
-
-impl Activation {
-    /// The code the expert kernels use for it (see `shaders/expert_up.wgsl`).
-    pub(crate) fn shader_code(self) -> u32 {
-        match self {
-            Activation::Relu => 0,
-            Activation::Gelu => 1,
-            Activation::GeluTanh => 2,
-            Activation::Silu => 3,
-            Activation::Relu2 => 4,
-            Activation::SwigluOai => 5,
-            Activation::QuickGelu => 6,
-        }
-    }
-}
-
-/// What one hidden unit of an expert computes from its pre-activations: the activation of
-/// `a` and, for gated FFNs, the factor `v` contributes (`v` itself, or gpt-oss's
-/// `clamp(v, −L, L) + 1`), with swiglu_oai's limit and slope.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct HiddenUnit {
-    pub activation: Activation,
-    pub swiglu_limit: f32,
-    pub swiglu_alpha: f32,
-}
-
-impl From<Activation> for HiddenUnit {
-    /// The activation with gpt-oss's swiglu_oai constants (L = 7, α = 1.702).
-    fn from(activation: Activation) -> Self {
-        HiddenUnit {
-            activation,
-            swiglu_limit: 7.0,
-            swiglu_alpha: 1.702,
-        }
-    }
-}
 
 /// How the router turns logits into scores `p` (SPEC "The families people run").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +82,16 @@ impl From<&MoeConfig> for Router {
 /// 32-bit mask).
 pub const MAX_EXPERT_GROUPS: usize = 32;
 
+/// What the gate of a choice multiplies (with `scale_by_prob`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOn {
+    /// The expert's output, `g·E(x)` (every family but Llama 4).
+    Output,
+    /// The expert's input, `E(g·x)` (Llama 4).
+    Input,
+}
+
 /// What a token gets when every one of its assignments was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -182,8 +136,9 @@ pub struct MoeConfig {
     /// Whether experts drop assignments beyond their capacity.
     pub drop_tokens: bool,
     pub drop_policy: DropPolicy,
-    /// Multiply expert outputs by their gate weight.
+    /// Multiply expert outputs (or, with `gate_on: input`, inputs) by their gate weight.
     pub scale_by_prob: bool,
+    pub gate_on: GateOn,
     pub activation: Activation,
     /// swiglu_oai's clamp L (gpt-oss: 7).
     pub swiglu_limit: f32,
@@ -216,6 +171,7 @@ impl Default for MoeConfig {
             drop_tokens: true,
             drop_policy: DropPolicy::PassThrough,
             scale_by_prob: true,
+            gate_on: GateOn::Output,
             activation: Activation::Relu,
             swiglu_limit: 7.0,
             swiglu_alpha: 1.702,
@@ -232,7 +188,7 @@ impl Default for MoeConfig {
 }
 
 /// Every key of the config JSON.
-const KEYS: [&str; 19] = [
+const KEYS: [&str; 20] = [
     "n_experts",
     "top_k",
     "capacity_factor",
@@ -241,6 +197,7 @@ const KEYS: [&str; 19] = [
     "drop_tokens",
     "drop_policy",
     "scale_by_prob",
+    "gate_on",
     "activation",
     "swiglu_limit",
     "swiglu_alpha",
@@ -292,6 +249,7 @@ impl MoeConfig {
                 "drop_tokens" => config.drop_tokens = parse_value(&key, value)?,
                 "drop_policy" => config.drop_policy = parse_value(&key, value)?,
                 "scale_by_prob" => config.scale_by_prob = parse_value(&key, value)?,
+                "gate_on" => config.gate_on = parse_value(&key, value)?,
                 "activation" => config.activation = parse_value(&key, value)?,
                 "swiglu_limit" => config.swiglu_limit = parse_value(&key, value)?,
                 "swiglu_alpha" => config.swiglu_alpha = parse_value(&key, value)?,
@@ -431,6 +389,11 @@ impl MoeConfig {
             }),
             routed_scaling_factor: self.routed_scaling_factor,
         }
+    }
+
+    /// Whether the gates multiply the experts' inputs rather than their outputs.
+    pub fn gates_input(&self) -> bool {
+        self.scale_by_prob && self.gate_on == GateOn::Input
     }
 
     /// What the experts' hidden units compute.

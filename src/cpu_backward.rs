@@ -117,6 +117,13 @@ fn f32_values(matrices: &ExpertMatrices) -> &[f32] {
     matrices.f32_values().unwrap_or_default()
 }
 
+/// `sums += values`, elementwise.
+fn add(sums: &mut [f64], values: &[f64]) {
+    for (sum, value) in sums.iter_mut().zip(values) {
+        *sum += value;
+    }
+}
+
 fn to_f32(values: &[f64]) -> Vec<f32> {
     values.iter().map(|&v| v as f32).collect()
 }
@@ -142,16 +149,16 @@ impl<'a> Experts<'a> {
     }
 }
 
-/// The backward of `expert` on one token's row, its output scaled by `s` (dO = s·dy): adds
-/// its terms to the expert's sums and to the token's `x`, and returns dL/ds = dy·O. The
-/// pre-activations `a` (and `v` when gated), `h` and `o` are recomputed from `x`.
+/// The backward of `expert` on one input row, its output scaled by `s` (dO = s·dy): adds
+/// its terms to the expert's sums and returns dL/ds = dy·O and dL/d(input row). The
+/// pre-activations `a` (and `v` when gated), `h` and `o` are recomputed from the input.
 fn expert_backward(
     sums: &mut Sums,
     experts: &Experts<'_>,
-    (token, expert): (usize, usize),
+    expert: usize,
     (x_row, dy_row): (&[f32], &[f32]),
     s: f64,
-) -> f64 {
+) -> (f64, Vec<f64>) {
     let weights = experts.weights;
     let LayerShape {
         d_model: d,
@@ -187,6 +194,7 @@ fn expert_backward(
         .map(|(&a, &b)| a as f64 * b as f64)
         .sum();
     let d_out: Vec<f64> = dy_row.iter().map(|&v| s * v as f64).collect();
+    let mut dx = vec![0.0f64; d];
     let mut dh = vec![0.0f64; f];
     for (dd, &g_out) in d_out.iter().enumerate() {
         sums.b2[expert * d + dd] += g_out;
@@ -206,7 +214,7 @@ fn expert_backward(
         let row = (expert * f + ff) * d;
         for dd in 0..d {
             sums.w1[row + dd] += da * x_row[dd] as f64;
-            sums.x[token * d + dd] += da * w1_e[ff * d + dd] as f64;
+            dx[dd] += da * w1_e[ff * d + dd] as f64;
         }
         if let Some(w3_e) = w3_e {
             let dv = dh[ff]
@@ -216,11 +224,11 @@ fn expert_backward(
             sums.b3[expert * f + ff] += dv;
             for dd in 0..d {
                 sums.w3[row + dd] += dv * x_row[dd] as f64;
-                sums.x[token * d + dd] += dv * w3_e[ff * d + dd] as f64;
+                dx[dd] += dv * w3_e[ff * d + dd] as f64;
             }
         }
     }
-    ds
+    (ds, dx)
 }
 
 /// The gradients of `L = Σ dy ⊙ y + α·aux_loss + β·z_loss` (SPEC "Backward") for the
@@ -288,13 +296,25 @@ pub fn backward_with_prob_sum_grad(
             any_kept = true;
             let expert = routes[choice] as usize;
             let gate = routing.gates[token * k + choice];
+            if config.gates_input() {
+                // y += E(g·x): dx += g·∇E, dg = ⟨∇E, x⟩ (the input the forward scaled).
+                let input: Vec<f32> = x_row.iter().map(|v| gate * v).collect();
+                let (_, dx) = expert_backward(&mut sums, &experts, expert, (&input, dy_row), 1.0);
+                let dx_sums = &mut sums.x[token * d..(token + 1) * d];
+                for (sum, (&g, &x)) in dx_sums.iter_mut().zip(dx.iter().zip(x_row)) {
+                    *sum += gate as f64 * g;
+                    dg[choice] += g * x as f64;
+                }
+                continue;
+            }
             // s = g, or g / stop_gradient(g) (value 1, gradient 1/g) without scaling.
             let s = if config.scale_by_prob {
                 gate as f64
             } else {
                 1.0
             };
-            let ds = expert_backward(&mut sums, &experts, (token, expert), (x_row, dy_row), s);
+            let (ds, dx) = expert_backward(&mut sums, &experts, expert, (x_row, dy_row), s);
+            add(&mut sums.x[token * d..(token + 1) * d], &dx);
             dg[choice] = if config.scale_by_prob {
                 ds
             } else {
@@ -424,7 +444,8 @@ pub fn backward_experts(
         for j in 0..k {
             let expert = top_k_index[token * k + j] as usize;
             let w = top_k_weights[token * k + j] as f64;
-            let ds = expert_backward(&mut sums, &experts, (token, expert), rows, w);
+            let (ds, dx) = expert_backward(&mut sums, &experts, expert, rows, w);
+            add(&mut sums.x[token * d..(token + 1) * d], &dx);
             d_weights[token * k + j] = ds as f32;
         }
     }

@@ -192,7 +192,8 @@ pub fn combine_outputs(
             };
             any_kept = true;
             let expert = routing.routes[assignment] as usize;
-            let scale = if config.scale_by_prob {
+            // With gate_on: input the gate scaled the expert's input instead.
+            let scale = if config.scale_by_prob && !config.gates_input() {
                 routing.gates[assignment]
             } else {
                 1.0
@@ -285,24 +286,32 @@ pub fn forward(
     }
     let (loads, positions) = assign_positions(config, &routing.routes, num_experts, group_size);
 
-    // Each expert's kept tokens, in the order of its kept list.
-    let mut expert_tokens: Vec<Vec<&[f32]>> = loads
+    // Each expert's kept tokens (times their gates with gate_on: input), in the order of
+    // its kept list.
+    let mut expert_tokens: Vec<Vec<Vec<f32>>> = loads
         .kept
         .iter()
-        .map(|&n| vec![&x[..0]; n as usize])
+        .map(|&n| vec![Vec::new(); n as usize])
         .collect();
     for (assignment, position) in positions.iter().enumerate() {
         if let Some(position) = position {
             let token = assignment / top_k;
             let expert = routing.routes[assignment] as usize;
-            expert_tokens[expert][*position as usize] = &x[token * d_model..(token + 1) * d_model];
+            let row = &x[token * d_model..(token + 1) * d_model];
+            let scale = if config.gates_input() {
+                routing.gates[assignment]
+            } else {
+                1.0
+            };
+            expert_tokens[expert][*position as usize] = row.iter().map(|v| scale * v).collect();
         }
     }
     let expert_outputs: Vec<Vec<f32>> = expert_tokens
         .iter()
         .enumerate()
         .map(|(expert, rows)| {
-            let h = expert_up(rows, weights, expert, config.hidden_unit());
+            let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            let h = expert_up(&rows, weights, expert, config.hidden_unit());
             expert_down(&h, weights, expert)
         })
         .collect();

@@ -1,30 +1,22 @@
 //! The layer's config from a GGUF file's metadata (SPEC "The families people run"): what
-//! llama.cpp runs for the file's `general.architecture`, with the `{arch}.expert_*` keys
+//! llama.cpp runs for the file's `general.architecture` (llama, i.e. Mixtral, qwen2moe,
+//! qwen3moe, olmoe, deepseek2, glm4moe, gpt-oss, ernie4_5-moe, llama4), with the `{arch}.expert_*` keys
 //! over each family's defaults — the router's scores, groups, renormalisation and scale,
 //! the experts' activation, dropless as llama.cpp runs them. Whether the experts are gated,
 //! the shared expert, its gate and the score bias come with the tensors.
 //!
 //! An architecture outside the families keeps the plain layer's defaults with the experts
-//! and top-k the metadata gives (a layer config JSON supplies the rest); Llama 4, whose
-//! gate multiplies the experts' input, is a one-line refusal.
+//! and top-k the metadata gives (a layer config JSON supplies the rest).
 
-use crate::config::{Activation, GroupScore, MoeConfig, RouterScore};
+use crate::config::{Activation, GateOn, GroupScore, MoeConfig, RouterScore};
 use crate::error::{MoeError, Result};
 use crate::weights::{GgufLayerInfo, MoeWeights};
-
-/// The architectures derived, for the docs and errors.
-pub const GGUF_FAMILIES: &str =
-    "llama (Mixtral), qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe, gpt-oss, ernie4_5-moe";
 
 /// llama.cpp's `expert_gating_func` values.
 const GATING_SOFTMAX: u64 = 1;
 const GATING_SIGMOID: u64 = 2;
 /// A softmax over the chosen logits only: the same weights as softmax, top-k, renormalise.
 const GATING_SOFTMAX_WEIGHT: u64 = 3;
-
-fn error(message: String) -> MoeError {
-    MoeError::config("general.architecture", message)
-}
 
 /// The layer's config for `weights` as the file's metadata `info` describes it.
 pub fn config_from_gguf(info: &GgufLayerInfo, weights: &MoeWeights) -> Result<MoeConfig> {
@@ -66,13 +58,12 @@ pub fn config_from_gguf(info: &GgufLayerInfo, weights: &MoeWeights) -> Result<Mo
             swiglu_limit: 7.0,
             ..dropless
         },
-        "llama4" => {
-            return Err(error(
-                "llama4: its gate multiplies the experts' input (gate_on: input), which the \
-                 layer does not run yet"
-                    .into(),
-            ))
-        }
+        // llama.cpp weighs Llama 4's experts' input by the sigmoid of the chosen logit.
+        "llama4" => MoeConfig {
+            router_score: RouterScore::Sigmoid,
+            gate_on: GateOn::Input,
+            ..dropless
+        },
         _ => return Ok(plain),
     };
     match info.expert_gating_func {

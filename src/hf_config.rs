@@ -7,12 +7,12 @@
 
 use serde_json::Value;
 
-use crate::config::{Activation, MoeConfig, RouterScore};
+use crate::config::{Activation, GateOn, MoeConfig, RouterScore};
 use crate::error::{MoeError, Result};
 
 /// The families derived, for the errors.
 const FAMILIES: &str =
-    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, gpt_oss, ernie4_5_moe";
+    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, gpt_oss, ernie4_5_moe, llama4";
 
 /// Whether `value` is a transformers model config rather than the layer's own.
 pub fn is_transformers_config(value: &Value) -> bool {
@@ -90,6 +90,16 @@ fn is_dense(config: &Value, family: &str, layer: usize) -> bool {
             let every = count(config, &["moe_layer_interval"]).unwrap_or(1).max(1);
             layer < start || layer > end || !(layer - start).is_multiple_of(every)
         }
+        // Llama 4: the layers moe_layers lists, or every interleave_moe_layer_step-th.
+        "llama4" | "llama4_text" => match config.get("moe_layers").and_then(Value::as_array) {
+            Some(moe) => !moe.iter().any(|v| v.as_u64() == Some(layer as u64)),
+            None => {
+                let step = count(config, &["interleave_moe_layer_step"])
+                    .unwrap_or(1)
+                    .max(1);
+                !(layer + 1).is_multiple_of(step)
+            }
+        },
         _ => false,
     }
 }
@@ -162,13 +172,13 @@ pub fn config_from_transformers(model: &Value, prefix: Option<&str>) -> Result<M
             activation: activation(config, family)?,
             ..dropless
         },
-        "llama4" | "llama4_text" => {
-            return Err(error(
-                "llama4: its gate multiplies the experts' input (gate_on: input), which the \
-                 layer does not run yet"
-                    .into(),
-            ))
-        }
+        // The top-k of the logits, their sigmoids multiplying the experts' inputs.
+        "llama4" | "llama4_text" => MoeConfig {
+            router_score: RouterScore::Sigmoid,
+            gate_on: GateOn::Input,
+            activation: activation(config, family)?,
+            ..dropless
+        },
         other => {
             return Err(error(format!(
                 "{other:?}: switch_moe derives the layer of {FAMILIES}; give the layer's own \

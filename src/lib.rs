@@ -5,6 +5,7 @@
 //! routing, counting, a scan, a scatter, ONE grouped matmul over all experts for each of
 //! the two expert projections, and the combine. See README.md for the architecture.
 
+pub mod activation;
 pub mod config;
 pub mod cpu_backward;
 pub mod cpu_backward_kernels;
@@ -29,8 +30,8 @@ pub mod web;
 pub mod weights;
 
 pub use config::{
-    Activation, DropPolicy, ExpertGroups, GroupScore, HiddenUnit, MoeConfig, Naming, Router,
-    RouterScore,
+    Activation, DropPolicy, ExpertGroups, GateOn, GroupScore, HiddenUnit, MoeConfig, Naming,
+    Router, RouterScore,
 };
 pub use cpu_backward::LossCoefficients;
 pub use error::{MoeError, Result};

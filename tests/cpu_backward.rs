@@ -232,11 +232,14 @@ impl Layer {
     }
 
     /// One expert on one token: E(x) = act(x·W1ᵀ + b1) (⊙ (x·W3ᵀ + b3)) · W2ᵀ + b2.
-    fn expert(&self, p: &Params, e: usize, t: usize) -> Vec<f64> {
+    /// Expert e on token t's row times `input_scale` (gate_on: input's gate, or 1).
+    fn expert(&self, p: &Params, e: usize, t: usize, input_scale: f64) -> Vec<f64> {
         let (d, f) = (self.d, self.f);
         let x = &p.x[t * d..(t + 1) * d];
         let linear = |w: &[f64], b: &Option<Vec<f64>>, row: usize| -> f64 {
-            (0..d).map(|i| x[i] * w[(e * f + row) * d + i]).sum::<f64>()
+            (0..d)
+                .map(|i| input_scale * x[i] * w[(e * f + row) * d + i])
+                .sum::<f64>()
                 + b.as_ref().map_or(0.0, |b| b[e * f + row])
         };
         let h: Vec<f64> = (0..f)
@@ -320,9 +323,15 @@ impl Layer {
                 } else {
                     gates[assignment] / decisions.gates[assignment]
                 };
-                let out = self.expert(p, decisions.routes[assignment] as usize, t);
+                let expert = decisions.routes[assignment] as usize;
+                let (input_scale, output_scale) = if self.config.gates_input() {
+                    (s, 1.0)
+                } else {
+                    (1.0, s)
+                };
+                let out = self.expert(p, expert, t, input_scale);
                 for i in 0..d {
-                    y[i] += s * out[i];
+                    y[i] += output_scale * out[i];
                 }
             }
             if !any_kept && self.config.drop_policy == DropPolicy::PassThrough {
@@ -542,6 +551,25 @@ fn shared_experts_gated_or_not_with_and_without_their_gate() {
     let (mut weights, x, dy) = setup(&qwen, 3, 5, 4, 8, true, 11);
     weights.shared = Some(SharedExpert::random((5, 3), false, true, true, 12));
     check_differences(qwen, &weights, (&x, &dy), BOTH);
+}
+
+#[test]
+fn gates_on_the_input_sigmoid_top2_with_biases_dropping_and_a_shared_expert() {
+    // Llama 4's routing (sigmoid gates on the experts' input), with biases, a scale and
+    // dropping (pass-through) beyond it.
+    let llama4 = MoeConfig {
+        top_k: 2,
+        gated: true,
+        activation: Activation::Silu,
+        router_score: RouterScore::Sigmoid,
+        gate_on: switch_moe::GateOn::Input,
+        routed_scaling_factor: 1.5,
+        capacity_factor: 0.75,
+        ..MoeConfig::default()
+    };
+    let (mut weights, x, dy) = setup(&llama4, 4, 5, 6, 9, true, 13);
+    weights.shared = Some(SharedExpert::random((5, 6), true, true, false, 14));
+    check_differences(llama4, &weights, (&x, &dy), BOTH);
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! make_family_fixtures.py from transformers 5.23's own MoE blocks in float64): DeepSeek-V3
 //! and GLM-4.5 (sigmoid, score bias, groups, scaling, a shared expert), Qwen2-MoE (a gated
 //! shared expert), Qwen3-MoE, OLMoE, gpt-oss (router bias, swiglu_oai, interleaved gate/up
-//! with biases) and ERNIE 4.5 (softmax with a score bias, a shared expert). The CPU
-//! reference must give their output and every gradient, and so must the GPU (a shared
-//! expert trains there as the experts it rides as).
+//! with biases), ERNIE 4.5 (softmax with a score bias, a shared expert) and Llama 4 (top-k
+//! sigmoid gates on the experts' input, a shared expert). The CPU reference must give their
+//! output and every gradient, and so must the GPU (a shared expert trains there as the
+//! experts it rides as) for all but Llama 4, which the GPU refuses by name.
 //!
 //! Tolerance: as tests/backward_fixtures.rs argues, f32 recomputation of the forward errs by
 //! (D + F + N)·2⁻²⁴ relative to the magnitudes summed: per tensor |a − b| ≤ 1e-5·max|b| +
@@ -20,7 +21,7 @@ use switch_moe::cpu_reference;
 use switch_moe::tensor_io::{parse_safetensors, read_f32, F32Tensor};
 use switch_moe::{Gradients, LayerOptions, MoeConfig, MoeLayer, MoeWeights, Naming};
 
-const FAMILIES: [&str; 7] = [
+const FAMILIES: [&str; 8] = [
     "deepseek_v3",
     "glm4_moe",
     "qwen2_moe",
@@ -28,6 +29,7 @@ const FAMILIES: [&str; 7] = [
     "olmoe",
     "gpt_oss",
     "ernie4_5_moe",
+    "llama4_text",
 ];
 const NO_LOSSES: LossCoefficients = LossCoefficients { aux: 0.0, z: 0.0 };
 
@@ -147,6 +149,13 @@ fn the_gpu_gives_each_familys_output_and_gradients() {
     let context = gpu();
     for name in FAMILIES {
         let f = load(name);
+        if f.config.gates_input() {
+            let Err(error) = MoeLayer::new(&context, f.config.clone(), &f.weights) else {
+                panic!("{name}: the GPU ran gate_on: input");
+            };
+            assert!(error.to_string().contains("gate_on"), "{name}: {error}");
+            continue;
+        }
         let rows = (f.x.shape[0] * f.config.top_k) as f64;
         let relative = 1e-5 + 8.0 * rows * f32::EPSILON as f64 / 2.0;
         let layer = MoeLayer::new(&context, f.config.clone(), &f.weights)
@@ -176,7 +185,8 @@ fn the_blocks_own_state_dicts_load_as_the_native_weights() {
     // transformers 5.x's names: gate.weight, gate.e_score_correction_bias (ERNIE's in
     // gate.moe_statics), experts.gate_up_proj / down_proj, shared_experts.* or
     // shared_expert.* with shared_expert_gate.weight; gpt-oss's own router.weight/bias,
-    // experts.gate_up_proj [N, D, 2F] interleaved and down_proj [N, F, D], with biases.
+    // experts.gate_up_proj [N, D, 2F] interleaved and down_proj [N, F, D], with biases;
+    // Llama 4's router.weight, gate_up_proj [N, D, 2F] in halves and shared_expert.*.
     for name in FAMILIES {
         let bytes = std::fs::read(path(name, "weights.safetensors")).unwrap();
         let theirs = MoeWeights::from_safetensors_bytes(&bytes, Naming::Auto, None, name)

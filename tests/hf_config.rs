@@ -41,6 +41,7 @@ fn each_familys_model_config_gives_its_layer_config() {
         ("olmoe", 0),
         ("gpt_oss", 0),
         ("ernie4_5_moe", 1),
+        ("llama4_text", 0),
     ] {
         let prefix = format!("model.layers.{layer}.mlp.");
         let derived = config_from_transformers(&transformers_config(name), Some(&prefix))
@@ -61,7 +62,9 @@ fn dense_layers_and_other_families_are_refused_in_one_line() {
     qwen["decoder_sparse_step"] = json!(2);
     assert!(refusal(&qwen, Some("model.layers.2.mlp.")).contains("dense"));
     assert!(refusal(&json!({"model_type": "phimoe"}), None).contains("sparsemixer"));
-    assert!(refusal(&json!({"model_type": "llama4"}), None).contains("gate_on: input"));
+    let mut llama4 = transformers_config("llama4_text");
+    llama4["moe_layers"] = json!([1, 3]);
+    assert!(refusal(&llama4, Some("model.layers.2.feed_forward.")).contains("dense"));
     let unknown = refusal(&json!({"model_type": "bert"}), None);
     assert!(
         unknown.contains("\"bert\"") && unknown.contains("deepseek_v3"),

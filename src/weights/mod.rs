@@ -1,7 +1,7 @@
 //! `MoeWeights`: the layer's tensors in the native layout, the expert matrices in the
 //! format they were stored in, loaded from the namings people's checkpoints use (native,
 //! labml_nn, Hugging Face Switch, Mixtral and the families in safetensors: `namings`,
-//! gpt-oss's own: `gpt_oss`; llama.cpp's GGUF:
+//! gpt-oss's and Llama 4's transposed experts: `transposed`; llama.cpp's GGUF:
 //! `gguf_layer`), or initialised from a seed.
 //!
 //! Native layout (`nn.Linear`'s `[out, in]` per expert, experts stacked first):
@@ -9,10 +9,10 @@
 //! (+ `b2 [N, D]`), and for gated FFNs `w3 [N, F, D]` (+ `b3 [N, F]`).
 
 mod gguf_layer;
-mod gpt_oss;
 mod namings;
 mod shared;
 mod tensor_source;
+mod transposed;
 
 pub use gguf_layer::{is_gguf, GgufLayerInfo};
 pub use shared::{SharedExpert, SHARED_NAMES};

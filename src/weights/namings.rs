@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::gpt_oss::{is_gpt_oss, GPT_OSS_KEYS};
 use super::tensor_source::{rank2, rank3, TensorSource};
+use super::transposed::{Transposed, TRANSPOSED_KEYS};
 use super::{LayerShape, MoeWeights, SharedExpert, SHARED_NAMES};
 use crate::config::Naming;
 use crate::error::{MoeError, Result};
@@ -28,6 +28,9 @@ enum Layout {
     HfMixtralRouter,
     /// transformers' gpt-oss: `router.*` with `experts.gate_up_proj [N, D, 2F]` and biases.
     HfGptOss,
+    /// transformers' Llama 4: `router.weight` with `experts.gate_up_proj [N, D, 2F]`, no
+    /// biases, and `shared_expert.*`.
+    HfLlama4,
 }
 
 impl Layout {
@@ -39,7 +42,8 @@ impl Layout {
             Layout::HfMixtralPerExpert
             | Layout::HfMixtralStacked
             | Layout::HfMixtralRouter
-            | Layout::HfGptOss => Naming::HfMixtral,
+            | Layout::HfGptOss
+            | Layout::HfLlama4 => Naming::HfMixtral,
         }
     }
 }
@@ -148,16 +152,20 @@ impl MoeWeights {
         names.sort();
         let mut considered = 0;
         let has = |key: &str| file.tensor(&format!("{prefix}{key}")).is_ok();
-        let gpt_oss = is_gpt_oss(has);
+        let transposed = Transposed::of(has);
         for name in names {
             let Some(key) = name.strip_prefix(prefix) else {
                 continue;
             };
             considered += 1;
-            let layout = if gpt_oss && GPT_OSS_KEYS.contains(&key) {
-                Some(Layout::HfGptOss)
-            } else {
-                layout_of(key)
+            let layout = match transposed {
+                Some(Transposed::GptOss) if TRANSPOSED_KEYS.contains(&key) => {
+                    Some(Layout::HfGptOss)
+                }
+                Some(Transposed::Llama4) if TRANSPOSED_KEYS.contains(&key) => {
+                    Some(Layout::HfLlama4)
+                }
+                _ => layout_of(key),
             };
             let layout = layout.ok_or_else(|| {
                 MoeError::tensor(
@@ -208,6 +216,7 @@ impl MoeWeights {
             }
             Layout::HfMixtralStacked => Self::read_mixtral_stacked(&mut source)?,
             Layout::HfGptOss => Self::read_gpt_oss(&mut source)?,
+            Layout::HfLlama4 => Self::read_llama4(&mut source)?,
         };
         // Everything of the layer must have been used: an extra expert or tensor is an error.
         for name in file.names() {
@@ -284,7 +293,10 @@ impl MoeWeights {
     /// transformers 5.x's shared expert, if there: `shared_experts.*` (DeepSeek, GLM, ERNIE)
     /// or `shared_expert.*` with `shared_expert_gate.weight` (Qwen2-MoE), each an MLP of
     /// `gate_proj [Fs, D]`, `up_proj [Fs, D]`, `down_proj [D, Fs]`.
-    fn read_hf_shared(source: &mut TensorSource<'_>, d: usize) -> Result<Option<SharedExpert>> {
+    pub(super) fn read_hf_shared(
+        source: &mut TensorSource<'_>,
+        d: usize,
+    ) -> Result<Option<SharedExpert>> {
         let Some(base) = ["shared_experts", "shared_expert"]
             .into_iter()
             .find(|base| source.shape_of(&format!("{base}.gate_proj.weight")).is_ok())

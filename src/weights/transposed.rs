@@ -1,4 +1,7 @@
-//! transformers' gpt-oss experts (`GptOssExperts`), which name and lay out their own:
+//! transformers' experts stored `[in, out]`, under the router name `router.weight` (the
+//! native one): gpt-oss's and Llama 4's.
+//!
+//! gpt-oss's (`GptOssExperts`) name and lay out their own:
 //! `router.weight [N, D]` and `router.bias [N]` (the native names), `experts.gate_up_proj
 //! [N, D, 2F]` — `[in, out]`, the gate and up columns interleaved (gate at even columns,
 //! up at odd) — with `experts.gate_up_proj_bias [N, 2F]`, and `experts.down_proj [N, F, D]`
@@ -11,6 +14,11 @@
 //! up rows interleaved, and `experts.down_proj_blocks [N, D, F/32, 16]` with its scales.
 //! Those are kept in MXFP4: each 32 values are repacked into ggml's block (the scale byte,
 //! then value j in the low nibble of byte j and value j + 16 in its high nibble).
+//!
+//! Llama 4's (`Llama4TextExperts`): `experts.gate_up_proj [N, D, 2F]` with the gate's F
+//! columns first, then up's, `experts.down_proj [N, F, D]`, no biases, and the shared
+//! expert `shared_expert.{gate,up,down}_proj.weight`. Told from gpt-oss's by the biases,
+//! which gpt-oss's experts always carry and Llama 4's never.
 
 use super::tensor_source::{rank2, TensorSource};
 use super::{LayerShape, MoeWeights};
@@ -18,8 +26,8 @@ use crate::error::{MoeError, Result};
 use crate::formats::{ExpertMatrices, WeightFormat};
 
 /// gpt-oss's names: `router.weight` with `experts.gate_up_proj` (or its MXFP4 blocks)
-/// marks its layout.
-pub(super) const GPT_OSS_KEYS: [&str; 10] = [
+/// marks the layout; Llama 4's are among them.
+pub(super) const TRANSPOSED_KEYS: [&str; 10] = [
     "router.weight",
     "router.bias",
     "experts.gate_up_proj",
@@ -32,9 +40,26 @@ pub(super) const GPT_OSS_KEYS: [&str; 10] = [
     "experts.down_proj_bias",
 ];
 
-/// Whether the layer's tensors (prefix stripped) are gpt-oss's.
-pub(super) fn is_gpt_oss(has: impl Fn(&str) -> bool) -> bool {
-    has("router.weight") && (has("experts.gate_up_proj") || has("experts.gate_up_proj_blocks"))
+/// Whose transposed experts the layer's tensors (prefix stripped) are, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Transposed {
+    GptOss,
+    Llama4,
+}
+
+impl Transposed {
+    pub(super) fn of(has: impl Fn(&str) -> bool) -> Option<Self> {
+        if !has("router.weight") {
+            return None;
+        }
+        if has("experts.gate_up_proj_blocks") || has("experts.gate_up_proj_bias") {
+            Some(Transposed::GptOss)
+        } else if has("experts.gate_up_proj") {
+            Some(Transposed::Llama4)
+        } else {
+            None
+        }
+    }
 }
 
 /// Each expert's `[rows, cols]` transposed: `[N, rows, cols]` → `[N, cols, rows]`.
@@ -103,6 +128,50 @@ fn mxfp4_experts(
 }
 
 impl MoeWeights {
+    /// Llama 4's experts and shared expert.
+    pub(super) fn read_llama4(source: &mut TensorSource<'_>) -> Result<Self> {
+        let router_shape = source.shape_of("router.weight")?;
+        let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
+        let name = source.full_name("experts.gate_up_proj");
+        let gate_up_shape = source.shape_of("experts.gate_up_proj")?;
+        let two_f = match gate_up_shape[..] {
+            [_, _, two_f] if two_f % 2 == 0 => two_f,
+            _ => {
+                return Err(MoeError::tensor(
+                    &name,
+                    format!("shape {gate_up_shape:?}, expected [N, D, 2F] (2F even)"),
+                ))
+            }
+        };
+        let f = two_f / 2;
+        source.dims_from = format!(
+            "N, D from `{}` {router_shape:?}, 2F from `{name}` {gate_up_shape:?}",
+            source.full_name("router.weight")
+        );
+        let gate_up = source.required("experts.gate_up_proj", &[n, d, two_f], "[N, D, 2F]")?;
+        let gate_up = transpose_experts(&gate_up, [n, d, two_f]);
+        // Rows :F of each [2F, D] expert are the gate's (w1), rows F: up's (w3).
+        let (w1, w3) = ExpertMatrices::from_f32(n, two_f, d, gate_up).split_rows(f, &name)?;
+        let down = source.required("experts.down_proj", &[n, f, d], "[N, F, D]")?;
+        Ok(MoeWeights {
+            shape: LayerShape {
+                num_experts: n,
+                d_model: d,
+                d_ff: f,
+            },
+            router_weight: source.required("router.weight", &[n, d], "[N, D]")?,
+            router_bias: None,
+            score_bias: None,
+            w1,
+            b1: None,
+            w2: ExpertMatrices::from_f32(n, d, f, transpose_experts(&down, [n, f, d])),
+            b2: None,
+            w3: Some(w3),
+            b3: None,
+            shared: Self::read_hf_shared(source, d)?,
+        })
+    }
+
     pub(super) fn read_gpt_oss(source: &mut TensorSource<'_>) -> Result<Self> {
         let router_shape = source.shape_of("router.weight")?;
         let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
