@@ -16,8 +16,9 @@ struct CombineParams {
     // The routed choices, the first of top_k: the pass-through and the drop policy concern
     // them only; the shared expert's choices after them are always weighed by their gates.
     routed_top_k: u32,
+    // 1 with gate_on: input: the gates scaled the experts' inputs (expert_up), not here.
+    gate_input: u32,
     _pad0: u32,
-    _pad1: u32,
 }
 
 const WORKGROUP: u32 = 256u;
@@ -46,6 +47,7 @@ fn main(
     let column = index % d_model;
     let top_k = params.top_k;
     let scale_by_prob = params.scale_by_prob != 0u;
+    let scale_outputs = scale_by_prob && params.gate_input == 0u;
 
     var sum = 0.0;
     var any_kept = false;
@@ -53,7 +55,7 @@ fn main(
         let slot = assignment_slot[token * top_k + choice];
         if (slot != DROPPED) {
             any_kept = true;
-            let scale = select(1.0, gates[token * top_k + choice], scale_by_prob);
+            let scale = select(1.0, gates[token * top_k + choice], scale_outputs);
             sum += scale * expert_out[slot * d_model + column];
         }
     }

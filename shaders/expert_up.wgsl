@@ -25,7 +25,10 @@
 // [shard experts, F4] b1, then [shard experts, F4] b3 when GATED, 11 hidden [slots, F4]; D4 and
 // F4 are D and F rounded up to a multiple of 4; 12 pre_activations [slots][F4] a, each
 // followed by its v when GATED, written only when KEEP_PRE_ACTIVATIONS (a trainable
-// layer's forward keeps them for expert_hidden_backward; a 1-float dummy otherwise).
+// layer's forward keeps them for expert_hidden_backward; a 1-float dummy otherwise),
+// 13 slot_gate [slots]: with GATE_INPUT (gate_on: input) each slot's projections are
+// multiplied by its gate before the biases, W1·(g·x) = g·(W1·x) (scatter_assignments
+// writes it; read only then).
 
 struct ExpertParams {
     d_model: u32,
@@ -53,6 +56,8 @@ override ROW_QUADS: u32 = 2u;
 override LANES: u32 = 64u;
 // Whether the pre-activations a (and v) are stored too (trainable layers).
 override KEEP_PRE_ACTIVATIONS: bool = false;
+// Whether the gate multiplies the expert's input (Llama 4) rather than its output.
+override GATE_INPUT: bool = false;
 
 @group(0) @binding(0) var<uniform> params: ExpertParams;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;
@@ -67,6 +72,7 @@ override KEEP_PRE_ACTIVATIONS: bool = false;
 @group(0) @binding(10) var<storage, read> up_bias: array<f32>;
 @group(0) @binding(11) var<storage, read_write> hidden: array<f32>;
 @group(0) @binding(12) var<storage, read_write> pre_activations: array<f32>;
+@group(0) @binding(13) var<storage, read> slot_gate: array<f32>;
 
 // Four x rows (texture rows `rows` of layers `layers`) at texel k4, transposed: row i of the
 // result is x row i.
@@ -98,13 +104,17 @@ fn store_quad(up: mat4x4<f32>, gate: mat4x4<f32>, row: u32, col: u32, rows_end: 
         if (slot >= rows_end) {
             break;
         }
+        var input_scale = 1.0;
+        if (GATE_INPUT) {
+            input_scale = slot_gate[slot];
+        }
         for (var c = 0u; c < 4u; c++) {
             let column = col + c;
             if (column < d_ff) {
-                let a = up[c][r] + up_bias[bias_at + column];
+                let a = input_scale * up[c][r] + up_bias[bias_at + column];
                 var h = activate(a);
                 if (GATED) {
-                    let v = gate[c][r] + up_bias[gate_bias_at + bias_at + column];
+                    let v = input_scale * gate[c][r] + up_bias[gate_bias_at + bias_at + column];
                     h *= gate_value(v);
                     if (KEEP_PRE_ACTIVATIONS) {
                         pre_activations[(2u * slot + 1u) * f_stride + column] = v;

@@ -5,9 +5,11 @@
 // result never depends on GPU scheduling. Ranks at or beyond the capacity are dropped.
 //
 // Dispatch: one workgroup per block (as count_experts), one invocation per token.
+// With GATE_INPUT (gate_on: input, Llama 4) it also gives every slot its routed choice's
+// gate, which expert_up multiplies the expert's input by (1 for a shared expert's slice).
 // Bindings: 0 params, 1 routes [T, k], 2 block_offsets [blocks, k, N],
 // 3 group_kept_prefix [groups, N], 4 expert_table, 5 slot_token [slots],
-// 6 assignment_slot [T, k] (slot, or DROPPED).
+// 6 assignment_slot [T, k] (slot, or DROPPED), 7 gates [T, k], 8 slot_gate [slots].
 
 struct AssignParams {
     num_tokens: u32,
@@ -26,6 +28,7 @@ struct AssignParams {
 }
 
 const BLOCK_TOKENS: u32 = 128u;
+override GATE_INPUT: bool = false;
 const DROPPED: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> params: AssignParams;
@@ -35,6 +38,8 @@ const DROPPED: u32 = 0xffffffffu;
 @group(0) @binding(4) var<storage, read> expert_table: array<u32>;
 @group(0) @binding(5) var<storage, read_write> slot_token: array<u32>;
 @group(0) @binding(6) var<storage, read_write> assignment_slot: array<u32>;
+@group(0) @binding(7) var<storage, read> gates: array<f32>;
+@group(0) @binding(8) var<storage, read_write> slot_gate: array<f32>;
 
 var<workgroup> block_routes: array<u32, BLOCK_TOKENS>;
 
@@ -74,6 +79,10 @@ fn main(
                 slot = expert_table[tile_start_at + expert] * params.row_tile
                     + group_kept_prefix[group * num_experts + expert] + rank;
                 slot_token[slot] = token;
+                if (GATE_INPUT) {
+                    let routed = expert < params.routed_experts;
+                    slot_gate[slot] = select(1.0, gates[token * top_k + choice], routed);
+                }
             }
             assignment_slot[token * top_k + choice] = slot;
         }

@@ -185,3 +185,76 @@ fn bias_balancing_moves_the_score_bias_by_the_rule_and_the_next_forward_uses_it(
         "router.score_bias"
     );
 }
+
+/// Llama 4's routing: top-k sigmoid gates multiplying the experts' input, `E(g·x)`, with
+/// a shared expert (ungated, as Llama 4's; and with Qwen's sigmoid gate, which still weighs
+/// its output), biases, scaling, heavy dropping with pass-through, T = 1, N = 1, sizes off
+/// every tile; training such a layer on the GPU is refused by name.
+#[test]
+fn gates_on_the_experts_input() {
+    let llama4 = MoeConfig {
+        top_k: 1,
+        router_score: RouterScore::Sigmoid,
+        gate_on: switch_moe::GateOn::Input,
+        drop_tokens: false,
+        gated: true,
+        activation: switch_moe::Activation::Silu,
+        ..MoeConfig::default()
+    };
+    let mut weights = MoeWeights::random(shape(16, 40, 36), true, false, 41);
+    weights.shared = Some(switch_moe::weights::SharedExpert::random(
+        (40, 36),
+        true,
+        false,
+        false,
+        42,
+    ));
+    check(&llama4, &weights, 77, 41);
+    check(&llama4, &weights, 1, 42);
+    let mut gated_shared = weights.clone();
+    gated_shared.shared = Some(switch_moe::weights::SharedExpert::random(
+        (40, 20),
+        true,
+        false,
+        true,
+        43,
+    ));
+    let top2 = MoeConfig {
+        top_k: 2,
+        routed_scaling_factor: 1.5,
+        ..llama4.clone()
+    };
+    check(&top2, &gated_shared, 50, 43);
+    // Ungated relu with biases, heavy dropping and pass-through; one expert.
+    let dropping = MoeConfig {
+        top_k: 2,
+        router_score: RouterScore::Sigmoid,
+        gate_on: switch_moe::GateOn::Input,
+        capacity_factor: 0.5,
+        ..MoeConfig::default()
+    };
+    check(
+        &dropping,
+        &MoeWeights::random(shape(6, 13, 35), false, true, 44),
+        90,
+        44,
+    );
+    let one = MoeConfig {
+        top_k: 1,
+        ..dropping.clone()
+    };
+    check(
+        &one,
+        &MoeWeights::random(shape(1, 9, 5), false, true, 45),
+        33,
+        45,
+    );
+    let options = switch_moe::LayerOptions {
+        trainable: true,
+        ..switch_moe::LayerOptions::default()
+    };
+    let Err(error) = MoeLayer::with_options(&gpu(), llama4, &weights, options) else {
+        panic!("a gate_on: input layer trained on the GPU");
+    };
+    assert!(error.to_string().contains("gate_on"), "{error}");
+}

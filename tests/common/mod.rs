@@ -106,13 +106,17 @@ pub fn magnitude_of_y(
                 continue;
             }
             let expert = reference.routes[token * k + choice] as usize;
-            let h = hidden_magnitude(config, &abs_row, &abs_weights, expert);
-            let out = cpu_reference::expert_down(&h, &abs_weights, expert);
-            let scale = if config.scale_by_prob {
-                reference.gates[token * k + choice] as f64
+            let gate = reference.gates[token * k + choice];
+            // With gate_on: input the FFN on |x| runs on g·|x|, unscaled after.
+            let (input, scale) = if config.gates_input() {
+                (abs_row.iter().map(|v| gate * v).collect(), 1.0)
+            } else if config.scale_by_prob {
+                (abs_row.clone(), gate as f64)
             } else {
-                1.0
+                (abs_row.clone(), 1.0)
             };
+            let h = hidden_magnitude(config, &input, &abs_weights, expert);
+            let out = cpu_reference::expert_down(&h, &abs_weights, expert);
             for (m, o) in magnitude[token * d_model..(token + 1) * d_model]
                 .iter_mut()
                 .zip(&out)
@@ -272,8 +276,17 @@ pub fn assert_matches_reference(
         + 16.0)
         * U
         + activation_relative(config.activation);
+    // A gate on the input moves a (and v) by its relative error, h by up to
+    // Lipschitz·gated times it.
+    let gate_relative = if config.gates_input() {
+        ACTIVATION_LIPSCHITZ * gated * prob_relative
+    } else {
+        0.0
+    };
     assert_close("y", &gpu.y, &cpu.y, |i| {
-        ffn_relative * magnitude[i] + prob_relative * (cpu.y[i] as f64).abs() + 1e-30
+        (ffn_relative + gate_relative) * magnitude[i]
+            + prob_relative * (cpu.y[i] as f64).abs()
+            + 1e-30
     });
 }
 

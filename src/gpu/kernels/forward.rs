@@ -34,6 +34,8 @@ pub struct ExpertMatmuls {
     swiglu: (f64, f64),
     /// 1 in a trainable layer: expert_up also stores the pre-activations.
     keep_pre_activations: f64,
+    /// 1 with `gate_on: input`: expert_up scales each slot's projections by its gate.
+    gate_input: f64,
     /// The shader codes of W1's, W3's and W2's stored formats.
     formats: [f64; 3],
     variants: [OnceLock<MatmulPipelines>; TILINGS],
@@ -56,7 +58,7 @@ impl ExpertMatmuls {
             up_layout: bind_group_layout(
                 device,
                 "expert_up",
-                &[U, T, Ro, Ro, W, W, W, W, W, W, Ro, Rw, Rw],
+                &[U, T, Ro, Ro, W, W, W, W, W, W, Ro, Rw, Rw, Ro],
             ),
             down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, W, W, W, Ro, Rw]),
             up_module: shader_module(device, shaders::EXPERT_UP),
@@ -65,6 +67,7 @@ impl ExpertMatmuls {
             gated: if config.gated { 1.0 } else { 0.0 },
             swiglu: (config.swiglu_limit as f64, config.swiglu_alpha as f64),
             keep_pre_activations: if keep_pre_activations { 1.0 } else { 0.0 },
+            gate_input: if config.gates_input() { 1.0 } else { 0.0 },
             formats: formats.map(|f| f.shader_code() as f64),
             variants: Default::default(),
         }
@@ -86,6 +89,7 @@ impl ExpertMatmuls {
                 ("SWIGLU_ALPHA", self.swiglu.1),
                 ("GATED", self.gated),
                 ("KEEP_PRE_ACTIVATIONS", self.keep_pre_activations),
+                ("GATE_INPUT", self.gate_input),
                 ("W1_FORMAT", self.formats[0]),
                 ("W3_FORMAT", self.formats[1]),
             ]);
@@ -154,10 +158,11 @@ impl Kernels {
                 shaders::REDUCE_ROUTER_STATS,
                 &[U, Ro, Ro, Rw],
             ),
-            scatter_assignments: Kernel::new(
+            scatter_assignments: Kernel::with_constants(
                 device,
                 shaders::SCATTER_ASSIGNMENTS,
-                &[U, Ro, Ro, Ro, Ro, Rw, Rw],
+                &[U, Ro, Ro, Ro, Ro, Rw, Rw, Ro, Rw],
+                &[("GATE_INPUT", if config.gates_input() { 1.0 } else { 0.0 })],
             ),
             expert_matmuls: ExpertMatmuls::new(device, config, formats, keep_pre_activations),
             combine_outputs: Kernel::new(

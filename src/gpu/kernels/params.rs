@@ -70,7 +70,9 @@ pub struct CombineParams {
     /// The routed choices (the first of top_k): a token passes through when all of them
     /// dropped; the shared expert's after them are always weighed by their gates.
     pub routed_top_k: u32,
-    pub _pad: [u32; 2],
+    /// 1 with `gate_on: input`: the gates scaled the experts' inputs instead.
+    pub gate_input: u32,
+    pub _pad: u32,
 }
 
 /// `StatsParams` of reduce_router_stats.

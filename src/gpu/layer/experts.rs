@@ -144,6 +144,13 @@ impl MoeLayer {
                  without the shared expert (add it yourself, as transformers' blocks do)",
             ));
         }
+        if self.config.gates_input() {
+            return Err(MoeError::config(
+                "gate_on",
+                "forward_experts weighs the experts' outputs by the caller's weights: build \
+                 the experts-only layer with gate_on: output",
+            ));
+        }
         let num_tokens = num_tokens_of(shape, x.len(), self.shape.d_model)?;
         let n = self.shape.num_experts;
         let top_k = check_routes(n, num_tokens, top_k_index, top_k_weights)?;

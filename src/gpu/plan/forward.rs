@@ -43,6 +43,8 @@ pub struct ForwardPlan {
     /// The router's scores, groups and scaling (route_tokens).
     pub router: Router,
     pub scale_by_prob: bool,
+    /// `gate_on: input`: the gates multiply the experts' inputs (expert_up), not outputs.
+    pub gate_input: bool,
     pub pass_through: bool,
     /// The expert matmuls' tiling for this batch.
     pub tiling: MatmulTiling,
@@ -125,6 +127,7 @@ impl ForwardPlan {
             normalize_top_k: config.normalize_top_k,
             router: config.router(),
             scale_by_prob: config.scale_by_prob,
+            gate_input: config.gates_input(),
             pass_through: config.drop_policy == DropPolicy::PassThrough,
             tiling,
             max_tiles: tile_bound(tiling.row_tile()),
@@ -258,7 +261,8 @@ impl ForwardPlan {
                 scale_by_prob: self.scale_by_prob as u32,
                 pass_through: self.pass_through as u32,
                 routed_top_k: self.router.top_k as u32,
-                _pad: [0; 2],
+                gate_input: self.gate_input as u32,
+                _pad: 0,
             },
             stats: StatsParams {
                 num_tokens: self.num_tokens as u32,

@@ -49,6 +49,8 @@ pub struct Scratch {
     pub dispatch_args: wgpu::Buffer,
     pub slot_token: wgpu::Buffer,
     pub assignment_slot: wgpu::Buffer,
+    /// Each slot's gate with `gate_on: input` (scatter_assignments, read by expert_up).
+    pub slot_gate: wgpu::Buffer,
     pub hidden: wgpu::Buffer,
     pub expert_out: wgpu::Buffer,
     /// The pre-activations of a trainable layer's forward (expert_up.wgsl).
@@ -93,6 +95,7 @@ impl Scratch {
             ),
             slot_token: buffer("slot_token", sizes.slots, copy_src),
             assignment_slot: buffer("assignment_slot", sizes.assignments, copy_src),
+            slot_gate: buffer("slot_gate", sizes.slots, none),
             hidden: buffer("hidden", sizes.hidden, copy_src),
             expert_out: buffer("expert_out", sizes.expert_out, copy_src),
             pre_activations: buffer("pre_activations", sizes.pre_activations, copy_src),

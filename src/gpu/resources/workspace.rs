@@ -166,6 +166,8 @@ impl Workspace {
                     &s.expert_table,
                     &s.slot_token,
                     &s.assignment_slot,
+                    &s.gates,
+                    &s.slot_gate,
                 ],
             ),
             expert_up: weights
@@ -189,6 +191,7 @@ impl Workspace {
                             shard.up_bias.as_entire_binding(),
                             s.hidden.as_entire_binding(),
                             s.pre_activations.as_entire_binding(),
+                            s.slot_gate.as_entire_binding(),
                         ])
                         .collect(),
                     )
