@@ -53,8 +53,9 @@ impl PyMoeLayer {
         let (config, weights) = load(py, weights, &json, prefix.as_deref())?;
         let built = py.detach(|| {
             let context = context()?;
-            // f32 weights train; stored formats run forward only.
-            let trainable = weights.check_trainable().is_ok();
+            // f32 weights train; stored formats, and Llama 4's gate on the experts' input,
+            // run forward only on the GPU.
+            let trainable = weights.check_trainable().is_ok() && !config.gates_input();
             let options = LayerOptions {
                 trainable,
                 ..LayerOptions::default()
@@ -272,10 +273,11 @@ impl PyMoeLayer {
 }
 
 impl PyMoeLayer {
-    /// Whether a forward of `shape` keeps what a backward needs: f32 weights, one pass.
+    /// Whether a forward of `shape` keeps what a backward needs: f32 weights, a layer the
+    /// GPU trains (not Llama 4's gate on the input), one pass.
     fn trains(&self, shape: &[usize]) -> bool {
         let fits = num_tokens(shape) <= self.layer.max_tokens_per_pass();
-        fits && self.layer.weight_formats() == [WeightFormat::F32; 3]
+        fits && self.layer.weight_formats() == [WeightFormat::F32; 3] && !self.config.gates_input()
     }
 
     /// The shape and k of the last forward, which the backward asked for (`experts`:
@@ -319,7 +321,13 @@ impl PyMoeLayer {
                     format: f.name().to_string(),
                 })
             });
-            let error = why.unwrap_or_else(|| MoeError::Training {
+            let gate_on_input = self.config.gates_input().then(|| MoeError::Training {
+                message: "gate_on: input (Llama 4's gate on the experts' input) runs forward \
+                          only on the GPU; its gradients come from the CPU reference \
+                          (switch_moe's forward tool, --device cpu)"
+                    .to_string(),
+            });
+            let error = why.or(gate_on_input).unwrap_or_else(|| MoeError::Training {
                 message: format!(
                     "the last forward's batch ({} tokens) ran in chunks; {backward} takes \
                      batches of at most {} tokens",

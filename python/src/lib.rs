@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use switch_moe::{GpuContext, LayerShape, MoeError};
 
-use convert::{array, config_json, load, to_py};
+use convert::{array, config_json, load, to_py, value_error};
 use layer::PyMoeLayer;
 
 /// The process's GPU: opened on first use and shared by every layer.
@@ -67,6 +67,12 @@ fn native_weights<'py>(
         &[n, f, d],
     )?;
     put("experts.b3", weights.b3.clone(), &[n, f])?;
+    put("router.score_bias", weights.score_bias.clone(), &[n])?;
+    if let Some(shared) = &weights.shared {
+        for (name, values, dims) in shared.named(d) {
+            dict.set_item(name, array(py, values.to_vec(), &dims)?)?;
+        }
+    }
     Ok(dict)
 }
 
@@ -84,10 +90,28 @@ fn adapter<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     Ok(dict)
 }
 
+/// The layer's config (config JSON text) derived from a transformers model config (JSON
+/// text with `model_type`) for the layer `prefix` names (`model.layers.3.mlp.`; any MoE
+/// layer without one), with the family's semantics (SPEC "The families people run").
+#[pyfunction]
+#[pyo3(signature = (model_config, prefix = None))]
+fn layer_config_from_transformers(
+    py: Python<'_>,
+    model_config: &str,
+    prefix: Option<String>,
+) -> PyResult<String> {
+    let model: serde_json::Value = serde_json::from_str(model_config)
+        .map_err(|e| value_error(format!("model_config: not valid JSON: {e}")))?;
+    let config = switch_moe::hf_config::config_from_transformers(&model, prefix.as_deref())
+        .map_err(|e| to_py(py, e))?;
+    Ok(config.to_json_string())
+}
+
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<PyMoeLayer>()?;
     module.add_function(wrap_pyfunction!(adapter, module)?)?;
     module.add_function(wrap_pyfunction!(native_weights, module)?)?;
+    module.add_function(wrap_pyfunction!(layer_config_from_transformers, module)?)?;
     Ok(())
 }

@@ -20,12 +20,13 @@ from ._errors import (
     TrainingError,
     UnsupportedError,
 )
-from ._native import MoeLayer, adapter, native_weights
+from ._native import MoeLayer, adapter, layer_config_from_transformers, native_weights
 
 __all__ = [
     "MoeLayer",
     "adapter",
     "native_weights",
+    "layer_config_from_transformers",
     "MoeError",
     "ConfigError",
     "TensorError",

@@ -13,6 +13,7 @@ token order (SPEC), not after labml's random shuffle; expert dropout is not appl
 warning says so when the labml experts have it); ``route_prob_max`` carries no gradient.
 """
 
+import json
 import warnings
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 
 from ._hidden_unit import activation_name
 from ._kept import KeptLayer, host
-from ._native import native_weights
+from ._native import layer_config_from_transformers, native_weights
 
 # Native tensor names, in the order the autograd function takes the parameters.
 NATIVE_NAMES = (
@@ -33,6 +34,26 @@ NATIVE_NAMES = (
     "experts.b2",
     "experts.w3",
     "experts.b3",
+    "shared.w1",
+    "shared.b1",
+    "shared.w2",
+    "shared.b2",
+    "shared.w3",
+    "shared.b3",
+    "shared.gate",
+)
+
+# The families' transformers 5.x blocks from_hf takes whole (router, shared expert,
+# experts), their layer config derived from their model config as the forward tool does.
+FAMILY_BLOCKS = (
+    "DeepseekV3MoE",
+    "Glm4MoeMoE",
+    "Qwen2MoeSparseMoeBlock",
+    "Qwen3MoeSparseMoeBlock",
+    "OlmoeSparseMoeBlock",
+    "GptOssMLP",
+    "Ernie4_5_MoeSparseMoeBlock",
+    "Llama4TextMoe",
 )
 
 
@@ -80,6 +101,11 @@ class _GpuMoe(nn.Module):
         for name in self._names:
             value = torch.as_tensor(np.asarray(weights[name], dtype=np.float32))
             setattr(self, _attribute(name), nn.Parameter(value.clone()))
+        # DeepSeek-V3's selection bias chooses but never weighs: a buffer, not a parameter.
+        self._score_bias = "router.score_bias" in weights
+        if self._score_bias:
+            bias = np.asarray(weights["router.score_bias"], dtype=np.float32)
+            self.register_buffer("router_score_bias", torch.as_tensor(bias).clone())
         # KeptLayer per capacity group size.
         self._layers = {}
         self._last_statistics = None
@@ -88,7 +114,10 @@ class _GpuMoe(nn.Module):
         return [getattr(self, _attribute(name)) for name in self._names]
 
     def _weights_dict(self):
-        return {name: host(p) for name, p in zip(self._names, self._parameters_in_order())}
+        weights = {name: host(p) for name, p in zip(self._names, self._parameters_in_order())}
+        if self._score_bias:
+            weights["router.score_bias"] = host(self.router_score_bias)
+        return weights
 
     def _layer_for(self, group_size):
         kept = self._layers.get(group_size)
@@ -168,9 +197,15 @@ class MoeFeedForward(_GpuMoe):
 
     @classmethod
     def from_hf(cls, module):
-        """From a transformers ``MixtralSparseMoeBlock`` or ``SwitchTransformersSparseMLP``
-        (their own weights, in their own naming)."""
+        """From a transformers ``MixtralSparseMoeBlock`` or ``SwitchTransformersSparseMLP``,
+        or a family's block whole (``FAMILY_BLOCKS``: DeepSeek-V3, GLM-4.5, Qwen2/3-MoE,
+        OLMoE, gpt-oss, ERNIE 4.5, Llama 4; router, shared expert and experts), from their own
+        weights in their own naming. Llama 4's gate on the experts' input runs forward only
+        on the GPU: its backward raises switch_moe's TrainingError."""
         kind = type(module).__name__
+        if kind in FAMILY_BLOCKS:
+            config = _family_config(module)
+            return cls(native_weights(_state_arrays(module), config), config)
         if kind == "MixtralSparseMoeBlock":
             if module.jitter_noise:
                 warnings.warn(
@@ -208,8 +243,30 @@ class MoeFeedForward(_GpuMoe):
             weights = native_weights(_state_arrays(module), config)
             return cls(weights, config, group_per_sequence=True)
         raise ValueError(
-            f"{kind}: from_hf takes MixtralSparseMoeBlock or SwitchTransformersSparseMLP"
+            f"{kind}: from_hf takes MixtralSparseMoeBlock, SwitchTransformersSparseMLP or "
+            f"one of {', '.join(FAMILY_BLOCKS)}"
         )
+
+
+def _family_config(module):
+    """The layer config of a family's block: from the model config it was built with (on
+    the block, its experts or its router), derived by the crate; Llama 4's block keeps none,
+    so its is read off the block."""
+    if type(module).__name__ == "Llama4TextMoe":
+        return {
+            "n_experts": module.num_experts,
+            "top_k": module.top_k,
+            "router_score": "sigmoid",
+            "gate_on": "input",
+            "drop_tokens": False,
+            "gated": True,
+            "activation": _activation_name(module.experts.act_fn),
+        }
+    for part in (module, getattr(module, "experts", None), getattr(module, "gate", None)):
+        model_config = getattr(part, "config", None)
+        if model_config is not None and hasattr(model_config, "to_json_string"):
+            return json.loads(layer_config_from_transformers(model_config.to_json_string()))
+    raise ValueError(f"{type(module).__name__}: the block keeps no model config to derive from")
 
 
 def _state_arrays(module):

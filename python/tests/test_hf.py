@@ -177,3 +177,108 @@ def test_an_optimizer_step_on_registered_experts_matches_eager():
             assert ran == 5, "the registered experts did not run"
     assert losses["switch_moe"][-1] < losses["switch_moe"][0]
     np.testing.assert_allclose(losses["switch_moe"], losses[None], rtol=1e-4)
+
+
+def family_block(model_type, module_name, block_name, **sizes):
+    """A tiny seeded transformers 5.x MoE block of a family, its parameters and buffers
+    redrawn far from ties (the score-correction bias as uniform ±0.1)."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    modeling = importlib.import_module(f"transformers.models.{module_name}")
+    config = AutoConfig.for_model(model_type, hidden_size=D, **sizes)
+    torch.manual_seed(11)
+    block = getattr(modeling, block_name)(config)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for key, t in list(block.named_parameters()) + list(block.named_buffers()):
+            if "correction_bias" in key:
+                t.copy_(torch.rand(t.shape, generator=g) * 0.2 - 0.1)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    return block.eval()
+
+
+FAMILIES = {
+    "deepseek_v3": lambda: family_block(
+        "deepseek_v3", "deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE",
+        moe_intermediate_size=12, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+        topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+    ),
+    "glm4_moe": lambda: family_block(
+        "glm4_moe", "glm4_moe.modeling_glm4_moe", "Glm4MoeMoE", moe_intermediate_size=12,
+        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+    ),
+    "qwen2_moe": lambda: family_block(
+        "qwen2_moe", "qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock",
+        moe_intermediate_size=12, shared_expert_intermediate_size=20, num_experts=6,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": lambda: family_block(
+        "qwen3_moe", "qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock",
+        moe_intermediate_size=12, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+    ),
+    "olmoe": lambda: family_block(
+        "olmoe", "olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", intermediate_size=12,
+        num_experts=6, num_experts_per_tok=2,
+    ),
+    "gpt_oss": lambda: family_block(
+        "gpt_oss", "gpt_oss.modeling_gpt_oss", "GptOssMLP", intermediate_size=12,
+        num_local_experts=6, num_experts_per_tok=2,
+    ),
+    "ernie4_5_moe": lambda: family_block(
+        "ernie4_5_moe", "ernie4_5_moe.modeling_ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
+        moe_intermediate_size=12, moe_num_experts=6, moe_k=2, moe_num_shared_experts=1,
+        use_bias=False,
+    ),
+    "llama4_text": lambda: family_block(
+        "llama4_text", "llama4.modeling_llama4", "Llama4TextMoe", intermediate_size=12,
+        num_local_experts=4, num_experts_per_tok=2,
+    ),
+}
+
+
+def block_output(block, x):
+    out = block(x)
+    y = out[0] if isinstance(out, tuple) else out
+    return y.reshape(x.shape)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_familys_whole_block_equals_the_hf_block(family):
+    """from_hf takes the block whole (router, shared expert, experts): its output and the
+    gradients of x and every parameter equal the eager block's; Llama 4's gate on the
+    experts' input runs forward only on the GPU, and its backward says so."""
+    from switch_moe import TrainingError
+
+    block = FAMILIES[family]()
+    ours = MoeFeedForward.from_hf(block)
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(13))
+    w = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(14))
+    xs0 = x.clone().requires_grad_(True)
+    y0 = block_output(block, xs0)
+    (y0 * w).sum().backward()
+    xs1 = x.clone().requires_grad_(True)
+    y1 = ours(xs1)
+    close("y", y1, y0)
+    if family == "llama4_text":
+        with pytest.raises(TrainingError, match="gate_on: input"):
+            (y1 * w).sum().backward()
+        return
+    (y1 * w).sum().backward()
+    close("dx", xs1.grad, xs0.grad)
+    # ERNIE keeps its score bias as a parameter outside the graph: no gradient.
+    hf_grads = {
+        name: p.grad.detach().float().numpy()
+        for name, p in block.named_parameters()
+        if p.grad is not None
+    }
+    expected = native_weights(hf_grads, ours.config)
+    compared = 0
+    for name in NATIVE_NAMES:
+        if name in expected:
+            ours_grad = getattr(ours, name.replace(".", "_")).grad
+            close(f"d{name}", ours_grad, torch.from_numpy(np.asarray(expected[name])))
+            compared += 1
+    assert compared >= 4, f"{family}: only {compared} gradients compared"
