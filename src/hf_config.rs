@@ -104,6 +104,13 @@ fn is_dense(config: &Value, family: &str, layer: usize) -> bool {
     }
 }
 
+/// [`config_from_transformers`] of a model config given as JSON text.
+pub fn config_from_transformers_json(text: &str, prefix: Option<&str>) -> Result<MoeConfig> {
+    let model: Value = serde_json::from_str(text)
+        .map_err(|e| MoeError::config("<json>", format!("not valid JSON: {e}")))?;
+    config_from_transformers(&model, prefix)
+}
+
 /// The layer's config from a transformers model config, for the layer `prefix` names (any
 /// MoE layer of the model without one).
 pub fn config_from_transformers(model: &Value, prefix: Option<&str>) -> Result<MoeConfig> {

@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use switch_moe::{GpuContext, LayerShape, MoeError};
 
-use convert::{array, config_json, load, to_py, value_error};
+use convert::{array, config_json, load, to_py};
 use layer::PyMoeLayer;
 
 /// The process's GPU: opened on first use and shared by every layer.
@@ -100,10 +100,9 @@ fn layer_config_from_transformers(
     model_config: &str,
     prefix: Option<String>,
 ) -> PyResult<String> {
-    let model: serde_json::Value = serde_json::from_str(model_config)
-        .map_err(|e| value_error(format!("model_config: not valid JSON: {e}")))?;
-    let config = switch_moe::hf_config::config_from_transformers(&model, prefix.as_deref())
-        .map_err(|e| to_py(py, e))?;
+    let config =
+        switch_moe::hf_config::config_from_transformers_json(model_config, prefix.as_deref())
+            .map_err(|e| to_py(py, e))?;
     Ok(config.to_json_string())
 }
 

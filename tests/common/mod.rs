@@ -25,6 +25,15 @@ pub fn gpu() -> GpuContext {
     }
 }
 
+/// Whether the test device is on wgpu's GL backend. llvmpipe's GL compiler takes ~5× its
+/// Vulkan driver per pipeline (~10 s for a gated 16×16-block one), so the format matrices
+/// that build dozens of distinct pipelines run a representative part there — every
+/// format, tiling and path once, not every combination — and all of it on Vulkan (CI's
+/// first leg).
+pub fn on_gl() -> bool {
+    gpu().adapter.get_info().backend == wgpu::Backend::Gl
+}
+
 pub fn shape(num_experts: usize, d_model: usize, d_ff: usize) -> LayerShape {
     LayerShape {
         num_experts,
