@@ -1,8 +1,8 @@
 //! The layer's config from a GGUF file's metadata (SPEC "The families people run"): what
 //! llama.cpp runs for the file's `general.architecture` (llama, i.e. Mixtral, qwen2moe,
-//! qwen3moe, olmoe, deepseek2, glm4moe, gpt-oss, ernie4_5-moe, llama4), with the `{arch}.expert_*` keys
-//! over each family's defaults — the router's scores, groups, renormalisation and scale,
-//! the experts' activation, dropless as llama.cpp runs them. Whether the experts are gated,
+//! qwen3moe, olmoe, deepseek2, glm4moe, gpt-oss, ernie4_5-moe, llama4), with the
+//! `{arch}.expert_*` keys over each family's defaults — the router's scores, groups,
+//! renormalisation and scale, the experts' activation, dropless as llama.cpp runs them. Whether the experts are gated,
 //! the shared expert, its gate and the score bias come with the tensors.
 //!
 //! An architecture outside the families keeps the plain layer's defaults with the experts

@@ -101,3 +101,55 @@ fn safetensors_without_a_config_is_a_clear_error() {
         "{text}"
     );
 }
+
+/// The metadata keys over a family's defaults: DeepSeek-V2's softmax groups by their best,
+/// gpt-oss's softmax of the chosen logits, an unknown gating function named by its key, an
+/// architecture outside the families kept plain.
+#[test]
+fn metadata_keys_override_the_familys_defaults() {
+    use switch_moe::gguf_config::config_from_gguf;
+    use switch_moe::weights::GgufLayerInfo;
+    use switch_moe::{GroupScore, MoeError, MoeWeights, RouterScore};
+    let weights = MoeWeights::random(common::shape(8, 16, 12), true, false, 3);
+    let info = |arch: &str| GgufLayerInfo {
+        prefix: "blk.0.".into(),
+        architecture: Some(arch.into()),
+        expert_count: Some(8),
+        expert_used_count: Some(2),
+        expert_group_count: None,
+        expert_group_used_count: None,
+        expert_gating_func: None,
+        expert_weights_scale: None,
+        expert_weights_norm: None,
+    };
+    let v2 = GgufLayerInfo {
+        expert_group_count: Some(4),
+        expert_group_used_count: Some(2),
+        expert_weights_scale: Some(16.0),
+        ..info("deepseek2")
+    };
+    let config = config_from_gguf(&v2, &weights).unwrap();
+    assert_eq!(config.router_score, RouterScore::Softmax);
+    assert_eq!((config.n_group, config.topk_group), (Some(4), Some(2)));
+    assert_eq!(config.group_score, GroupScore::Max);
+    assert_eq!(config.routed_scaling_factor, 16.0);
+    assert!(!config.normalize_top_k && !config.drop_tokens && config.gated);
+    let chosen = GgufLayerInfo {
+        expert_gating_func: Some(3),
+        expert_weights_norm: Some(false),
+        ..info("qwen2moe")
+    };
+    assert!(config_from_gguf(&chosen, &weights).unwrap().normalize_top_k);
+    let odd = GgufLayerInfo {
+        expert_gating_func: Some(7),
+        ..info("glm4moe")
+    };
+    let error = config_from_gguf(&odd, &weights).unwrap_err();
+    assert!(
+        matches!(&error, MoeError::Config { key, .. } if key == "glm4moe.expert_gating_func"),
+        "{error}"
+    );
+    let plain = config_from_gguf(&info("granitemoe"), &weights).unwrap();
+    assert_eq!((plain.n_experts, plain.top_k), (Some(8), 2));
+    assert!(plain.drop_tokens && !plain.gated);
+}
