@@ -256,3 +256,45 @@ fn gradients_on_files_on_both_devices_and_their_errors() {
         "--grads-output",
     );
 }
+
+/// `--config` is optional for a GGUF file (its metadata gives the family's config) and a
+/// one-line error for safetensors.
+#[test]
+fn a_gguf_file_needs_no_config_and_safetensors_do() {
+    let case = Case::new("no-config");
+    let fixture = |file: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gguf_converted/qwen2_moe")
+            .join(file)
+            .display()
+            .to_string()
+    };
+    let run = |weights: &str, input: &str| {
+        Command::new(forward_binary())
+            .args(["--weights", weights, "--input", input, "--output"])
+            .arg(case.path("y.safetensors"))
+            .args(["--device", "cpu", "--prefix", "blk.0."])
+            .output()
+            .unwrap()
+    };
+    let output = run(&fixture("model.gguf"), &fixture("input.safetensors"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("24 tokens, 6 experts, top-2, 0 dropped"),
+        "{stdout}"
+    );
+    std::fs::remove_file(case.dir.join("y.safetensors")).unwrap();
+    let output = run(&case.path("w.safetensors"), &case.path("x.safetensors"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("w.safetensors") && stderr.contains("--config"),
+        "{stderr}"
+    );
+    assert!(!case.dir.join("y.safetensors").exists());
+}
