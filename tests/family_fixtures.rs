@@ -197,3 +197,41 @@ fn the_blocks_own_state_dicts_load_as_the_native_weights() {
         assert_eq!(theirs, load(name).weights, "{name}");
     }
 }
+
+/// The families' published checkpoints store one tensor per expert
+/// (`experts.{i}.gate_proj|up_proj|down_proj.weight`) beside the 5.x router and shared
+/// expert names: the blocks' state dicts rewritten so load as the same native weights.
+#[test]
+fn the_published_per_expert_layouts_load_as_the_native_weights() {
+    use switch_moe::tensor_io::{serialize_tensors, OwnedTensor};
+    for name in FAMILIES
+        .into_iter()
+        .filter(|&n| n != "gpt_oss" && n != "llama4_text")
+    {
+        let mut published = std::collections::BTreeMap::new();
+        for (key, tensor) in tensors(name, "weights.safetensors") {
+            let [n, rows, cols] = tensor.shape[..] else {
+                published.insert(key, OwnedTensor::f32(tensor.shape.clone(), &tensor.data));
+                continue;
+            };
+            let part = |i: usize, from: usize, to: usize| {
+                let matrix = &tensor.data[i * rows * cols..(i + 1) * rows * cols];
+                OwnedTensor::f32(vec![to - from, cols], &matrix[from * cols..to * cols])
+            };
+            for i in 0..n {
+                if key == "experts.gate_up_proj" {
+                    let f = rows / 2;
+                    published.insert(format!("experts.{i}.gate_proj.weight"), part(i, 0, f));
+                    published.insert(format!("experts.{i}.up_proj.weight"), part(i, f, rows));
+                } else {
+                    assert_eq!(key, "experts.down_proj", "{name}");
+                    published.insert(format!("experts.{i}.down_proj.weight"), part(i, 0, rows));
+                }
+            }
+        }
+        let bytes = serialize_tensors(&published).unwrap();
+        let loaded = MoeWeights::from_safetensors_bytes(&bytes, Naming::Auto, None, name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(loaded, load(name).weights, "{name}");
+    }
+}

@@ -10,6 +10,7 @@
 
 mod gguf_layer;
 mod namings;
+mod per_expert;
 mod shared;
 mod tensor_source;
 mod transposed;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::per_expert::{HF_FAMILY_KEYS, HF_MIXTRAL_KEYS, HF_SWITCH_KEYS, LABML_KEYS};
 use super::tensor_source::{rank2, rank3, TensorSource};
 use super::transposed::{Transposed, TRANSPOSED_KEYS};
 use super::{LayerShape, MoeWeights, SharedExpert, SHARED_NAMES};
@@ -22,6 +23,10 @@ enum Layout {
     HfSwitch,
     /// transformers 4.x and published checkpoints: `experts.{i}.w1|w2|w3.weight`.
     HfMixtralPerExpert,
+    /// The families' published checkpoints (DeepSeek, GLM, Qwen, OLMoE):
+    /// `experts.{i}.gate_proj|up_proj|down_proj.weight`, with the 5.x router and shared
+    /// expert names.
+    HfFamilyPerExpert,
     /// transformers 5.x: `experts.gate_up_proj`, `experts.down_proj`.
     HfMixtralStacked,
     /// `gate.weight`: Mixtral's router, shared by both Mixtral layouts.
@@ -40,6 +45,7 @@ impl Layout {
             Layout::Labml => Naming::Labml,
             Layout::HfSwitch => Naming::HfSwitch,
             Layout::HfMixtralPerExpert
+            | Layout::HfFamilyPerExpert
             | Layout::HfMixtralStacked
             | Layout::HfMixtralRouter
             | Layout::HfGptOss
@@ -116,6 +122,12 @@ fn layout_of(key: &str) -> Option<Layout> {
         }
         if matches!(rest, "w1.weight" | "w2.weight" | "w3.weight") {
             return Some(Layout::HfMixtralPerExpert);
+        }
+        if matches!(
+            rest,
+            "gate_proj.weight" | "up_proj.weight" | "down_proj.weight"
+        ) {
+            return Some(Layout::HfFamilyPerExpert);
         }
     }
     None
@@ -214,6 +226,19 @@ impl MoeWeights {
             Layout::HfMixtralPerExpert | Layout::HfMixtralRouter => {
                 Self::read_per_expert(&mut source, &HF_MIXTRAL_KEYS)?
             }
+            Layout::HfFamilyPerExpert => {
+                let weights = Self::read_per_expert(&mut source, &HF_FAMILY_KEYS)?;
+                let LayerShape {
+                    num_experts: n,
+                    d_model: d,
+                    ..
+                } = weights.shape;
+                MoeWeights {
+                    score_bias: Self::read_hf_score_bias(&mut source, n)?,
+                    shared: Self::read_hf_shared(&mut source, d)?,
+                    ..weights
+                }
+            }
             Layout::HfMixtralStacked => Self::read_mixtral_stacked(&mut source)?,
             Layout::HfGptOss => Self::read_gpt_oss(&mut source)?,
             Layout::HfLlama4 => Self::read_llama4(&mut source)?,
@@ -290,6 +315,19 @@ impl MoeWeights {
         })
     }
 
+    /// DeepSeek-V3's and GLM-4.5's selection bias, if there (transformers 5.x names it so;
+    /// ERNIE 4.5 keeps it as `[1, N]` in the router's moe_statics).
+    fn read_hf_score_bias(source: &mut TensorSource<'_>, n: usize) -> Result<Option<Vec<f32>>> {
+        match source.optional("gate.e_score_correction_bias", &[n], "[N]")? {
+            Some(bias) => Ok(Some(bias)),
+            None => source.optional(
+                "gate.moe_statics.e_score_correction_bias",
+                &[1, n],
+                "[1, N]",
+            ),
+        }
+    }
+
     /// transformers 5.x's shared expert, if there: `shared_experts.*` (DeepSeek, GLM, ERNIE)
     /// or `shared_expert.*` with `shared_expert_gate.weight` (Qwen2-MoE), each an MLP of
     /// `gate_proj [Fs, D]`, `up_proj [Fs, D]`, `down_proj [D, Fs]`.
@@ -337,55 +375,6 @@ impl MoeWeights {
         }))
     }
 
-    fn read_per_expert(source: &mut TensorSource<'_>, keys: &PerExpertKeys) -> Result<Self> {
-        let router_shape = source.shape_of(keys.router_weight)?;
-        let router_name = source.full_name(keys.router_weight);
-        let (n, d) = rank2(&router_name, &router_shape, "[N, D]")?;
-        let first_w1 = source.full_name(&keys.expert(0, keys.w1));
-        let w1_shape = source.shape_of(&keys.expert(0, keys.w1))?;
-        let (f, _) = rank2(&first_w1, &w1_shape, "[F, D]")?;
-        source.dims_from =
-            format!("N, D from `{router_name}` {router_shape:?}, F from `{first_w1}` {w1_shape:?}");
-        let shape = LayerShape {
-            num_experts: n,
-            d_model: d,
-            d_ff: f,
-        };
-        let required = |source: &mut TensorSource<'_>, part: &str, dims: [usize; 2], meaning| {
-            source
-                .per_expert(n, |i| keys.expert(i, part), dims, meaning)?
-                .ok_or_else(|| {
-                    MoeError::tensor(&source.full_name(&keys.expert(0, part)), "missing")
-                })
-        };
-        let w1 = required(source, keys.w1, [f, d], "[F, D]")?;
-        let w2 = required(source, keys.w2, [d, f], "[D, F]")?;
-        let w3 = match keys.w3 {
-            Some(part) => source.per_expert(n, |i| keys.expert(i, part), [f, d], "[F, D]")?,
-            None => None,
-        };
-        let optional = |source: &mut TensorSource<'_>, part: Option<&str>, len: usize| match part {
-            Some(part) => source.per_expert_vector(n, |i| keys.expert(i, part), len),
-            None => Ok(None),
-        };
-        Ok(MoeWeights {
-            shape,
-            router_weight: source.required(keys.router_weight, &[n, d], "[N, D]")?,
-            router_bias: match keys.router_bias {
-                Some(key) => source.optional(key, &[n], "[N]")?,
-                None => None,
-            },
-            score_bias: None,
-            w1,
-            b1: optional(source, keys.b1, f)?,
-            w2,
-            b2: optional(source, keys.b2, d)?,
-            w3,
-            b3: optional(source, keys.b3, f)?,
-            shared: None,
-        })
-    }
-
     fn read_mixtral_stacked(source: &mut TensorSource<'_>) -> Result<Self> {
         let router_shape = source.shape_of("gate.weight")?;
         let (n, d) = rank2(&source.full_name("gate.weight"), &router_shape, "[N, D]")?;
@@ -417,16 +406,7 @@ impl MoeWeights {
             },
             router_weight: source.required("gate.weight", &[n, d], "[N, D]")?,
             router_bias: None,
-            // DeepSeek-V3's and GLM-4.5's selection bias (transformers 5.x names it so).
-            score_bias: match source.optional("gate.e_score_correction_bias", &[n], "[N]")? {
-                Some(bias) => Some(bias),
-                // ERNIE 4.5 keeps it as [1, N] in the router's moe_statics.
-                None => source.optional(
-                    "gate.moe_statics.e_score_correction_bias",
-                    &[1, n],
-                    "[1, N]",
-                )?,
-            },
+            score_bias: Self::read_hf_score_bias(source, n)?,
             shared: Self::read_hf_shared(source, d)?,
             w1,
             b1: None,
@@ -439,59 +419,3 @@ impl MoeWeights {
         })
     }
 }
-
-/// Tensor names of a naming that stores one tensor per expert.
-struct PerExpertKeys {
-    router_weight: &'static str,
-    router_bias: Option<&'static str>,
-    /// `experts.{i}.` or `experts.expert_{i}.` before the part name.
-    expert_marker: &'static str,
-    w1: &'static str,
-    b1: Option<&'static str>,
-    w2: &'static str,
-    b2: Option<&'static str>,
-    w3: Option<&'static str>,
-    b3: Option<&'static str>,
-}
-
-impl PerExpertKeys {
-    fn expert(&self, index: usize, part: &str) -> String {
-        format!("experts.{}{index}.{part}", self.expert_marker)
-    }
-}
-
-const LABML_KEYS: PerExpertKeys = PerExpertKeys {
-    router_weight: "switch.weight",
-    router_bias: Some("switch.bias"),
-    expert_marker: "",
-    w1: "layer1.weight",
-    b1: Some("layer1.bias"),
-    w2: "layer2.weight",
-    b2: Some("layer2.bias"),
-    w3: Some("linear_v.weight"),
-    b3: Some("linear_v.bias"),
-};
-
-const HF_SWITCH_KEYS: PerExpertKeys = PerExpertKeys {
-    router_weight: "router.classifier.weight",
-    router_bias: Some("router.classifier.bias"),
-    expert_marker: "expert_",
-    w1: "wi.weight",
-    b1: Some("wi.bias"),
-    w2: "wo.weight",
-    b2: Some("wo.bias"),
-    w3: None,
-    b3: None,
-};
-
-const HF_MIXTRAL_KEYS: PerExpertKeys = PerExpertKeys {
-    router_weight: "gate.weight",
-    router_bias: None,
-    expert_marker: "",
-    w1: "w1.weight",
-    b1: None,
-    w2: "w2.weight",
-    b2: None,
-    w3: Some("w3.weight"),
-    b3: None,
-};
