@@ -95,3 +95,60 @@ def test_a_tiny_model_equals_eager(family):
     worst = (logits - eager_logits).abs().max().item()
     assert worst <= 2e-5 * eager_logits.abs().max().item(), f"{family}: logits differ by {worst}"
     assert torch.equal(tokens, eager_tokens), f"{family}: {tokens} vs {eager_tokens}"
+
+
+class _Llama4Block(torch.nn.Module):
+    """MoeFeedForward.from_hf of a Llama4TextMoe, returning what the decoder layer unpacks
+    (its output and, unused there, the router's logits)."""
+
+    def __init__(self, block):
+        super().__init__()
+        from switch_moe.torch import MoeFeedForward
+
+        self.inner = MoeFeedForward.from_hf(block)
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        y = self.inner(hidden_states.reshape(1, -1, shape[-1]))
+        return y.reshape(-1, shape[-1]), None
+
+
+def test_a_tiny_llama4_with_its_blocks_on_the_gpu_equals_eager():
+    """Llama 4's experts are outside the experts interface (their block gates the experts'
+    input): each MoE block swapped whole for MoeFeedForward.from_hf, the tiny model's
+    logits and greedy generation equal eager's."""
+    config = AutoConfig.for_model(
+        "llama4_text",
+        **TINY,
+        num_experts_per_tok=1,
+        intermediate_size=24,
+        intermediate_size_mlp=48,
+        num_local_experts=4,
+        interleave_moe_layer_step=1,
+        no_rope_layers=[1, 1],
+        attention_chunk_size=64,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("experts", "router", "shared_expert")):
+                parameter.normal_(std=0.2)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    generate = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    with torch.no_grad():
+        eager_logits = model(ids).logits
+        eager_tokens = model.generate(ids, **generate)
+        swapped = 0
+        for layer in model.model.layers:
+            if type(layer.feed_forward).__name__ == "Llama4TextMoe":
+                layer.feed_forward = _Llama4Block(layer.feed_forward)
+                swapped += 1
+        assert swapped == 2
+        logits = model(ids).logits
+        tokens = model.generate(ids, **generate)
+    worst = (logits - eager_logits).abs().max().item()
+    assert worst <= 2e-5 * eager_logits.abs().max().item(), f"logits differ by {worst}"
+    assert torch.equal(tokens, eager_tokens), f"{tokens} vs {eager_tokens}"
