@@ -70,6 +70,13 @@ def native_weights(
     *,
     prefix: Optional[str] = None,
 ) -> Dict[str, np.ndarray]:
-    """The weights in the native naming (router.weight [N, D], experts.w1 [N, F, D], ...),
-    from any naming the layer reads."""
+    """The weights in the native naming (router.weight [N, D], experts.w1 [N, F, D], ...,
+    router.score_bias and shared.* when the layer has them), from any naming the layer
+    reads."""
+    ...
+
+def layer_config_from_transformers(model_config: str, prefix: Optional[str] = None) -> str:
+    """The layer's config JSON text derived from a transformers model config (JSON text
+    with model_type) for the layer `prefix` names, with the family's semantics; an
+    inexpressible family or a dense layer raises ConfigError."""
     ...
