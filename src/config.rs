@@ -288,13 +288,7 @@ impl MoeConfig {
     ) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| MoeError::file(path, e))?;
-        Self::from_json_str_over(&text, defaults).map_err(|e| match e {
-            MoeError::Config { key, message } => MoeError::Config {
-                key,
-                message: format!("{message} (in {})", path.display()),
-            },
-            other => other,
-        })
+        Self::from_json_str_over(&text, defaults).map_err(|e| e.in_file(path))
     }
 
     /// Checks what can be checked without the weights and the input.

@@ -7,6 +7,8 @@
 //! weight row is read once per expert rather than once per token, and dot products keep
 //! eight partial sums so that the compiler can vectorize them.
 
+use std::borrow::Cow;
+
 use crate::config::{DropPolicy, HiddenUnit, MoeConfig};
 use crate::error::{MoeError, Result};
 use crate::output::{num_tokens_of, MoeOutput};
@@ -288,29 +290,29 @@ pub fn forward(
 
     // Each expert's kept tokens (times their gates with gate_on: input), in the order of
     // its kept list.
-    let mut expert_tokens: Vec<Vec<Vec<f32>>> = loads
+    let mut expert_tokens: Vec<Vec<Cow<'_, [f32]>>> = loads
         .kept
         .iter()
-        .map(|&n| vec![Vec::new(); n as usize])
+        .map(|&n| vec![Cow::Borrowed(&x[..0]); n as usize])
         .collect();
     for (assignment, position) in positions.iter().enumerate() {
         if let Some(position) = position {
             let token = assignment / top_k;
             let expert = routing.routes[assignment] as usize;
             let row = &x[token * d_model..(token + 1) * d_model];
-            let scale = if config.gates_input() {
-                routing.gates[assignment]
+            expert_tokens[expert][*position as usize] = if config.gates_input() {
+                let gate = routing.gates[assignment];
+                Cow::Owned(row.iter().map(|v| gate * v).collect())
             } else {
-                1.0
+                Cow::Borrowed(row)
             };
-            expert_tokens[expert][*position as usize] = row.iter().map(|v| scale * v).collect();
         }
     }
     let expert_outputs: Vec<Vec<f32>> = expert_tokens
         .iter()
         .enumerate()
         .map(|(expert, rows)| {
-            let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            let rows: Vec<&[f32]> = rows.iter().map(|row| &row[..]).collect();
             let h = expert_up(&rows, weights, expert, config.hidden_unit());
             expert_down(&h, weights, expert)
         })

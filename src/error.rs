@@ -79,6 +79,18 @@ impl MoeError {
         }
     }
 
+    /// A config error with the file its key came from added to its message; any other
+    /// error unchanged.
+    pub(crate) fn in_file(self, path: &std::path::Path) -> Self {
+        match self {
+            MoeError::Config { key, message } => MoeError::Config {
+                key,
+                message: format!("{message} (in {})", path.display()),
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn tensor(name: &str, message: impl Into<String>) -> Self {
         MoeError::Tensor {
             name: name.to_string(),

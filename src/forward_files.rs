@@ -88,12 +88,9 @@ impl ConfigSource<'_> {
             ),
             ConfigSource::Json(text) => (text.to_string(), None),
         };
-        let in_file = |error: MoeError| match (error, origin) {
-            (MoeError::Config { key, message }, Some(path)) => MoeError::Config {
-                key,
-                message: format!("{message} (in {})", path.display()),
-            },
-            (other, _) => other,
+        let in_file = |error: MoeError| match origin {
+            Some(path) => error.in_file(path),
+            None => error,
         };
         match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(value) if is_transformers_config(&value) => {
@@ -141,13 +138,7 @@ pub fn load_layer_with(
         return Ok((config, weights));
     }
     let (weights, info) = MoeWeights::from_gguf(weights_path, prefix)?;
-    let defaults = config_from_gguf(&info, &weights).map_err(|error| match error {
-        MoeError::Config { key, message } => MoeError::Config {
-            key,
-            message: format!("{message} (in {})", weights_path.display()),
-        },
-        other => other,
-    })?;
+    let defaults = config_from_gguf(&info, &weights).map_err(|e| e.in_file(weights_path))?;
     let config = config.parse_over(defaults, prefix)?;
     if !matches!(config.naming, Naming::Auto | Naming::Gguf) {
         return Err(MoeError::Naming {

@@ -104,10 +104,11 @@ impl PyMoeLayer {
             .collect()
     }
 
-    /// Whether the layer trains (f32 weights): `backward` and `set_weights` work.
+    /// Whether the layer trains (f32 weights, not Llama 4's gate on the experts' input):
+    /// `backward` and `set_weights` work.
     #[getter]
     fn trainable(&self) -> bool {
-        self.layer.weight_formats() == [WeightFormat::F32; 3]
+        self.layer.is_trainable()
     }
 
     /// Replaces the weights of a trainable layer in place (a dict of numpy arrays in any
@@ -273,11 +274,10 @@ impl PyMoeLayer {
 }
 
 impl PyMoeLayer {
-    /// Whether a forward of `shape` keeps what a backward needs: f32 weights, a layer the
-    /// GPU trains (not Llama 4's gate on the input), one pass.
+    /// Whether a forward of `shape` keeps what a backward needs: a trainable layer, one
+    /// pass.
     fn trains(&self, shape: &[usize]) -> bool {
-        let fits = num_tokens(shape) <= self.layer.max_tokens_per_pass();
-        fits && self.layer.weight_formats() == [WeightFormat::F32; 3] && !self.config.gates_input()
+        self.layer.is_trainable() && num_tokens(shape) <= self.layer.max_tokens_per_pass()
     }
 
     /// The shape and k of the last forward, which the backward asked for (`experts`:

@@ -68,33 +68,49 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_tiny_model_equals_eager(family):
-    switch_moe.hf.register()
-    config = AutoConfig.for_model(family, **{**TINY, **EXPERTS, **FAMILIES[family]})
+def equals_eager(config, parts, switch, eager=lambda model: None):
+    """Builds the tiny model of `config` (the weights of parameters whose names contain one
+    of `parts` redrawn larger than the init's, so that routing and experts shape the
+    logits), runs it eagerly (after `eager(model)`), calls `switch(model)` to put switch_moe
+    in, runs it again:
+    the logits within f32 rounding (D + F terms, relative to the largest logit) and greedy
+    generation identical."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
-        # Larger expert and router weights than the init's, so that routing and experts
-        # shape the logits.
         for name, parameter in model.named_parameters():
-            if any(part in name for part in ("experts", "gate", "router")):
+            if any(part in name for part in parts):
                 parameter.normal_(std=0.2)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     generate = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        model.config._experts_implementation = "eager"
+        eager(model)
         eager_logits = model(ids).logits
         eager_tokens = model.generate(ids, **generate)
-        model.config._experts_implementation = "switch_moe"
+        switch(model)
         logits = model(ids).logits
         tokens = model.generate(ids, **generate)
-    assert any(hasattr(m, "_switch_moe_layer") for m in model.modules()), "experts did not run"
-    # f32 experts: rounding of D + F terms, relative to the largest logit.
     worst = (logits - eager_logits).abs().max().item()
-    assert worst <= 2e-5 * eager_logits.abs().max().item(), f"{family}: logits differ by {worst}"
-    assert torch.equal(tokens, eager_tokens), f"{family}: {tokens} vs {eager_tokens}"
+    assert worst <= 2e-5 * eager_logits.abs().max().item(), f"logits differ by {worst}"
+    assert torch.equal(tokens, eager_tokens), f"{tokens} vs {eager_tokens}"
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_tiny_model_equals_eager(family):
+    switch_moe.hf.register()
+    config = AutoConfig.for_model(family, **{**TINY, **EXPERTS, **FAMILIES[family]})
+
+    def implementation(name):
+        def use(model):
+            model.config._experts_implementation = name
+
+        return use
+
+    parts = ("experts", "gate", "router")
+    model = equals_eager(config, parts, implementation("switch_moe"), implementation("eager"))
+    assert any(hasattr(m, "_switch_moe_layer") for m in model.modules()), "experts did not run"
 
 
 class _Llama4Block(torch.nn.Module):
@@ -128,27 +144,12 @@ def test_a_tiny_llama4_with_its_blocks_on_the_gpu_equals_eager():
         no_rope_layers=[1, 1],
         attention_chunk_size=64,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if any(part in name for part in ("experts", "router", "shared_expert")):
-                parameter.normal_(std=0.2)
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    generate = dict(
-        attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0
-    )
-    with torch.no_grad():
-        eager_logits = model(ids).logits
-        eager_tokens = model.generate(ids, **generate)
-        swapped = 0
-        for layer in model.model.layers:
-            if type(layer.feed_forward).__name__ == "Llama4TextMoe":
-                layer.feed_forward = _Llama4Block(layer.feed_forward)
-                swapped += 1
-        assert swapped == 2
-        logits = model(ids).logits
-        tokens = model.generate(ids, **generate)
-    worst = (logits - eager_logits).abs().max().item()
-    assert worst <= 2e-5 * eager_logits.abs().max().item(), f"logits differ by {worst}"
-    assert torch.equal(tokens, eager_tokens), f"{tokens} vs {eager_tokens}"
+
+    def switch(model):
+        layers = model.model.layers
+        moe = [layer for layer in layers if type(layer.feed_forward).__name__ == "Llama4TextMoe"]
+        assert len(moe) == 2
+        for layer in moe:
+            layer.feed_forward = _Llama4Block(layer.feed_forward)
+
+    equals_eager(config, ("experts", "router", "shared_expert"), switch)

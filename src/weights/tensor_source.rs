@@ -70,16 +70,7 @@ impl TensorSource<'_> {
             return Ok(None);
         };
         let format = stored_format(&view, &name)?;
-        if view.shape() != expected {
-            return Err(MoeError::tensor(
-                &name,
-                format!(
-                    "shape {:?}, expected {meaning} = {expected:?} ({})",
-                    view.shape(),
-                    self.dims_from
-                ),
-            ));
-        }
+        self.check_shape(&name, view.shape(), expected, meaning)?;
         // Non-finite values are named here, by the file's name for the tensor.
         match format {
             WeightFormat::F32 => {
@@ -169,18 +160,30 @@ impl TensorSource<'_> {
                 format!("dtype {:?}, expected U8 (packed bytes)", view.dtype()),
             ));
         }
-        if view.shape() != expected {
-            return Err(MoeError::tensor(
-                &name,
-                format!(
-                    "shape {:?}, expected {meaning} = {expected:?} ({})",
-                    view.shape(),
-                    self.dims_from
-                ),
-            ));
-        }
+        self.check_shape(&name, view.shape(), expected, meaning)?;
         self.used.insert(name);
         Ok(Some(view.data().to_vec()))
+    }
+
+    /// An error naming tensor `name` (and where the expected dimensions come from) unless
+    /// its `shape` is `expected`.
+    fn check_shape(
+        &self,
+        name: &str,
+        shape: &[usize],
+        expected: &[usize],
+        meaning: &str,
+    ) -> Result<()> {
+        if shape == expected {
+            return Ok(());
+        }
+        Err(MoeError::tensor(
+            name,
+            format!(
+                "shape {shape:?}, expected {meaning} = {expected:?} ({})",
+                self.dims_from
+            ),
+        ))
     }
 
     /// The shape of `key` without reading it, or a "missing" error.

@@ -84,19 +84,6 @@ fn deinterleave_rows<T: Copy>(values: &[T], row_len: usize) -> (Vec<T>, Vec<T>) 
     (gate, up)
 }
 
-/// The value count of a packed row that `blocks` of 16 bytes hold, from a shape
-/// `[N, rows, blocks, 16]`.
-fn packed_shape(source: &TensorSource<'_>, key: &str) -> Result<(usize, usize, usize)> {
-    let name = source.full_name(key);
-    match source.shape_of(key)?[..] {
-        [n, rows, blocks, 16] => Ok((n, rows, blocks * 32)),
-        ref shape => Err(MoeError::tensor(
-            &name,
-            format!("shape {shape:?}, expected [N, rows, cols / 32, 16] (MXFP4 blocks)"),
-        )),
-    }
-}
-
 /// MXFP4 matrices `[n, rows, cols]` from the checkpoint's `{key}_blocks` and `{key}_scales`,
 /// repacked into ggml's blocks.
 fn mxfp4_experts(
@@ -127,32 +114,82 @@ fn mxfp4_experts(
     Ok(out)
 }
 
+/// N and D from the router, F from the gate-up projection `gate_up_key` (2F at `axis`
+/// of its shape, which must be `rank` long), recorded for shape errors.
+fn transposed_sizes(
+    source: &mut TensorSource<'_>,
+    gate_up_key: &str,
+    (rank, axis, expected): (usize, usize, &str),
+) -> Result<(usize, usize, usize)> {
+    let router_shape = source.shape_of("router.weight")?;
+    let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
+    let name = source.full_name(gate_up_key);
+    let gate_up_shape = source.shape_of(gate_up_key)?;
+    if gate_up_shape.len() != rank || gate_up_shape[axis] % 2 != 0 {
+        return Err(MoeError::tensor(
+            &name,
+            format!("shape {gate_up_shape:?}, expected {expected} (2F even)"),
+        ));
+    }
+    source.dims_from = format!(
+        "N, D from `{}` {router_shape:?}, 2F from `{name}` {gate_up_shape:?}",
+        source.full_name("router.weight")
+    );
+    Ok((n, d, gate_up_shape[axis] / 2))
+}
+
+/// w1, w2 and w3 from f32/f16/bf16 `experts.gate_up_proj [N, D, 2F]` and
+/// `experts.down_proj [N, F, D]`, transposed to `[out, in]`; the gate's and up's rows of
+/// each `[2F, D]` expert interleaved (gpt-oss) or in halves (Llama 4).
+fn transposed_experts(
+    source: &mut TensorSource<'_>,
+    (n, d, f): (usize, usize, usize),
+    interleaved: bool,
+) -> Result<(ExpertMatrices, ExpertMatrices, ExpertMatrices)> {
+    let name = source.full_name("experts.gate_up_proj");
+    let gate_up = source.required("experts.gate_up_proj", &[n, d, 2 * f], "[N, D, 2F]")?;
+    let gate_up = transpose_experts(&gate_up, [n, d, 2 * f]);
+    let (w1, w3) = if interleaved {
+        let (gate, up) = deinterleave_rows(&gate_up, d);
+        (
+            ExpertMatrices::from_f32(n, f, d, gate),
+            ExpertMatrices::from_f32(n, f, d, up),
+        )
+    } else {
+        ExpertMatrices::from_f32(n, 2 * f, d, gate_up).split_rows(f, &name)?
+    };
+    let down = source.required("experts.down_proj", &[n, f, d], "[N, F, D]")?;
+    let w2 = ExpertMatrices::from_f32(n, d, f, transpose_experts(&down, [n, f, d]));
+    Ok((w1, w2, w3))
+}
+
+/// w1, w2 and w3 from gpt-oss's MXFP4 blocks, kept in MXFP4.
+fn mxfp4_gate_up_down(
+    source: &mut TensorSource<'_>,
+    (n, d, f): (usize, usize, usize),
+) -> Result<(ExpertMatrices, ExpertMatrices, ExpertMatrices)> {
+    let gate_up_name = source.full_name("experts.gate_up_proj_blocks");
+    let row_bytes = WeightFormat::Mxfp4.row_bytes(d, &gate_up_name)?;
+    let gate_up = mxfp4_experts(source, "experts.gate_up_proj", [n, 2 * f, d])?;
+    let (gate, up) = deinterleave_rows(&gate_up, row_bytes);
+    let down = mxfp4_experts(source, "experts.down_proj", [n, d, f])?;
+    let down_name = source.full_name("experts.down_proj_blocks");
+    let stored = |dims: [usize; 3], bytes: Vec<u8>, name: &str| {
+        ExpertMatrices::from_stored(WeightFormat::Mxfp4, dims, bytes, name)
+    };
+    Ok((
+        stored([n, f, d], gate, &gate_up_name)?,
+        stored([n, d, f], down, &down_name)?,
+        stored([n, f, d], up, &gate_up_name)?,
+    ))
+}
+
 impl MoeWeights {
     /// Llama 4's experts and shared expert.
     pub(super) fn read_llama4(source: &mut TensorSource<'_>) -> Result<Self> {
-        let router_shape = source.shape_of("router.weight")?;
-        let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
-        let name = source.full_name("experts.gate_up_proj");
-        let gate_up_shape = source.shape_of("experts.gate_up_proj")?;
-        let two_f = match gate_up_shape[..] {
-            [_, _, two_f] if two_f % 2 == 0 => two_f,
-            _ => {
-                return Err(MoeError::tensor(
-                    &name,
-                    format!("shape {gate_up_shape:?}, expected [N, D, 2F] (2F even)"),
-                ))
-            }
-        };
-        let f = two_f / 2;
-        source.dims_from = format!(
-            "N, D from `{}` {router_shape:?}, 2F from `{name}` {gate_up_shape:?}",
-            source.full_name("router.weight")
-        );
-        let gate_up = source.required("experts.gate_up_proj", &[n, d, two_f], "[N, D, 2F]")?;
-        let gate_up = transpose_experts(&gate_up, [n, d, two_f]);
-        // Rows :F of each [2F, D] expert are the gate's (w1), rows F: up's (w3).
-        let (w1, w3) = ExpertMatrices::from_f32(n, two_f, d, gate_up).split_rows(f, &name)?;
-        let down = source.required("experts.down_proj", &[n, f, d], "[N, F, D]")?;
+        let sizes = transposed_sizes(source, "experts.gate_up_proj", (3, 2, "[N, D, 2F]"))?;
+        let (n, d, f) = sizes;
+        let (w1, w2, w3) = transposed_experts(source, sizes, false)?;
         Ok(MoeWeights {
             shape: LayerShape {
                 num_experts: n,
@@ -164,7 +201,7 @@ impl MoeWeights {
             score_bias: None,
             w1,
             b1: None,
-            w2: ExpertMatrices::from_f32(n, d, f, transpose_experts(&down, [n, f, d])),
+            w2,
             b2: None,
             w3: Some(w3),
             b3: None,
@@ -172,59 +209,22 @@ impl MoeWeights {
         })
     }
 
+    /// gpt-oss's experts, f32/f16/bf16 or MXFP4, with their biases.
     pub(super) fn read_gpt_oss(source: &mut TensorSource<'_>) -> Result<Self> {
-        let router_shape = source.shape_of("router.weight")?;
-        let (n, d) = rank2(&source.full_name("router.weight"), &router_shape, "[N, D]")?;
         let mxfp4 = source.shape_of("experts.gate_up_proj_blocks").is_ok();
-        let gate_up_key = if mxfp4 {
-            "experts.gate_up_proj_blocks"
+        let (sizes, (w1, w2, w3)) = if mxfp4 {
+            let sizes = transposed_sizes(
+                source,
+                "experts.gate_up_proj_blocks",
+                (4, 1, "[N, 2F, D / 32, 16]"),
+            )?;
+            (sizes, mxfp4_gate_up_down(source, sizes)?)
         } else {
-            "experts.gate_up_proj"
+            let sizes = transposed_sizes(source, "experts.gate_up_proj", (3, 2, "[N, D, 2F]"))?;
+            (sizes, transposed_experts(source, sizes, true)?)
         };
-        let name = source.full_name(gate_up_key);
-        let gate_up_shape = source.shape_of(gate_up_key)?;
-        let two_f = match gate_up_shape[..] {
-            [_, two_f, _, _] if mxfp4 => two_f,
-            [_, _, two_f] if !mxfp4 => two_f,
-            _ => {
-                return Err(MoeError::tensor(
-                    &name,
-                    format!(
-                        "shape {gate_up_shape:?}, expected {}",
-                        if mxfp4 {
-                            "[N, 2F, D / 32, 16]"
-                        } else {
-                            "[N, D, 2F]"
-                        }
-                    ),
-                ))
-            }
-        };
-        if two_f % 2 != 0 {
-            return Err(MoeError::tensor(
-                &name,
-                format!("shape {gate_up_shape:?}: 2F must be even"),
-            ));
-        }
-        let f = two_f / 2;
-        source.dims_from = format!(
-            "N, D from `{}` {router_shape:?}, 2F from `{name}` {gate_up_shape:?}",
-            source.full_name("router.weight")
-        );
-        let (w1, w2, w3) = if mxfp4 {
-            Self::gpt_oss_mxfp4(source, n, d, f)?
-        } else {
-            // Transposed to [N, 2F, D], rows 2f are the gate's and 2f + 1 up's.
-            let gate_up = source.required("experts.gate_up_proj", &[n, d, two_f], "[N, D, 2F]")?;
-            let (gate, up) = deinterleave_rows(&transpose_experts(&gate_up, [n, d, two_f]), d);
-            let down = source.required("experts.down_proj", &[n, f, d], "[N, F, D]")?;
-            (
-                ExpertMatrices::from_f32(n, f, d, gate),
-                ExpertMatrices::from_f32(n, d, f, transpose_experts(&down, [n, f, d])),
-                ExpertMatrices::from_f32(n, f, d, up),
-            )
-        };
-        let gate_up_bias = source.optional("experts.gate_up_proj_bias", &[n, two_f], "[N, 2F]")?;
+        let (n, d, f) = sizes;
+        let gate_up_bias = source.optional("experts.gate_up_proj_bias", &[n, 2 * f], "[N, 2F]")?;
         let (b1, b3) = match gate_up_bias {
             Some(bias) => {
                 let (gate, up) = deinterleave_rows(&bias, 1);
@@ -249,43 +249,5 @@ impl MoeWeights {
             b3,
             shared: None,
         })
-    }
-
-    /// w1, w2 and w3 from the checkpoint's MXFP4 blocks, kept in MXFP4.
-    fn gpt_oss_mxfp4(
-        source: &mut TensorSource<'_>,
-        n: usize,
-        d: usize,
-        f: usize,
-    ) -> Result<(ExpertMatrices, ExpertMatrices, ExpertMatrices)> {
-        for (key, rows, cols) in [
-            ("experts.gate_up_proj", 2 * f, d),
-            ("experts.down_proj", d, f),
-        ] {
-            let blocks = format!("{key}_blocks");
-            if packed_shape(source, &blocks)? != (n, rows, cols) {
-                return Err(MoeError::tensor(
-                    &source.full_name(&blocks),
-                    format!(
-                        "shape {:?}, expected [{n}, {rows}, {}, 16] ({})",
-                        source.shape_of(&blocks)?,
-                        cols / 32,
-                        source.dims_from
-                    ),
-                ));
-            }
-        }
-        let row_bytes = WeightFormat::Mxfp4.row_bytes(d, "experts.gate_up_proj_blocks")?;
-        let gate_up = mxfp4_experts(source, "experts.gate_up_proj", [n, 2 * f, d])?;
-        let (gate, up) = deinterleave_rows(&gate_up, row_bytes);
-        let down = mxfp4_experts(source, "experts.down_proj", [n, d, f])?;
-        let stored = |name: &str, dims: [usize; 3], bytes: Vec<u8>| {
-            ExpertMatrices::from_stored(WeightFormat::Mxfp4, dims, bytes, &source.full_name(name))
-        };
-        Ok((
-            stored("experts.gate_up_proj_blocks", [n, f, d], gate)?,
-            stored("experts.down_proj_blocks", [n, d, f], down)?,
-            stored("experts.gate_up_proj_blocks", [n, f, d], up)?,
-        ))
     }
 }

@@ -314,6 +314,11 @@ impl MoeLayer {
         self.weights.bytes
     }
 
+    /// Whether the layer was built trainable (`LayerOptions::trainable`).
+    pub fn is_trainable(&self) -> bool {
+        self.training.is_some()
+    }
+
     /// The stored formats of the expert matrices W1, W3 (W1's when not gated) and W2 on
     /// the device.
     pub fn weight_formats(&self) -> [WeightFormat; 3] {

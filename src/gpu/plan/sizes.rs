@@ -23,6 +23,8 @@ pub struct ScratchSizes {
     pub expert_out: usize,
     /// The pre-activations a trainable layer keeps (one float otherwise).
     pub pre_activations: usize,
+    /// Each slot's gate with `gate_on: input` (one float otherwise).
+    pub slot_gates: usize,
     pub readback: usize,
 }
 
@@ -49,6 +51,7 @@ impl ScratchSizes {
             hidden: (plan.max_slots() * padded_to_vec4(d_ff)).max(4),
             expert_out: plan.max_slots() * d_model,
             pre_activations: (plan.max_slots() * plan.pre_activation_stride).max(1),
+            slot_gates: if plan.gate_input { plan.max_slots() } else { 1 },
             readback: readback_len(plan),
         }
     }
@@ -68,6 +71,7 @@ impl ScratchSizes {
             hidden: self.hidden.max(other.hidden),
             expert_out: self.expert_out.max(other.expert_out),
             pre_activations: self.pre_activations.max(other.pre_activations),
+            slot_gates: self.slot_gates.max(other.slot_gates),
             readback: self.readback.max(other.readback),
         }
     }
@@ -105,6 +109,7 @@ impl ScratchSizes {
             + self.hidden
             + self.expert_out
             + self.pre_activations
+            + self.slot_gates
             + self.readback;
         elements as u64 * 4
     }
