@@ -4,13 +4,14 @@
 //              + π[t]·dy[t, d]
 // the router's term first (K = R, its rows: the routed experts and a shared expert's gate;
 // none after a pre-routed forward), then the choices (routed, then a shared expert's
-// slices) in choice order, then the pass-through. CPU twin: cpu_backward_kernels::combine_backward.
+// slices) in choice order, then the pass-through. With GATE_INPUT (gate_on: input) the
+// expert's input was g·x: a slot's term is g·dXslot (its gate, the forward's slot_gate). CPU twin: cpu_backward_kernels::combine_backward.
 //
 // Dispatch: x = column tiles of D, y = row tiles of T, with the layer's weight-gradient
 // tiling. Rows past R are masked to zero.
 // Bindings: 0 params, 1 dy [T, D], 2 d_logits [T, R], 3 assignment_slot [T, k],
 // 4 d_x_slot [slots, D], 5 pass_scale [T], 6 router [R][D4 / 4] texels (the forward's),
-// 7 dx [T, D].
+// 7 dx [T, D], 8 slot_gate [slots] (read only with GATE_INPUT).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
@@ -20,6 +21,9 @@
 @group(0) @binding(5) var<storage, read> pass_scale: array<f32>;
 @group(0) @binding(6) var router: texture_2d<f32>;
 @group(0) @binding(7) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(8) var<storage, read> slot_gate: array<f32>;
+
+override GATE_INPUT: bool = false;
 
 var<private> block_row0: u32;
 var<private> block_col0: u32;
@@ -69,7 +73,12 @@ fn store_quad(value: mat4x4<f32>, row_quad: u32, col_quad: u32) {
             var sum = value[c][r];
             for (var j = 0u; j < k; j++) {
                 let slot = assignment_slot[token * k + j];
-                if (slot != DROPPED) {
+                if (slot == DROPPED) {
+                    continue;
+                }
+                if (GATE_INPUT) {
+                    sum += slot_gate[slot] * d_x_slot[slot * d_model + d];
+                } else {
                     sum += d_x_slot[slot * d_model + d];
                 }
             }

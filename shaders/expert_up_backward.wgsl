@@ -3,7 +3,9 @@
 // with backward_common):
 //   dW1[e, f, d] = Σ_{kept slots of e} dA[slot, f]·x[t, d]     (K = the expert's slots)
 //   dW3 likewise from dV (gated FFNs)
-// in slot order: the same bits on every run. db1 and db3 are expert_bias_backward's. CPU
+// in slot order: the same bits on every run. With GATE_INPUT (gate_on: input) the expert's
+// input was g·x: x's row of each slot is scaled by its gate (the forward's slot_gate),
+// dW1 = Σ dA·(g·x), so that dA, db1 and the slots' input gradients stay those at g·x. db1 and db3 are expert_bias_backward's. CPU
 // twin: cpu_backward_kernels::expert_up_backward.
 //
 // Dispatch: once per weight shard, x = column tiles of D, y = row tiles of F, z = the
@@ -12,7 +14,7 @@
 // Bindings: 0 params, 1 x_rows texels [layers][height][D4 / 4] (the training forward's),
 // 2 slot_token [slots], 3 expert_table, 4 d_a [slots, F4] as vec4s, 5 d_v [slots, F4]
 // (gated), 6 shard (its ShardParams), 7 the shard's gradients as vec4s (rows padded:
-// backward_common.wgsl).
+// backward_common.wgsl), 8 slot_gate [slots] (read only with GATE_INPUT).
 
 @group(0) @binding(0) var<uniform> params: BackwardParams;
 @group(0) @binding(1) var x_rows: texture_2d_array<f32>;
@@ -22,6 +24,9 @@
 @group(0) @binding(5) var<storage, read> d_v: array<vec4<f32>>;
 @group(0) @binding(6) var<uniform> shard: ShardParams;
 @group(0) @binding(7) var<storage, read_write> gradients: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> slot_gate: array<f32>;
+
+override GATE_INPUT: bool = false;
 
 var<private> expert: u32;
 var<private> local_expert: u32;
@@ -56,10 +61,19 @@ fn a_quad(row_quad: u32, k4: u32) -> mat4x4<f32> {
 // Row c: x of the step's slot c at the column quad.
 fn b_quad(col_quad: u32, k4: u32) -> mat4x4<f32> {
     let d4 = min(block_col0 / 4u + col_quad, last_col_quad);
-    return transpose(mat4x4(textureLoad(x_rows, vec2(d4, step.texels.row.x), step.texels.layer.x, 0),
+    var rows = mat4x4(textureLoad(x_rows, vec2(d4, step.texels.row.x), step.texels.layer.x, 0),
         textureLoad(x_rows, vec2(d4, step.texels.row.y), step.texels.layer.y, 0),
         textureLoad(x_rows, vec2(d4, step.texels.row.z), step.texels.layer.z, 0),
-        textureLoad(x_rows, vec2(d4, step.texels.row.w), step.texels.layer.w, 0)));
+        textureLoad(x_rows, vec2(d4, step.texels.row.w), step.texels.layer.w, 0));
+    if (GATE_INPUT) {
+        // Slots past the kept ones are masked in a_quad; their gate is never read.
+        let slots = select(vec4(first_slot), step.slots, step.kept);
+        rows[0] *= slot_gate[slots.x];
+        rows[1] *= slot_gate[slots.y];
+        rows[2] *= slot_gate[slots.z];
+        rows[3] *= slot_gate[slots.w];
+    }
+    return transpose(rows);
 }
 
 // Rows of the quad go out as vec4s: the padding columns past D get x's zero padding.

@@ -17,6 +17,8 @@
 // routed_top_k); a shared expert's slices, the choices after them, are scaled by their gate
 // s = σ(h_N) (the router's row N, no score) or 1, and its logit gets
 //   dh_N = Σ_slices dy[t]·O[slot]·s·(1 − s).
+// With GATE_INPUT (gate_on: input) a kept routed choice's slot scale is 1 and its dg is
+// gate_input_backward's (it needs the slots' input gradients).
 // After a pre-routed forward (forward_experts: the caller's weights w are the gates, no
 // router), the token's row of d_logits holds dL/dw_j = dy[t]·O[slot_j] in its first k
 // columns instead, slot_scale[slot_j] = w_j, and pass_scale is 0.
@@ -43,15 +45,6 @@
 @group(0) @binding(11) var<storage, read_write> pass_scale: array<f32>;
 @group(0) @binding(12) var<storage, read> prob_sum_grad: array<f32>;
 
-// The score p of a logit as route_tokens computes it: σ(h), or its softmax given the
-// token's largest logit and Σ exp(h − max).
-fn score_of(logit: f32, max_logit: f32, sum: f32, sigmoid: bool) -> f32 {
-    if (sigmoid) {
-        return 1.0 / (1.0 + exp(-logit));
-    }
-    return exp(logit - max_logit) / sum;
-}
-
 // dy[token]·x[token].
 fn dot_dy_x(token: u32) -> f32 {
     let d_model = params.d_model;
@@ -71,6 +64,9 @@ fn dot_dy_out(token: u32, slot: u32) -> f32 {
     }
     return sum;
 }
+
+// Whether the gates scaled the experts' inputs (gate_on: input, Llama 4).
+override GATE_INPUT: bool = false;
 
 @compute @workgroup_size(64)
 fn main(
@@ -139,6 +135,10 @@ fn main(
             continue;
         }
         any_kept = true;
+        if (GATE_INPUT) {
+            slot_scale[slot] = 1.0;
+            continue;
+        }
         let gate = gates[assignment];
         let q = score_of(logits[row + routes[assignment]], max_logit, sum, sigmoid);
         let g_dot = dot_dy_out(token, slot);

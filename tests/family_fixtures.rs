@@ -5,8 +5,7 @@
 //! with biases), ERNIE 4.5 (softmax with a score bias, a shared expert) and Llama 4 (top-k
 //! sigmoid gates on the experts' input, a shared expert). The CPU reference must give their
 //! output and every gradient, and so must the GPU (a shared expert trains there as the
-//! experts it rides as), but for Llama 4's gradients: the GPU runs its forward and refuses
-//! to train it, by name.
+//! experts it rides as).
 //!
 //! Tolerance: as tests/backward_fixtures.rs argues, f32 recomputation of the forward errs by
 //! (D + F + N)·2⁻²⁴ relative to the magnitudes summed: per tensor |a − b| ≤ 1e-5·max|b| +
@@ -160,15 +159,6 @@ fn the_gpu_gives_each_familys_output_and_gradients() {
             trainable: true,
             ..LayerOptions::default()
         };
-        if f.config.gates_input() {
-            let Err(error) =
-                MoeLayer::with_options(&context, f.config.clone(), &f.weights, options)
-            else {
-                panic!("{name}: the GPU trained gate_on: input");
-            };
-            assert!(error.to_string().contains("gate_on"), "{name}: {error}");
-            continue;
-        }
         let layer = MoeLayer::with_options(&context, f.config.clone(), &f.weights, options)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let out = layer.forward_train(&f.x.data, &f.x.shape).unwrap();

@@ -1,7 +1,8 @@
 //! The GPU backward against the CPU reference backward (f64) on awkward shapes, every
 //! activation, gating, top-k with and without normalisation, heavy dropping with both drop
-//! policies, unscaled gates, the aux and z losses; reruns bit-identical; the optimizer step
-//! and the refreshed forward; and the errors of training out of turn.
+//! policies, unscaled gates, gates on the experts' input, the aux and z losses; reruns
+//! bit-identical; the optimizer step and the refreshed forward; and the errors of training
+//! out of turn.
 
 mod common;
 
@@ -9,8 +10,8 @@ use common::*;
 use switch_moe::cpu_backward::{self, LossCoefficients};
 use switch_moe::rng::SeededRng;
 use switch_moe::{
-    Activation, DropPolicy, LayerOptions, MoeConfig, MoeError, MoeLayer, MoeWeights, Optimizer,
-    WeightFormat,
+    Activation, DropPolicy, GateOn, LayerOptions, MoeConfig, MoeError, MoeLayer, MoeWeights,
+    Optimizer, WeightFormat,
 };
 
 fn trainable(
@@ -159,6 +160,30 @@ fn gpu_backward_matches_the_reference_across_configs() {
         ..config(1)
     };
     cases.push(case(sigmoid_dropping, (4, 12, 20), 33));
+    // Llama 4's gate on the experts' input (sigmoid top-1, E(g·x)); then on softmax
+    // scores, normalised top-2 and scaled, with biases and heavy dropping.
+    let llama4 = MoeConfig {
+        router_score: switch_moe::RouterScore::Sigmoid,
+        gate_on: GateOn::Input,
+        drop_tokens: false,
+        gated: true,
+        activation: Activation::Silu,
+        ..config(1)
+    };
+    cases.push(case(llama4.clone(), (4, 12, 20), 24));
+    cases.push(case(llama4, (1, 5, 3), 1));
+    cases.push(case(
+        MoeConfig {
+            gate_on: GateOn::Input,
+            normalize_top_k: true,
+            routed_scaling_factor: 1.5,
+            capacity_factor: 0.5,
+            drop_policy: DropPolicy::PassThrough,
+            ..config(2)
+        },
+        (5, 9, 7),
+        33,
+    ));
     // Top-k, normalised or not, with heavy dropping and both policies; unscaled gates.
     for (top_k, normalize) in [(2, true), (2, false), (3, true)] {
         for policy in [DropPolicy::PassThrough, DropPolicy::Zero] {

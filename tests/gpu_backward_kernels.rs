@@ -14,8 +14,8 @@ use switch_moe::gpu::shaders::DROPPED;
 use switch_moe::gpu::BackwardTrace;
 use switch_moe::rng::SeededRng;
 use switch_moe::{
-    Activation, DropPolicy, Gradients, LayerOptions, LayerShape, LossCoefficients, MoeConfig,
-    MoeLayer, MoeWeights,
+    Activation, DropPolicy, GateOn, Gradients, LayerOptions, LayerShape, LossCoefficients,
+    MoeConfig, MoeLayer, MoeWeights,
 };
 
 fn abs(values: &[f32]) -> Vec<f32> {
@@ -82,10 +82,24 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
         (d, slots),
         (0, false),
     );
+    // With gate_on: input, gate_input_backward adds the gates' part (fed the GPU's slot
+    // input gradients): the trace holds the sum of the two kernels.
+    let mut d_logits = gate.d_logits.clone();
+    if config.gates_input() {
+        twins::gate_input_backward(
+            config,
+            (&x, d),
+            &trace.logits,
+            (&output.routes, &trace.assignment_slot),
+            &trace.d_x_slot,
+            (n, 0),
+            &mut d_logits,
+        );
+    }
     assert_norm_close(
         &format!("{what}: gate_backward d_logits"),
         &trace.d_logits,
-        &gate.d_logits,
+        &d_logits,
         64.0 * (d + n + k) as f64,
         |_| true,
     );
@@ -131,17 +145,18 @@ fn kernels_case(config: &MoeConfig, (n, d, f): (usize, usize, usize), t: usize, 
     );
 
     // combine_backward (fed the GPU's d_logits, slot gradients and pass scales)
+    let slot_gate = trace.slot_gate.as_deref();
     let dx = twins::combine_backward(
         Some((&weights.router_weight, &trace.d_logits)),
         (&trace.assignment_slot, k),
-        &trace.d_x_slot,
+        (&trace.d_x_slot, slot_gate),
         &trace.pass_scale,
         &dy,
     );
     let dx_abs = twins::combine_backward(
         Some((&abs(&weights.router_weight), &abs(&trace.d_logits))),
         (&trace.assignment_slot, k),
-        &abs(&trace.d_x_slot),
+        (&abs(&trace.d_x_slot), slot_gate),
         &abs(&trace.pass_scale),
         &abs(&dy),
     );
@@ -220,8 +235,11 @@ fn check_expert_kernels(
     );
 
     // expert_up_backward (fed the GPU's dA and dV)
-    let dw1 = twins::expert_up_backward(layer_shape, tables, x, &trace.d_a);
-    let dw1_abs = twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(&trace.d_a));
+    let slot_gate = trace.slot_gate.as_deref();
+    let x_abs = abs(x);
+    let dw1 = twins::expert_up_backward(layer_shape, tables, (x, slot_gate), &trace.d_a);
+    let dw1_abs =
+        twins::expert_up_backward(layer_shape, tables, (&x_abs, slot_gate), &abs(&trace.d_a));
     assert_sum_close(
         &format!("{what}: expert_up_backward dW1"),
         &gradients.w1,
@@ -230,8 +248,9 @@ fn check_expert_kernels(
         rows,
     );
     if let Some(gpu_d_v) = &trace.d_v {
-        let dw3 = twins::expert_up_backward(layer_shape, tables, x, gpu_d_v);
-        let dw3_abs = twins::expert_up_backward(layer_shape, tables, &abs(x), &abs(gpu_d_v));
+        let dw3 = twins::expert_up_backward(layer_shape, tables, (x, slot_gate), gpu_d_v);
+        let dw3_abs =
+            twins::expert_up_backward(layer_shape, tables, (&x_abs, slot_gate), &abs(gpu_d_v));
         assert_sum_close(
             &format!("{what}: expert_up_backward dW3"),
             gradients.w3.as_ref().unwrap(),
@@ -374,6 +393,31 @@ fn every_backward_kernel_matches_its_cpu_twin() {
             (3, 8, 6),
             21,
         ),
+        // Llama 4's gate on the experts' input (sigmoid, top-1), with biases and dropping.
+        (
+            MoeConfig {
+                router_score: switch_moe::RouterScore::Sigmoid,
+                gate_on: GateOn::Input,
+                gated: true,
+                activation: Activation::Silu,
+                capacity_factor: 0.75,
+                ..config(1)
+            },
+            (4, 10, 9),
+            23,
+        ),
+        // ... and on softmax scores, normalised top-2 and scaled.
+        (
+            MoeConfig {
+                gate_on: GateOn::Input,
+                normalize_top_k: true,
+                routed_scaling_factor: 1.5,
+                capacity_factor: 0.6,
+                ..config(2)
+            },
+            (5, 9, 7),
+            27,
+        ),
     ];
     for (i, (config, dims, t)) in cases.iter().enumerate() {
         kernels_case(config, *dims, *t, 300 + i as u64);
@@ -482,14 +526,14 @@ fn the_backward_kernels_take_a_shared_expert_as_their_twins_do() {
     let dx = twins::combine_backward(
         Some((&router, d_logits)),
         (&trace.assignment_slot, k + m),
-        &trace.d_x_slot,
+        (&trace.d_x_slot, None),
         &trace.pass_scale,
         &dy,
     );
     let dx_abs = twins::combine_backward(
         Some((&abs(&router), &abs(d_logits))),
         (&trace.assignment_slot, k + m),
-        &abs(&trace.d_x_slot),
+        (&abs(&trace.d_x_slot), None),
         &abs(&trace.pass_scale),
         &abs(&dy),
     );
@@ -667,14 +711,14 @@ fn pre_routed_kernels_case(
     let dx = twins::combine_backward(
         None,
         (&trace.assignment_slot, k),
-        &trace.d_x_slot,
+        (&trace.d_x_slot, None),
         &trace.pass_scale,
         &dy,
     );
     let dx_abs = twins::combine_backward(
         None,
         (&trace.assignment_slot, k),
-        &abs(&trace.d_x_slot),
+        (&abs(&trace.d_x_slot), None),
         &trace.pass_scale,
         &abs(&dy),
     );

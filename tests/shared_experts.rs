@@ -325,6 +325,38 @@ fn the_gpu_backward_of_shared_experts_matches_the_reference() {
         ..config(2)
     };
     check_backward_capped(&gated, &weights, 400, 98, Some(16 << 10));
+    // Llama 4: sigmoid top-1 gates on the routed experts' input, an ungated shared expert
+    // (dropless); then top-2 with biases and Qwen's gate on the shared one, through heavy
+    // dropping, and dropless in chunks.
+    let llama4 = MoeConfig {
+        router_score: switch_moe::RouterScore::Sigmoid,
+        gate_on: switch_moe::GateOn::Input,
+        drop_tokens: false,
+        gated: true,
+        activation: Activation::Silu,
+        ..config(1)
+    };
+    let weights = with_shared(
+        MoeWeights::random(shape(8, 12, 10), true, false, 99),
+        10,
+        (true, false, false),
+        100,
+    );
+    check_backward(&llama4, &weights, 29, 101);
+    let top2 = MoeConfig { top_k: 2, ..llama4 };
+    let dropping = MoeConfig {
+        drop_tokens: true,
+        capacity_factor: 0.5,
+        ..top2.clone()
+    };
+    let weights = with_shared(
+        MoeWeights::random(shape(6, 16, 24), true, true, 102),
+        24,
+        (true, true, true),
+        103,
+    );
+    check_backward(&dropping, &weights, 45, 104);
+    check_backward_capped(&top2, &weights, 400, 105, Some(16 << 10));
 }
 
 #[test]

@@ -53,9 +53,8 @@ impl PyMoeLayer {
         let (config, weights) = load(py, weights, &json, prefix.as_deref())?;
         let built = py.detach(|| {
             let context = context()?;
-            // f32 weights train; stored formats, and Llama 4's gate on the experts' input,
-            // run forward only on the GPU.
-            let trainable = weights.check_trainable().is_ok() && !config.gates_input();
+            // f32 weights train; stored formats run forward only on the GPU.
+            let trainable = weights.check_trainable().is_ok();
             let options = LayerOptions {
                 trainable,
                 ..LayerOptions::default()
@@ -321,13 +320,7 @@ impl PyMoeLayer {
                     format: f.name().to_string(),
                 })
             });
-            let gate_on_input = self.config.gates_input().then(|| MoeError::Training {
-                message: "gate_on: input (Llama 4's gate on the experts' input) runs forward \
-                          only on the GPU; its gradients come from the CPU reference \
-                          (switch_moe's forward tool, --device cpu)"
-                    .to_string(),
-            });
-            let error = why.or(gate_on_input).unwrap_or_else(|| MoeError::Training {
+            let error = why.unwrap_or_else(|| MoeError::Training {
                 message: format!(
                     "the last forward's batch ({} tokens) ran in chunks; {backward} takes \
                      batches of at most {} tokens",

@@ -200,8 +200,8 @@ class MoeFeedForward(_GpuMoe):
         """From a transformers ``MixtralSparseMoeBlock`` or ``SwitchTransformersSparseMLP``,
         or a family's block whole (``FAMILY_BLOCKS``: DeepSeek-V3, GLM-4.5, Qwen2/3-MoE,
         OLMoE, gpt-oss, ERNIE 4.5, Llama 4; router, shared expert and experts), from their own
-        weights in their own naming. Llama 4's gate on the experts' input runs forward only
-        on the GPU: its backward raises switch_moe's TrainingError."""
+        weights in their own naming, differentiable (Llama 4's gate on the experts' input
+        too)."""
         kind = type(module).__name__
         if kind in FAMILY_BLOCKS:
             config = _family_config(module)

@@ -44,6 +44,7 @@ shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 // (backward_slots), the weight-gradient ones their steps over an expert's slots
 // (slot_steps).
 shader!(GATE_BACKWARD, "gate_backward", prepend "backward_common");
+shader!(GATE_INPUT_BACKWARD, "gate_input_backward", prepend "backward_common");
 shader!(EXPERT_HIDDEN_BACKWARD, "expert_hidden_backward", prepend "backward_common", "grouped_matmul", "backward_slots", "activation");
 shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common", "grouped_matmul", "slot_steps");
 shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common", "grouped_matmul", "slot_steps");
@@ -71,13 +72,14 @@ pub const ALL: [ShaderSource; 9] = [
 /// The kernels of training: the backward's in the order it dispatches them (after
 /// gate_backward it stages dy with stage_tokens), then the optimizer step and the refresh
 /// of the forward's weight textures.
-pub const TRAINING: [ShaderSource; 11] = [
+pub const TRAINING: [ShaderSource; 12] = [
     GATE_BACKWARD,
     EXPERT_HIDDEN_BACKWARD,
     EXPERT_DOWN_BACKWARD,
     EXPERT_UP_BACKWARD,
     EXPERT_INPUT_BACKWARD,
     EXPERT_BIAS_BACKWARD,
+    GATE_INPUT_BACKWARD,
     ROUTER_BACKWARD,
     COMBINE_BACKWARD,
     OPTIMIZER_STEP,

@@ -94,6 +94,9 @@ impl SlotMatmuls {
 #[derive(Debug)]
 pub struct TrainingKernels {
     pub gate_backward: Kernel,
+    /// With `gate_on: input` only: the gates' part of the logits' gradient, after the
+    /// slots' input gradients.
+    pub gate_input_backward: Option<Kernel>,
     pub slot_matmuls: SlotMatmuls,
     pub expert_down_backward: Kernel,
     pub expert_up_backward: Kernel,
@@ -121,12 +124,23 @@ impl TrainingKernels {
             TextureArray as Ta, UintStorageTextureArray as Su, Uniform as U,
         };
         let tiling = weight_gradient_tiling.constants();
+        // gate_on: input's kernels read the forward's slot gates (see gate_input_backward).
+        let gate_input = [("GATE_INPUT", if config.gates_input() { 1.0 } else { 0.0 })];
+        let tiling_and_gate = [&tiling[..], &gate_input].concat();
         TrainingKernels {
-            gate_backward: Kernel::new(
+            gate_backward: Kernel::with_constants(
                 device,
                 shaders::GATE_BACKWARD,
                 &[U, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw, Rw, Ro],
+                &gate_input,
             ),
+            gate_input_backward: config.gates_input().then(|| {
+                Kernel::new(
+                    device,
+                    shaders::GATE_INPUT_BACKWARD,
+                    &[U, Ro, Ro, Ro, Ro, Ro, Rw],
+                )
+            }),
             slot_matmuls: SlotMatmuls::new(device, config),
             expert_down_backward: Kernel::with_constants(
                 device,
@@ -137,8 +151,8 @@ impl TrainingKernels {
             expert_up_backward: Kernel::with_constants(
                 device,
                 shaders::EXPERT_UP_BACKWARD,
-                &[U, Ta, Ro, Ro, Ro, Ro, U, Rw],
-                &tiling,
+                &[U, Ta, Ro, Ro, Ro, Ro, U, Rw, Ro],
+                &tiling_and_gate,
             ),
             expert_bias_backward: Kernel::new(
                 device,
@@ -154,8 +168,8 @@ impl TrainingKernels {
             combine_backward: Kernel::with_constants(
                 device,
                 shaders::COMBINE_BACKWARD,
-                &[U, Ro, Ro, Ro, Ro, Ro, T, Rw],
-                &tiling,
+                &[U, Ro, Ro, Ro, Ro, Ro, T, Rw, Ro],
+                &tiling_and_gate,
             ),
             optimizer_step: Kernel::new(device, shaders::OPTIMIZER_STEP, &[U, Rw, Ro, Rw, Rw]),
             refresh_expert_weights: Kernel::new(

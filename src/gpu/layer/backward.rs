@@ -192,6 +192,7 @@ impl MoeLayer {
                     (&scratch.d_v, gated),
                     (&scratch.d_x_slot, slots * d),
                     (&w.pre_activations, slots * plan.pre_activation_stride),
+                    (&w.slot_gate, if plan.gate_input { slots } else { 0 }),
                 ]);
             }
             if let (Routing::PreRouted, false, Some(plan)) = (routing, with_trace, plan) {
@@ -275,6 +276,7 @@ impl MoeLayer {
                 d_x_slot: floats(parts[11]),
                 pre_activations: pre_activations(parts[12], 0),
                 pre_gates: self.config.gated.then(|| pre_activations(parts[12], 1)),
+                slot_gate: plan.gate_input.then(|| floats(parts[13])),
             }),
             _ => None,
         };

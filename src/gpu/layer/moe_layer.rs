@@ -162,13 +162,6 @@ impl MoeLayer {
         };
         let shape = weights.shape;
         config.validate_for_weights(weights)?;
-        if config.gates_input() && options.trainable {
-            return Err(MoeError::config(
-                "gate_on",
-                "input (Llama 4's gate on the experts' input) trains on the CPU reference; \
-                 the GPU runs its forward, its backward kernels gate the outputs only",
-            ));
-        }
         if let Some(lanes) = options.row_lanes.filter(|l| !ROW_LANES_CHOICES.contains(l)) {
             return Err(MoeError::config(
                 "row_lanes",

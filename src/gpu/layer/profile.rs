@@ -105,7 +105,8 @@ impl MoeLayer {
                 });
             }
         }
-        let names = passes::backward::launch_names(self.weights.shards.len());
+        let names =
+            passes::backward::launch_names(self.weights.shards.len(), self.config.gates_input());
         // The matmuls and the bias sums run once per weight shard, in shard order.
         let mut seen = std::collections::BTreeMap::<&str, usize>::new();
         for (index, name) in names.into_iter().enumerate() {

@@ -52,6 +52,10 @@ pub struct BackwardTrace {
     /// `[slots, F]`: dA (expert_hidden_backward), and dV when gated.
     pub d_a: Vec<f32>,
     pub d_v: Option<Vec<f32>>,
-    /// `[slots, D]`: each slot's input gradient (expert_input_backward).
+    /// `[slots, D]`: each slot's input gradient (expert_input_backward; with `gate_on:
+    /// input`, at the input g·x, before the gate's own factor).
     pub d_x_slot: Vec<f32>,
+    /// With `gate_on: input`, the training forward's `[slots]` gate of each slot (1 for a
+    /// shared expert's slices).
+    pub slot_gate: Option<Vec<f32>>,
 }

@@ -6,6 +6,7 @@ use crate::error::{MoeError, Result};
 use crate::gpu::device::readback::Wait;
 use crate::gpu::layer::chunked_training::released_workspaces;
 use crate::gpu::layer::moe_layer::MoeLayer;
+use crate::gpu::passes;
 use crate::gpu::plan::forward::Routing;
 use crate::gpu::resources::backward_scratch::BackwardScratch;
 use crate::gpu::resources::training::{Training, TrainingRecord, TrainingState};
@@ -59,9 +60,11 @@ impl MoeLayer {
 
     /// Dispatches of one backward, whatever the number of experts: gate, the staging of
     /// dy, the router and the combine, and once per weight shard the two per-slot
-    /// matmuls, the two weight-gradient ones and the bias sums.
+    /// matmuls, the two weight-gradient ones and the bias sums; one more with `gate_on:
+    /// input` (gate_input_backward).
     pub fn dispatches_per_backward(&self) -> usize {
-        4 + 5 * self.weights.shards.len()
+        let shards = self.weights.shards.len();
+        passes::backward::launch_names(shards, self.config.gates_input()).len()
     }
 
     /// A forward that keeps what the backward needs (the layer keeps the last one; the

@@ -10,11 +10,15 @@
 //! 5. expert_up_backward: dW1 (dW3) over each expert's own rows
 //! 6. expert_input_backward: each slot's input gradient, dA·W1 (+ dV·W3)
 //! 7. expert_bias_backward: db1, db2 (db3) over each expert's own rows
-//! 8. router_backward: dWr, dbr over the tokens
-//! 9. combine_backward: dx gathered per token
+//! 8. gate_input_backward (`gate_on: input` only): the gates' part of dL/dh, from the
+//!    slots' input gradients
+//! 9. router_backward: dWr, dbr over the tokens
+//! 10. combine_backward: dx gathered per token
 //!
 //! Steps 3 to 7 run once per weight shard: 3 and 6 read the shard's weight textures, 4, 5
-//! and 7 write the shard's gradient buffer.
+//! and 7 write the shard's gradient buffer. With `gate_on: input` the slots' inputs were
+//! g·x: expert_up_backward scales x's rows by the slots' gates, combine_backward their input
+//! gradients, and gate_backward leaves the gates' dg to step 8.
 //!
 //! Semantics: SPEC "Backward"; the CPU reference is `cpu_backward::backward`.
 
@@ -137,6 +141,9 @@ pub(crate) fn encode(
     for &grid in &grids.expert_bias_backward {
         all.push((&k.expert_bias_backward.pipeline, planar(grid)));
     }
+    if let Some(kernel) = &k.gate_input_backward {
+        all.push((&kernel.pipeline, planar(grids.gate_backward)));
+    }
     all.extend([
         (
             &k.router_backward.pipeline,
@@ -167,10 +174,10 @@ pub(crate) fn encode(
     }
 }
 
-/// The kernels of the backward's dispatches, in order, for weights in `shards` shards.
-// Profiling (native only) names them.
-#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
-pub(crate) fn launch_names(shards: usize) -> Vec<&'static str> {
+/// The kernels of the backward's dispatches, in order, for weights in `shards` shards (and
+/// `gate_input`: a layer whose gates scale the experts' inputs).
+// Profiling names them; `MoeLayer::dispatches_per_backward` counts them.
+pub(crate) fn launch_names(shards: usize, gate_input: bool) -> Vec<&'static str> {
     let mut names = vec!["gate_backward", "stage_tokens (dy)"];
     for name in [
         "expert_hidden_backward",
@@ -180,6 +187,9 @@ pub(crate) fn launch_names(shards: usize) -> Vec<&'static str> {
         "expert_bias_backward",
     ] {
         names.extend(std::iter::repeat_n(name, shards));
+    }
+    if gate_input {
+        names.push("gate_input_backward");
     }
     names.extend(["router_backward", "combine_backward"]);
     names
@@ -282,6 +292,7 @@ fn bind_groups(
                 s.d_v.as_entire_binding(),
                 shard.as_entire_binding(),
                 shard_gradients.as_entire_binding(),
+                w.slot_gate.as_entire_binding(),
             ],
         ));
     }
@@ -322,6 +333,20 @@ fn bind_groups(
             ],
         ));
     }
+    if let Some(kernel) = &k.gate_input_backward {
+        groups.push(kernel.bind(
+            device,
+            &[
+                &s.params,
+                &w.x,
+                &w.logits,
+                &w.routes,
+                &w.assignment_slot,
+                &s.d_x_slot,
+                &s.d_logits,
+            ],
+        ));
+    }
     groups.push(bind_resources(
         device,
         "router_backward",
@@ -346,6 +371,7 @@ fn bind_groups(
             s.pass_scale.as_entire_binding(),
             view(&weights.router),
             s.dx.as_entire_binding(),
+            w.slot_gate.as_entire_binding(),
         ],
     ));
     groups

@@ -95,7 +95,7 @@ impl Scratch {
             ),
             slot_token: buffer("slot_token", sizes.slots, copy_src),
             assignment_slot: buffer("assignment_slot", sizes.assignments, copy_src),
-            slot_gate: buffer("slot_gate", sizes.slot_gates, none),
+            slot_gate: buffer("slot_gate", sizes.slot_gates, copy_src),
             hidden: buffer("hidden", sizes.hidden, copy_src),
             expert_out: buffer("expert_out", sizes.expert_out, copy_src),
             pre_activations: buffer("pre_activations", sizes.pre_activations, copy_src),
