@@ -80,6 +80,7 @@ fn params_structs_match_their_rust_mirrors() {
         ("combine_outputs", size_of::<CombineParams>()),
         ("reduce_router_stats", size_of::<StatsParams>()),
         ("gate_backward", size_of::<BackwardParams>()),
+        ("gate_input_backward", size_of::<BackwardParams>()),
         ("expert_hidden_backward", size_of::<BackwardParams>()),
         ("expert_down_backward", size_of::<BackwardParams>()),
         ("expert_up_backward", size_of::<BackwardParams>()),
