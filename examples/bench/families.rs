@@ -7,7 +7,10 @@
 //!   normalised × 2.5) and a gpt-oss-shaped layer (N = 32, k = 4, router and expert
 //!   biases, swiglu_oai);
 //! - the shared expert: DeepSeek's layer with its shared expert against without, and the
-//!   bound `1.1 · (1 + shared FLOPs / routed FLOPs)`.
+//!   bound `1.1 · (1 + shared FLOPs / routed FLOPs)`;
+//! - Llama 4's gate on the experts' input in training: a training step (forward_train and
+//!   backward) of a Llama-4-shaped layer (N = 16, k = 1, sigmoid, a shared expert) with the
+//!   gate on the input against the same layer gating the outputs.
 //!
 //! Every time is the wall time of the blocking call, the upload of x and the read-back of
 //! y included, alike for all variants (a layer with a shared expert does not encode into
@@ -18,7 +21,8 @@ use std::time::Instant;
 use switch_moe::rng::SeededRng;
 use switch_moe::weights::SharedExpert;
 use switch_moe::{
-    Activation, GpuContext, LayerShape, MoeConfig, MoeLayer, MoeWeights, RouterScore,
+    Activation, GateOn, GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig,
+    MoeLayer, MoeWeights, RouterScore,
 };
 
 use crate::{time_interleaved, Args};
@@ -45,6 +49,19 @@ fn gpt_oss_config() -> MoeConfig {
         drop_tokens: false,
         gated: true,
         activation: Activation::SwigluOai,
+        ..MoeConfig::default()
+    }
+}
+
+/// Llama 4's MoE layer (Scout: 16 experts, top-1 sigmoid gates on the experts' input).
+fn llama4_config() -> MoeConfig {
+    MoeConfig {
+        top_k: 1,
+        router_score: RouterScore::Sigmoid,
+        gate_on: GateOn::Input,
+        drop_tokens: false,
+        gated: true,
+        activation: Activation::Silu,
         ..MoeConfig::default()
     }
 }
@@ -151,5 +168,45 @@ pub fn families_sweep(context: &GpuContext, args: &Args) {
         experts.0,
         experts.1,
         100.0 * share
+    );
+
+    // Llama 4 in training: the gate on the experts' input against on their outputs.
+    let llama4_shape = LayerShape {
+        num_experts: 16,
+        d_model: d,
+        d_ff: f,
+    };
+    let mut weights = MoeWeights::random(llama4_shape, true, false, 97);
+    weights.shared = Some(SharedExpert::random((d, f), true, false, false, 98));
+    let dy = SeededRng::new(99).normal_vec(tokens * d);
+    let trainable = |config: MoeConfig| {
+        let options = LayerOptions {
+            trainable: true,
+            ..LayerOptions::default()
+        };
+        MoeLayer::with_options(context, config, &weights, options).expect("layer")
+    };
+    let on_input = trainable(llama4_config());
+    let on_output = trainable(MoeConfig {
+        gate_on: GateOn::Output,
+        ..llama4_config()
+    });
+    let step = |layer: &MoeLayer| {
+        seconds(|| {
+            layer.forward_train(&x, &shape).expect("forward_train");
+            drop(layer.backward(&dy, LossCoefficients::default()).expect("backward"));
+        })
+    };
+    let mut output_gate = || step(&on_output);
+    let mut input_gate = || step(&on_input);
+    let times = time_interleaved(args.runs, &mut [&mut output_gate, &mut input_gate]);
+    println!(
+        "llama 4 training step (N 16, k 1, sigmoid, shared expert): gate on the outputs \
+         {:.1} ({:.1}) ms, on the inputs {:.1} ({:.1}) ms: {:.3}×",
+        times[0].0,
+        times[0].1,
+        times[1].0,
+        times[1].1,
+        times[1].0 / times[0].0
     );
 }

@@ -103,8 +103,7 @@ impl PyMoeLayer {
             .collect()
     }
 
-    /// Whether the layer trains (f32 weights, not Llama 4's gate on the experts' input):
-    /// `backward` and `set_weights` work.
+    /// Whether the layer trains (f32 weights): `backward` and `set_weights` work.
     #[getter]
     fn trainable(&self) -> bool {
         self.layer.is_trainable()

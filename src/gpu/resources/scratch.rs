@@ -49,7 +49,8 @@ pub struct Scratch {
     pub dispatch_args: wgpu::Buffer,
     pub slot_token: wgpu::Buffer,
     pub assignment_slot: wgpu::Buffer,
-    /// Each slot's gate with `gate_on: input` (scatter_assignments, read by expert_up).
+    /// Each slot's gate with `gate_on: input` (scatter_assignments; read by expert_up, and
+    /// by expert_up_backward and combine_backward).
     pub slot_gate: wgpu::Buffer,
     pub hidden: wgpu::Buffer,
     pub expert_out: wgpu::Buffer,
