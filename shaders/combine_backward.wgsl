@@ -5,7 +5,8 @@
 // the router's term first (K = R, its rows: the routed experts and a shared expert's gate;
 // none after a pre-routed forward), then the choices (routed, then a shared expert's
 // slices) in choice order, then the pass-through. With GATE_INPUT (gate_on: input) the
-// expert's input was g·x: a slot's term is g·dXslot (its gate, the forward's slot_gate). CPU twin: cpu_backward_kernels::combine_backward.
+// expert's input was g·x: a slot's term is g·dXslot (its gate, the forward's slot_gate).
+// CPU twin: cpu_backward_kernels::combine_backward.
 //
 // Dispatch: x = column tiles of D, y = row tiles of T, with the layer's weight-gradient
 // tiling. Rows past R are masked to zero.

@@ -5,8 +5,8 @@
 //   dW3 likewise from dV (gated FFNs)
 // in slot order: the same bits on every run. With GATE_INPUT (gate_on: input) the expert's
 // input was g·x: x's row of each slot is scaled by its gate (the forward's slot_gate),
-// dW1 = Σ dA·(g·x), so that dA, db1 and the slots' input gradients stay those at g·x. db1 and db3 are expert_bias_backward's. CPU
-// twin: cpu_backward_kernels::expert_up_backward.
+// dW1 = Σ dA·(g·x), so that dA, db1 and the slots' input gradients stay those at g·x.
+// db1 and db3 are expert_bias_backward's. CPU twin: cpu_backward_kernels::expert_up_backward.
 //
 // Dispatch: once per weight shard, x = column tiles of D, y = row tiles of F, z = the
 // shard's experts (then its experts again for W3 when gated); the tiling is the layer's

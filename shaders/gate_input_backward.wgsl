@@ -68,7 +68,7 @@ fn main(
         }
     }
 
-    // q_j = p[route_j] and its slope dp/dh: p·(1 − p) (sigmoid), p (softmax's diagonal).
+    // Σ_j q_j over all choices (q_j = p[route_j]), for the normalisation.
     var q_total = 0.0;
     for (var j = 0u; j < k; j++) {
         q_total += score_of(logits[row + routes[token * stride + j]], max_logit, sum, sigmoid);

@@ -194,7 +194,11 @@ pub fn families_sweep(context: &GpuContext, args: &Args) {
     let step = |layer: &MoeLayer| {
         seconds(|| {
             layer.forward_train(&x, &shape).expect("forward_train");
-            drop(layer.backward(&dy, LossCoefficients::default()).expect("backward"));
+            drop(
+                layer
+                    .backward(&dy, LossCoefficients::default())
+                    .expect("backward"),
+            );
         })
     };
     let mut output_gate = || step(&on_output);

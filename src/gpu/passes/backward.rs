@@ -142,6 +142,7 @@ pub(crate) fn encode(
         all.push((&k.expert_bias_backward.pipeline, planar(grid)));
     }
     if let Some(kernel) = &k.gate_input_backward {
+        // One invocation per token, as gate_backward.
         all.push((&kernel.pipeline, planar(grids.gate_backward)));
     }
     all.extend([
