@@ -15,6 +15,8 @@
 //! scores, a score bias that only chooses, moved after every step towards an even load;
 //! the run prints how uneven the load was over its first and last tenth of steps.
 //! `--shared-experts 1` adds DeepSeek's shared expert (width d_ff), trained with the rest.
+//! `--router sigmoid --gate-on input --shared-experts 1` trains Llama 4's way: each token's
+//! sigmoid gate multiplies its expert's input, `E(g·x)`, beside a shared expert.
 //!
 //! Beside the weights it saves AdamW's state and how many tokens the run drew
 //! (`FILE.optimizer.safetensors`). `--resume FILE` continues from them, with the weights'
@@ -33,8 +35,8 @@ use switch_moe::rng::SeededRng;
 use switch_moe::tensor_io::{parse_safetensors, read_f32, serialize_tensors, OwnedTensor};
 use switch_moe::weights::SharedExpert;
 use switch_moe::{
-    GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer, MoeWeights,
-    Naming, Optimizer, RouterScore,
+    GateOn, GpuContext, LayerOptions, LayerShape, LossCoefficients, MoeConfig, MoeLayer,
+    MoeWeights, Naming, Optimizer, RouterScore,
 };
 
 #[derive(Parser)]
@@ -67,6 +69,9 @@ struct Args {
     /// The router's scores: softmax (Switch) or sigmoid (DeepSeek-V3).
     #[arg(long, default_value = "softmax")]
     router: RouterScore,
+    /// What the gates multiply: the experts' output (Switch) or input (Llama 4, `E(g·x)`).
+    #[arg(long, default_value = "output")]
+    gate_on: GateOn,
     /// γ of DeepSeek-V3's balancing without an aux loss: after each step, every expert's
     /// score bias moves by γ towards an even load (0: off; try with --aux-loss-coef 0).
     #[arg(long, default_value_t = 0.0)]
@@ -197,6 +202,7 @@ fn train(args: &Args) -> Result<(), String> {
     let config = MoeConfig {
         n_experts: Some(args.experts),
         router_score: args.router,
+        gate_on: args.gate_on,
         ..MoeConfig::default()
     };
     let shape = LayerShape {

@@ -92,6 +92,16 @@ pub enum GateOn {
     Input,
 }
 
+impl std::str::FromStr for GateOn {
+    type Err = String;
+
+    /// The config JSON's name (`output`, `input`).
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(text.to_string()))
+            .map_err(|_| format!("{text:?}: the gates multiply the experts' output or input"))
+    }
+}
+
 /// What a token gets when every one of its assignments was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

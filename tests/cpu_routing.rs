@@ -185,4 +185,9 @@ fn the_config_checks_groups_and_scaling() {
         MoeConfig::from_json_str(&config.to_json_string()).unwrap(),
         config
     );
+    // The command-line names are the JSON's (the train example's --router and --gate-on).
+    assert_eq!("sigmoid".parse(), Ok(switch_moe::RouterScore::Sigmoid));
+    assert_eq!("input".parse(), Ok(switch_moe::GateOn::Input));
+    let refused = "inputs".parse::<switch_moe::GateOn>().unwrap_err();
+    assert!(refused.contains("\"inputs\""), "{refused}");
 }
