@@ -1,6 +1,10 @@
 """Whole tiny transformers models whose experts run through ``switch_moe.hf.register()``:
 the logits and a greedy generation equal those with transformers' eager experts (the model's
-own routers, shared experts and attention around them), one model per family."""
+own routers, shared experts and attention around them), one model per family; a tiny
+Llama 4 with its MoE blocks swapped whole, its logits, generation and fine-tuning
+gradients equal eager's."""
+
+import copy
 
 import pytest
 import torch
@@ -129,11 +133,8 @@ class _Llama4Block(torch.nn.Module):
         return y.reshape(-1, shape[-1]), None
 
 
-def test_a_tiny_llama4_with_its_blocks_on_the_gpu_equals_eager():
-    """Llama 4's experts are outside the experts interface (their block gates the experts'
-    input): each MoE block swapped whole for MoeFeedForward.from_hf, the tiny model's
-    logits and greedy generation equal eager's."""
-    config = AutoConfig.for_model(
+def tiny_llama4_config():
+    return AutoConfig.for_model(
         "llama4_text",
         **TINY,
         num_experts_per_tok=1,
@@ -145,11 +146,51 @@ def test_a_tiny_llama4_with_its_blocks_on_the_gpu_equals_eager():
         attention_chunk_size=64,
     )
 
-    def switch(model):
-        layers = model.model.layers
-        moe = [layer for layer in layers if type(layer.feed_forward).__name__ == "Llama4TextMoe"]
-        assert len(moe) == 2
-        for layer in moe:
-            layer.feed_forward = _Llama4Block(layer.feed_forward)
 
-    equals_eager(config, ("experts", "router", "shared_expert"), switch)
+LLAMA4_MOE_PARTS = ("experts", "router", "shared_expert")
+
+
+def switch_llama4_blocks(model):
+    """Each Llama4TextMoe of `model` swapped whole for MoeFeedForward.from_hf."""
+    layers = model.model.layers
+    moe = [layer for layer in layers if type(layer.feed_forward).__name__ == "Llama4TextMoe"]
+    assert len(moe) == 2
+    for layer in moe:
+        layer.feed_forward = _Llama4Block(layer.feed_forward)
+
+
+def test_a_tiny_llama4_with_its_blocks_on_the_gpu_equals_eager():
+    """Llama 4's experts are outside the experts interface (their block gates the experts'
+    input): each MoE block swapped whole for MoeFeedForward.from_hf, the tiny model's
+    logits and greedy generation equal eager's."""
+    equals_eager(tiny_llama4_config(), LLAMA4_MOE_PARTS, switch_llama4_blocks)
+
+
+def test_a_tiny_llama4_fine_tunes_with_its_blocks_on_the_gpu_as_eager():
+    """A language-model loss through the tiny Llama 4 with its MoE blocks on the GPU: the
+    loss and the gradient of every parameter outside the blocks (the embedding, attention
+    and norms, which the blocks' input gradients reach) equal eager's, within f32 rounding
+    (2e-5 of each tensor's largest gradient, as the logits)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama4_config()).float().eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in LLAMA4_MOE_PARTS):
+                parameter.normal_(std=0.2)
+    ours = copy.deepcopy(model)
+    switch_llama4_blocks(ours)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    losses = [m(ids, labels=ids).loss for m in (model, ours)]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[1].item() - losses[0].item()) <= 1e-5 * losses[0].item()
+    theirs = dict(model.named_parameters())
+    compared = 0
+    for name, parameter in ours.named_parameters():
+        if "feed_forward" in name:
+            continue
+        expected = theirs[name].grad
+        worst = (parameter.grad - expected).abs().max().item()
+        assert worst <= 2e-5 * expected.abs().max().item() + 1e-7, f"d{name}: {worst}"
+        compared += 1
+    assert compared >= 10, compared
