@@ -626,14 +626,26 @@ fn set_weights_replaces_a_trainable_layers_weights_in_place() {
 #[test]
 fn training_over_several_weight_shards_equals_one_shard_bit_for_bit() {
     // Uneven shards (2 + 2 + 1 experts), each with its own parameter, gradient and moment
-    // buffers: the same sums in the same order as one shard, so the same bits.
+    // buffers: the same sums in the same order as one shard, so the same bits; with the
+    // gates on the outputs, then on the inputs (sigmoid, as Llama 4).
     let context = gpu();
-    let config = MoeConfig {
+    let on_output = MoeConfig {
         gated: true,
         activation: Activation::Silu,
         normalize_top_k: true,
         ..common::config(2)
     };
+    let on_input = MoeConfig {
+        gate_on: GateOn::Input,
+        router_score: switch_moe::RouterScore::Sigmoid,
+        ..on_output.clone()
+    };
+    for config in [on_output, on_input] {
+        sharded_training_case(&context, &config);
+    }
+}
+
+fn sharded_training_case(context: &switch_moe::GpuContext, config: &MoeConfig) {
     let weights = MoeWeights::random(shape(5, 10, 14), true, true, 61);
     let x = tokens(29, 10, 61);
     let dy = SeededRng::new(62).normal_vec(x.len());
@@ -647,7 +659,7 @@ fn training_over_several_weight_shards_equals_one_shard_bit_for_bit() {
             max_experts_per_shard,
             ..LayerOptions::default()
         };
-        let layer = MoeLayer::with_options(&context, config.clone(), &weights, options).unwrap();
+        let layer = MoeLayer::with_options(context, config.clone(), &weights, options).unwrap();
         let mut gradients = Vec::new();
         for _ in 0..3 {
             layer.forward_train(&x, &[29, 10]).unwrap();
@@ -660,12 +672,14 @@ fn training_over_several_weight_shards_equals_one_shard_bit_for_bit() {
     };
     let (one, gradients, trained, state) = train(None);
     let (three, sharded_gradients, sharded_trained, sharded_state) = train(Some(2));
+    let what = format!("{:?}", config.gate_on);
     assert_eq!((one, three), (1, 3));
-    assert_eq!(gradients, sharded_gradients, "gradients");
-    assert_eq!(trained, sharded_trained, "trained weights");
-    assert_eq!(state, sharded_state, "AdamW state");
+    assert_eq!(gradients, sharded_gradients, "{what}: gradients");
+    assert_eq!(trained, sharded_trained, "{what}: trained weights");
+    assert_eq!(state, sharded_state, "{what}: AdamW state");
     // And the first backward equals the reference.
-    let cpu = cpu_backward::backward(&config, &weights, &x, &[29, 10], &dy, coefficients).unwrap();
+    let cpu = cpu_backward::backward(config, &weights, &x, &[29, 10], &dy, coefficients).unwrap();
     let depth = 10 + 14 + 29 * 2 + 5;
-    assert_gradients_close("three shards", &sharded_gradients[0], &cpu, depth);
+    let what = format!("{what}: three shards");
+    assert_gradients_close(&what, &sharded_gradients[0], &cpu, depth);
 }
