@@ -81,6 +81,8 @@ impl MoeError {
 
     /// A config error with the file its key came from added to its message; any other
     /// error unchanged.
+    // Files are read natively only.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub(crate) fn in_file(self, path: &std::path::Path) -> Self {
         match self {
             MoeError::Config { key, message } => MoeError::Config {

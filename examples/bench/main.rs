@@ -17,15 +17,17 @@
 //! With `--formats f32,bf16,q8_0,q4_0,q4_k`, it times instead the same weights stored in
 //! each format (see `format_sweep`); with `--train`, a training step's forward and backward
 //! against a dense FFN's (see train.rs); with `--families`, the families' routing share of
-//! the forward and the shared expert's cost (see families.rs).
+//! the forward and the shared expert's cost (see families.rs); with `--model-layers L`, L
+//! identical layers built on one context against each with its own pipelines (layers.rs).
 //!
 //! cargo run --release --example bench -- [--quick] [--json FILE] [--svg FILE]
 //!     [--experts 1,8,32,64,128] [--tokens 512,4096,16384] [--top-k 1,2] [--skew 1,4]
 //!     [--d-model 512] [--d-ff 2048] [--runs 5] [--formats f32,bf16,q8_0,q4_0,q4_k] [--train]
-//!     [--families]
+//!     [--families] [--model-layers 24]
 //! cargo run --release --example bench -- --replot FILE.json --svg FILE.svg
 
 mod families;
+mod layers;
 mod train;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +78,10 @@ struct Args {
     /// expert's cost (families.rs; T 2048, D 512, F 512 unless given).
     #[arg(long)]
     families: bool,
+    /// Instead of the sweep: this many identical layers built and run once, on one context
+    /// (pipelines shared) and each with its own (layers.rs).
+    #[arg(long)]
+    model_layers: Option<usize>,
     #[arg(long)]
     json: Option<String>,
     #[arg(long)]
@@ -302,6 +308,10 @@ fn main() {
 
     if args.families {
         families::families_sweep(&context, &args);
+        return;
+    }
+    if let Some(layers) = args.model_layers {
+        layers::model_layers(&context, &args, layers);
         return;
     }
     if args.train {

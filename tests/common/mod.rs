@@ -17,12 +17,22 @@ pub const ACTIVATION_LIPSCHITZ: f64 = 1.13;
 /// (more for large arguments), and the division and the N-term sum add a few more.
 pub const GATE_RELATIVE: f64 = 64.0 * U;
 
-/// The test device. With no adapter this panics, and the test fails, saying how to get one.
+/// The test device: one context per test thread, so that the layers of a test share the
+/// pipelines they would build alike (GL compiles each for seconds); not one for all
+/// threads, since wgpu's GL backend gives up on its context lock after a second while
+/// another thread compiles. With no adapter this panics, and the test fails, saying how to
+/// get one.
 pub fn gpu() -> GpuContext {
-    match GpuContext::new() {
-        Ok(context) => context,
-        Err(e) => panic!("GPU tests need an adapter: {e}"),
+    thread_local! {
+        static CONTEXT: std::cell::OnceCell<Result<GpuContext, String>> =
+            const { std::cell::OnceCell::new() };
     }
+    CONTEXT.with(|context| {
+        match context.get_or_init(|| GpuContext::new().map_err(|e| e.to_string())) {
+            Ok(context) => context.clone(),
+            Err(e) => panic!("GPU tests need an adapter: {e}"),
+        }
+    })
 }
 
 /// Whether the test device is on wgpu's GL backend. llvmpipe's GL compiler takes ~5× its

@@ -7,8 +7,10 @@
 //! bindings, 16 KiB of workgroup memory) are far below what most GPUs offer.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::{MoeError, Result};
+use crate::gpu::device::shared_values::SharedValues;
 
 /// How to get a GPU adapter on a machine without one; part of every "no adapter" error.
 pub const SOFTWARE_ADAPTER_HINT: &str = "on a machine without a GPU, install Mesa's software \
@@ -20,12 +22,15 @@ fn optional_features() -> wgpu::Features {
     wgpu::Features::TIMESTAMP_QUERY
 }
 
-/// A wgpu device and queue, with the adapter they come from.
+/// A wgpu device and queue, with the adapter they come from. The layers built on one
+/// context (and its clones) share the pipelines they would each build alike.
 #[derive(Clone, Debug)]
 pub struct GpuContext {
     pub adapter: wgpu::Adapter,
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
+    /// What its layers share (their pipelines, by what they depend on).
+    pub(crate) shared: Arc<SharedValues>,
 }
 
 /// What the adapter is, for printing and for benchmark records.
@@ -111,13 +116,14 @@ impl GpuContext {
                 })?;
         // wgpu's default handler panics; errors are caught per forward with error scopes,
         // so anything reaching this handler is logged instead of aborting the application.
-        device.on_uncaptured_error(std::sync::Arc::new(|error: wgpu::Error| {
+        device.on_uncaptured_error(Arc::new(|error: wgpu::Error| {
             log::error!("uncaptured wgpu error: {error}");
         }));
         Ok(GpuContext {
             adapter,
             device,
             queue,
+            shared: Arc::new(SharedValues::new()),
         })
     }
 

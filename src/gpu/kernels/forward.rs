@@ -2,10 +2,11 @@
 //! expert matmuls, one variant per tile shape, each built the first time a batch needs it
 //! and kept.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::MoeConfig;
 use crate::formats::WeightFormat;
+use crate::gpu::device::shared_values::SharedValues;
 use crate::gpu::kernels::pipeline::{
     bind_group_layout, compute_pipeline, shader_module, Binding, Kernel,
 };
@@ -28,26 +29,51 @@ pub struct ExpertMatmuls {
     pub down_layout: wgpu::BindGroupLayout,
     up_module: wgpu::ShaderModule,
     down_module: wgpu::ShaderModule,
-    activation: f64,
-    gated: f64,
-    /// swiglu_oai's limit and slope (see activation.wgsl).
-    swiglu: (f64, f64),
-    /// 1 in a trainable layer: expert_up also stores the pre-activations.
-    keep_pre_activations: f64,
-    /// 1 with `gate_on: input`: expert_up scales each slot's projections by its gate.
-    gate_input: f64,
-    /// The shader codes of W1's, W3's and W2's stored formats.
-    formats: [f64; 3],
+    /// What the pipelines are specialised for.
+    key: ForwardKey,
     variants: [OnceLock<MatmulPipelines>; TILINGS],
 }
 
+/// Everything a layer's forward pipelines depend on: the layers of one context with equal
+/// keys share their pipelines (`device::shared_values`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardKey {
+    activation: u32,
+    gated: bool,
+    /// swiglu_oai's limit and slope.
+    swiglu: (f32, f32),
+    /// `gate_on: input`: expert_up and scatter_assignments scale by the gates.
+    gate_input: bool,
+    /// A trainable layer's expert_up stores the pre-activations.
+    keep_pre_activations: bool,
+    /// The shader codes of W1's, W3's (W1's when not gated) and W2's stored formats.
+    formats: [u32; 3],
+}
+
+impl ForwardKey {
+    pub fn new(config: &MoeConfig, formats: [WeightFormat; 3], keep_pre_activations: bool) -> Self {
+        ForwardKey {
+            activation: config.activation.shader_code(),
+            gated: config.gated,
+            swiglu: (config.swiglu_limit, config.swiglu_alpha),
+            gate_input: config.gates_input(),
+            keep_pre_activations,
+            formats: formats.map(WeightFormat::shader_code),
+        }
+    }
+}
+
+/// An override's value for a flag.
+fn flag(on: bool) -> f64 {
+    if on {
+        1.0
+    } else {
+        0.0
+    }
+}
+
 impl ExpertMatmuls {
-    fn new(
-        device: &wgpu::Device,
-        config: &MoeConfig,
-        formats: [WeightFormat; 3],
-        keep_pre_activations: bool,
-    ) -> Self {
+    fn new(device: &wgpu::Device, key: &ForwardKey) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, TextureArray as T, UintTextureArray as W,
             Uniform as U,
@@ -63,12 +89,7 @@ impl ExpertMatmuls {
             down_layout: bind_group_layout(device, "expert_down", &[U, Ro, Ro, W, W, W, Ro, Rw]),
             up_module: shader_module(device, shaders::EXPERT_UP),
             down_module: shader_module(device, shaders::EXPERT_DOWN),
-            activation: config.activation.shader_code() as f64,
-            gated: if config.gated { 1.0 } else { 0.0 },
-            swiglu: (config.swiglu_limit as f64, config.swiglu_alpha as f64),
-            keep_pre_activations: if keep_pre_activations { 1.0 } else { 0.0 },
-            gate_input: if config.gates_input() { 1.0 } else { 0.0 },
-            formats: formats.map(|f| f.shader_code() as f64),
+            key: key.clone(),
             variants: Default::default(),
         }
     }
@@ -83,17 +104,18 @@ impl ExpertMatmuls {
                     .chain(extra.iter().copied())
                     .collect()
             };
+            let key = &self.key;
             let up_constants = constants(&[
-                ("ACTIVATION", self.activation),
-                ("SWIGLU_LIMIT", self.swiglu.0),
-                ("SWIGLU_ALPHA", self.swiglu.1),
-                ("GATED", self.gated),
-                ("KEEP_PRE_ACTIVATIONS", self.keep_pre_activations),
-                ("GATE_INPUT", self.gate_input),
-                ("W1_FORMAT", self.formats[0]),
-                ("W3_FORMAT", self.formats[1]),
+                ("ACTIVATION", key.activation as f64),
+                ("SWIGLU_LIMIT", key.swiglu.0 as f64),
+                ("SWIGLU_ALPHA", key.swiglu.1 as f64),
+                ("GATED", flag(key.gated)),
+                ("KEEP_PRE_ACTIVATIONS", flag(key.keep_pre_activations)),
+                ("GATE_INPUT", flag(key.gate_input)),
+                ("W1_FORMAT", key.formats[0] as f64),
+                ("W3_FORMAT", key.formats[1] as f64),
             ]);
-            let down_constants = constants(&[("W2_FORMAT", self.formats[2])]);
+            let down_constants = constants(&[("W2_FORMAT", key.formats[2] as f64)]);
             MatmulPipelines {
                 up: compute_pipeline(
                     device,
@@ -128,14 +150,14 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// `formats`: the stored formats of W1, W3 (W1's when not gated) and W2;
-    /// `keep_pre_activations` for a trainable layer (see expert_up.wgsl).
-    pub fn new(
-        device: &wgpu::Device,
-        config: &MoeConfig,
-        formats: [WeightFormat; 3],
-        keep_pre_activations: bool,
-    ) -> Self {
+    /// The pipelines of `key` on `device`: those a layer of its context (`shared`) already
+    /// holds for an equal key, or new ones.
+    pub fn shared(shared: &SharedValues, device: &wgpu::Device, key: &ForwardKey) -> Arc<Self> {
+        shared.get_or_build(key, || Kernels::new(device, key))
+    }
+
+    /// Builds the pipelines of `key` (see `ForwardKey`).
+    pub fn new(device: &wgpu::Device, key: &ForwardKey) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, StorageTextureArray as St, Texture as T,
             TextureArray as Ta, Uniform as U,
@@ -162,9 +184,9 @@ impl Kernels {
                 device,
                 shaders::SCATTER_ASSIGNMENTS,
                 &[U, Ro, Ro, Ro, Ro, Rw, Rw, Ro, Rw],
-                &[("GATE_INPUT", if config.gates_input() { 1.0 } else { 0.0 })],
+                &[("GATE_INPUT", flag(key.gate_input))],
             ),
-            expert_matmuls: ExpertMatmuls::new(device, config, formats, keep_pre_activations),
+            expert_matmuls: ExpertMatmuls::new(device, key),
             combine_outputs: Kernel::new(
                 device,
                 shaders::COMBINE_OUTPUTS,

@@ -5,9 +5,10 @@
 //! built the first time a batch needs it; the two weight-gradient ones one tiling per
 //! layer, built with it.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::MoeConfig;
+use crate::gpu::device::shared_values::SharedValues;
 use crate::gpu::kernels::pipeline::{
     bind_group_layout, compute_pipeline, shader_module, Binding, Kernel,
 };
@@ -29,14 +30,39 @@ pub struct SlotMatmuls {
     pub input_layout: wgpu::BindGroupLayout,
     hidden_module: wgpu::ShaderModule,
     input_module: wgpu::ShaderModule,
-    activation: f64,
-    /// swiglu_oai's limit and slope (see activation.wgsl).
-    swiglu: (f64, f64),
+    /// The activation and swiglu_oai's limit and slope (see activation.wgsl).
+    activation: (u32, (f32, f32)),
     variants: [OnceLock<SlotMatmulPipelines>; TILINGS],
 }
 
+/// Everything a trainable layer's training pipelines depend on: the layers of one context
+/// with equal keys share them (`device::shared_values`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingKey {
+    activation: u32,
+    gated: bool,
+    /// swiglu_oai's limit and slope.
+    swiglu: (f32, f32),
+    /// `gate_on: input`: gate_input_backward, and the slot gates in expert_up_backward and
+    /// combine_backward.
+    gate_input: bool,
+    weight_gradient_tiling: MatmulTiling,
+}
+
+impl TrainingKey {
+    pub fn new(config: &MoeConfig, weight_gradient_tiling: MatmulTiling) -> Self {
+        TrainingKey {
+            activation: config.activation.shader_code(),
+            gated: config.gated,
+            swiglu: (config.swiglu_limit, config.swiglu_alpha),
+            gate_input: config.gates_input(),
+            weight_gradient_tiling,
+        }
+    }
+}
+
 impl SlotMatmuls {
-    fn new(device: &wgpu::Device, config: &MoeConfig) -> Self {
+    fn new(device: &wgpu::Device, key: &TrainingKey) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, TextureArray as Ta, UintTextureArray as W,
             Uniform as U,
@@ -54,8 +80,7 @@ impl SlotMatmuls {
             ),
             hidden_module: shader_module(device, shaders::EXPERT_HIDDEN_BACKWARD),
             input_module: shader_module(device, shaders::EXPERT_INPUT_BACKWARD),
-            activation: config.activation.shader_code() as f64,
-            swiglu: (config.swiglu_limit as f64, config.swiglu_alpha as f64),
+            activation: (key.activation, key.swiglu),
             variants: Default::default(),
         }
     }
@@ -63,11 +88,12 @@ impl SlotMatmuls {
     /// The pipelines for `tiling`, built on first use.
     pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &SlotMatmulPipelines {
         self.variants[tiling.variant()].get_or_init(|| {
+            let (activation, (limit, alpha)) = self.activation;
             let mut hidden_constants = tiling.constants().to_vec();
             hidden_constants.extend([
-                ("ACTIVATION", self.activation),
-                ("SWIGLU_LIMIT", self.swiglu.0),
-                ("SWIGLU_ALPHA", self.swiglu.1),
+                ("ACTIVATION", activation as f64),
+                ("SWIGLU_LIMIT", limit as f64),
+                ("SWIGLU_ALPHA", alpha as f64),
             ]);
             SlotMatmulPipelines {
                 hidden: compute_pipeline(
@@ -114,18 +140,22 @@ pub struct TrainingKernels {
 }
 
 impl TrainingKernels {
-    pub fn new(
-        device: &wgpu::Device,
-        config: &MoeConfig,
-        weight_gradient_tiling: MatmulTiling,
-    ) -> Self {
+    /// The pipelines of `key` on `device`: those a layer of its context (`shared`) already
+    /// holds for an equal key, or new ones.
+    pub fn shared(shared: &SharedValues, device: &wgpu::Device, key: &TrainingKey) -> Arc<Self> {
+        shared.get_or_build(key, || TrainingKernels::new(device, key))
+    }
+
+    /// Builds the pipelines of `key` (see `TrainingKey`).
+    pub fn new(device: &wgpu::Device, key: &TrainingKey) -> Self {
         use Binding::{
             Storage as Rw, StorageReadOnly as Ro, StorageTexture as St, Texture as T,
             TextureArray as Ta, UintStorageTextureArray as Su, Uniform as U,
         };
+        let weight_gradient_tiling = key.weight_gradient_tiling;
         let tiling = weight_gradient_tiling.constants();
         // gate_on: input's kernels read the forward's slot gates (see gate_input_backward).
-        let gate_input = [("GATE_INPUT", if config.gates_input() { 1.0 } else { 0.0 })];
+        let gate_input = [("GATE_INPUT", if key.gate_input { 1.0 } else { 0.0 })];
         let tiling_and_gate = [&tiling[..], &gate_input].concat();
         TrainingKernels {
             gate_backward: Kernel::with_constants(
@@ -134,14 +164,14 @@ impl TrainingKernels {
                 &[U, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Ro, Rw, Rw, Rw, Ro],
                 &gate_input,
             ),
-            gate_input_backward: config.gates_input().then(|| {
+            gate_input_backward: key.gate_input.then(|| {
                 Kernel::new(
                     device,
                     shaders::GATE_INPUT_BACKWARD,
                     &[U, Ro, Ro, Ro, Ro, Ro, Rw],
                 )
             }),
-            slot_matmuls: SlotMatmuls::new(device, config),
+            slot_matmuls: SlotMatmuls::new(device, key),
             expert_down_backward: Kernel::with_constants(
                 device,
                 shaders::EXPERT_DOWN_BACKWARD,
@@ -183,7 +213,7 @@ impl TrainingKernels {
                 &[U, Ro, St],
             ),
             weight_gradient_tiling,
-            gated: config.gated,
+            gated: key.gated,
         }
     }
 }

@@ -78,7 +78,7 @@ impl MoeLayer {
         let params = plan.kernel_params(self.weights.shards.len());
         passes::forward::encode_with_buffers(
             encoder,
-            (&self.device, &self.kernels),
+            (&self.device, &*self.kernels),
             (workspace, &workspace.initial_writes(&params)),
             (plan, &grids),
             CallerBuffers { x, y, statistics },

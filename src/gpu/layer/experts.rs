@@ -227,7 +227,7 @@ impl MoeLayer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("moe experts"),
             });
-        let kernels = (&self.device, &self.kernels);
+        let kernels = (&self.device, &*self.kernels);
         let plans = (plan, &grids);
         passes::forward::encode(&mut encoder, kernels, workspace, plans, Routing::PreRouted);
         let values = x.len();

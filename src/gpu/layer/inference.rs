@@ -83,7 +83,7 @@ impl MoeLayer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("moe forward"),
             });
-        let kernels = (&self.device, &self.kernels);
+        let kernels = (&self.device, &*self.kernels);
         let plans = (&plan, &grids);
         passes::forward::encode(&mut encoder, kernels, workspace, plans, Routing::Router);
         let scratch = &workspace.scratch;

@@ -6,16 +6,17 @@
 //! forward), `backward.rs` (the backward), `optimizer.rs` (steps and weights).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::formats::WeightFormat;
 use crate::gpu::device::context::GpuContext;
+use crate::gpu::device::shared_values::SharedValues;
 use crate::gpu::kernels::shaders::{
     MATMUL_BLOCKS, MATMUL_BLOCK_ROWS, MAX_EXPERTS, ROW_LANES_CHOICES,
 };
-use crate::gpu::kernels::Kernels;
+use crate::gpu::kernels::{ForwardKey, Kernels};
 use crate::gpu::plan::forward::ForwardPlan;
 use crate::gpu::plan::parameter_shards::ParameterShards;
 use crate::gpu::plan::parameters::ParameterLayout;
@@ -83,7 +84,8 @@ pub struct MoeLayer {
     pub(crate) forced_row_lanes: Option<u32>,
     pub(crate) forced_block_rows: Option<u32>,
     pub(crate) matmul_block: u32,
-    pub(crate) kernels: Kernels,
+    /// The layer's pipelines, shared with the device's other layers of the same key.
+    pub(crate) kernels: Arc<Kernels>,
     pub(crate) weights: GpuWeights,
     /// The stored formats of W1, W3 and W2 on the device.
     pub(crate) weight_formats: [WeightFormat; 3],
@@ -116,10 +118,11 @@ impl MoeLayer {
         weights: &MoeWeights,
         options: LayerOptions,
     ) -> Result<Self> {
-        Self::from_device(&context.device, &context.queue, config, weights, options)
+        pollster::block_on(Self::new_async(context, config, weights, options))
     }
 
-    /// Builds the layer on a caller's device and queue.
+    /// Builds the layer on a caller's device and queue (its pipelines its own: layers
+    /// built on one `GpuContext` share theirs).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_device(
         device: &wgpu::Device,
@@ -140,13 +143,25 @@ impl MoeLayer {
         weights: &MoeWeights,
         options: LayerOptions,
     ) -> Result<Self> {
-        Self::from_device_async(&context.device, &context.queue, config, weights, options).await
+        let (device, queue) = (&context.device, &context.queue);
+        Self::build((device, queue, &context.shared), config, weights, options).await
     }
 
     /// [`MoeLayer::from_device`] without blocking.
     pub async fn from_device_async(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
+        config: MoeConfig,
+        weights: &MoeWeights,
+        options: LayerOptions,
+    ) -> Result<Self> {
+        let shared = SharedValues::new();
+        Self::build((device, queue, &shared), config, weights, options).await
+    }
+
+    /// The layer on `device`, with the pipelines its context's layers share.
+    async fn build(
+        (device, queue, shared_values): (&wgpu::Device, &wgpu::Queue, &SharedValues),
         config: MoeConfig,
         weights: &MoeWeights,
         options: LayerOptions,
@@ -239,7 +254,8 @@ impl MoeLayer {
                 .map_or(weights.w1.format, |w3| w3.format),
             weights.w2.format,
         ];
-        let kernels = Kernels::new(device, &config, weight_formats, options.trainable);
+        let key = ForwardKey::new(&config, weight_formats, options.trainable);
+        let kernels = Kernels::shared(shared_values, device, &key);
         let weights_on_device = GpuWeights::upload(
             device,
             queue,
@@ -250,8 +266,7 @@ impl MoeLayer {
         )?;
         let training = if options.trainable {
             Some(Training::new(
-                device,
-                queue,
+                (device, queue, shared_values),
                 &config,
                 (weights, shared),
                 &weights_on_device,
@@ -364,7 +379,7 @@ impl MoeLayer {
                 let id = self.scratch_allocations.fetch_add(1, Ordering::Relaxed);
                 Workspace::new(
                     (&self.device, &self.queue),
-                    (&self.kernels, &self.weights),
+                    (&*self.kernels, &self.weights),
                     self.shape,
                     sizes,
                     id,

@@ -88,7 +88,7 @@ impl MoeLayer {
                     }
                 })?;
                 let seconds = time(&mut |encoder| {
-                    let kernels = (&self.device, &self.kernels);
+                    let kernels = (&self.device, &*self.kernels);
                     passes::forward::encode_matmul_shard(
                         encoder,
                         kernels,

@@ -3,12 +3,13 @@
 //! kernels, the prepared weight refresh, and the state between calls (the last training
 //! forward, the backward's scratch, the optimizer's moments).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::config::MoeConfig;
 use crate::error::{MoeError, Result};
 use crate::gpu::device::allocate::{storage_buffer, uniform_buffer};
-use crate::gpu::kernels::TrainingKernels;
+use crate::gpu::device::shared_values::SharedValues;
+use crate::gpu::kernels::{TrainingKernels, TrainingKey};
 use crate::gpu::plan::backward::weight_gradient_tiling;
 use crate::gpu::plan::forward::{ForwardPlan, Routing};
 use crate::gpu::plan::parameter_shards::ParameterShards;
@@ -23,7 +24,8 @@ use crate::weights::MoeWeights;
 
 /// What a trainable layer holds besides the forward's state.
 pub(crate) struct Training {
-    pub(crate) kernels: TrainingKernels,
+    /// The training pipelines, shared with the context's other layers of the same key.
+    pub(crate) kernels: Arc<TrainingKernels>,
     /// How the parameters sit in `parameters` (and alike in `gradients`), and the host's
     /// flat layout.
     pub(crate) shards: ParameterShards,
@@ -71,8 +73,7 @@ pub(crate) struct TrainingRecord {
 
 impl Training {
     pub(crate) fn new(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
+        (device, queue, shared_values): (&wgpu::Device, &wgpu::Queue, &SharedValues),
         config: &MoeConfig,
         (weights, shared): (&MoeWeights, Option<SharedExperts>),
         on_device: &GpuWeights,
@@ -121,7 +122,8 @@ impl Training {
             .map(|params| uniform_buffer(device, "shard params", params))
             .collect();
         let tiling = weight_gradient_tiling(weights.shape, matmul_block);
-        let kernels = TrainingKernels::new(device, config, tiling);
+        let key = TrainingKey::new(config, tiling);
+        let kernels = TrainingKernels::shared(shared_values, device, &key);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let refresh =
             WeightRefresh::new(device, &kernels, (&shards, &parameters), on_device, max_dim)?;
