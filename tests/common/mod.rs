@@ -19,7 +19,7 @@ pub const GATE_RELATIVE: f64 = 64.0 * U;
 
 /// The test device: one context per test thread, so that the layers of a test share the
 /// pipelines they would build alike (GL compiles each for seconds); not one for all
-/// threads, since wgpu's GL backend gives up on its context lock after a second while
+/// threads, since wgpu's GL backend gives up on its context lock after six seconds while
 /// another thread compiles. With no adapter this panics, and the test fails, saying how to
 /// get one.
 pub fn gpu() -> GpuContext {
