@@ -84,15 +84,6 @@ fn token_texels(tokens: vec4<u32>, height: u32) -> TokenTexels {
     return TokenTexels(tokens % height, tokens / height);
 }
 
-// The score p of a logit as route_tokens computes it: σ(h), or its softmax given the
-// token's largest logit and Σ exp(h − max).
-fn score_of(logit: f32, max_logit: f32, sum: f32, sigmoid: bool) -> f32 {
-    if (sigmoid) {
-        return 1.0 / (1.0 + exp(-logit));
-    }
-    return exp(logit - max_logit) / sum;
-}
-
 // The linear index of an invocation in a 2-D grid of WORKGROUP-wide workgroups
 // (x + y·num_workgroups.x, as device::encode::grid_2d lays them out).
 fn linear_index(workgroup_id: vec3<u32>, num_workgroups: vec3<u32>, lane: u32) -> u32 {

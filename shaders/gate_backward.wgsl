@@ -11,7 +11,7 @@
 //   dh[e] = dp[e]·p[e]·(1 − p[e]) + β·2·lse·softmax[e] / T             (sigmoid scores),
 // the z-loss's term through the logits' softmax whatever the scores, and dg scaled by the
 // routed scaling factor (g = s·normalised(q)). p is recomputed from the saved logits as
-// route_tokens computed it. dh is built in place in
+// route_tokens computed it (gate_scores.wgsl). dh is built in place in
 // the token's row of d_logits (routes of a token are distinct experts, so each dq_j has its
 // own element). All of it is over the routed experts and choices (routed_experts,
 // routed_top_k); a shared expert's slices, the choices after them, are scaled by their gate
@@ -99,17 +99,8 @@ fn main(
     let scale_by_prob = params.scale_by_prob != 0u;
     let tokens = f32(params.loss_tokens);
 
-    // The softmax as route_tokens computed it.
-    var max_logit = logits[row];
-    for (var e = 1u; e < n; e++) {
-        max_logit = max(max_logit, logits[row + e]);
-    }
-    var sum = 0.0;
-    for (var e = 0u; e < n; e++) {
-        sum += exp(logits[row + e] - max_logit);
-    }
-    let lse = max_logit + log(sum);
     let sigmoid = params.sigmoid_scores != 0u;
+    let scores = row_scores(row, n, sigmoid);
 
     // dp starts as route_prob_sum's terms: the aux loss's α·N·counts[e] / T², plus g[e].
     let aux_scale = params.aux_coef * f32(n) / (tokens * tokens);
@@ -120,7 +111,7 @@ fn main(
     // Σ_j q_j over all choices, for the normalisation.
     var q_total = 0.0;
     for (var j = 0u; j < k; j++) {
-        q_total += score_of(logits[row + routes[token * stride + j]], max_logit, sum, sigmoid);
+        q_total += score_of(scores, routes[token * stride + j]);
     }
     let normalize = params.normalize_top_k != 0u;
     let inverse_total = select(1.0, 1.0 / q_total, normalize);
@@ -140,7 +131,7 @@ fn main(
             continue;
         }
         let gate = gates[assignment];
-        let q = score_of(logits[row + routes[assignment]], max_logit, sum, sigmoid);
+        let q = score_of(scores, routes[assignment]);
         let g_dot = dot_dy_out(token, slot);
         let dg = params.routed_scaling_factor * select(g_dot / gate, g_dot, scale_by_prob);
         slot_scale[slot] = select(1.0, gate, scale_by_prob);
@@ -157,7 +148,7 @@ fn main(
     // Every choice dropped: y = π·x with π = q_0 (scaling) or q_0 / stop_gradient(q_0).
     var pi = 0.0;
     if (!any_kept && params.pass_through != 0u) {
-        let q0 = score_of(logits[row + routes[token * stride]], max_logit, sum, sigmoid);
+        let q0 = score_of(scores, routes[token * stride]);
         pi = select(1.0, q0, scale_by_prob);
         let g_dot = dot_dy_x(token);
         d_logits[row + routes[token * stride]] += select(g_dot / q0, g_dot, scale_by_prob);
@@ -179,21 +170,21 @@ fn main(
     }
 
     // Softmax backward plus the z-loss: dh = p·(dp − Σ p·dp) + β·2·lse·p / T.
-    let z_scale = params.z_coef * 2.0 * lse / tokens;
+    let z_scale = params.z_coef * 2.0 * log_sum_exp(scores) / tokens;
     if (sigmoid) {
         for (var e = 0u; e < n; e++) {
-            let p = score_of(logits[row + e], max_logit, sum, true);
-            let softmax = exp(logits[row + e] - max_logit) / sum;
+            let p = score_of(scores, e);
+            let softmax = softmax_of(scores, e);
             d_logits[row + e] = d_logits[row + e] * p * (1.0 - p) + z_scale * softmax;
         }
         return;
     }
     var mean = 0.0;
     for (var e = 0u; e < n; e++) {
-        mean += exp(logits[row + e] - max_logit) / sum * d_logits[row + e];
+        mean += softmax_of(scores, e) * d_logits[row + e];
     }
     for (var e = 0u; e < n; e++) {
-        let p = exp(logits[row + e] - max_logit) / sum;
+        let p = softmax_of(scores, e);
         d_logits[row + e] = p * (d_logits[row + e] - mean) + z_scale * p;
     }
 }

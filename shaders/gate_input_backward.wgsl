@@ -8,7 +8,7 @@
 //   dq = dg through the top-k normalisation over ALL choices (dropped ones too)
 //   dh[e] += dq_j·p·(1 − p) at e = route_j                  (sigmoid scores)
 //   dh[e] += p[e]·(dp[e] − Σ_j q_j·dq_j), dp = dq at routes  (softmax scores)
-// with p recomputed from the saved logits as route_tokens computed it. A dropped choice
+// with p recomputed from the saved logits as route_tokens computed it (gate_scores.wgsl). A dropped choice
 // has no slot and dg 0. The token's row of d_logits is its own: no atomics.
 //
 // Dispatch: one invocation per token, workgroups of 64 in 2-D.
@@ -55,23 +55,12 @@ fn main(
     let stride = params.top_k;
     let row = token * params.router_rows;
     let sigmoid = params.sigmoid_scores != 0u;
-
-    // The softmax's max and sum as route_tokens computed them (unused for sigmoids).
-    var max_logit = logits[row];
-    var sum = 0.0;
-    if (!sigmoid) {
-        for (var e = 1u; e < n; e++) {
-            max_logit = max(max_logit, logits[row + e]);
-        }
-        for (var e = 0u; e < n; e++) {
-            sum += exp(logits[row + e] - max_logit);
-        }
-    }
+    let scores = row_scores(row, n, sigmoid);
 
     // Σ_j q_j over all choices (q_j = p[route_j]), for the normalisation.
     var q_total = 0.0;
     for (var j = 0u; j < k; j++) {
-        q_total += score_of(logits[row + routes[token * stride + j]], max_logit, sum, sigmoid);
+        q_total += score_of(scores, routes[token * stride + j]);
     }
     let normalize = params.normalize_top_k != 0u;
     let inverse_total = select(1.0, 1.0 / q_total, normalize);
@@ -85,7 +74,7 @@ fn main(
             continue;
         }
         let e = routes[token * stride + j];
-        let q = score_of(logits[row + e], max_logit, sum, sigmoid);
+        let q = score_of(scores, e);
         let dg = params.routed_scaling_factor * dot_x_slot(token, slot);
         d_logits[row + e] += dg * inverse_total * slope(q, sigmoid);
         weighted += dg * q;
@@ -94,7 +83,7 @@ fn main(
     if (normalize) {
         for (var j = 0u; j < k; j++) {
             let e = routes[token * stride + j];
-            let q = score_of(logits[row + e], max_logit, sum, sigmoid);
+            let q = score_of(scores, e);
             d_logits[row + e] -= shift * slope(q, sigmoid);
         }
     }
@@ -104,6 +93,6 @@ fn main(
     // Softmax's off-diagonal part: dh[e] −= p[e]·Σ_j q_j·dq_j, for every expert.
     let mean = weighted * inverse_total - shift * q_total;
     for (var e = 0u; e < n; e++) {
-        d_logits[row + e] -= score_of(logits[row + e], max_logit, sum, false) * mean;
+        d_logits[row + e] -= softmax_of(scores, e) * mean;
     }
 }

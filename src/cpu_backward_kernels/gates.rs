@@ -6,6 +6,56 @@ use crate::config::{DropPolicy, MoeConfig, RouterScore};
 use crate::cpu_backward::LossCoefficients;
 use crate::cpu_backward_kernels::DROPPED;
 
+/// A token's router scores as route_tokens computes them, from its routed logits `row`
+/// (gate_scores.wgsl).
+struct RowScores<'a> {
+    row: &'a [f32],
+    max_logit: f32,
+    /// Σ exp(h − max): the softmax's, which the z-loss needs whatever the scores.
+    sum: f32,
+    sigmoid: bool,
+}
+
+impl<'a> RowScores<'a> {
+    fn new(row: &'a [f32], config: &MoeConfig) -> Self {
+        let max_logit = row[1..].iter().fold(row[0], |m, &v| m.max(v));
+        let sum = row.iter().fold(0.0f32, |s, &h| s + (h - max_logit).exp());
+        let sigmoid = config.router_score == RouterScore::Sigmoid;
+        RowScores {
+            row,
+            max_logit,
+            sum,
+            sigmoid,
+        }
+    }
+
+    fn softmax(&self, e: usize) -> f32 {
+        (self.row[e] - self.max_logit).exp() / self.sum
+    }
+
+    /// p[e]: σ(h[e]) or softmax(h)[e].
+    fn score(&self, e: usize) -> f32 {
+        if self.sigmoid {
+            1.0 / (1.0 + (-self.row[e]).exp())
+        } else {
+            self.softmax(e)
+        }
+    }
+
+    fn log_sum_exp(&self) -> f32 {
+        self.max_logit + self.sum.ln()
+    }
+
+    /// Σ_j q_j over `choices` and the factor the top-k normalisation divides by it
+    /// (1 without it).
+    fn choices_total(&self, choices: &[u32], normalize: bool) -> (f32, f32) {
+        let total = choices
+            .iter()
+            .fold(0.0f32, |s, &e| s + self.score(e as usize));
+        (total, if normalize { 1.0 / total } else { 1.0 })
+    }
+}
+
 /// What gate_backward writes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GateGradients {
@@ -50,18 +100,8 @@ pub fn gate_backward(
         let all_logits = &logits[token * rows..(token + 1) * rows];
         let row = &all_logits[..n];
         let dy_row = &dy[token * d_model..(token + 1) * d_model];
-        let max_logit = row[1..].iter().fold(row[0], |m, &v| m.max(v));
-        let sum = row.iter().fold(0.0f32, |s, &h| s + (h - max_logit).exp());
-        let lse = max_logit + sum.ln();
-        let softmax = |e: usize| (row[e] - max_logit).exp() / sum;
-        let sigmoid = config.router_score == RouterScore::Sigmoid;
-        let p = |e: usize| {
-            if sigmoid {
-                1.0 / (1.0 + (-row[e]).exp())
-            } else {
-                softmax(e)
-            }
-        };
+        let scores = RowScores::new(row, config);
+        let (p, softmax) = (|e| scores.score(e), |e| scores.softmax(e));
         let scaling = config.routed_scaling_factor;
         let dp = &mut out.d_logits[token * rows..(token + 1) * rows];
         let aux_scale = coefficients.aux * n as f32 / (tokens * tokens);
@@ -69,12 +109,7 @@ pub fn gate_backward(
             dp[e] = aux_scale * counts[e] as f32 + prob_sum_grad[e];
         }
         let choices = &routes[token * stride..token * stride + k];
-        let q_total = choices.iter().fold(0.0f32, |s, &e| s + p(e as usize));
-        let inverse_total = if config.normalize_top_k {
-            1.0 / q_total
-        } else {
-            1.0
-        };
+        let (_, inverse_total) = scores.choices_total(choices, config.normalize_top_k);
         let mut weighted = 0.0f32;
         let mut any_kept = false;
         for j in 0..k {
@@ -129,8 +164,8 @@ pub fn gate_backward(
             let s = 1.0 / (1.0 + (-all_logits[n]).exp());
             dp[n] = d_shared * s * (1.0 - s);
         }
-        let z_scale = coefficients.z * 2.0 * lse / tokens;
-        if sigmoid {
+        let z_scale = coefficients.z * 2.0 * scores.log_sum_exp() / tokens;
+        if scores.sigmoid {
             for e in 0..n {
                 dp[e] = dp[e] * p(e) * (1.0 - p(e)) + z_scale * softmax(e);
             }
@@ -161,29 +196,16 @@ pub fn gate_input_backward(
     let k = config.top_k;
     let stride = k + shared_slices;
     let rows = logits.len() / (x.len() / d_model).max(1);
-    let sigmoid = config.router_score == RouterScore::Sigmoid;
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0.0f32, |s, (p, q)| s + p * q);
     for token in 0..x.len() / d_model {
         let row = &logits[token * rows..token * rows + n];
         let dh = &mut d_logits[token * rows..token * rows + n];
         let x_row = &x[token * d_model..(token + 1) * d_model];
-        let max_logit = row[1..].iter().fold(row[0], |m, &v| m.max(v));
-        let sum = row.iter().fold(0.0f32, |s, &h| s + (h - max_logit).exp());
-        let p = |e: usize| {
-            if sigmoid {
-                1.0 / (1.0 + (-row[e]).exp())
-            } else {
-                (row[e] - max_logit).exp() / sum
-            }
-        };
-        let slope = |q: f32| if sigmoid { q * (1.0 - q) } else { q };
+        let scores = RowScores::new(row, config);
+        let p = |e| scores.score(e);
+        let slope = |q: f32| if scores.sigmoid { q * (1.0 - q) } else { q };
         let choices = &routes[token * stride..token * stride + k];
-        let q_total = choices.iter().fold(0.0f32, |s, &e| s + p(e as usize));
-        let inverse_total = if config.normalize_top_k {
-            1.0 / q_total
-        } else {
-            1.0
-        };
+        let (q_total, inverse_total) = scores.choices_total(choices, config.normalize_top_k);
         let mut weighted = 0.0f32;
         for (j, &e) in choices.iter().enumerate() {
             let slot = assignment_slot[token * stride + j];
@@ -207,10 +229,10 @@ pub fn gate_input_backward(
                 dh[e as usize] -= shift * slope(p(e as usize));
             }
         }
-        if !sigmoid {
+        if !scores.sigmoid {
             let mean = weighted * inverse_total - shift * q_total;
             for e in 0..n {
-                dh[e] -= p(e) * mean;
+                dh[e] -= scores.softmax(e) * mean;
             }
         }
     }

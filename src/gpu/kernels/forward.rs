@@ -8,7 +8,7 @@ use crate::config::MoeConfig;
 use crate::formats::WeightFormat;
 use crate::gpu::device::shared_values::SharedValues;
 use crate::gpu::kernels::pipeline::{
-    bind_group_layout, compute_pipeline, shader_module, Binding, Kernel,
+    bind_group_layout, compute_pipeline, flag, shader_module, Binding, Kernel,
 };
 use crate::gpu::kernels::shaders;
 use crate::gpu::kernels::tiling::{MatmulTiling, TILINGS};
@@ -60,15 +60,6 @@ impl ForwardKey {
             keep_pre_activations,
             formats: formats.map(WeightFormat::shader_code),
         }
-    }
-}
-
-/// An override's value for a flag.
-fn flag(on: bool) -> f64 {
-    if on {
-        1.0
-    } else {
-        0.0
     }
 }
 

@@ -139,6 +139,15 @@ pub fn bind_buffers(
     bind_resources(device, label, layout, resources)
 }
 
+/// A boolean override's value (WGSL overrides are set as f64).
+pub(crate) fn flag(on: bool) -> f64 {
+    if on {
+        1.0
+    } else {
+        0.0
+    }
+}
+
 /// A bind group binding `resources` (whole buffers, texture views) in binding order.
 pub fn bind_resources(
     device: &wgpu::Device,

@@ -39,12 +39,12 @@ shader!(EXPERT_DOWN, "expert_down", prepend "expert_matmul");
 shader!(COMBINE_OUTPUTS, "combine_outputs");
 shader!(REDUCE_ROUTER_STATS, "reduce_router_stats");
 
-// The backward's kernels share their Params and parameter layout (backward_common); its
-// matmuls share the register-blocked core (grouped_matmul), the per-slot ones their tiles
-// (backward_slots), the weight-gradient ones their steps over an expert's slots
-// (slot_steps).
-shader!(GATE_BACKWARD, "gate_backward", prepend "backward_common");
-shader!(GATE_INPUT_BACKWARD, "gate_input_backward", prepend "backward_common");
+// The backward's kernels share their Params and parameter layout (backward_common), the
+// two gate kernels the router's scores (gate_scores); its matmuls share the
+// register-blocked core (grouped_matmul), the per-slot ones their tiles (backward_slots),
+// the weight-gradient ones their steps over an expert's slots (slot_steps).
+shader!(GATE_BACKWARD, "gate_backward", prepend "backward_common", "gate_scores");
+shader!(GATE_INPUT_BACKWARD, "gate_input_backward", prepend "backward_common", "gate_scores");
 shader!(EXPERT_HIDDEN_BACKWARD, "expert_hidden_backward", prepend "backward_common", "grouped_matmul", "backward_slots", "activation");
 shader!(EXPERT_DOWN_BACKWARD, "expert_down_backward", prepend "backward_common", "grouped_matmul", "slot_steps");
 shader!(EXPERT_UP_BACKWARD, "expert_up_backward", prepend "backward_common", "grouped_matmul", "slot_steps");

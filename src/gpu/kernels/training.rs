@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use crate::config::MoeConfig;
 use crate::gpu::device::shared_values::SharedValues;
 use crate::gpu::kernels::pipeline::{
-    bind_group_layout, compute_pipeline, shader_module, Binding, Kernel,
+    bind_group_layout, compute_pipeline, flag, shader_module, Binding, Kernel,
 };
 use crate::gpu::kernels::shaders;
 use crate::gpu::kernels::tiling::{MatmulTiling, TILINGS};
@@ -30,8 +30,8 @@ pub struct SlotMatmuls {
     pub input_layout: wgpu::BindGroupLayout,
     hidden_module: wgpu::ShaderModule,
     input_module: wgpu::ShaderModule,
-    /// The activation and swiglu_oai's limit and slope (see activation.wgsl).
-    activation: (u32, (f32, f32)),
+    /// What the pipelines are specialised for (the activation, swiglu_oai's clamp).
+    key: TrainingKey,
     variants: [OnceLock<SlotMatmulPipelines>; TILINGS],
 }
 
@@ -80,7 +80,7 @@ impl SlotMatmuls {
             ),
             hidden_module: shader_module(device, shaders::EXPERT_HIDDEN_BACKWARD),
             input_module: shader_module(device, shaders::EXPERT_INPUT_BACKWARD),
-            activation: (key.activation, key.swiglu),
+            key: key.clone(),
             variants: Default::default(),
         }
     }
@@ -88,12 +88,12 @@ impl SlotMatmuls {
     /// The pipelines for `tiling`, built on first use.
     pub fn pipelines(&self, device: &wgpu::Device, tiling: MatmulTiling) -> &SlotMatmulPipelines {
         self.variants[tiling.variant()].get_or_init(|| {
-            let (activation, (limit, alpha)) = self.activation;
+            let key = &self.key;
             let mut hidden_constants = tiling.constants().to_vec();
             hidden_constants.extend([
-                ("ACTIVATION", activation as f64),
-                ("SWIGLU_LIMIT", limit as f64),
-                ("SWIGLU_ALPHA", alpha as f64),
+                ("ACTIVATION", key.activation as f64),
+                ("SWIGLU_LIMIT", key.swiglu.0 as f64),
+                ("SWIGLU_ALPHA", key.swiglu.1 as f64),
             ]);
             SlotMatmulPipelines {
                 hidden: compute_pipeline(
@@ -155,7 +155,7 @@ impl TrainingKernels {
         let weight_gradient_tiling = key.weight_gradient_tiling;
         let tiling = weight_gradient_tiling.constants();
         // gate_on: input's kernels read the forward's slot gates (see gate_input_backward).
-        let gate_input = [("GATE_INPUT", if key.gate_input { 1.0 } else { 0.0 })];
+        let gate_input = [("GATE_INPUT", flag(key.gate_input))];
         let tiling_and_gate = [&tiling[..], &gate_input].concat();
         TrainingKernels {
             gate_backward: Kernel::with_constants(
